@@ -1,0 +1,1 @@
+"""Model specs in, encoders out: see ``clipscan.models.registry``."""
