@@ -1,0 +1,94 @@
+"""A job's run directory: ``run.json`` (config, versions, counts, stage timings) and atomic writes into it."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import time
+from collections.abc import Iterator
+from importlib import metadata
+from typing import Any
+
+from pydantic import BaseModel
+
+from clipscan import fs as cfs
+from clipscan.config import config_dict
+
+log = logging.getLogger("clipscan")
+
+PACKAGES = ("clipscan", "ray", "torch", "torchvision", "open_clip_torch", "transformers",
+            "faiss-cpu", "faiss-gpu-cu12", "pyarrow", "numpy", "pillow", "vllm")
+
+
+class StageFailed(RuntimeError):
+    """A stage of a job failed; the message names the stage and the cause."""
+
+
+def versions() -> dict[str, str]:
+    found = {}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+class Run:
+    """The run directory of one job: paths in it, counts and timings, ``run.json`` kept current."""
+
+    def __init__(self, output: str, job: str, config: BaseModel) -> None:
+        self.output = output
+        cfs.makedirs(output)
+        self.info: dict[str, Any] = {
+            "job": job,
+            "status": "running",
+            "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "config": config_dict(config),
+            "versions": versions(),
+            "counts": {},
+            "stages": {},
+        }
+        self.save()
+
+    def path(self, *parts: str) -> str:
+        return cfs.join(self.output, *parts)
+
+    def save(self) -> None:
+        cfs.write_json_atomic(self.path("run.json"), self.info)
+
+    def record(self, key: str, value: Any) -> None:
+        """Put ``value`` under ``key`` in ``run.json`` (top level) and save."""
+        self.info[key] = value
+        self.save()
+
+    def count(self, **counts: Any) -> None:
+        self.info["counts"].update(counts)
+        self.save()
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[dict[str, Any]]:
+        """Time a stage; what the body puts in the yielded dict is stored with the timing."""
+        facts: dict[str, Any] = {}
+        log.info("stage %s: started", name)
+        start = time.perf_counter()
+        try:
+            yield facts
+        except Exception as e:
+            facts["wall_s"] = round(time.perf_counter() - start, 3)
+            facts["error"] = f"{type(e).__name__}: {e}"
+            self.info["stages"][name] = facts
+            self.info["status"] = f"failed in stage {name}"
+            self.save()
+            raise StageFailed(f"stage {name!r} failed: {type(e).__name__}: {e}") from e
+        facts["wall_s"] = round(time.perf_counter() - start, 3)
+        self.info["stages"][name] = facts
+        self.save()
+        log.info("stage %s: done in %.1f s %s", name, facts["wall_s"],
+                 {k: v for k, v in facts.items() if k != "wall_s"})
+
+    def finish(self) -> None:
+        self.info["status"] = "done"
+        self.info["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        self.save()

@@ -1,0 +1,1 @@
+"""Pipeline stages: read, embed, index, discrepancy, summarise, report; one module per stage."""

@@ -1,0 +1,453 @@
+"""Nearest neighbours: (n, d) float32 L2-normalised embeddings in, (n, k) cosine top-k (D, I) out.
+
+Exact search uses FAISS to propose candidates and re-scores them as float64 dot products
+rounded to float32, ranked by (-similarity, index): results are the same bits whatever the
+sharding, the arrival order of Ray results, the thread count or the device, and exact ties
+(duplicate images) go to the lower index. Neighbour lists exclude the query row itself.
+Missing neighbours (an approximate index that found fewer than k) are I = -1, D = -inf.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+# Rows merged per step when combining per-shard results; bounds the driver's temporaries.
+_MERGE_ROWS = 1 << 16
+
+
+# ---------------------------------------------------------------------------------------
+# Exact search, one process
+
+
+def knn(xq: np.ndarray, xb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-k of every query row in the database.
+
+    xq: (nq, d) float32 queries; xb: (nb, d) float32 database; both L2-normalised so the
+    inner product is the cosine similarity. Returns D (nq, k) float32 similarities (float64
+    dot products rounded to float32), best first, and I (nq, k) int64 row indices into xb;
+    equal similarities are ordered, and cut at the k-th place, by index ascending. If
+    k > nb the tail is I = -1, D = -inf. FAISS runs on all GPUs when it sees one, else on
+    all CPU threads.
+    """
+    xq = _as_matrix(xq, "xq")
+    xb = _as_matrix(xb, "xb")
+    if xq.shape[1] != xb.shape[1]:
+        raise ValueError(f"knn: xq has d={xq.shape[1]} but xb has d={xb.shape[1]}")
+    if k < 1 or xb.shape[0] == 0:
+        raise ValueError(f"knn: need k >= 1 and a non-empty xb, got k={k}, xb {xb.shape}")
+    return _FlatSearcher(xb).search(xq, k)
+
+
+def self_knn(
+    x: np.ndarray, k: int, shards: int = 1, query_block: int = 16384
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every row's exact top-k neighbours in x itself, self excluded, in this process.
+
+    x: (n, d) float32, L2-normalised, row index = image id. The database is split into
+    `shards` contiguous row ranges and the queries are streamed `query_block` rows at a
+    time, so memory stays near n * k plus one (query_block, k + 1) result per shard.
+    Returns D (n, k) float32 cosine similarities, best first, and I (n, k) int64 global
+    row indices; ties in index order. Same results as `sharded_self_knn` with the same
+    `shards` and `query_block`.
+    """
+    x = _as_matrix(x, "x")
+    n = _check_k(x, k)
+    bounds = shard_bounds(n, shards)
+    _check_block(query_block)
+    searchers = [(lo, _FlatSearcher(x[lo:hi])) for lo, hi in bounds]
+    out_sims = np.empty((n, k), dtype=np.float32)
+    out_ids = np.empty((n, k), dtype=np.int64)
+    for q0 in range(0, n, query_block):
+        q1 = min(n, q0 + query_block)
+        sims, ids = _empty_result(q1 - q0, k + 1)
+        for lo, searcher in searchers:
+            part_sims, part_ids = searcher.search(x[q0:q1], k + 1)
+            _merge_into(sims, ids, part_sims, _offset(part_ids, lo))
+        out_sims[q0:q1], out_ids[q0:q1] = drop_self(sims, ids, np.arange(q0, q1), k)
+    return out_sims, out_ids
+
+
+def search_shard(
+    x: np.ndarray, lo: int, hi: int, k: int, query_block: int = 16384
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of ALL rows of x among the database rows x[lo:hi] (self not excluded).
+
+    x: (n, d) float32, L2-normalised. Returns D (n, k) float32 and I (n, k) int64 global
+    row indices (lo added), ties in index order; I = -1, D = -inf where hi - lo < k.
+    This is the unit of work of one Ray task in `sharded_self_knn`.
+    """
+    x = _as_matrix(x, "x")
+    n = x.shape[0]
+    searcher = _FlatSearcher(x[lo:hi])
+    out_sims = np.empty((n, k), dtype=np.float32)
+    out_ids = np.empty((n, k), dtype=np.int64)
+    for q0 in range(0, n, query_block):
+        q1 = min(n, q0 + query_block)
+        sims, ids = searcher.search(x[q0:q1], k)
+        out_sims[q0:q1], out_ids[q0:q1] = sims, _offset(ids, lo)
+    return out_sims, out_ids
+
+
+def shard_bounds(n: int, shards: int) -> list[tuple[int, int]]:
+    """`shards` contiguous, non-empty [lo, hi) row ranges covering 0..n, sizes within one."""
+    if not 1 <= shards <= n:
+        raise ValueError(f"shards must be in 1..n={n} (each shard needs a row), got {shards}")
+    offsets = [i * n // shards for i in range(shards + 1)]
+    return list(zip(offsets[:-1], offsets[1:], strict=True))
+
+
+def drop_self(
+    sims: np.ndarray, ids: np.ndarray, rows: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Remove each query's own row from its (m, k + 1) neighbour list, giving (m, k).
+
+    D, I: (m, k + 1), best first; rows: (m,) int64 global index of each query. Where the
+    row is absent (more than k exact duplicates of it rank first, or an approximate index
+    missed it), the last neighbour is dropped instead.
+    """
+    keep = ids != np.asarray(rows, dtype=np.int64)[:, None]
+    no_self = keep.all(axis=1)
+    keep[no_self, -1] = False
+    m = sims.shape[0]
+    return sims[keep].reshape(m, k), ids[keep].reshape(m, k)
+
+
+# ---------------------------------------------------------------------------------------
+# Exact search over Ray tasks
+
+
+def sharded_self_knn(
+    x: np.ndarray,
+    k: int,
+    shards: int | None = None,
+    query_block: int = 16384,
+    num_cpus_per_task: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`self_knn` with one Ray task per database shard; needs `ray.init()` done by the caller.
+
+    x: (n, d) float32, L2-normalised. x goes to the object store once; the task for shard
+    [lo, hi) reads it zero-copy, searches all n queries (in blocks of `query_block`)
+    against x[lo:hi] and returns (n, k + 1) results with global ids. The driver merges
+    results as they arrive, so it holds n * (k + 1) plus one shard result at a time.
+    `shards` defaults to the cluster's GPUs, else its CPUs; tasks take one GPU each when
+    the cluster has GPUs. `num_cpus_per_task` (default: cluster CPUs // shards, at least 1)
+    is also the FAISS thread count of each task. Returns D (n, k) float32, I (n, k) int64,
+    identical to `self_knn(x, k, shards, query_block)`.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        raise RuntimeError("sharded_self_knn needs a running Ray: call ray.init() first")
+    x = _as_matrix(x, "x")
+    n = _check_k(x, k)
+    _check_block(query_block)
+    resources = ray.cluster_resources()
+    cpus = max(1, int(resources.get("CPU", 1)))
+    gpus = int(resources.get("GPU", 0))
+    if shards is None:
+        shards = min(gpus or cpus, n)
+    bounds = shard_bounds(n, shards)
+    if num_cpus_per_task is None:
+        num_cpus_per_task = max(1, cpus // shards)
+    options: dict[str, Any] = {"num_cpus": num_cpus_per_task}
+    if gpus:
+        options["num_gpus"] = 1
+    logger.info(
+        "sharded_self_knn: n=%d k=%d shards=%d query_block=%d task=%s",
+        n,
+        k,
+        shards,
+        query_block,
+        options,
+    )
+
+    task = ray.remote(_search_shard_task).options(**options)
+    x_ref = ray.put(x)
+    pending = [
+        task.remote(x_ref, lo, hi, k + 1, query_block, num_cpus_per_task) for lo, hi in bounds
+    ]
+    del x_ref  # the tasks hold their own references; let the store free x when they finish
+    sims, ids = _empty_result(n, k + 1)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        part_sims, part_ids = ray.get(done[0])
+        _merge_into(sims, ids, part_sims, part_ids)
+        del done, part_sims, part_ids
+    return drop_self(sims, ids, np.arange(n), k)
+
+
+def _search_shard_task(
+    x: np.ndarray, lo: int, hi: int, k: int, query_block: int, threads: int
+) -> tuple[np.ndarray, np.ndarray]:
+    # A reused Ray worker keeps the OpenMP pool size it started with, whatever the
+    # task's OMP_NUM_THREADS says, so set it explicitly to the task's CPU allotment.
+    import faiss
+
+    faiss.omp_set_num_threads(max(1, int(threads)))
+    return search_shard(x, lo, hi, k, query_block)
+
+
+# ---------------------------------------------------------------------------------------
+# Approximate search
+
+
+def approx_self_knn(
+    x: np.ndarray,
+    k: int,
+    index: str = "IVF4096,Flat",
+    nprobe: int = 16,
+    train_sample: int = 100_000,
+    seed: int = 0,
+    query_block: int = 16384,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every row's approximate top-k neighbours in x, self excluded, with a FAISS index.
+
+    x: (n, d) float32, L2-normalised. `index` is a FAISS factory string built with
+    METRIC_INNER_PRODUCT and trained on `train_sample` rows drawn with `seed`. An
+    "IVF<N>" nlist larger than (training rows // 39) is clamped to that, with a warning,
+    so that small corpora train. `nprobe` applies to IVF indexes (clamped to nlist).
+    Returns D (n, k) float32, I (n, k) int64, best first; I = -1, D = -inf where the
+    probed lists held fewer than k other rows.
+    """
+    import faiss
+
+    x = _as_matrix(x, "x")
+    n = _check_k(x, k)
+    _check_block(query_block)
+    rng = np.random.default_rng(seed)
+    n_train = min(train_sample, n)
+    train = x if n_train == n else x[np.sort(rng.choice(n, n_train, replace=False))]
+    spec = _clamp_nlist(index, n_train)
+    try:
+        idx = faiss.index_factory(x.shape[1], spec, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise ValueError(f"approx_self_knn: FAISS cannot build index {spec!r}") from e
+    ivf = _ivf_or_none(idx)
+    if ivf is not None:
+        ivf.cp.seed = seed
+    idx.train(train)
+    idx.add(x)
+    if ivf is not None:
+        ivf.nprobe = min(nprobe, ivf.nlist)
+    out_sims = np.empty((n, k), dtype=np.float32)
+    out_ids = np.empty((n, k), dtype=np.int64)
+    for q0 in range(0, n, query_block):
+        q1 = min(n, q0 + query_block)
+        sims, ids = _canonical(*idx.search(x[q0:q1], k + 1))
+        out_sims[q0:q1], out_ids[q0:q1] = drop_self(sims, ids, np.arange(q0, q1), k)
+    return out_sims, out_ids
+
+
+def recall_at_k(I_approx: np.ndarray, I_exact: np.ndarray) -> float:
+    """Mean over rows of |approx ∩ exact| / k for two (n, k) int64 neighbour arrays."""
+    overlap, _ = neighbour_overlap(I_approx, I_exact)
+    return float(overlap.mean()) if overlap.size else 1.0
+
+
+def measure_recall(
+    x: np.ndarray, k: int, I_approx: np.ndarray, n_queries: int = 1000, seed: int = 0
+) -> float:
+    """recall@k of I_approx (n, k) int64 against exact search on `n_queries` seeded rows.
+
+    x: (n, d) float32, L2-normalised. Only the sampled rows are searched exactly, at a
+    cost of n_queries * n inner products.
+    """
+    x = _as_matrix(x, "x")
+    n = _check_k(x, k)
+    if I_approx.shape != (n, k):
+        raise ValueError(f"measure_recall: I_approx has shape {I_approx.shape}, expected {(n, k)}")
+    rows = np.sort(np.random.default_rng(seed).choice(n, min(n_queries, n), replace=False))
+    sims, ids = knn(x[rows], x, k + 1)
+    _, I_exact = drop_self(sims, ids, rows, k)
+    return recall_at_k(I_approx[rows], I_exact)
+
+
+# ---------------------------------------------------------------------------------------
+# Comparing neighbour sets
+
+
+def neighbour_overlap(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row overlap@k and Jaccard of two (n, k) int64 neighbour index arrays.
+
+    Each row of a and b lists distinct ids; negative ids are padding and never match.
+    Returns overlap (n,) float32 = |A ∩ B| / k and jaccard (n,) float32 = |A ∩ B| / |A ∪ B|
+    (0 where both rows are empty).
+    """
+    a = np.asarray(a)
+    b = np.asarray(b)
+    if a.ndim != 2 or a.shape != b.shape:
+        raise ValueError(f"neighbour_overlap: need two (n, k) arrays, got {a.shape} and {b.shape}")
+    k = a.shape[1]
+    # Ids are distinct within a row, so a shared id shows up as one adjacent equal pair.
+    merged = np.sort(np.concatenate([a, b], axis=1), axis=1)
+    same = (merged[:, 1:] == merged[:, :-1]) & (merged[:, 1:] >= 0)
+    inter = same.sum(axis=1)
+    union = (a >= 0).sum(axis=1) + (b >= 0).sum(axis=1) - inter
+    overlap = (inter / k if k else np.zeros(len(a))).astype(np.float32)
+    jaccard = np.divide(inter, union, out=np.zeros(len(a)), where=union > 0).astype(np.float32)
+    return overlap, jaccard
+
+
+# ---------------------------------------------------------------------------------------
+# Internals
+
+
+class _FlatSearcher:
+    """Exact inner-product top-k over a fixed (nb, d) float32 database, reused across blocks.
+
+    FAISS (BLAS) scores change in the last bits with the batch size, the thread count and
+    the device, and FAISS resolves exact ties at the k-th place arbitrarily. So FAISS only
+    proposes candidates; they are re-scored as float64 dot products rounded to float32
+    (the same bits however the work is split) and ranked by (-score, index). A row is
+    settled once its k-th re-scored similarity beats the worst FAISS candidate by more than
+    FAISS's rounding bound; the few rows with ties or near-ties across the boundary are
+    searched again with twice the candidates.
+    """
+
+    # Re-scoring gathers (rows, candidates, d) float64 values; this bounds each gather.
+    _RESCORE_VALUES = 1 << 22
+    # faiss GPU flat search returns at most this many neighbours per query.
+    _GPU_MAX_K = 2048
+
+    def __init__(self, xb: np.ndarray):
+        import faiss
+
+        self._xb = xb
+        self._nb, self._d = xb.shape
+        self._max_norm = _max_norm(xb)
+        self._gpu_index = None
+        if faiss.get_num_gpus() > 0:
+            self._gpu_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(self._d))
+            self._gpu_index.add(xb)
+
+    def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        m = xq.shape[0]
+        sims, ids = _empty_result(m, k)
+        # FAISS's float32 dot products are off by at most about d * 2**-24 * |q| * |b|;
+        # twice that separates a settled k-th neighbour from the unseen rows.
+        eps = self._d * 2.0**-23 * _max_norm(xq) * self._max_norm
+        rows = np.arange(m)
+        kk = min(self._nb, k + max(2, k // 4))
+        while rows.size:
+            xr = np.ascontiguousarray(xq[rows])
+            faiss_sims, faiss_ids = self._candidates(xr, kk)
+            exact_sims, exact_ids = self._rescore(xr, faiss_ids)
+            w = min(k, kk)
+            if kk == self._nb:
+                done = np.ones(len(rows), dtype=bool)
+            else:
+                done = exact_sims[:, w - 1] - faiss_sims.min(axis=1) > eps
+            sims[rows[done], :w] = exact_sims[done, :w]
+            ids[rows[done], :w] = exact_ids[done, :w]
+            rows = rows[~done]
+            kk = min(self._nb, 2 * kk)
+        return sims, ids
+
+    def _candidates(self, xq: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
+        import faiss
+
+        if self._gpu_index is not None and kk <= self._GPU_MAX_K:
+            return self._gpu_index.search(xq, kk)
+        # faiss.knn runs the IndexFlatIP kernel without copying the database.
+        return faiss.knn(xq, self._xb, kk, metric=faiss.METRIC_INNER_PRODUCT)
+
+    def _rescore(self, xq: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        m, kk = ids.shape
+        sims = np.empty((m, kk), dtype=np.float32)
+        step = max(1, self._RESCORE_VALUES // (kk * self._d))
+        for r0 in range(0, m, step):
+            r1 = min(m, r0 + step)
+            cand = self._xb[np.maximum(ids[r0:r1], 0)].astype(np.float64)
+            # Products of float32 values are exact in float64; the sum runs along the
+            # contiguous last axis in a fixed order, so the bits do not depend on m or kk.
+            sims[r0:r1] = (cand * xq[r0:r1, None, :].astype(np.float64)).sum(axis=-1)
+        return _canonical(sims, ids)
+
+
+def _canonical(sims: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    # Order each row by (-D, I), padding (I = -1) last, whatever order FAISS gave ties in.
+    sims = np.where(ids < 0, np.float32(-np.inf), sims).astype(np.float32, copy=False)
+    order = np.lexsort((ids, -sims), axis=1)
+    return np.take_along_axis(sims, order, axis=1), np.take_along_axis(ids, order, axis=1)
+
+
+def _merge_into(
+    sims: np.ndarray, ids: np.ndarray, part_sims: np.ndarray, part_ids: np.ndarray
+) -> None:
+    # Top-k of the union under the total order (-D, I): unlike faiss.ResultHeap, whose
+    # strict admission test lets arrival order decide exact ties at the k-th place, the
+    # result does not depend on the order in which shards are merged.
+    k = sims.shape[1]
+    for r0 in range(0, sims.shape[0], _MERGE_ROWS):
+        r1 = min(sims.shape[0], r0 + _MERGE_ROWS)
+        all_sims = np.concatenate([sims[r0:r1], part_sims[r0:r1]], axis=1)
+        all_ids = np.concatenate([ids[r0:r1], part_ids[r0:r1]], axis=1)
+        order = np.lexsort((all_ids, -all_sims), axis=1)[:, :k]
+        sims[r0:r1] = np.take_along_axis(all_sims, order, axis=1)
+        ids[r0:r1] = np.take_along_axis(all_ids, order, axis=1)
+
+
+def _max_norm(x: np.ndarray) -> float:
+    return float(np.sqrt(np.einsum("ij,ij->i", x, x).max())) if len(x) else 0.0
+
+
+def _empty_result(m: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.full((m, k), -np.inf, dtype=np.float32), np.full((m, k), -1, dtype=np.int64)
+
+
+def _offset(ids: np.ndarray, lo: int) -> np.ndarray:
+    return np.where(ids >= 0, ids + lo, ids) if lo else ids
+
+
+def _as_matrix(x: np.ndarray, name: str) -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim != 2 or x.shape[1] == 0:
+        raise ValueError(f"{name} must be an (n, d) array, got shape {x.shape}")
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _check_k(x: np.ndarray, k: int) -> int:
+    n = x.shape[0]
+    if not 1 <= k < n:
+        raise ValueError(f"k must be in 1..n-1 (self is excluded), got k={k} for n={n} rows")
+    return n
+
+
+def _check_block(query_block: int) -> None:
+    if query_block < 1:
+        raise ValueError(f"query_block must be >= 1, got {query_block}")
+
+
+def _clamp_nlist(spec: str, n_train: int) -> str:
+    m = re.search(r"IVF(\d+)", spec)
+    if m is None:
+        return spec
+    nlist = int(m.group(1))
+    # FAISS k-means wants >= 39 training points per centroid; fewer fails or degrades.
+    clamped = min(nlist, max(1, n_train // 39))
+    if clamped == nlist:
+        return spec
+    new_spec = spec[: m.start(1)] + str(clamped) + spec[m.end(1) :]
+    logger.warning(
+        "index %r: %d training rows are too few for nlist=%d; using %r",
+        spec,
+        n_train,
+        nlist,
+        new_spec,
+    )
+    return new_spec
+
+
+def _ivf_or_none(index: Any) -> Any:
+    import faiss
+
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None

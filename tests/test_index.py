@@ -1,0 +1,240 @@
+"""Tests for clipscan.stages.index: FAISS search against numpy brute force, Ray sharding, recall."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import pytest
+
+from clipscan.stages import index as ix
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _gaussian(n: int = 500, d: int = 32, seed: int = 0) -> np.ndarray:
+    return _normalise(np.random.default_rng(seed).standard_normal((n, d)))
+
+
+def _ties(n: int = 400, seed: int = 1) -> np.ndarray:
+    """(n, 16) rows of +-1/4: every dot product is exact, so scores tie massively, and
+    with 60 distinct rows each row has ~6 exact duplicates (some more than k + 1)."""
+    rng = np.random.default_rng(seed)
+    patterns = rng.choice([-0.25, 0.25], size=(60, 16)).astype(np.float32)
+    x = patterns[rng.integers(0, 60, n)]
+    x[: 15] = patterns[0]  # 15 copies of one row: more than k + 1 duplicates
+    return x
+
+
+def _gaussian_with_duplicates(seed: int = 2) -> np.ndarray:
+    """Gaussian rows where some rows are exact copies of others, spread across shards."""
+    x = _gaussian(600, 32, seed)
+    rng = np.random.default_rng(seed)
+    x[rng.choice(600, 120, replace=False)] = x[rng.choice(600, 120)]
+    return x
+
+
+def _clustered(n: int = 4000, d: int = 32, clusters: int = 20, seed: int = 3) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = _normalise(rng.standard_normal((clusters, d)))
+    return _normalise(centres[rng.integers(0, clusters, n)] + 0.08 * rng.standard_normal((n, d)))
+
+
+DATASETS = {"gaussian": _gaussian, "ties": _ties, "duplicates": _gaussian_with_duplicates}
+
+
+def _brute_knn(xq: np.ndarray, xb: np.ndarray, k: int, exclude_self: bool = False):
+    """Reference: float64 scores rounded to float32, ranked by (-score, index)."""
+    sims = (xq.astype(np.float64) @ xb.T.astype(np.float64)).astype(np.float32)
+    if exclude_self:
+        np.fill_diagonal(sims, -np.inf)
+    cols = np.broadcast_to(np.arange(xb.shape[0]), sims.shape)
+    order = np.lexsort((cols, -sims), axis=1)[:, :k]
+    return np.take_along_axis(sims, order, axis=1), order.astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray = pytest.importorskip("ray")
+    temp_dir = tempfile.mkdtemp(prefix="ray")
+    ray.init(
+        num_cpus=2,
+        object_store_memory=100 * 2**20,
+        _temp_dir=temp_dir,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+    )
+    yield ray
+    ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+# --- exact search against numpy ---------------------------------------------------------
+
+
+def test_import_is_light():
+    code = "import sys, clipscan.stages.index; print(sorted({'faiss', 'ray', 'torch'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("name", sorted(DATASETS))
+def test_knn_matches_numpy(name):
+    x = DATASETS[name]()
+    D, I = ix.knn(x[:50], x[100:], 12)
+    D_ref, I_ref = _brute_knn(x[:50], x[100:], 12)
+    assert D.dtype == np.float32 and I.dtype == np.int64 and D.shape == I.shape == (50, 12)
+    np.testing.assert_array_equal(I, I_ref)
+    np.testing.assert_allclose(D, D_ref, atol=1e-5)
+
+
+def test_knn_pads_when_k_exceeds_database():
+    x = _gaussian(20, 8)
+    D, I = ix.knn(x, x[:3], 5)
+    assert (I[:, 3:] == -1).all() and np.isneginf(D[:, 3:]).all()
+    np.testing.assert_array_equal(np.sort(I[:, :3], axis=1), np.tile([0, 1, 2], (20, 1)))
+
+
+@pytest.mark.parametrize("name", sorted(DATASETS))
+@pytest.mark.parametrize("shards,query_block", [(1, 16384), (3, 64), (7, 33)])
+def test_self_knn_matches_numpy(name, shards, query_block):
+    x = DATASETS[name]()
+    D, I = ix.self_knn(x, 10, shards=shards, query_block=query_block)
+    D_ref, I_ref = _brute_knn(x, x, 10, exclude_self=True)
+    np.testing.assert_array_equal(I, I_ref)
+    np.testing.assert_allclose(D, D_ref, atol=1e-5)
+    assert not (I == np.arange(len(x))[:, None]).any()
+
+
+def test_self_knn_large_k_ties():
+    # k >= 100 takes FAISS's reservoir path, and the tie groups here exceed k.
+    x = _ties()
+    D, I = ix.self_knn(x, 150, shards=2, query_block=100)
+    D_ref, I_ref = _brute_knn(x, x, 150, exclude_self=True)
+    np.testing.assert_array_equal(I, I_ref)
+    np.testing.assert_array_equal(D, D_ref)
+
+
+def test_drop_self_drops_last_when_self_is_crowded_out():
+    sims = np.ones((1, 4), dtype=np.float32)
+    D, I = ix.drop_self(sims, np.array([[0, 1, 2, 3]]), np.array([9]), 3)
+    np.testing.assert_array_equal(I, [[0, 1, 2]])
+    D, I = ix.drop_self(sims, np.array([[0, 1, 2, 3]]), np.array([1]), 3)
+    np.testing.assert_array_equal(I, [[0, 2, 3]])
+
+
+def test_shard_bounds_cover_rows_unevenly():
+    bounds = ix.shard_bounds(10, 3)
+    assert bounds == [(0, 3), (3, 6), (6, 10)]
+    assert ix.shard_bounds(5, 5) == [(i, i + 1) for i in range(5)]
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda x: ix.self_knn(x, 0),
+        lambda x: ix.self_knn(x, len(x)),
+        lambda x: ix.self_knn(x, 5, shards=len(x) + 1),
+        lambda x: ix.self_knn(x[0], 5),
+        lambda x: ix.approx_self_knn(x, 5, index="NotAnIndex"),
+    ],
+)
+def test_bad_arguments_raise_value_error(call):
+    with pytest.raises(ValueError):
+        call(_gaussian(50, 8))
+
+
+# --- sharded over Ray ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(DATASETS))
+@pytest.mark.parametrize("shards", [1, 2, 3, 7, 260])
+def test_sharded_equals_single_process(ray_local, name, shards):
+    # 7 shards of 400-600 rows are uneven; 260 shards (> n / 2) hold one or two rows each.
+    x = DATASETS[name]()
+    D, I = ix.sharded_self_knn(x, 10, shards=shards, query_block=128)
+    D_one, I_one = ix.self_knn(x, 10, shards=shards, query_block=128)
+    np.testing.assert_array_equal(I, I_one)
+    np.testing.assert_allclose(D, D_one, atol=1e-5)
+    D_ref, I_ref = _brute_knn(x, x, 10, exclude_self=True)
+    np.testing.assert_array_equal(I, I_ref)
+
+
+def test_sharded_default_shards_and_threads(ray_local):
+    x = _gaussian(300, 16)
+    D, I = ix.sharded_self_knn(x, 5)
+    D_ref, I_ref = _brute_knn(x, x, 5, exclude_self=True)
+    np.testing.assert_array_equal(I, I_ref)
+    np.testing.assert_allclose(D, D_ref, atol=1e-5)
+    D2, I2 = ix.sharded_self_knn(x, 5, shards=2, num_cpus_per_task=2)
+    np.testing.assert_array_equal(I2, I)
+
+
+# --- approximate search ---------------------------------------------------------------------
+
+
+def test_ivf_probing_every_list_is_exact():
+    x = _gaussian(1000, 32)
+    _, I_exact = ix.self_knn(x, 10)
+    _, I = ix.approx_self_knn(x, 10, index="IVF16,Flat", nprobe=16)
+    assert ix.recall_at_k(I, I_exact) == 1.0
+    assert ix.measure_recall(x, 10, I, n_queries=200, seed=0) == 1.0
+
+
+def test_ivf_small_nprobe_recall_bound_on_clustered_data():
+    x = _clustered()
+    _, I_exact = ix.self_knn(x, 10)
+    _, I = ix.approx_self_knn(x, 10, index="IVF64,Flat", nprobe=4, seed=0)
+    recall = ix.recall_at_k(I, I_exact)
+    assert 0.9 <= recall < 1.0
+    assert abs(ix.measure_recall(x, 10, I, n_queries=500, seed=1) - recall) < 0.03
+    _, I_again = ix.approx_self_knn(x, 10, index="IVF64,Flat", nprobe=4, seed=0)
+    np.testing.assert_array_equal(I_again, I)
+
+
+def test_nlist_is_clamped_for_small_corpora(caplog):
+    x = _gaussian(500, 32)
+    with caplog.at_level(logging.WARNING, logger=ix.__name__):
+        D, I = ix.approx_self_knn(x, 5, index="IVF4096,Flat", nprobe=4096)
+    assert "IVF12,Flat" in caplog.text and "IVF4096,Flat" in caplog.text
+    assert ix.recall_at_k(I, ix.self_knn(x, 5)[1]) == 1.0
+
+
+# --- neighbour set comparison ---------------------------------------------------------------
+
+
+def _set_overlap(a: np.ndarray, b: np.ndarray):
+    overlap, jaccard = [], []
+    for ra, rb in zip(a, b, strict=True):
+        sa, sb = {int(i) for i in ra if i >= 0}, {int(i) for i in rb if i >= 0}
+        overlap.append(len(sa & sb) / a.shape[1])
+        jaccard.append(len(sa & sb) / len(sa | sb) if sa | sb else 0.0)
+    return np.array(overlap), np.array(jaccard)
+
+
+def test_neighbour_overlap_matches_sets():
+    rng = np.random.default_rng(4)
+    n, k = 300, 10
+    a = np.stack([rng.choice(40, k, replace=False) for _ in range(n)]).astype(np.int64)
+    b = np.stack([rng.choice(40, k, replace=False) for _ in range(n)]).astype(np.int64)
+    b[:20] = a[:20]  # identical rows
+    b[20:40] = a[20:40] + 100  # disjoint rows
+    a[40:60, 7:] = -1  # padding from an approximate index
+    b[50:70, 5:] = -1
+    overlap, jaccard = ix.neighbour_overlap(a, b)
+    ref_overlap, ref_jaccard = _set_overlap(a, b)
+    assert overlap.dtype == jaccard.dtype == np.float32
+    np.testing.assert_allclose(overlap, ref_overlap, rtol=1e-6)
+    np.testing.assert_allclose(jaccard, ref_jaccard, rtol=1e-6)
+    assert (overlap[:20] == 1).all() and (jaccard[20:40] == 0).all()
+
+
+def test_neighbour_overlap_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match=r"\(3, 4\) and \(3, 5\)"):
+        ix.neighbour_overlap(np.zeros((3, 4), np.int64), np.zeros((3, 5), np.int64))
