@@ -7,10 +7,10 @@ fails before any work and names the key and the file.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 
 class ConfigError(ValueError):
@@ -29,6 +29,7 @@ class DataConfig(Section):
     limit: int | None = Field(default=None, ge=1)  # read at most this many images (rows), None = all
     rows_per_block: int = Field(default=256, ge=1)  # rows per input shard (one Ray block, one resume unit)
     max_pixels: int = Field(default=89_478_485, ge=1)  # larger images are skipped (decompression bombs), pixels
+    generate: int | None = Field(default=None, ge=2)  # if data.path is missing, generate this many scenes there first
 
 
 class ModelsConfig(Section):
@@ -64,8 +65,12 @@ class MiningConfig(Section):
     rank_depth: int = Field(default=100, ge=1)  # reference rank of a probe-only neighbour is exact up to this depth
 
 
+def _off_is_not_false(value: Any) -> Any:
+    return "off" if value is False else value  # YAML reads a bare `off` as false
+
+
 class LlmConfig(Section):
-    backend: Literal["off", "openai", "vllm"] = "off"  # off | openai (any OpenAI-compatible server) | vllm (Ray Data LLM)
+    backend: Annotated[Literal["off", "openai", "vllm"], BeforeValidator(_off_is_not_false)] = "off"  # off | openai (any OpenAI-compatible server) | vllm (Ray Data LLM)
     url: str = "http://127.0.0.1:8000/v1"  # OpenAI-compatible base URL (openai backend)
     model: str = "meta-llama/Llama-3.1-8B-Instruct"  # model name on the server, or HF id / local dir for vllm
     prompt: str | None = None  # prompt template file; None = the paper's prompt (configs/prompts/daf.txt)

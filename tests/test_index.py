@@ -28,7 +28,7 @@ def _ties(n: int = 400, seed: int = 1) -> np.ndarray:
     rng = np.random.default_rng(seed)
     patterns = rng.choice([-0.25, 0.25], size=(60, 16)).astype(np.float32)
     x = patterns[rng.integers(0, 60, n)]
-    x[: 15] = patterns[0]  # 15 copies of one row: more than k + 1 duplicates
+    x[:15] = patterns[0]  # 15 copies of one row: more than k + 1 duplicates
     return x
 
 
@@ -87,46 +87,47 @@ def test_import_is_light():
 @pytest.mark.parametrize("name", sorted(DATASETS))
 def test_knn_matches_numpy(name):
     x = DATASETS[name]()
-    D, I = ix.knn(x[:50], x[100:], 12)
-    D_ref, I_ref = _brute_knn(x[:50], x[100:], 12)
-    assert D.dtype == np.float32 and I.dtype == np.int64 and D.shape == I.shape == (50, 12)
-    np.testing.assert_array_equal(I, I_ref)
-    np.testing.assert_allclose(D, D_ref, atol=1e-5)
+    sims, ids = ix.knn(x[:50], x[100:], 12)
+    ref_sims, ref_ids = _brute_knn(x[:50], x[100:], 12)
+    assert sims.dtype == np.float32 and ids.dtype == np.int64
+    assert sims.shape == ids.shape == (50, 12)
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_allclose(sims, ref_sims, atol=1e-5)
 
 
 def test_knn_pads_when_k_exceeds_database():
     x = _gaussian(20, 8)
-    D, I = ix.knn(x, x[:3], 5)
-    assert (I[:, 3:] == -1).all() and np.isneginf(D[:, 3:]).all()
-    np.testing.assert_array_equal(np.sort(I[:, :3], axis=1), np.tile([0, 1, 2], (20, 1)))
+    sims, ids = ix.knn(x, x[:3], 5)
+    assert (ids[:, 3:] == -1).all() and np.isneginf(sims[:, 3:]).all()
+    np.testing.assert_array_equal(np.sort(ids[:, :3], axis=1), np.tile([0, 1, 2], (20, 1)))
 
 
 @pytest.mark.parametrize("name", sorted(DATASETS))
 @pytest.mark.parametrize("shards,query_block", [(1, 16384), (3, 64), (7, 33)])
 def test_self_knn_matches_numpy(name, shards, query_block):
     x = DATASETS[name]()
-    D, I = ix.self_knn(x, 10, shards=shards, query_block=query_block)
-    D_ref, I_ref = _brute_knn(x, x, 10, exclude_self=True)
-    np.testing.assert_array_equal(I, I_ref)
-    np.testing.assert_allclose(D, D_ref, atol=1e-5)
-    assert not (I == np.arange(len(x))[:, None]).any()
+    sims, ids = ix.self_knn(x, 10, shards=shards, query_block=query_block)
+    ref_sims, ref_ids = _brute_knn(x, x, 10, exclude_self=True)
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_allclose(sims, ref_sims, atol=1e-5)
+    assert not (ids == np.arange(len(x))[:, None]).any()
 
 
 def test_self_knn_large_k_ties():
     # k >= 100 takes FAISS's reservoir path, and the tie groups here exceed k.
     x = _ties()
-    D, I = ix.self_knn(x, 150, shards=2, query_block=100)
-    D_ref, I_ref = _brute_knn(x, x, 150, exclude_self=True)
-    np.testing.assert_array_equal(I, I_ref)
-    np.testing.assert_array_equal(D, D_ref)
+    sims, ids = ix.self_knn(x, 150, shards=2, query_block=100)
+    ref_sims, ref_ids = _brute_knn(x, x, 150, exclude_self=True)
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_array_equal(sims, ref_sims)
 
 
 def test_drop_self_drops_last_when_self_is_crowded_out():
-    sims = np.ones((1, 4), dtype=np.float32)
-    D, I = ix.drop_self(sims, np.array([[0, 1, 2, 3]]), np.array([9]), 3)
-    np.testing.assert_array_equal(I, [[0, 1, 2]])
-    D, I = ix.drop_self(sims, np.array([[0, 1, 2, 3]]), np.array([1]), 3)
-    np.testing.assert_array_equal(I, [[0, 2, 3]])
+    ones = np.ones((1, 4), dtype=np.float32)
+    _, ids = ix.drop_self(ones, np.array([[0, 1, 2, 3]]), np.array([9]), 3)
+    np.testing.assert_array_equal(ids, [[0, 1, 2]])
+    _, ids = ix.drop_self(ones, np.array([[0, 1, 2, 3]]), np.array([1]), 3)
+    np.testing.assert_array_equal(ids, [[0, 2, 3]])
 
 
 def test_shard_bounds_cover_rows_unevenly():
@@ -158,22 +159,22 @@ def test_bad_arguments_raise_value_error(call):
 def test_sharded_equals_single_process(ray_local, name, shards):
     # 7 shards of 400-600 rows are uneven; 260 shards (> n / 2) hold one or two rows each.
     x = DATASETS[name]()
-    D, I = ix.sharded_self_knn(x, 10, shards=shards, query_block=128)
-    D_one, I_one = ix.self_knn(x, 10, shards=shards, query_block=128)
-    np.testing.assert_array_equal(I, I_one)
-    np.testing.assert_allclose(D, D_one, atol=1e-5)
-    D_ref, I_ref = _brute_knn(x, x, 10, exclude_self=True)
-    np.testing.assert_array_equal(I, I_ref)
+    sims, ids = ix.sharded_self_knn(x, 10, shards=shards, query_block=128)
+    one_sims, one_ids = ix.self_knn(x, 10, shards=shards, query_block=128)
+    np.testing.assert_array_equal(ids, one_ids)
+    np.testing.assert_allclose(sims, one_sims, atol=1e-5)
+    ref_sims, ref_ids = _brute_knn(x, x, 10, exclude_self=True)
+    np.testing.assert_array_equal(ids, ref_ids)
 
 
 def test_sharded_default_shards_and_threads(ray_local):
     x = _gaussian(300, 16)
-    D, I = ix.sharded_self_knn(x, 5)
-    D_ref, I_ref = _brute_knn(x, x, 5, exclude_self=True)
-    np.testing.assert_array_equal(I, I_ref)
-    np.testing.assert_allclose(D, D_ref, atol=1e-5)
-    D2, I2 = ix.sharded_self_knn(x, 5, shards=2, num_cpus_per_task=2)
-    np.testing.assert_array_equal(I2, I)
+    sims, ids = ix.sharded_self_knn(x, 5)
+    ref_sims, ref_ids = _brute_knn(x, x, 5, exclude_self=True)
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_allclose(sims, ref_sims, atol=1e-5)
+    sims2, ids2 = ix.sharded_self_knn(x, 5, shards=2, num_cpus_per_task=2)
+    np.testing.assert_array_equal(ids2, ids)
 
 
 # --- approximate search ---------------------------------------------------------------------
@@ -181,29 +182,29 @@ def test_sharded_default_shards_and_threads(ray_local):
 
 def test_ivf_probing_every_list_is_exact():
     x = _gaussian(1000, 32)
-    _, I_exact = ix.self_knn(x, 10)
-    _, I = ix.approx_self_knn(x, 10, index="IVF16,Flat", nprobe=16)
-    assert ix.recall_at_k(I, I_exact) == 1.0
-    assert ix.measure_recall(x, 10, I, n_queries=200, seed=0) == 1.0
+    _, exact_ids = ix.self_knn(x, 10)
+    _, ids = ix.approx_self_knn(x, 10, index="IVF16,Flat", nprobe=16)
+    assert ix.recall_at_k(ids, exact_ids) == 1.0
+    assert ix.measure_recall(x, 10, ids, n_queries=200, seed=0) == 1.0
 
 
 def test_ivf_small_nprobe_recall_bound_on_clustered_data():
     x = _clustered()
-    _, I_exact = ix.self_knn(x, 10)
-    _, I = ix.approx_self_knn(x, 10, index="IVF64,Flat", nprobe=4, seed=0)
-    recall = ix.recall_at_k(I, I_exact)
+    _, exact_ids = ix.self_knn(x, 10)
+    _, ids = ix.approx_self_knn(x, 10, index="IVF64,Flat", nprobe=4, seed=0)
+    recall = ix.recall_at_k(ids, exact_ids)
     assert 0.9 <= recall < 1.0
-    assert abs(ix.measure_recall(x, 10, I, n_queries=500, seed=1) - recall) < 0.03
-    _, I_again = ix.approx_self_knn(x, 10, index="IVF64,Flat", nprobe=4, seed=0)
-    np.testing.assert_array_equal(I_again, I)
+    assert abs(ix.measure_recall(x, 10, ids, n_queries=500, seed=1) - recall) < 0.03
+    _, ids_again = ix.approx_self_knn(x, 10, index="IVF64,Flat", nprobe=4, seed=0)
+    np.testing.assert_array_equal(ids_again, ids)
 
 
 def test_nlist_is_clamped_for_small_corpora(caplog):
     x = _gaussian(500, 32)
     with caplog.at_level(logging.WARNING, logger=ix.__name__):
-        D, I = ix.approx_self_knn(x, 5, index="IVF4096,Flat", nprobe=4096)
+        sims, ids = ix.approx_self_knn(x, 5, index="IVF4096,Flat", nprobe=4096)
     assert "IVF12,Flat" in caplog.text and "IVF4096,Flat" in caplog.text
-    assert ix.recall_at_k(I, ix.self_knn(x, 5)[1]) == 1.0
+    assert ix.recall_at_k(ids, ix.self_knn(x, 5)[1]) == 1.0
 
 
 # --- neighbour set comparison ---------------------------------------------------------------

@@ -179,7 +179,6 @@ def _hub_error(spec: str, e: BaseException) -> ModelLoadError:
 
 def _load_open_clip(spec: ModelSpec, device: str, precision: str) -> Encoder:
     import open_clip
-    import torch
 
     name, weights = spec.name, spec.weights
     config_file = Path(name) if name.endswith(".json") else shipped_config(name)
@@ -331,10 +330,18 @@ class PyEncoder(Encoder):
 
 
 def load_encoder(spec: str, device: str = "cpu", precision: str = "auto") -> Encoder:
-    """Load the encoder a spec string names, on ``device`` (``cpu`` / ``cuda``) at ``precision``."""
+    """Load the encoder a spec string names, on ``device`` (``cpu`` / ``cuda``) at ``precision``.
+
+    Models built without weights (the tiny test configs) are initialised from a fixed
+    seed, so every actor of a job, and every run, holds the same random weights.
+    """
     parsed = parse_spec(spec)
-    if parsed.kind == "open_clip":
-        return _load_open_clip(parsed, device, precision)
-    if parsed.kind == "hf":
+    if parsed.kind == "py":
+        return PyEncoder(parsed)
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        if parsed.kind == "open_clip":
+            return _load_open_clip(parsed, device, precision)
         return _load_hf(parsed, device, precision)
-    return PyEncoder(parsed)

@@ -138,7 +138,7 @@ class Decode:
                 data = blobs[i] if blobs is not None and blobs[i] is not None else read_image_bytes(str(batch["uri"][i]))
                 pixels[i], note = decode_image(bytes(data), self.size, self.max_pixels)
                 if note:
-                    notes[i] = f"{notes[i]};{note}" if notes[i] else note
+                    notes[i] = f"{notes[i]},{note}" if notes[i] else note
             except SkipImage as e:
                 stage[i], reason[i] = "decode", str(e)
         out = {k: v for k, v in batch.items() if k != "image_bytes"}

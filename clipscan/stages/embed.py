@@ -160,8 +160,8 @@ def collect(raw_dir: str, out_dir: str, models: list[str]) -> dict[str, Any]:
     A later row with an id already seen is skipped as a duplicate. Returns row counts.
     """
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
     import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
 
     fsys, inner = cfs.resolve(raw_dir)
     files = sorted(
@@ -197,7 +197,7 @@ def collect(raw_dir: str, out_dir: str, models: list[str]) -> dict[str, Any]:
         good = table.filter(pc.invert(bad))
         counts["embedded"] += good.num_rows
         for note in good.column("notes").to_pylist() if "notes" in good.column_names else []:
-            for item in (note or "").split(";"):
+            for item in (note or "").split(","):
                 if item:
                     counts["converted"][item] = counts["converted"].get(item, 0) + 1
         name = f"part-{part:05d}.parquet"

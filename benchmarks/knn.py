@@ -1,0 +1,244 @@
+"""Exact all-pairs top-k benchmark: seeded (n, d) float32 unit vectors in, a timing and memory table out.
+
+Compares, in one run: (a) `sharded_self_knn` over a local Ray with every core, (b) one
+FAISS IndexFlatIP search in this process with every thread, (c) numpy brute force in row
+blocks (matmul + argpartition), timed on at most --numpy-max rows and extrapolated
+quadratically, and (d) FAISS on GPU when FAISS sees one. Memory is the peak, sampled
+every 0.2 s, over this process and all its descendants (the Ray processes included).
+
+    python benchmarks/knn.py --n 100000 --d 512 --k 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+GiB = 2**30
+
+
+def make_vectors(n: int, d: int, seed: int = 0, clusters: int = 1000) -> np.ndarray:
+    """(n, d) float32, L2-normalised: Gaussian clusters around random unit centres."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, d), dtype=np.float32)
+    x = centres[rng.integers(0, clusters, n)]
+    x += rng.standard_normal((n, d), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x
+
+
+class PeakMemory:
+    """Samples the RSS and PSS summed over this process and its descendants, keeps the peak.
+
+    PSS counts a shared page (the Ray object store mapped by every worker) once overall.
+    """
+
+    def __init__(self, interval_s: float = 0.2):
+        self.interval_s = interval_s
+        self.peak_rss = 0
+        self.peak_pss = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> tuple[int, int]:
+        import psutil
+
+        me = psutil.Process()
+        rss = pss = 0
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                info = proc.memory_full_info()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            rss += info.rss
+            pss += getattr(info, "pss", info.rss)
+        return rss, pss
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            rss, pss = self.sample()
+            self.peak_rss = max(self.peak_rss, rss)
+            self.peak_pss = max(self.peak_pss, pss)
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@dataclass
+class Row:
+    label: str
+    n: int
+    seconds: float | None
+    note: str = ""
+    peak_rss: int | None = None
+    peak_pss: int | None = None
+    idle_pss: int | None = None
+
+
+def measure(label: str, n: int, fn: Callable[[], Any]) -> tuple[Row, Any]:
+    """Run fn once under the memory sampler; return its row and its result."""
+    with PeakMemory() as mem:
+        idle_pss = mem.sample()[1]
+        t0 = time.perf_counter()
+        result = fn()
+        seconds = time.perf_counter() - t0
+    return Row(label, n, seconds, "", mem.peak_rss, mem.peak_pss, idle_pss), result
+
+
+def faiss_flat(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(b): one IndexFlatIP search of x against itself, k + 1 to leave room for self."""
+    import faiss
+
+    index = faiss.IndexFlatIP(x.shape[1])
+    index.add(x)
+    return index.search(x, k + 1)
+
+
+def faiss_gpu(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    import faiss
+
+    index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(x.shape[1]))
+    index.add(x)
+    return index.search(x, k + 1)
+
+
+def numpy_brute(x: np.ndarray, k: int, block_values: int = 1 << 25) -> np.ndarray:
+    """(c): (n, k) int64 neighbours (self excluded) by blocked matmul and argpartition."""
+    n = x.shape[0]
+    block = max(1, block_values // n)
+    out = np.empty((n, k), dtype=np.int64)
+    for q0 in range(0, n, block):
+        q1 = min(n, q0 + block)
+        sims = x[q0:q1] @ x.T
+        sims[np.arange(q1 - q0), np.arange(q0, q1)] = -np.inf
+        top = np.argpartition(-sims, k, axis=1)[:, :k]
+        order = np.argsort(-np.take_along_axis(sims, top, axis=1), axis=1, kind="stable")
+        out[q0:q1] = np.take_along_axis(top, order, axis=1)
+    return out
+
+
+def format_table(rows: list[Row], nxn_bytes: int) -> str:
+    base = next((r.seconds for r in rows if r.label.startswith("(b)")), None)
+    header = (
+        f"{'method':<44} {'n':>7} {'seconds':>9} {'speed vs (b)':>12} "
+        f"{'peak RSS':>10} {'peak PSS':>10} {'PSS - idle':>10}  note"
+    )
+    lines = [header, "-" * len(header)]
+
+    def gib(v: int | None) -> str:
+        return f"{v / GiB:.2f} GiB" if v is not None else "-"
+
+    for r in rows:
+        secs = f"{r.seconds:9.1f}" if r.seconds is not None else f"{'-':>9}"
+        speed = f"{base / r.seconds:11.2f}x" if base and r.seconds else f"{'-':>12}"
+        extra = r.peak_pss - r.idle_pss if r.peak_pss is not None and r.idle_pss else None
+        lines.append(
+            f"{r.label:<44} {r.n:>7} {secs} {speed} {gib(r.peak_rss):>10} "
+            f"{gib(r.peak_pss):>10} {gib(extra):>10}  {r.note}"
+        )
+    lines.append(f"N x N float32 similarity matrix: {gib(nxn_bytes)}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=100_000, help="vectors")
+    parser.add_argument("--d", type=int, default=512, help="dimensions")
+    parser.add_argument("--k", type=int, default=10, help="neighbours per vector, self excluded")
+    parser.add_argument("--shards", type=int, default=None, help="database shards for (a)")
+    parser.add_argument("--query-block", type=int, default=16384, help="queries per search")
+    parser.add_argument("--cpus", type=int, default=os.cpu_count(), help="Ray CPUs for (a)")
+    parser.add_argument(
+        "--numpy-max", type=int, default=20_000, help="rows timed for (c); more are extrapolated"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    import faiss
+    import ray
+
+    from clipscan.stages.index import recall_at_k, sharded_self_knn
+
+    x = make_vectors(args.n, args.d, args.seed)
+    k = args.k
+    print(
+        f"n={args.n} d={args.d} k={k} cores={os.cpu_count()} faiss={faiss.__version__} "
+        f"faiss threads={faiss.omp_get_max_threads()} ray={ray.__version__}",
+        flush=True,
+    )
+    rows: list[Row] = []
+
+    row_b, (_, ids_b) = measure(
+        "(b) faiss IndexFlatIP, 1 process", args.n, lambda: faiss_flat(x, k)
+    )
+    row_b.note = f"{faiss.omp_get_max_threads()} threads"
+    rows.append(row_b)
+    print(f"(b) {row_b.seconds:.1f} s", flush=True)
+
+    n_np = min(args.n, args.numpy_max)
+    row_c, _ = measure("(c) numpy matmul + argpartition", args.n, lambda: numpy_brute(x[:n_np], k))
+    if n_np < args.n and row_c.seconds is not None:
+        row_c.seconds *= (args.n / n_np) ** 2
+        row_c.note = f"EXTRAPOLATED from n={n_np} (x{(args.n / n_np) ** 2:.0f}); memory at n={n_np}"
+    rows.append(row_c)
+    print(f"(c) {row_c.seconds:.1f} s {row_c.note}", flush=True)
+
+    if faiss.get_num_gpus() > 0:
+        row_d, _ = measure("(d) faiss GPU IndexFlatIP", args.n, lambda: faiss_gpu(x, k))
+        row_d.note = f"{faiss.get_num_gpus()} GPU(s)"
+    else:
+        row_d = Row("(d) faiss GPU IndexFlatIP", args.n, None, "skipped: faiss sees no GPU")
+    rows.append(row_d)
+
+    temp_dir = tempfile.mkdtemp(prefix="ray")
+    t0 = time.perf_counter()
+    ray.init(num_cpus=args.cpus, _temp_dir=temp_dir, include_dashboard=False)
+    init_s = time.perf_counter() - t0
+    try:
+        time.sleep(2)  # let Ray's idle workers finish starting so the baseline is idle
+        shards = args.shards or args.cpus
+        row_a, (_, ids_a) = measure(
+            f"(a) sharded_self_knn, Ray, {shards} shards",
+            args.n,
+            lambda: sharded_self_knn(x, k, shards=shards, query_block=args.query_block),
+        )
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    agreement = recall_at_k(ids_a, _drop_self_simple(ids_b, k))
+    row_a.note = f"ray.init {init_s:.1f} s not counted; recall@{k} vs (b) {agreement:.5f}"
+    rows.insert(0, row_a)
+
+    print()
+    print(format_table(rows, args.n * args.n * 4))
+    print(
+        f"(a)/(b) speed: {row_b.seconds / row_a.seconds:.2f} (target >= 0.9); "
+        f"(a) peak PSS {row_a.peak_pss / GiB:.2f} GiB vs N x N float32 {args.n**2 * 4 / GiB:.2f} GiB"
+    )
+    return rows
+
+
+def _drop_self_simple(ids: np.ndarray, k: int) -> np.ndarray:
+    # (b) is raw FAISS output with k + 1 columns; drop self where present, else the last.
+    keep = ids != np.arange(ids.shape[0])[:, None]
+    keep[keep.all(axis=1), -1] = False
+    return ids[keep].reshape(ids.shape[0], k)
+
+
+if __name__ == "__main__":
+    main()

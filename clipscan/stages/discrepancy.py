@@ -1,0 +1,470 @@
+"""Probe and reference top-k neighbour lists in; per-image discrepancies, MMVP-style pairs and failure cases out.
+
+DAF (section 3.1 of the paper): an image whose nearest neighbours under the probe model
+(CLIP) differ from its nearest neighbours under the reference model (DINOv2) shows where
+the probe encodes different things alike. ``mine`` scores every image (overlap@k, Jaccard,
+the probe-only neighbours with their reference cosine and rank) and ranks the images;
+``pairs`` lists single pairs that one model calls near-duplicates and the other does not
+("Eyes Wide Shut"); ``cases`` picks the top failure cases and attaches the captions in the
+order of the paper's prompt (Figure 2: the image's own caption first, then its probe-only
+neighbours' captions).
+
+Everything here is plain numpy and pyarrow over arrays held by the driver: n * k values,
+never an n x n matrix. Neighbour lists follow ``clipscan.stages.index``: row indices, best
+first, self excluded, missing entries I = -1 (an approximate index that found fewer).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+RankBy = Literal["overlap", "jaccard", "gap"]
+RANK_BY: tuple[str, ...] = ("overlap", "jaccard", "gap")
+
+_FLOATS = pa.list_(pa.float32())
+_STRINGS = pa.list_(pa.string())
+
+DISCREPANCY_SCHEMA = pa.schema(
+    [
+        ("rank", pa.int32()),  # 1 = most discrepant
+        ("id", pa.string()),
+        ("overlap", pa.float32()),  # |P & R| / k
+        ("jaccard", pa.float32()),  # |P & R| / |P | R|
+        ("probe_neighbours", _STRINGS),  # probe top-k, best first
+        ("probe_cos", _FLOATS),  # their probe cosine
+        ("probe_neighbours_reference_cos", _FLOATS),  # their reference cosine
+        ("reference_neighbours", _STRINGS),  # reference top-k, best first
+        ("reference_cos", _FLOATS),  # their reference cosine
+        ("reference_neighbours_probe_cos", _FLOATS),  # their probe cosine
+        ("probe_only", _STRINGS),  # probe top-k not in the reference top-k, probe order
+        ("probe_only_probe_cos", _FLOATS),
+        ("probe_only_reference_cos", _FLOATS),
+        ("probe_only_reference_rank", pa.list_(pa.int32())),  # 1-based; null beyond depth
+        ("reference_only", _STRINGS),  # reference top-k not in the probe top-k, reference order
+        ("reference_only_probe_cos", _FLOATS),
+        ("reference_only_reference_cos", _FLOATS),
+        ("gap", pa.float32()),  # mean of probe cos - reference cos over probe_only; 0 if none
+    ]
+)
+
+PAIRS_SCHEMA = pa.schema(
+    [
+        ("id_a", pa.string()),  # id_a < id_b
+        ("id_b", pa.string()),
+        ("probe_cos", pa.float32()),
+        ("reference_cos", pa.float32()),
+        ("direction", pa.string()),  # probe_close | reference_close
+    ]
+)
+
+CASES_SCHEMA = pa.schema(
+    [
+        ("rank", pa.int32()),
+        ("id", pa.string()),
+        ("uri", pa.string()),
+        ("caption", pa.string()),
+        ("overlap", pa.float32()),
+        ("gap", pa.float32()),
+        ("neighbour_ids", _STRINGS),  # the probe-only neighbours, probe order
+        ("neighbour_uris", _STRINGS),
+        ("neighbour_captions", _STRINGS),
+        ("neighbour_probe_cos", _FLOATS),
+        ("neighbour_reference_cos", _FLOATS),
+        ("neighbour_reference_rank", pa.list_(pa.int32())),
+        ("texts", _STRINGS),  # own caption, then the neighbours' captions (the prompt's order)
+    ]
+)
+
+# Elements of the (rows, k, depth) membership test and of the gathered (pairs, d) rows
+# per step: bounds the temporaries whatever n is.
+_BLOCK_ELEMENTS = 1 << 23
+
+
+def mine(
+    ids: np.ndarray,
+    probe_D: np.ndarray,
+    probe_I: np.ndarray,
+    ref_D: np.ndarray,
+    ref_I: np.ndarray,
+    x_probe: np.ndarray,
+    x_ref: np.ndarray,
+    k: int,
+    rank_by: RankBy = "overlap",
+) -> pa.Table:
+    """Score and rank every image by how much its probe and reference neighbours disagree.
+
+    ids: (n,) str (object array, list or pyarrow array), row i's image id.
+    probe_D, probe_I: (n, kp) float32 cosine / int64 row index, kp >= k, best first, self
+    excluded, I = -1 where missing; the first k columns are the probe top-k (P).
+    ref_D, ref_I: (n, depth), depth >= k, the same under the reference model; the first k
+    columns are the reference top-k (R), all depth columns give the reference rank of a
+    probe-only neighbour (null when it is beyond depth).
+    x_probe: (n, d_probe) and x_ref: (n, d_ref) float32, L2-normalised, for the cosine of
+    any neighbour under the other model (row-wise float64 dot, rounded to float32).
+    rank_by: "overlap" (ascending overlap, then descending gap), "jaccard" (ascending
+    Jaccard, then descending gap) or "gap" (descending gap); ties always go by id.
+
+    Returns the ``DISCREPANCY_SCHEMA`` table, one row per image in rank order.
+    """
+    if rank_by not in RANK_BY:
+        raise ValueError(f"mine: rank_by must be one of {RANK_BY}, got {rank_by!r}")
+    ids_pa = _as_ids(ids, "mine")
+    n = len(ids_pa)
+    probe_D, probe_I, ref_D, ref_I, x_probe, x_ref = _check_lists(
+        "mine", n, probe_D, probe_I, ref_D, ref_I, x_probe, x_ref
+    )
+    if not 1 <= k <= probe_I.shape[1]:
+        raise ValueError(
+            f"mine: k={k} must be in 1..{probe_I.shape[1]} (probe_I has shape {probe_I.shape})"
+        )
+    if k > ref_I.shape[1]:
+        raise ValueError(
+            f"mine: k={k} exceeds the reference depth: ref_I has shape {ref_I.shape}; "
+            "the reference lists need depth >= k"
+        )
+
+    P, PD = probe_I[:, :k], probe_D[:, :k].astype(np.float32)
+    R, RD = ref_I[:, :k], ref_D[:, :k].astype(np.float32)
+    valid_p, valid_r = P >= 0, R >= 0
+    ref_rank = reference_rank(P, ref_I)  # (n, k), 0 = not within depth
+    p_in_r = valid_p & (ref_rank >= 1) & (ref_rank <= k)
+    r_in_p = valid_r & _member(R, P)
+    inter = p_in_r.sum(axis=1)
+    union = valid_p.sum(axis=1) + valid_r.sum(axis=1) - inter
+    overlap = (inter / k).astype(np.float32)
+    jaccard = np.where(union > 0, inter / np.maximum(union, 1), 0.0).astype(np.float32)
+
+    rows = np.broadcast_to(np.arange(n, dtype=np.int64)[:, None], (n, k))
+    p_ref_cos = pair_cos(x_ref, rows, P)  # reference cosine of every probe neighbour
+    r_probe_cos = pair_cos(x_probe, rows, R)  # probe cosine of every reference neighbour
+    p_only = valid_p & ~p_in_r
+    r_only = valid_r & ~r_in_p
+    diff = np.where(p_only, PD.astype(np.float64) - p_ref_cos, 0.0)
+    count = p_only.sum(axis=1)
+    gap = np.where(count > 0, diff.sum(axis=1) / np.maximum(count, 1), 0.0).astype(np.float32)
+
+    id_key = _id_key(ids_pa)
+    if rank_by == "overlap":
+        order = np.lexsort((id_key, -gap, overlap))
+    elif rank_by == "jaccard":
+        order = np.lexsort((id_key, -gap, jaccard))
+    else:
+        order = np.lexsort((id_key, -gap))
+
+    def o(a: np.ndarray) -> np.ndarray:
+        return a[order]
+
+    P_o, R_o, rank_o = o(P), o(R), o(ref_rank)
+    vp, vr, po, ro = o(valid_p), o(valid_r), o(p_only), o(r_only)
+    PD_o, RD_o, p_ref_o, r_probe_o = o(PD), o(RD), o(p_ref_cos), o(r_probe_cos)
+    columns = {
+        "rank": pa.array(np.arange(1, n + 1, dtype=np.int32)),
+        "id": ids_pa.take(pa.array(order)),
+        "overlap": pa.array(o(overlap)),
+        "jaccard": pa.array(o(jaccard)),
+        "probe_neighbours": _id_lists(ids_pa, P_o, vp),
+        "probe_cos": _float_lists(PD_o, vp),
+        "probe_neighbours_reference_cos": _float_lists(p_ref_o, vp),
+        "reference_neighbours": _id_lists(ids_pa, R_o, vr),
+        "reference_cos": _float_lists(RD_o, vr),
+        "reference_neighbours_probe_cos": _float_lists(r_probe_o, vr),
+        "probe_only": _id_lists(ids_pa, P_o, po),
+        "probe_only_probe_cos": _float_lists(PD_o, po),
+        "probe_only_reference_cos": _float_lists(p_ref_o, po),
+        "probe_only_reference_rank": _lists(
+            pa.array(rank_o[po].astype(np.int32), mask=rank_o[po] == 0), po
+        ),
+        "reference_only": _id_lists(ids_pa, R_o, ro),
+        "reference_only_probe_cos": _float_lists(r_probe_o, ro),
+        "reference_only_reference_cos": _float_lists(RD_o, ro),
+        "gap": pa.array(o(gap)),
+    }
+    return pa.Table.from_pydict(columns, schema=DISCREPANCY_SCHEMA)
+
+
+def pairs(
+    ids: np.ndarray,
+    probe_D: np.ndarray,
+    probe_I: np.ndarray,
+    ref_D: np.ndarray,
+    ref_I: np.ndarray,
+    x_probe: np.ndarray,
+    x_ref: np.ndarray,
+    probe_min: float = 0.95,
+    reference_max: float = 0.6,
+    k: int | None = None,
+) -> pa.Table:
+    """MMVP-style pairs ("Eyes Wide Shut"): near-duplicates to one model, far apart to the other.
+
+    Inputs as for ``mine``. "probe_close": pairs (i, j) with j in i's probe list, probe
+    cosine >= probe_min and reference cosine <= reference_max (the probe conflates them);
+    "reference_close": j in i's reference list, reference cosine >= probe_min and probe
+    cosine <= reference_max. ``k`` limits both lists to their first k columns (None = all
+    columns given). Both cosines are recomputed from the embeddings (float64 dot rounded
+    to float32), so a pair found from either end has the same values.
+
+    Returns the ``PAIRS_SCHEMA`` table, id_a < id_b, one row per (direction, pair), sorted
+    by direction, then |probe cos - reference cos| descending (the most discrepant first
+    in each direction), then id_a, id_b.
+    """
+    ids_pa = _as_ids(ids, "pairs")
+    n = len(ids_pa)
+    probe_D, probe_I, ref_D, ref_I, x_probe, x_ref = _check_lists(
+        "pairs", n, probe_D, probe_I, ref_D, ref_I, x_probe, x_ref
+    )
+    if k is not None and not 1 <= k <= min(probe_I.shape[1], ref_I.shape[1]):
+        raise ValueError(
+            f"pairs: k={k} must be in 1..min(probe_I {probe_I.shape}, ref_I {ref_I.shape}) columns"
+        )
+    id_key = _id_key(ids_pa)
+    found = []
+    for code, (lists, sims) in enumerate(((probe_I, probe_D), (ref_I, ref_D))):
+        lists, sims = (lists, sims) if k is None else (lists[:, :k], sims[:, :k])
+        rows = np.repeat(np.arange(n, dtype=np.int64), lists.shape[1])
+        cols = lists.reshape(-1).astype(np.int64)
+        # A cheap screen on the listed similarity (with slack for rounding), then exact cosines.
+        keep = (cols >= 0) & (cols != rows) & (sims.reshape(-1) >= probe_min - 1e-5)
+        rows, cols = rows[keep], cols[keep]
+        a = np.where(id_key[rows] <= id_key[cols], rows, cols)
+        b = np.where(id_key[rows] <= id_key[cols], cols, rows)
+        _, first = np.unique(a * n + b, return_index=True)
+        a, b = a[first], b[first]
+        p_cos, r_cos = pair_cos(x_probe, a, b), pair_cos(x_ref, a, b)
+        close, far = (p_cos, r_cos) if code == 0 else (r_cos, p_cos)
+        hit = (close >= probe_min) & (far <= reference_max)
+        found.append((np.full(int(hit.sum()), code), a[hit], b[hit], p_cos[hit], r_cos[hit]))
+    code, a, b, p_cos, r_cos = (np.concatenate(parts) for parts in zip(*found, strict=True))
+    p_cos, r_cos = p_cos.astype(np.float32), r_cos.astype(np.float32)
+    spread = np.abs(p_cos.astype(np.float64) - r_cos.astype(np.float64))
+    order = np.lexsort((id_key[b], id_key[a], -spread, code))
+    names = np.array(["probe_close", "reference_close"], dtype=object)
+    return pa.Table.from_pydict(
+        {
+            "id_a": ids_pa.take(pa.array(a[order])),
+            "id_b": ids_pa.take(pa.array(b[order])),
+            "probe_cos": pa.array(p_cos[order]),
+            "reference_cos": pa.array(r_cos[order]),
+            "direction": pa.array(names[code[order]], type=pa.string()),
+        },
+        schema=PAIRS_SCHEMA,
+    )
+
+
+def cases(discrepancies: pa.Table, corpus: pa.Table, n: int) -> pa.Table:
+    """The top ``n`` images by rank that have at least one probe-only neighbour, with captions.
+
+    discrepancies: the table from ``mine``. corpus: needs ``id``, ``uri``, ``caption``
+    (the selected caption) for every id named in those rows; other columns are ignored.
+    Returns the ``CASES_SCHEMA`` table in rank order; ``texts`` is the image's caption
+    followed by its probe-only neighbours' captions, as the summary prompt takes them.
+    """
+    needs = ("rank", "id", "probe_only", "probe_only_probe_cos", "probe_only_reference_cos")
+    _require_columns(discrepancies, needs, "cases", "discrepancies")
+    _require_columns(corpus, ("id", "uri", "caption"), "cases", "corpus")
+    if n < 0:
+        raise ValueError(f"cases: n must be >= 0, got {n}")
+    has_only = pc.greater(pc.list_value_length(discrepancies.column("probe_only")), 0)
+    top = discrepancies.filter(has_only).sort_by("rank").slice(0, n)
+    rows = top.to_pylist()
+    wanted = {r["id"] for r in rows} | {j for r in rows for j in r["probe_only"]}
+    lookup = corpus_lookup(corpus, sorted(wanted))
+    missing = sorted(wanted - set(lookup))
+    if missing:
+        raise ValueError(
+            f"cases: {len(missing)} ids of the discrepancies are not in the corpus, e.g. {missing[:5]}"
+        )
+    out = []
+    for r in rows:
+        uri, caption = lookup[r["id"]]
+        neighbours = r["probe_only"]
+        captions = [lookup[j][1] for j in neighbours]
+        out.append(
+            {
+                "rank": r["rank"],
+                "id": r["id"],
+                "uri": uri,
+                "caption": caption,
+                "overlap": r.get("overlap"),
+                "gap": r.get("gap"),
+                "neighbour_ids": neighbours,
+                "neighbour_uris": [lookup[j][0] for j in neighbours],
+                "neighbour_captions": captions,
+                "neighbour_probe_cos": r["probe_only_probe_cos"],
+                "neighbour_reference_cos": r["probe_only_reference_cos"],
+                "neighbour_reference_rank": r.get("probe_only_reference_rank")
+                or [None] * len(neighbours),
+                "texts": [caption, *captions],
+            }
+        )
+    return pa.Table.from_pylist(out, schema=CASES_SCHEMA)
+
+
+# ---------------------------------------------------------------------------------------
+# Array helpers, public because the tests and the report use them
+
+
+def reference_rank(P: np.ndarray, deep: np.ndarray) -> np.ndarray:
+    """1-based position of each P[i, j] in row i of ``deep``, 0 where absent or P[i, j] < 0.
+
+    P: (n, k) int64 row indices; deep: (n, depth) int64 neighbour lists. Returns (n, k)
+    int32. Worked in row blocks so the (rows, k, depth) comparison stays bounded.
+    """
+    n, k = P.shape
+    depth = deep.shape[1]
+    out = np.zeros((n, k), dtype=np.int32)
+    step = max(1, _BLOCK_ELEMENTS // max(1, k * depth))
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        eq = P[s:e, :, None] == deep[s:e, None, :]
+        hit = eq.any(axis=2) & (P[s:e] >= 0)
+        out[s:e] = np.where(hit, eq.argmax(axis=2) + 1, 0)
+    return out
+
+
+def pair_cos(x: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Cosine of x[rows] and x[cols], element-wise: float64 dot products rounded to float32.
+
+    x: (n, d) float32, L2-normalised; rows, cols: int64 arrays of the same shape (any).
+    Returns float32 of that shape, NaN where cols < 0 (a missing neighbour). Gathers a
+    bounded number of rows at a time; never forms an n x n matrix.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    cols = np.asarray(cols, dtype=np.int64)
+    shape = np.broadcast_shapes(rows.shape, cols.shape)
+    r = np.broadcast_to(rows, shape).reshape(-1)
+    c = np.broadcast_to(cols, shape).reshape(-1)
+    out = np.full(r.shape, np.nan, dtype=np.float32)
+    ok = np.flatnonzero((c >= 0) & (r >= 0))
+    step = max(1, _BLOCK_ELEMENTS // 2 // max(1, x.shape[1]))
+    for s in range(0, ok.size, step):
+        sel = ok[s : s + step]
+        a = x[r[sel]].astype(np.float64)
+        b = x[c[sel]].astype(np.float64)
+        out[sel] = np.einsum("ij,ij->i", a, b)
+    return out.reshape(shape)
+
+
+def corpus_lookup(corpus: pa.Table, wanted: list[str]) -> dict[str, tuple[str, str]]:
+    """id -> (uri, caption) for the ``wanted`` ids found in ``corpus`` (filtered first, so a
+    large corpus is never turned into Python objects). Null captions become ""."""
+    if not wanted:
+        return {}
+    small = corpus.select(["id", "uri", "caption"]).filter(
+        pc.is_in(corpus.column("id"), value_set=pa.array(sorted(set(wanted)), type=pa.string()))
+    )
+    return {
+        i: (u or "", c or "")
+        for i, u, c in zip(
+            small.column("id").to_pylist(),
+            small.column("uri").to_pylist(),
+            small.column("caption").to_pylist(),
+            strict=True,
+        )
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# Internals
+
+
+def _as_ids(ids: object, fn: str) -> pa.Array:
+    if isinstance(ids, pa.ChunkedArray):
+        ids = ids.combine_chunks()
+    if isinstance(ids, pa.Array):
+        arr = ids.cast(pa.string())
+    else:
+        a = np.asarray(ids, dtype=object)
+        if a.ndim != 1:
+            raise ValueError(f"{fn}: ids must be 1-D (n,), got shape {a.shape}")
+        arr = pa.array(a, type=pa.string())
+    if arr.null_count:
+        raise ValueError(f"{fn}: ids has {arr.null_count} null entries")
+    return arr
+
+
+def _check_lists(
+    fn: str,
+    n: int,
+    probe_D: np.ndarray,
+    probe_I: np.ndarray,
+    ref_D: np.ndarray,
+    ref_I: np.ndarray,
+    x_probe: np.ndarray,
+    x_ref: np.ndarray,
+) -> tuple[np.ndarray, ...]:
+    """Shapes, dtypes and index ranges, with a message naming the argument and the shapes."""
+    arrays = {
+        "probe_D": np.asarray(probe_D),
+        "probe_I": np.asarray(probe_I),
+        "ref_D": np.asarray(ref_D),
+        "ref_I": np.asarray(ref_I),
+        "x_probe": np.asarray(x_probe),
+        "x_ref": np.asarray(x_ref),
+    }
+    shapes = ", ".join(f"{name} {a.shape}" for name, a in arrays.items())
+    for name, a in arrays.items():
+        if a.ndim != 2 or a.shape[0] != n:
+            raise ValueError(
+                f"{fn}: {name} must be 2-D with n = len(ids) = {n} rows, got shape {a.shape} "
+                f"(all: {shapes})"
+            )
+    for d_name, i_name in (("probe_D", "probe_I"), ("ref_D", "ref_I")):
+        if arrays[d_name].shape != arrays[i_name].shape:
+            raise ValueError(
+                f"{fn}: {d_name} has shape {arrays[d_name].shape} but {i_name} has shape "
+                f"{arrays[i_name].shape}; they must match"
+            )
+        if arrays[i_name].dtype.kind not in "iu":
+            raise ValueError(
+                f"{fn}: {i_name} must hold integer row indices, got {arrays[i_name].dtype}"
+            )
+        index = arrays[i_name]
+        if index.size and (index.min() < -1 or index.max() >= n):
+            raise ValueError(
+                f"{fn}: {i_name} has row indices in [{index.min()}, {index.max()}], "
+                f"outside [-1, {n})"
+            )
+        arrays[i_name] = index.astype(np.int64, copy=False)
+    return tuple(arrays.values())
+
+
+def _member(A: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """(n, k) bool: A[i, j] occurs in row i of B (both (n, *) int64)."""
+    return reference_rank(A, B) > 0
+
+
+def _id_key(ids_pa: pa.Array) -> np.ndarray:
+    """(n,) int64: each id's position in sorted id order, a numeric tie-break key."""
+    order = pc.sort_indices(ids_pa).to_numpy()
+    key = np.empty(len(ids_pa), dtype=np.int64)
+    key[order] = np.arange(len(ids_pa), dtype=np.int64)
+    return key
+
+
+def _lists(values: pa.Array, mask: np.ndarray) -> pa.Array:
+    """A list array of the row-major ``values`` where ``mask`` (rows, k) is set, one list per row."""
+    offsets = np.zeros(mask.shape[0] + 1, dtype=np.int64)
+    np.cumsum(mask.sum(axis=1), out=offsets[1:])
+    if offsets[-1] > np.iinfo(np.int32).max:
+        raise ValueError(
+            f"{offsets[-1]} list entries exceed one list array; mine fewer rows at once"
+        )
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), values)
+
+
+def _id_lists(ids_pa: pa.Array, index: np.ndarray, mask: np.ndarray) -> pa.Array:
+    return _lists(ids_pa.take(pa.array(index[mask])), mask)
+
+
+def _float_lists(values: np.ndarray, mask: np.ndarray) -> pa.Array:
+    return _lists(pa.array(values[mask].astype(np.float32)), mask)
+
+
+def _require_columns(table: pa.Table, names: tuple[str, ...], fn: str, arg: str) -> None:
+    missing = [c for c in names if c not in table.column_names]
+    if missing:
+        raise ValueError(f"{fn}: {arg} lacks columns {missing}; it has {table.column_names}")

@@ -1,0 +1,64 @@
+"""Shared fixtures: one local Ray (2 CPUs, small object store), generated corpora, tiny models."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY_PROBE = "open_clip:tiny-clip"
+TINY_REFERENCE = "hf:tiny-dinov2"
+
+
+def has_gpu() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[None]:
+    """A real local Ray with 2 CPUs, started once for the whole session in a fresh temp dir."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    temp = tempfile.mkdtemp(prefix="clipscan-test-ray-")
+    ray.init(
+        num_cpus=2,
+        object_store_memory=512 * 1024**2,
+        include_dashboard=False,
+        _temp_dir=temp,
+        log_to_driver=False,
+    )
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def scene_corpus(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A generated corpus of 120 scenes at 96 px; returns its manifest path."""
+    from clipscan.data.scenes import write_corpus
+
+    out = tmp_path_factory.mktemp("scenes")
+    return write_corpus(str(out / "corpus"), 120, seed=3, size=96)
+
+
+@pytest.fixture()
+def workdir(tmp_path: Path) -> Path:
+    return tmp_path

@@ -1,0 +1,103 @@
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from clipscan.config import DafConfig, EmbedConfig, load_config
+from clipscan.rundir import Run
+from clipscan.stages.decode import Decode, SkipImage, decode_image
+from clipscan.stages.embed import Embed, embedding_matrix, load_corpus, load_embeddings, plan_resources
+from tests import corpora
+from tests.conftest import TINY_PROBE, TINY_REFERENCE
+
+
+def test_decode_resizes_and_centre_crops() -> None:
+    pixels, note = decode_image(corpora.jpeg(0, size=100), 32, 10**8)
+    assert pixels.shape == (32, 32, 3) and pixels.dtype == np.uint8 and note is None
+    wide = corpora.image_bytes(__import__("PIL.Image", fromlist=["Image"]).new("RGB", (300, 100), (200, 0, 0)), "PNG")
+    pixels, _ = decode_image(wide, 16, 10**8)
+    assert pixels.shape == (16, 16, 3) and tuple(pixels[8, 8]) == (200, 0, 0)
+    with pytest.raises(SkipImage, match="zero-byte"):
+        decode_image(b"", 16, 10**8)
+
+
+def test_decode_stage_checks_columns() -> None:
+    with pytest.raises(KeyError, match="stage 'decode' needs columns \\['uri'"):
+        Decode(16, 100)({"id": np.array(["a"]), "skip_stage": np.array([""]), "skip_reason": np.array([""])})
+
+
+def test_embed_stage_without_ray(scene_corpus: str) -> None:
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(5, 48, 48, 3), dtype=np.uint8)
+    batch = {
+        "id": np.array(list("abcde"), dtype=object),
+        "uri": np.array([""] * 5, dtype=object),
+        "skip_stage": np.array(["", "decode", "", "", ""], dtype=object),
+        "skip_reason": np.array(["", "zero-byte file", "", "", ""], dtype=object),
+        "pixels": pixels,
+    }
+    stage = Embed({"probe": TINY_PROBE, "reference": TINY_REFERENCE})
+    out = stage(batch)
+    assert out.column("emb_probe").null_count == 1
+    want = stage.encoders["probe"].embed_images(pixels[[0, 2, 3, 4]])
+    got = embedding_matrix(out.column("emb_probe").filter(out.column("emb_probe").is_valid()))
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_plan_resources_two_cpus_and_gpu_node() -> None:
+    cpu = plan_resources({"CPU": 2.0}, EmbedConfig())
+    assert cpu.actors == 1 and cpu.num_cpus <= 1.0 and cpu.num_gpus == 0  # a CPU stays free for decoding
+    gpu = plan_resources({"CPU": 16.0, "GPU": 4.0}, EmbedConfig())
+    assert gpu.actors == 4 and gpu.num_gpus == 1.0 and gpu.batch_size >= 256
+    assert plan_resources({"CPU": 2.0}, EmbedConfig(cpus_per_actor=0.5, actors=2)).actors == 2
+
+
+def _job_config(manifest: Path | str, out: Path, *extra: str) -> DafConfig:
+    return load_config(
+        DafConfig,
+        None,
+        [f"data.path={manifest}", f"output={out}", f"models.probe={TINY_PROBE}",
+         f"models.reference={TINY_REFERENCE}", "embed.image_size=48", "embed.batch_size=8", *extra],
+    )
+
+
+def test_every_bad_input_converted_or_skipped(tmp_path: Path, ray_local: None) -> None:
+    from clipscan.runner import embed_corpus
+
+    manifest, expected = corpora.bad_corpus(tmp_path / "bad")
+    cfg = _job_config(manifest, tmp_path / "run", "data.max_pixels=100000", "data.rows_per_block=4")
+    run = Run(cfg.output, "test", cfg)
+    counts = embed_corpus(run, cfg, {"probe": TINY_PROBE, "reference": TINY_REFERENCE})
+    assert counts["read"] == len(expected) + 1 == counts["embedded"] + counts["skipped"]
+    skipped = {(r["id"], r["stage"], r["reason"]) for r in pq.read_table(run.path("skipped.parquet")).to_pylist()}
+    ids, _ = load_embeddings(cfg.output, "probe")
+    for name, outcome in expected.items():
+        kind, _, detail = outcome.partition(":")
+        if kind == "skipped":
+            stage, _, fragment = detail.partition(":")
+            assert any(i == name and s == stage and fragment in r for i, s, r in skipped), (name, skipped)
+            assert name not in ids
+        else:
+            assert name in ids, name
+    for note in ("CMYK->RGB", "I;16->RGB", "P->RGB", "RGBA->RGB"):
+        assert counts["converted"][note] == 1
+    assert sum(1 for i, _, _ in skipped if i == "dup") == 1
+    corpus = load_corpus(cfg.output).to_pylist()
+    assert "\ufffd" in next(r["caption"] for r in corpus if r["id"] == "latin1")
+
+
+def test_pipeline_matches_direct_embedding(tmp_path: Path, scene_corpus: str, ray_local: None) -> None:
+    from clipscan.models.registry import load_encoder
+    from clipscan.runner import embed_corpus
+
+    cfg = _job_config(scene_corpus, tmp_path / "run", "data.limit=40", "data.rows_per_block=16")
+    counts = embed_corpus(Run(cfg.output, "test", cfg), cfg, {"probe": TINY_PROBE, "reference": TINY_REFERENCE})
+    assert counts == {"read": 40, "embedded": 40, "skipped": 0, "converted": {}, "skipped_by_stage": {}}
+    ids, x = load_embeddings(cfg.output, "reference")
+    assert list(ids) == sorted(ids) and x.shape == (40, 32)
+    corpus = load_corpus(cfg.output)
+    uris = corpus.column("uri").to_pylist()
+    pixels = np.stack([decode_image(Path(u).read_bytes(), 48, 10**8)[0] for u in uris[:6]])
+    want = load_encoder(TINY_REFERENCE).embed_images(pixels)
+    np.testing.assert_allclose(x[:6], want, atol=1e-4)

@@ -1,0 +1,13 @@
+import subprocess
+import sys
+
+
+def test_import_clipscan_stays_light() -> None:
+    code = (
+        "import sys, clipscan, clipscan.config, clipscan.fs, clipscan.data.read, clipscan.models.registry, "
+        "clipscan.stages.decode, clipscan.stages.embed, clipscan.rundir, clipscan.runner\n"
+        "heavy = [m for m in ('torch', 'faiss', 'ray', 'vllm', 'open_clip', 'transformers') if m in sys.modules]\n"
+        "print(','.join(heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"import clipscan pulled in: {out.stdout.strip()}"
