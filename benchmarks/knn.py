@@ -36,47 +36,61 @@ def make_vectors(n: int, d: int, seed: int = 0, clusters: int = 1000) -> np.ndar
     return x
 
 
-class PeakMemory:
-    """Samples the RSS and PSS summed over this process and its descendants, keeps the peak.
+class Sampler:
+    """Samples this process and its descendants every interval_s; keeps the peak RSS and PSS
+    sums and the CPU seconds they used (the Ray workers included).
 
     PSS counts a shared page (the Ray object store mapped by every worker) once overall.
+    CPU seconds, unlike wall time, hardly move when other jobs share the machine.
     """
 
     def __init__(self, interval_s: float = 0.2):
         self.interval_s = interval_s
         self.peak_rss = 0
         self.peak_pss = 0
+        self.idle_pss = 0
+        self._cpu_start: dict[int, float] = {}
+        self._cpu_last: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def sample(self) -> tuple[int, int]:
+    @property
+    def cpu_seconds(self) -> float:
+        return sum(v - self._cpu_start.get(pid, 0.0) for pid, v in self._cpu_last.items())
+
+    def sample(self) -> None:
         import psutil
 
         me = psutil.Process()
         rss = pss = 0
         for proc in [me, *me.children(recursive=True)]:
             try:
-                info = proc.memory_full_info()
+                with proc.oneshot():
+                    info = proc.memory_full_info()
+                    cpu = proc.cpu_times()
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
             rss += info.rss
             pss += getattr(info, "pss", info.rss)
-        return rss, pss
+            self._cpu_last[proc.pid] = cpu.user + cpu.system
+        self.peak_rss = max(self.peak_rss, rss)
+        self.peak_pss = max(self.peak_pss, pss)
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            rss, pss = self.sample()
-            self.peak_rss = max(self.peak_rss, rss)
-            self.peak_pss = max(self.peak_pss, pss)
-            self._stop.wait(self.interval_s)
+        while not self._stop.wait(self.interval_s):
+            self.sample()
 
-    def __enter__(self) -> PeakMemory:
+    def __enter__(self) -> Sampler:
+        self.sample()
+        self.idle_pss = self.peak_pss
+        self._cpu_start = dict(self._cpu_last)
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        self.sample()
 
 
 @dataclass
@@ -85,19 +99,24 @@ class Row:
     n: int
     seconds: float | None
     note: str = ""
+    cpu_seconds: float | None = None
     peak_rss: int | None = None
     peak_pss: int | None = None
     idle_pss: int | None = None
+    load: str = ""
 
 
 def measure(label: str, n: int, fn: Callable[[], Any]) -> tuple[Row, Any]:
     """Run fn once under the memory sampler; return its row and its result."""
-    with PeakMemory() as mem:
-        idle_pss = mem.sample()[1]
+    load_before = os.getloadavg()[0]
+    with Sampler() as s:
         t0 = time.perf_counter()
         result = fn()
         seconds = time.perf_counter() - t0
-    return Row(label, n, seconds, "", mem.peak_rss, mem.peak_pss, idle_pss), result
+    load = f"{load_before:.1f}/{os.getloadavg()[0]:.1f}"
+    return Row(
+        label, n, seconds, "", s.cpu_seconds, s.peak_rss, s.peak_pss, s.idle_pss, load
+    ), result
 
 
 def faiss_flat(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -133,25 +152,32 @@ def numpy_brute(x: np.ndarray, k: int, block_values: int = 1 << 25) -> np.ndarra
 
 
 def format_table(rows: list[Row], nxn_bytes: int) -> str:
-    base = next((r.seconds for r in rows if r.label.startswith("(b)")), None)
+    b = next(r for r in rows if r.label.startswith("(b)"))
     header = (
-        f"{'method':<44} {'n':>7} {'seconds':>9} {'speed vs (b)':>12} "
-        f"{'peak RSS':>10} {'peak PSS':>10} {'PSS - idle':>10}  note"
+        f"{'method':<38} {'n':>7} {'wall s':>7} {'CPU s':>7} {'speed/(b)':>9} "
+        f"{'CPU (b)/x':>9} {'peak RSS':>9} {'peak PSS':>9} {'PSS-idle':>9} {'load':>9}  note"
     )
     lines = [header, "-" * len(header)]
 
+    def num(v: float | None, width: int, fmt: str = ".1f") -> str:
+        return f"{v:{width}{fmt}}" if v is not None else f"{'-':>{width}}"
+
+    def ratio(num_: float | None, den: float | None) -> float | None:
+        return num_ / den if num_ and den else None
+
     def gib(v: int | None) -> str:
-        return f"{v / GiB:.2f} GiB" if v is not None else "-"
+        return f"{v / GiB:6.2f} GiB" if v is not None else f"{'-':>9}"
 
     for r in rows:
-        secs = f"{r.seconds:9.1f}" if r.seconds is not None else f"{'-':>9}"
-        speed = f"{base / r.seconds:11.2f}x" if base and r.seconds else f"{'-':>12}"
         extra = r.peak_pss - r.idle_pss if r.peak_pss is not None and r.idle_pss else None
         lines.append(
-            f"{r.label:<44} {r.n:>7} {secs} {speed} {gib(r.peak_rss):>10} "
-            f"{gib(r.peak_pss):>10} {gib(extra):>10}  {r.note}"
+            f"{r.label:<38} {r.n:>7} {num(r.seconds, 7)} {num(r.cpu_seconds, 7)} "
+            f"{num(ratio(b.seconds, r.seconds), 9, '.2f')} "
+            f"{num(ratio(b.cpu_seconds, r.cpu_seconds), 9, '.2f')} "
+            f"{gib(r.peak_rss)} {gib(r.peak_pss)} {gib(extra)} {r.load:>9}  {r.note}"
         )
-    lines.append(f"N x N float32 similarity matrix: {gib(nxn_bytes)}")
+    lines.append(f"N x N float32 similarity matrix: {nxn_bytes / GiB:.2f} GiB")
+    lines.append("load = 1-minute load average before/after the measurement")
     return "\n".join(lines)
 
 
@@ -194,6 +220,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     row_c, _ = measure("(c) numpy matmul + argpartition", args.n, lambda: numpy_brute(x[:n_np], k))
     if n_np < args.n and row_c.seconds is not None:
         row_c.seconds *= (args.n / n_np) ** 2
+        row_c.cpu_seconds = (row_c.cpu_seconds or 0.0) * (args.n / n_np) ** 2
         row_c.note = f"EXTRAPOLATED from n={n_np} (x{(args.n / n_np) ** 2:.0f}); memory at n={n_np}"
     rows.append(row_c)
     print(f"(c) {row_c.seconds:.1f} s {row_c.note}", flush=True)
@@ -227,7 +254,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     print()
     print(format_table(rows, args.n * args.n * 4))
     print(
-        f"(a)/(b) speed: {row_b.seconds / row_a.seconds:.2f} (target >= 0.9); "
+        f"(a)/(b) speed: {row_b.seconds / row_a.seconds:.2f} wall, "
+        f"{(row_b.cpu_seconds or 0) / (row_a.cpu_seconds or 1):.2f} CPU (target >= 0.9); "
         f"(a) peak PSS {row_a.peak_pss / GiB:.2f} GiB vs N x N float32 {args.n**2 * 4 / GiB:.2f} GiB"
     )
     return rows

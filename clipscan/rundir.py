@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import json
 import logging
 import time
 from collections.abc import Iterator
@@ -19,6 +20,10 @@ log = logging.getLogger("clipscan")
 
 PACKAGES = ("clipscan", "ray", "torch", "torchvision", "open_clip_torch", "transformers",
             "faiss-cpu", "faiss-gpu-cu12", "pyarrow", "numpy", "pillow", "vllm")
+
+
+class RunDirError(RuntimeError):
+    """A run directory that cannot be used for this run; the message says why and what to do."""
 
 
 class StageFailed(RuntimeError):
@@ -38,8 +43,19 @@ def versions() -> dict[str, str]:
 class Run:
     """The run directory of one job: paths in it, counts and timings, ``run.json`` kept current."""
 
-    def __init__(self, output: str, job: str, config: BaseModel) -> None:
+    def __init__(self, output: str, job: str, config: BaseModel, overwrite: bool = False) -> None:
         self.output = output
+        previous = self._previous_config()
+        wanted = config_dict(config)
+        if previous is not None and overwrite:
+            _clear(output)
+        elif previous is not None and previous != wanted:
+            changed = sorted(_diff(previous, wanted))
+            raise RunDirError(
+                f"run directory {output} holds a run with a different config "
+                f"(differs at: {', '.join(changed) or 'job'}); pass --overwrite to replace it "
+                "or choose another output"
+            )
         cfs.makedirs(output)
         self.info: dict[str, Any] = {
             "job": job,
@@ -51,6 +67,15 @@ class Run:
             "stages": {},
         }
         self.save()
+
+    def _previous_config(self) -> dict[str, Any] | None:
+        path = cfs.join(self.output, "run.json")
+        if not cfs.exists(path):
+            return None
+        try:
+            return dict(json.loads(cfs.read_bytes(path)).get("config") or {})
+        except (ValueError, OSError):
+            return {}
 
     def path(self, *parts: str) -> str:
         return cfs.join(self.output, *parts)
@@ -92,3 +117,17 @@ class Run:
         self.info["status"] = "done"
         self.info["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         self.save()
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b)):
+            out += _diff(a.get(key), b.get(key), f"{prefix}{key}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def _clear(output: str) -> None:
+    fsys, inner = cfs.resolve(output)
+    fsys.delete_dir_contents(inner, missing_dir_ok=True)

@@ -118,7 +118,10 @@ def test_rows_agree_with_python_sets_and_direct_cosines(data, table):
         ranks = [int(np.flatnonzero(full == j)[0]) + 1 for j in only]
         assert r["probe_only_reference_rank"] == [rk if rk <= DEPTH else None for rk in ranks]
         assert all(rk > K for rk in ranks)
-        diffs = [a - b for a, b in zip(r["probe_only_probe_cos"], r["probe_only_reference_cos"])]
+        diffs = [
+            a - b
+            for a, b in zip(r["probe_only_probe_cos"], r["probe_only_reference_cos"], strict=True)
+        ]
         assert r["gap"] == pytest.approx(float(np.mean(diffs)) if diffs else 0.0, abs=1e-6)
 
 
@@ -254,7 +257,9 @@ def test_pairs_match_a_double_loop(probe_min, reference_max):
     assert table.schema == PAIRS_SCHEMA
     expected = brute_pairs(data, probe_min, reference_max)
     rows = table.to_pylist()
-    got = {(r["direction"], r["id_a"], r["id_b"]): (r["probe_cos"], r["reference_cos"]) for r in rows}
+    got = {
+        (r["direction"], r["id_a"], r["id_b"]): (r["probe_cos"], r["reference_cos"]) for r in rows
+    }
     assert len(got) == len(rows), "duplicate pairs"
     assert set(got) == set(expected)
     assert {d for d, _, _ in got} == {"probe_close", "reference_close"}
@@ -323,8 +328,9 @@ def test_scene_blind_spot_is_found():
 def test_cases_texts_follow_the_prompt_order():
     data, _, corpus = scene_data()
     table = run_mine(data)
-    caption = dict(zip(corpus.column("id").to_pylist(), corpus.column("caption").to_pylist()))
-    uri = dict(zip(corpus.column("id").to_pylist(), corpus.column("uri").to_pylist()))
+    rows = corpus.to_pylist()
+    caption = {r["id"]: r["caption"] for r in rows}
+    uri = {r["id"]: r["uri"] for r in rows}
     out = cases(table, corpus, 25)
     assert out.schema == CASES_SCHEMA
     eligible = [r for r in table.to_pylist() if r["probe_only"]]

@@ -7,7 +7,13 @@ import pytest
 from clipscan.config import DafConfig, EmbedConfig, load_config
 from clipscan.rundir import Run
 from clipscan.stages.decode import Decode, SkipImage, decode_image
-from clipscan.stages.embed import Embed, embedding_matrix, load_corpus, load_embeddings, plan_resources
+from clipscan.stages.embed import (
+    Embed,
+    embedding_matrix,
+    load_corpus,
+    load_embeddings,
+    plan_resources,
+)
 from tests import corpora
 from tests.conftest import TINY_PROBE, TINY_REFERENCE
 

@@ -222,7 +222,7 @@ def pairs(
         )
     id_key = _id_key(ids_pa)
     found = []
-    for code, (lists, sims) in enumerate(((probe_I, probe_D), (ref_I, ref_D))):
+    for which, (lists, sims) in enumerate(((probe_I, probe_D), (ref_I, ref_D))):
         lists, sims = (lists, sims) if k is None else (lists[:, :k], sims[:, :k])
         rows = np.repeat(np.arange(n, dtype=np.int64), lists.shape[1])
         cols = lists.reshape(-1).astype(np.int64)
@@ -234,13 +234,13 @@ def pairs(
         _, first = np.unique(a * n + b, return_index=True)
         a, b = a[first], b[first]
         p_cos, r_cos = pair_cos(x_probe, a, b), pair_cos(x_ref, a, b)
-        close, far = (p_cos, r_cos) if code == 0 else (r_cos, p_cos)
+        close, far = (p_cos, r_cos) if which == 0 else (r_cos, p_cos)
         hit = (close >= probe_min) & (far <= reference_max)
-        found.append((np.full(int(hit.sum()), code), a[hit], b[hit], p_cos[hit], r_cos[hit]))
-    code, a, b, p_cos, r_cos = (np.concatenate(parts) for parts in zip(*found, strict=True))
+        found.append((np.full(int(hit.sum()), which), a[hit], b[hit], p_cos[hit], r_cos[hit]))
+    codes, a, b, p_cos, r_cos = (np.concatenate(parts) for parts in zip(*found, strict=True))
     p_cos, r_cos = p_cos.astype(np.float32), r_cos.astype(np.float32)
     spread = np.abs(p_cos.astype(np.float64) - r_cos.astype(np.float64))
-    order = np.lexsort((id_key[b], id_key[a], -spread, code))
+    order = np.lexsort((id_key[b], id_key[a], -spread, codes))
     names = np.array(["probe_close", "reference_close"], dtype=object)
     return pa.Table.from_pydict(
         {
@@ -248,7 +248,7 @@ def pairs(
             "id_b": ids_pa.take(pa.array(b[order])),
             "probe_cos": pa.array(p_cos[order]),
             "reference_cos": pa.array(r_cos[order]),
-            "direction": pa.array(names[code[order]], type=pa.string()),
+            "direction": pa.array(names[codes[order]], type=pa.string()),
         },
         schema=PAIRS_SCHEMA,
     )

@@ -310,8 +310,8 @@ class _FlatSearcher:
     searched again with twice the candidates.
     """
 
-    # Re-scoring gathers (rows, candidates, d) float64 values; this bounds each gather.
-    _RESCORE_VALUES = 1 << 22
+    # Re-scoring gathers (rows, candidates, d) float64 values; a few MB stays in cache.
+    _RESCORE_VALUES = 1 << 19
     # faiss GPU flat search returns at most this many neighbours per query.
     _GPU_MAX_K = 2048
 
@@ -363,10 +363,11 @@ class _FlatSearcher:
         step = max(1, self._RESCORE_VALUES // (kk * self._d))
         for r0 in range(0, m, step):
             r1 = min(m, r0 + step)
-            cand = self._xb[np.maximum(ids[r0:r1], 0)].astype(np.float64)
+            cand = self._xb[np.maximum(ids[r0:r1], 0)]
             # Products of float32 values are exact in float64; the sum runs along the
             # contiguous last axis in a fixed order, so the bits do not depend on m or kk.
-            sims[r0:r1] = (cand * xq[r0:r1, None, :].astype(np.float64)).sum(axis=-1)
+            prod = np.multiply(cand, xq[r0:r1, None, :], dtype=np.float64)
+            sims[r0:r1] = prod.sum(axis=-1)
         return _canonical(sims, ids)
 
 

@@ -1,0 +1,29 @@
+# Two commands on a fresh machine:  make demo  |  make test
+PYTHON ?= python3
+VENV ?= .venv
+BIN = $(VENV)/bin
+# CPU machines: the exact torch build clipscan is tested with. GPU clusters: TORCH= (empty) keeps yours.
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install demo test lint bench clean
+
+$(BIN)/clipscan-installed: pyproject.toml requirements/constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -c requirements/constraints.txt $(TORCH) -e '.[dev]'
+	touch $@
+
+install: $(BIN)/clipscan-installed
+
+demo: install
+	$(BIN)/python jobs/daf.py --config configs/daf-tiny.yaml
+
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+clean:
+	rm -rf runs/daf-tiny runs/tcac-tiny runs/bias-tiny runs/demo-corpus

@@ -1,0 +1,1 @@
+"""Synthetic data: seeded scene corpora with exact captions."""
