@@ -192,80 +192,86 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument(
         "--numpy-max", type=int, default=20_000, help="rows timed for (c); more are extrapolated"
     )
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="(b), (a) pairs run alternately; the fastest is kept"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
     import faiss
     import ray
 
-    from clipscan.stages.index import recall_at_k, sharded_self_knn
+    from clipscan.stages.index import drop_self, recall_at_k, sharded_self_knn
 
     x = make_vectors(args.n, args.d, args.seed)
-    k = args.k
+    n, k = args.n, args.k
+    shards = args.shards or args.cpus
     print(
-        f"n={args.n} d={args.d} k={k} cores={os.cpu_count()} faiss={faiss.__version__} "
-        f"faiss threads={faiss.omp_get_max_threads()} ray={ray.__version__}",
+        f"n={n} d={args.d} k={k} shards={shards} cores={os.cpu_count()} "
+        f"faiss={faiss.__version__} threads={faiss.omp_get_max_threads()} ray={ray.__version__}",
         flush=True,
     )
-    rows: list[Row] = []
 
-    row_b, (_, ids_b) = measure(
-        "(b) faiss IndexFlatIP, 1 process", args.n, lambda: faiss_flat(x, k)
-    )
-    row_b.note = f"{faiss.omp_get_max_threads()} threads"
-    rows.append(row_b)
-    print(f"(b) {row_b.seconds:.1f} s", flush=True)
-
-    n_np = min(args.n, args.numpy_max)
-    row_c, _ = measure("(c) numpy matmul + argpartition", args.n, lambda: numpy_brute(x[:n_np], k))
-    if n_np < args.n and row_c.seconds is not None:
-        row_c.seconds *= (args.n / n_np) ** 2
-        row_c.cpu_seconds = (row_c.cpu_seconds or 0.0) * (args.n / n_np) ** 2
-        row_c.note = f"EXTRAPOLATED from n={n_np} (x{(args.n / n_np) ** 2:.0f}); memory at n={n_np}"
-    rows.append(row_c)
+    n_np = min(n, args.numpy_max)
+    row_c, _ = measure("(c) numpy matmul + argpartition", n, lambda: numpy_brute(x[:n_np], k))
+    if n_np < n:
+        scale = (n / n_np) ** 2
+        row_c.seconds = (row_c.seconds or 0.0) * scale
+        row_c.cpu_seconds = (row_c.cpu_seconds or 0.0) * scale
+        row_c.note = f"EXTRAPOLATED x{scale:.0f} from n={n_np}; memory at n={n_np}"
     print(f"(c) {row_c.seconds:.1f} s {row_c.note}", flush=True)
-
-    if faiss.get_num_gpus() > 0:
-        row_d, _ = measure("(d) faiss GPU IndexFlatIP", args.n, lambda: faiss_gpu(x, k))
-        row_d.note = f"{faiss.get_num_gpus()} GPU(s)"
-    else:
-        row_d = Row("(d) faiss GPU IndexFlatIP", args.n, None, "skipped: faiss sees no GPU")
-    rows.append(row_d)
 
     temp_dir = tempfile.mkdtemp(prefix="ray")
     t0 = time.perf_counter()
     ray.init(num_cpus=args.cpus, _temp_dir=temp_dir, include_dashboard=False)
     init_s = time.perf_counter() - t0
+    time.sleep(2)  # let Ray's idle workers finish starting so the baseline is idle
+    best_a: Row | None = None
+    best_b: Row | None = None
     try:
-        time.sleep(2)  # let Ray's idle workers finish starting so the baseline is idle
-        shards = args.shards or args.cpus
-        row_a, (_, ids_a) = measure(
-            f"(a) sharded_self_knn, Ray, {shards} shards",
-            args.n,
-            lambda: sharded_self_knn(x, k, shards=shards, query_block=args.query_block),
-        )
+        for _ in range(args.repeat):
+            # Alternate (b) and (a) so that load from other jobs hits both alike.
+            row_b, (sims_b, ids_b) = measure(
+                "(b) faiss IndexFlatIP, 1 process", n, lambda: faiss_flat(x, k)
+            )
+            print(f"(b) {row_b.seconds:.1f} s, load {row_b.load}", flush=True)
+            row_a, (_, ids_a) = measure(
+                f"(a) sharded_self_knn, Ray, {shards} shards",
+                n,
+                lambda: sharded_self_knn(x, k, shards=shards, query_block=args.query_block),
+            )
+            print(f"(a) {row_a.seconds:.1f} s, load {row_a.load}", flush=True)
+            best_b = min(best_b or row_b, row_b, key=lambda r: r.seconds or 0.0)
+            best_a = min(best_a or row_a, row_a, key=lambda r: r.seconds or 0.0)
     finally:
         ray.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)
-    agreement = recall_at_k(ids_a, _drop_self_simple(ids_b, k))
-    row_a.note = f"ray.init {init_s:.1f} s not counted; recall@{k} vs (b) {agreement:.5f}"
-    rows.insert(0, row_a)
+    assert best_a is not None and best_b is not None
+    _, exact_b = drop_self(sims_b, ids_b, np.arange(n), k)
+    best_a.note = (
+        f"ray.init {init_s:.1f} s not counted; recall@{k} vs (b) {recall_at_k(ids_a, exact_b):.5f}"
+    )
+    best_b.note = f"{faiss.omp_get_max_threads()} threads"
+    if args.repeat > 1:
+        best_a.note += f"; best of {args.repeat}"
+        best_b.note += f"; best of {args.repeat}"
 
+    if faiss.get_num_gpus() > 0:
+        row_d, _ = measure("(d) faiss GPU IndexFlatIP", n, lambda: faiss_gpu(x, k))
+        row_d.note = f"{faiss.get_num_gpus()} GPU(s)"
+    else:
+        row_d = Row("(d) faiss GPU IndexFlatIP", n, None, "skipped: faiss sees no GPU")
+
+    rows = [best_a, best_b, row_c, row_d]
     print()
-    print(format_table(rows, args.n * args.n * 4))
+    print(format_table(rows, n * n * 4))
     print(
-        f"(a)/(b) speed: {row_b.seconds / row_a.seconds:.2f} wall, "
-        f"{(row_b.cpu_seconds or 0) / (row_a.cpu_seconds or 1):.2f} CPU (target >= 0.9); "
-        f"(a) peak PSS {row_a.peak_pss / GiB:.2f} GiB vs N x N float32 {args.n**2 * 4 / GiB:.2f} GiB"
+        f"(a)/(b) speed: {(best_b.seconds or 0) / (best_a.seconds or 1):.2f} wall, "
+        f"{(best_b.cpu_seconds or 0) / (best_a.cpu_seconds or 1):.2f} CPU (target >= 0.9); "
+        f"(a) peak PSS {(best_a.peak_pss or 0) / GiB:.2f} GiB "
+        f"vs N x N float32 {n * n * 4 / GiB:.2f} GiB"
     )
     return rows
-
-
-def _drop_self_simple(ids: np.ndarray, k: int) -> np.ndarray:
-    # (b) is raw FAISS output with k + 1 columns; drop self where present, else the last.
-    keep = ids != np.arange(ids.shape[0])[:, None]
-    keep[keep.all(axis=1), -1] = False
-    return ids[keep].reshape(ids.shape[0], k)
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ class KnnConfig(Section):
 
 
 class MiningConfig(Section):
-    rank_by: Literal["overlap", "jaccard", "gap"] = "overlap"  # discrepancy ranking: low overlap / low Jaccard / high probe-reference cosine gap
+    rank_by: Literal["overlap", "jaccard", "gap", "max_gap"] = "overlap"  # low overlap@k / low Jaccard / high mean or max (probe cos - reference cos) of probe-only neighbours
     cases: int = Field(default=100, ge=1)  # failure cases handed to the summary and the report
     pair_probe_min: float = 0.95  # pair mode: probe cosine at least this (Eyes Wide Shut: 0.95)
     pair_reference_max: float = 0.6  # pair mode: reference cosine at most this (Eyes Wide Shut: 0.6)
@@ -75,15 +75,20 @@ class LlmConfig(Section):
     model: str = "meta-llama/Llama-3.1-8B-Instruct"  # model name on the server, or HF id / local dir for vllm
     prompt: str | None = None  # prompt template file; None = the paper's prompt (configs/prompts/daf.txt)
     cases_per_prompt: int = Field(default=10, ge=1)  # failure cases packed into one prompt at most
-    max_prompt_tokens: int = Field(default=3000, ge=64)  # prompt budget in tokens (approximate: 4 chars a token)
+    max_prompt_tokens: int = Field(default=3000, ge=64)  # prompt budget in tokens, chat template included (tokenizer count, else 4 chars a token)
+    tokenizer: str | None = None  # tokenizer dir or HF id for counting prompt tokens; None = llm.model if it loads locally, else 4 chars a token
     max_tokens: int = Field(default=512, ge=1)  # answer budget in tokens
     temperature: float = Field(default=0.0, ge=0)  # sampling temperature
     concurrency: int = Field(default=4, ge=1)  # requests in flight (openai backend)
     timeout_s: float = Field(default=120.0, gt=0)  # per request, seconds
     retries: int = Field(default=3, ge=0)  # retries per request with exponential backoff
-    merge_threshold: float = Field(default=0.85, gt=0, le=1)  # cosine of heading embeddings to merge failure types
+    backoff_s: float = Field(default=1.0, ge=0)  # delay before the first retry, doubled for each further one, seconds
+    extra_body: dict[str, Any] = Field(default_factory=dict)  # extra JSON fields merged into each chat request (openai backend)
+    merge_threshold: float = Field(default=0.85, gt=0, le=1)  # cosine of heading+description embeddings to merge failure types
+    examples: int = Field(default=8, ge=0)  # example image ids kept per failure type
     replicas: int | None = Field(default=None, ge=1)  # vllm engine replicas; None = one per GPU
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)  # extra vLLM engine arguments
+    processor_kwargs: dict[str, Any] = Field(default_factory=dict)  # extra vLLMEngineProcessorConfig fields (batch_size, placement_group_config, ...)
 
 
 class TcacSection(Section):
@@ -93,14 +98,15 @@ class TcacSection(Section):
             "grayscale": {},
             "rotation": {"degrees": 30},
             "affine": {"degrees": 15, "translate": [0.1, 0.1], "scale": [0.9, 1.1], "shear": 10},
-            "hflip": {},
-            "invert": {},
-            "perspective": {"distortion_scale": 0.3},
+            "hflip": {"p": 1.0},
+            "invert": {"p": 1.0},
+            "perspective": {"distortion_scale": 0.3, "p": 1.0},
             "elastic": {"alpha": 50.0, "sigma": 5.0},
         }
-    )  # transform name -> its parameters (torchvision v2 names)
+    )  # transform name -> its parameters (torchvision v2 argument names; `op: rotation` picks the transform for another name)
     top: int = Field(default=10, ge=1)  # captions listed before and after
     report_top: int = Field(default=100, ge=1)  # images per transform in the report
+    forward_rows: int = Field(default=64, ge=1)  # encoder inputs per forward pass, fixed (last chunk padded) so scores do not depend on Ray's batching
 
 
 class BiasSection(Section):

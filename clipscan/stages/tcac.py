@@ -1,0 +1,709 @@
+"""TCAC: decoded images with their caption pool in; per (image, transform) top-k captions before and after, change count, own-caption ranks and KL out.
+
+Section 3.2 of "Unveiling Glitches". Four pieces, each usable without Ray:
+
+* Caption pool. Every distinct caption of the corpus is embedded once with the probe's
+  text tower (``EmbedText``, an actor stage). An image's pool is its own captions plus
+  the ``tcac.pool_k`` nearest other captions of each of them, deduplicated
+  (``pool_members``; the search is the DAF one, ``clipscan.daf.neighbours``). The pool
+  (texts, (m, d) text embeddings, per-image members) goes to the object store once and
+  every scoring actor reads it from there: no text is embedded per image.
+* Transforms, in the decode tasks (``clipscan.stages.transforms.Transform``): each image
+  is decoded once and turned into 1 + T versions.
+* Scoring (``TcacScore``, an actor stage): the 1 + T versions of every image of a batch
+  go through the probe's image tower together; zero-shot probabilities over the image's
+  pool are a softmax of the model's own logit scale times the cosines
+  (``score_versions``).
+* ``collect`` writes ``tcac.parquet`` and ``skipped.parquet``; ``summarise`` gives the
+  per-transform figures of ``run.json``; ``caption_shifts`` the before/after caption
+  shifts of the top images, the input of the LLM summary.
+
+Outputs do not depend on how Ray splits the work: encoder forwards always see exactly
+``tcac.forward_rows`` inputs (the last chunk padded), because CPU and GPU kernels round
+differently for different batch shapes; the scores are float64 sums in a fixed order.
+``run_tcac`` runs the job.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import numpy as np
+import pyarrow as pa
+
+from clipscan import fs as cfs
+from clipscan.stages.decode import Decode, require
+from clipscan.stages.embed import SKIPPED_SCHEMA, embedding_array, embedding_matrix
+
+if TYPE_CHECKING:
+    import ray.data
+
+    from clipscan.config import DataConfig, EmbedConfig, TcacConfig, TcacSection
+    from clipscan.rundir import Run
+
+log = logging.getLogger("clipscan")
+
+T = TypeVar("T")
+
+STRINGS = pa.list_(pa.string())
+PROBS = pa.list_(pa.float32())
+# One row per (image, transform); a skipped image is one row with transform "" and its reason.
+ROW_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("uri", pa.string()),
+        ("caption", pa.string()),  # the image's caption (data.caption: longest / first)
+        ("own_captions", STRINGS),  # every caption of the image, deduplicated, in corpus order
+        ("transform", pa.string()),
+        ("pool_size", pa.int32()),  # captions the probabilities are spread over
+        ("top_before", STRINGS),  # top-k captions of the original image, best first
+        ("p_before", PROBS),  # their probabilities
+        ("top_after", STRINGS),  # top-k captions of the transformed image, best first
+        ("p_after", PROBS),
+        ("changed", pa.int32()),  # captions of top_after that are not in top_before (0..k)
+        ("own_rank_before", pa.int32()),  # best 1-based rank of any own caption, original
+        ("own_rank_after", pa.int32()),  # the same, transformed
+        ("kl", pa.float32()),  # KL(before || after) over the pool, nats
+        ("notes", pa.string()),
+        ("skip_stage", pa.string()),
+        ("skip_reason", pa.string()),
+    ]
+)
+OUTPUT_COLUMNS = [name for name in ROW_SCHEMA.names if name not in ("notes", "skip_stage", "skip_reason")]
+
+
+# ---------------------------------------------------------------------------------------
+# Caption pool
+
+
+def caption_inputs(rows: pa.Table) -> tuple[list[str], list[str], list[list[int]]]:
+    """Rows (``id``, ``captions``, ``skip_stage``) -> (texts, ids, own).
+
+    texts: every distinct caption of the usable rows (``skip_stage`` empty), in first-seen
+    order; ids: those rows' image ids (the first row of a repeated id wins); own[i]: the
+    indices into texts of image i's captions, deduplicated, in the image's order.
+    """
+    index: dict[str, int] = {}
+    texts: list[str] = []
+    ids: list[str] = []
+    own: list[list[int]] = []
+    seen: set[str] = set()
+    skip = rows.column("skip_stage").to_pylist()
+    for row_id, captions, stage in zip(rows.column("id").to_pylist(), rows.column("captions").to_pylist(), skip, strict=True):
+        if stage or row_id in seen or not captions:
+            continue
+        seen.add(row_id)
+        mine: list[int] = []
+        for text in captions:
+            if text not in index:
+                index[text] = len(texts)
+                texts.append(text)
+            if index[text] not in mine:
+                mine.append(index[text])
+        ids.append(row_id)
+        own.append(mine)
+    return texts, ids, own
+
+
+def pool_members(own: Sequence[Sequence[int]], neighbours: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each image's pool: its own captions, then the neighbours of each own caption in rank order, deduplicated.
+
+    own: per image, caption indices; neighbours: (m, k) int64 nearest other captions of
+    every caption, best first (-1 = none), or None for no neighbours. Returns offsets
+    (n + 1,) int64, members (offsets[-1],) int32 caption indices (image i's pool is
+    members[offsets[i]:offsets[i + 1]]) and n_own (n,) int32 (its first n_own[i] members
+    are its own captions).
+    """
+    offsets = np.zeros(len(own) + 1, dtype=np.int64)
+    members: list[int] = []
+    n_own = np.zeros(len(own), dtype=np.int32)
+    for i, mine in enumerate(own):
+        pool = dict.fromkeys(int(c) for c in mine)
+        n_own[i] = len(pool)
+        if neighbours is not None:
+            for c in mine:
+                pool.update(dict.fromkeys(int(j) for j in neighbours[c] if j >= 0))
+        members.extend(pool)
+        offsets[i + 1] = len(members)
+    return offsets, np.asarray(members, dtype=np.int32), n_own
+
+
+@dataclass(frozen=True)
+class CaptionPool:
+    """Every image's candidate captions and the text embeddings, shared by all scoring actors.
+
+    texts (m,) str; text_emb (m, d) float32 L2-normalised, row j = texts[j]; ids (n,) str
+    sorted; offsets, members, n_own as in ``pool_members``, in ``ids`` order.
+    """
+
+    texts: np.ndarray
+    text_emb: np.ndarray
+    ids: np.ndarray
+    offsets: np.ndarray
+    members: np.ndarray
+    n_own: np.ndarray
+
+    @classmethod
+    def build(cls, texts: Sequence[str], text_emb: np.ndarray, ids: Sequence[str],
+              own: Sequence[Sequence[int]], neighbours: np.ndarray | None) -> CaptionPool:
+        if len(text_emb) != len(texts):
+            raise ValueError(f"caption pool: {len(texts)} captions but {len(text_emb)} text embeddings")
+        order = np.argsort(np.asarray(ids, dtype=object), kind="stable")
+        offsets, members, n_own = pool_members([own[i] for i in order], neighbours)
+        return cls(
+            texts=np.asarray(list(texts), dtype=object),
+            text_emb=np.ascontiguousarray(text_emb, dtype=np.float32),
+            ids=np.asarray([ids[i] for i in order], dtype=str),
+            offsets=offsets,
+            members=members,
+            n_own=n_own,
+        )
+
+    def lookup(self, image_id: str) -> tuple[np.ndarray, int] | None:
+        """(members (P,) int32 caption indices, own count) of an image, None if it has no pool."""
+        i = int(np.searchsorted(self.ids, image_id))
+        if i >= len(self.ids) or self.ids[i] != image_id:
+            return None
+        return self.members[self.offsets[i]:self.offsets[i + 1]], int(self.n_own[i])
+
+    def sizes(self) -> np.ndarray:
+        """(n,) int64 pool size per image."""
+        return np.diff(self.offsets)
+
+
+def forward_fixed(fn: Callable[[Any], np.ndarray], items: Any, rows: int, pad: Any) -> np.ndarray:
+    """``fn`` over ``items`` in chunks of exactly ``rows`` (the last padded with ``pad``).
+
+    Matrix kernels pick their blocking, and so their rounding, by shape: a fixed shape
+    makes an input's embedding the same bits whatever else shares its Ray batch.
+    items: an (n, ...) array (pad: one item to repeat) or a list. Returns fn's (n, d) rows.
+    """
+    n = len(items)
+    out = []
+    for start in range(0, n, rows):
+        chunk = items[start:start + rows]
+        short = rows - len(chunk)
+        if short:
+            if isinstance(chunk, np.ndarray):
+                chunk = np.concatenate([chunk, np.broadcast_to(pad, (short, *chunk.shape[1:]))])
+            else:
+                chunk = list(chunk) + [pad] * short
+        out.append(np.asarray(fn(chunk))[: rows - short])
+    if not out:
+        raise ValueError("forward_fixed: no items")
+    return np.concatenate(out)
+
+
+class EmbedText:
+    """Batch stage: ``caption_id`` (n,) int64, ``text`` (n,) str -> ``caption_id``, ``embedding`` (n, d) float32."""
+
+    needs = ("caption_id", "text")
+
+    def __init__(self, probe: str, forward_rows: int, precision: str = "auto", threads: int | None = None) -> None:
+        self.encoder = _load_probe(probe, precision, threads)
+        if not self.encoder.has_text:
+            raise ValueError(f"TCAC needs a probe with a text encoder; {probe} has none")
+        self.rows = forward_rows
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        require(batch, self.needs, "caption-embed")
+        texts = [str(t) for t in batch["text"]]
+        emb = forward_fixed(self.encoder.embed_texts, texts, self.rows, "")
+        return pa.table({"caption_id": pa.array(batch["caption_id"], pa.int64()), "embedding": embedding_array(emb)})
+
+
+def _load_probe(probe: str, precision: str, threads: int | None) -> Any:
+    import os
+
+    import torch
+
+    from clipscan.models.registry import load_encoder
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        torch.set_num_threads(threads or os.cpu_count() or 1)
+    return load_encoder(probe, device, precision)
+
+
+# ---------------------------------------------------------------------------------------
+# Scoring
+
+
+@dataclass(frozen=True)
+class Scores:
+    """One image's scores: version 0 is the original, versions 1..T the transforms.
+
+    top (V, k) int64 positions into the pool, best first; p (V, k) float32 their
+    probabilities; own_rank (V,) int32; changed (T,) int32; kl (T,) float32.
+    """
+
+    top: np.ndarray
+    p: np.ndarray
+    own_rank: np.ndarray
+    changed: np.ndarray
+    kl: np.ndarray
+
+
+def score_versions(z: np.ndarray, text: np.ndarray, n_own: int, logit_scale: float, top: int) -> Scores:
+    """Zero-shot probabilities of every version of one image over its caption pool.
+
+    z: (V, d) float32 L2-normalised image embeddings, row 0 the original; text: (P, d)
+    float32 L2-normalised pool embeddings, rows 0..n_own-1 the image's own captions.
+    p = softmax(logit_scale * cosine) per version. Cosines are float64 sums along d (the
+    same bits whatever the batch); ties rank by pool position. Own rank: best 1-based
+    rank of an own caption. Changed: how many of the top min(top, P) after the transform
+    were not there before. KL(p_original || p_transformed) in nats.
+    """
+    if z.ndim != 2 or text.ndim != 2 or z.shape[1] != text.shape[1]:
+        raise ValueError(f"score_versions: z {z.shape} and text {text.shape} must be (V, d) and (P, d)")
+    if not 1 <= n_own <= len(text):
+        raise ValueError(f"score_versions: n_own={n_own} must be in 1..P={len(text)}")
+    cos = np.multiply(z[:, None, :], text[None, :, :], dtype=np.float64).sum(axis=-1)
+    logits = float(logit_scale) * cos
+    logits -= logits.max(axis=1, keepdims=True)
+    logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    p = np.exp(logp)
+    v, n = p.shape
+    order = np.lexsort((np.broadcast_to(np.arange(n), p.shape), -p), axis=1)
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.broadcast_to(np.arange(1, n + 1), p.shape), axis=1)
+    k = min(top, n)
+    best = order[:, :k]
+    before = set(best[0].tolist())
+    changed = np.array([k - len(before.intersection(best[t].tolist())) for t in range(1, v)], dtype=np.int32)
+    kl = np.maximum((p[0] * (logp[0] - logp[1:])).sum(axis=1), 0.0)
+    return Scores(
+        top=best,
+        p=np.take_along_axis(p, best, axis=1).astype(np.float32),
+        own_rank=rank[:, :n_own].min(axis=1).astype(np.int32),
+        changed=changed,
+        kl=kl.astype(np.float32),
+    )
+
+
+class TcacScore:
+    """Batch stage: ``versions`` (n, 1 + T, S, S, 3) uint8 -> one ``ROW_SCHEMA`` row per (image, transform).
+
+    pool: a ``CaptionPool`` or an object-store reference to one (fetched once per actor).
+    All versions of the batch's images go through the image tower in chunks of exactly
+    ``forward_rows``. Skipped rows, and images without a pool, give one row with the reason.
+    """
+
+    needs = ("id", "uri", "caption", "versions", "skip_stage", "skip_reason")
+
+    def __init__(self, probe: str, pool: Any, transforms: Sequence[str], top: int, forward_rows: int,
+                 precision: str = "auto", threads: int | None = None) -> None:
+        if not isinstance(pool, CaptionPool):
+            import ray
+
+            pool = ray.get(pool)
+        self.pool: CaptionPool = pool
+        self.transforms = list(transforms)
+        self.top = top
+        self.rows = forward_rows
+        self.encoder = _load_probe(probe, precision, threads)
+        self.logit_scale = float(self.encoder.logit_scale)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        require(batch, self.needs, "tcac-score")
+        versions = batch["versions"]
+        n, v = versions.shape[:2]
+        if v != 1 + len(self.transforms):
+            raise ValueError(f"stage 'tcac-score': {v} versions per image, expected 1 + {len(self.transforms)} transforms")
+        ids = [str(i) for i in batch["id"]]
+        stage = [str(s or "") for s in batch["skip_stage"]]
+        reason = [str(r or "") for r in batch["skip_reason"]]
+        pools: list[tuple[np.ndarray, int] | None] = [None] * n
+        for i in range(n):
+            if not stage[i]:
+                pools[i] = self.pool.lookup(ids[i])
+                if pools[i] is None:
+                    stage[i], reason[i] = "tcac", "no caption pool for this id (it had no usable caption at read)"
+        keep = [i for i in range(n) if not stage[i]]
+        z = np.zeros((0, v, 1), np.float32)
+        if keep:
+            flat = versions[keep].reshape(-1, *versions.shape[2:])
+            z = forward_fixed(self.encoder.embed_images, flat, self.rows, np.zeros(flat.shape[1:], np.uint8))
+            z = z.reshape(len(keep), v, -1)
+        cols: dict[str, list[Any]] = {name: [] for name in ROW_SCHEMA.names}
+        notes = batch.get("notes")
+        for i in range(n):
+            base = {
+                "id": ids[i], "uri": str(batch["uri"][i] or ""), "caption": str(batch["caption"][i] or ""),
+                "notes": str(notes[i] or "") if notes is not None else "",
+            }
+            if stage[i]:
+                _append(cols, {**base, "own_captions": [], "transform": "", "skip_stage": stage[i], "skip_reason": reason[i]})
+                continue
+            members, n_own = pools[i]  # type: ignore[misc]
+            s = score_versions(z[keep.index(i)], self.pool.text_emb[members], n_own, self.logit_scale, self.top)
+            texts = self.pool.texts[members]
+            before = texts[s.top[0]].tolist()
+            own = texts[:n_own].tolist()
+            for t, name in enumerate(self.transforms, start=1):
+                _append(cols, {
+                    **base, "own_captions": own, "transform": name, "pool_size": len(members),
+                    "top_before": before, "p_before": s.p[0].tolist(),
+                    "top_after": texts[s.top[t]].tolist(), "p_after": s.p[t].tolist(),
+                    "changed": int(s.changed[t - 1]), "own_rank_before": int(s.own_rank[0]),
+                    "own_rank_after": int(s.own_rank[t]), "kl": float(s.kl[t - 1]),
+                    "skip_stage": "", "skip_reason": "",
+                })
+        return pa.table(cols, schema=ROW_SCHEMA)
+
+
+def _append(cols: dict[str, list[Any]], row: dict[str, Any]) -> None:
+    for name, values in cols.items():
+        values.append(row.get(name))
+
+
+# ---------------------------------------------------------------------------------------
+# Ray wiring
+
+
+def build_caption_embed(texts: Sequence[str], probe: str, cfg: EmbedConfig, forward_rows: int) -> ray.data.Dataset:
+    """Captions -> rows of ``caption_id``, ``embedding`` from the probe's text tower. Builds; executes nothing."""
+    import ray
+    import ray.data
+
+    from clipscan.stages.embed import plan_resources
+
+    plan = plan_resources(ray.cluster_resources(), cfg)
+    table = pa.table({"caption_id": pa.array(np.arange(len(texts)), pa.int64()), "text": pa.array(list(texts), pa.string())})
+    step = max(forward_rows, 1024)
+    ds = ray.data.from_arrow([table.slice(i, step) for i in range(0, max(table.num_rows, 1), step)])
+    return ds.map_batches(
+        EmbedText,
+        fn_constructor_kwargs={"probe": probe, "forward_rows": forward_rows, "precision": cfg.precision,
+                               "threads": plan.threads},
+        compute=ray.data.ActorPoolStrategy(size=plan.actors),
+        num_cpus=plan.num_cpus,
+        num_gpus=plan.num_gpus or None,
+        batch_size=max(plan.batch_size, forward_rows),
+        batch_format="numpy",
+    )
+
+
+def prepare_batch(batch: dict[str, np.ndarray], size: int, max_pixels: int,
+                  transforms: dict[str, dict[str, Any]], seed: int) -> dict[str, np.ndarray]:
+    """Decode then transform one batch (a CPU task): rows -> rows with ``versions``."""
+    import torch
+
+    from clipscan.stages.transforms import Transform
+
+    torch.set_num_threads(1)  # many small ops per image; the tasks give the parallelism
+    decoded = Decode(size, max_pixels)(batch)
+    decoded.pop("captions", None)
+    return Transform(transforms, seed)(decoded)
+
+
+def build_tcac(ds: ray.data.Dataset, pool: Any, probe: str, data: DataConfig, embed: EmbedConfig,
+               tcac: TcacSection, seed: int) -> ray.data.Dataset:
+    """Corpus rows -> ``ROW_SCHEMA`` rows: decode and transform in CPU tasks, score in one actor pool.
+
+    pool: an object-store reference to the ``CaptionPool`` (put once by the caller).
+    Builds; executes nothing.
+    """
+    import ray
+    import ray.data
+
+    from clipscan.stages.embed import plan_resources
+
+    plan = plan_resources(ray.cluster_resources(), embed)
+    prepared = ds.map_batches(
+        prepare_batch,
+        fn_kwargs={"size": embed.image_size, "max_pixels": data.max_pixels,
+                   "transforms": {k: dict(v) for k, v in tcac.transforms.items()}, "seed": seed},
+        num_cpus=embed.decode_cpus,
+        batch_size=embed.batch_size,
+        batch_format="numpy",
+    )
+    return prepared.map_batches(
+        TcacScore,
+        fn_constructor_kwargs={"probe": probe, "pool": pool, "transforms": list(tcac.transforms),
+                               "top": tcac.top, "forward_rows": tcac.forward_rows,
+                               "precision": embed.precision, "threads": plan.threads},
+        compute=ray.data.ActorPoolStrategy(size=plan.actors),
+        num_cpus=plan.num_cpus,
+        num_gpus=plan.num_gpus or None,
+        batch_size=plan.batch_size,
+        batch_format="numpy",
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Outputs
+
+
+def _part_files(raw_dir: str) -> tuple[Any, list[str]]:
+    import pyarrow.fs as pafs
+
+    fsys, inner = cfs.resolve(raw_dir)
+    files = sorted(
+        f.path for f in fsys.get_file_info(pafs.FileSelector(inner, recursive=True))
+        if f.type == pafs.FileType.File and f.path.endswith(".parquet")
+    )
+    return fsys, files
+
+
+def collect(raw_dir: str, out_dir: str, transforms: Sequence[str]) -> dict[str, Any]:
+    """Rows the pipeline wrote -> ``tcac.parquet`` (sorted by id, then transform in config order) and ``skipped.parquet``.
+
+    A later image with an id already scored is skipped as a duplicate. Returns counts:
+    read (images), scored (images), skipped (images), rows (of tcac.parquet), skipped_by_stage, converted.
+    """
+    import pyarrow.parquet as pq
+
+    fsys, files = _part_files(raw_dir)
+    duplicate = "duplicate id (an earlier row has it)"
+    seen: set[str] = set()
+    scored: list[pa.Table] = []
+    skipped: list[pa.Table] = []
+    converted: dict[str, int] = {}
+    for path in files:
+        table = pq.read_table(path, filesystem=fsys).cast(ROW_SCHEMA)
+        ids = table.column("id").to_pylist()
+        names = table.column("transform").to_pylist()
+        stage = table.column("skip_stage").to_pylist()
+        reason = table.column("skip_reason").to_pylist()
+        keep = np.zeros(len(ids), dtype=bool)
+        skips: list[tuple[int, str, str]] = []
+        dup = False
+        for i, row_id in enumerate(ids):
+            if stage[i]:
+                skips.append((i, stage[i], reason[i]))
+                continue
+            if names[i] == transforms[0]:  # an image's T rows start with the first transform
+                dup = row_id in seen
+                if dup:
+                    skips.append((i, "tcac", duplicate))
+                else:
+                    seen.add(row_id)
+                    for item in (table.column("notes")[i].as_py() or "").split(","):
+                        if item:
+                            converted[item] = converted.get(item, 0) + 1
+            keep[i] = not dup
+        if skips:
+            rows = table.take(pa.array([i for i, _, _ in skips], pa.int64()))
+            skipped.append(pa.table({
+                "id": rows.column("id"), "uri": rows.column("uri"),
+                "stage": pa.array([s for _, s, _ in skips], pa.string()),
+                "reason": pa.array([r for _, _, r in skips], pa.string()),
+            }))
+        if keep.any():
+            scored.append(table.filter(pa.array(keep)))
+    table = pa.concat_tables(scored) if scored else ROW_SCHEMA.empty_table()
+    order = {name: i for i, name in enumerate(transforms)}
+    table = table.append_column("_order", pa.array([order[t] for t in table.column("transform").to_pylist()], pa.int32()))
+    table = table.sort_by([("id", "ascending"), ("_order", "ascending")]).select(OUTPUT_COLUMNS)
+    cfs.write_parquet_atomic(cfs.join(out_dir, "tcac.parquet"), table.combine_chunks())
+    skip_table = pa.concat_tables(skipped).cast(SKIPPED_SCHEMA) if skipped else SKIPPED_SCHEMA.empty_table()
+    skip_table = skip_table.sort_by([("id", "ascending")])
+    cfs.write_parquet_atomic(cfs.join(out_dir, "skipped.parquet"), skip_table)
+    n_scored = len(set(table.column("id").to_pylist()))
+    by_stage: dict[str, int] = {}
+    for s in skip_table.column("stage").to_pylist():
+        by_stage[s] = by_stage.get(s, 0) + 1
+    return {
+        "read": n_scored + skip_table.num_rows, "scored": n_scored, "skipped": skip_table.num_rows,
+        "rows": table.num_rows, "skipped_by_stage": by_stage, "converted": converted,
+    }
+
+
+def load_results(run_dir: str) -> pa.Table:
+    """``tcac.parquet`` of a run."""
+    return cfs.read_parquet(cfs.join(run_dir, "tcac.parquet"))
+
+
+def summarise(table: pa.Table, transforms: Sequence[str], top: int) -> dict[str, dict[str, Any]]:
+    """Per transform: images, mean change count, share changed at all, own-caption shares, mean KL.
+
+    own_left_top1: share of images whose own caption is ranked 1 before the transform and
+    not after; own_left_top{top}: in the top ``top`` before and not after;
+    own_top1_before / own_top1_after: share with an own caption ranked 1.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    names = table.column("transform").to_numpy(zero_copy_only=False)
+    for name in transforms:
+        sel = names == name
+        changed = table.column("changed").to_numpy()[sel].astype(np.float64)
+        rb = table.column("own_rank_before").to_numpy()[sel]
+        ra = table.column("own_rank_after").to_numpy()[sel]
+        kl = table.column("kl").to_numpy()[sel].astype(np.float64)
+        n = int(sel.sum())
+
+        def share(mask: np.ndarray, n: int = n) -> float:
+            return round(float(mask.mean()), 4) if n else 0.0
+
+        out[name] = {
+            "images": n,
+            "mean_changed": round(float(changed.mean()), 4) if n else 0.0,
+            "share_changed": share(changed > 0),
+            "own_left_top1": share((rb == 1) & (ra > 1)),
+            f"own_left_top{top}": share((rb <= top) & (ra > top)),
+            "own_top1_before": share(rb == 1),
+            "own_top1_after": share(ra == 1),
+            "mean_kl": round(float(kl.mean()), 6) if n else 0.0,
+        }
+    return out
+
+
+def largest_changes(table: pa.Table, transform: str, n: int) -> pa.Table:
+    """The ``n`` rows of ``transform`` with the largest change: change count, then KL, descending; then id."""
+    import pyarrow.compute as pc
+
+    rows = table.filter(pc.equal(table.column("transform"), transform))
+    return rows.sort_by([("changed", "descending"), ("kl", "descending"), ("id", "ascending")]).slice(0, n)
+
+
+def caption_shifts(table: pa.Table, transforms: Sequence[str], n: int = 100) -> dict[str, list[dict[str, Any]]]:
+    """Per transform, the ``n`` images with the largest change and how their captions moved.
+
+    The input of the LLM summary (issue 5, point 6): each entry has ``id``, ``uri``,
+    ``caption``, ``own_captions``, ``before`` and ``after`` (top-k captions, best first),
+    ``entered`` (in ``after`` only), ``left`` (in ``before`` only), ``changed``,
+    ``own_rank_before``, ``own_rank_after`` and ``kl``. Captions are corpus text: fence
+    them in prompts.
+    """
+    out: dict[str, list[dict[str, Any]]] = {}
+    for name in transforms:
+        cases = []
+        for row in largest_changes(table, name, n).to_pylist():
+            before, after = row["top_before"], row["top_after"]
+            cases.append({
+                "id": row["id"], "uri": row["uri"], "caption": row["caption"],
+                "own_captions": row["own_captions"], "before": before, "after": after,
+                "entered": [c for c in after if c not in before],
+                "left": [c for c in before if c not in after],
+                "changed": row["changed"], "own_rank_before": row["own_rank_before"],
+                "own_rank_after": row["own_rank_after"], "kl": row["kl"],
+            })
+        out[name] = cases
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# The job
+
+
+def caption_rows(data: DataConfig, ds: ray.data.Dataset) -> pa.Table:
+    """``id``, ``captions``, ``skip_stage`` of every corpus row, on the driver.
+
+    Flickr8k, COCO and manifests are parsed again (metadata only); WebDataset shards are
+    read once more through ``ds`` without their image bytes.
+    """
+    from clipscan.data.read import detect_format, read_table
+
+    fmt = data.format if data.format != "auto" else detect_format(data.path)
+    if fmt != "webdataset":
+        return read_table(data)[0].select(["id", "captions", "skip_stage"])
+    import ray
+
+    refs = ds.select_columns(["id", "captions", "skip_stage"]).to_arrow_refs()
+    return pa.concat_tables(ray.get(refs))
+
+
+def embed_captions(run: Run, texts: Sequence[str], cfg: TcacConfig) -> np.ndarray:
+    """(m, d) float32 text embeddings of ``texts``; also written to ``captions.parquet`` (caption_id, text, embedding)."""
+    import pyarrow.parquet as pq
+
+    raw = run.path("_captions")
+    build_caption_embed(texts, cfg.models.probe, cfg.embed, cfg.tcac.forward_rows).write_parquet(raw)
+    fsys, files = _part_files(raw)
+    table = pa.concat_tables([pq.read_table(f, filesystem=fsys) for f in files]).sort_by("caption_id")
+    _remove_tree(raw)
+    if table.num_rows != len(texts) or table.column("caption_id").to_pylist() != list(range(len(texts))):
+        raise RuntimeError(f"caption embedding returned {table.num_rows} rows for {len(texts)} captions")
+    emb = embedding_matrix(table.column("embedding"))
+    cfs.write_parquet_atomic(run.path("captions.parquet"), pa.table({
+        "caption_id": table.column("caption_id"), "text": pa.array(list(texts), pa.string()),
+        "embedding": table.column("embedding"),
+    }))
+    return emb
+
+
+def _remove_tree(path: str) -> None:
+    fsys, inner = cfs.resolve(path)
+    try:
+        fsys.delete_dir(inner)
+    except (FileNotFoundError, OSError):
+        pass
+
+
+def run_tcac(cfg: TcacConfig, overwrite: bool = False) -> Run:
+    """Run every TCAC stage into ``cfg.output``; returns the finished ``Run``.
+
+    Writes ``captions.parquet``, ``tcac.parquet``, ``skipped.parquet``, ``plots/`` and
+    ``report.html``; ``run.json`` gets the counts, the stage timings and ``tcac_summary``.
+    """
+    import ray
+
+    from clipscan.daf import neighbours
+    from clipscan.data.read import read_corpus
+    from clipscan.report_tcac import write_tcac_report
+    from clipscan.rundir import Run
+    from clipscan.runner import configure_data_context, init_ray
+    from clipscan.stages.transforms import SeededTransforms
+
+    SeededTransforms(cfg.tcac.transforms, cfg.seed)  # a bad transform fails here, before any work
+    run = Run(cfg.output, "tcac", cfg, overwrite=overwrite)
+    started = time.perf_counter()
+    init_ray(cfg)
+    configure_data_context()
+    names = list(cfg.tcac.transforms)
+
+    with run.stage("read") as facts:
+        ds, info = read_corpus(cfg.data)
+        texts, ids, own = caption_inputs(caption_rows(cfg.data, ds))
+        facts.update(info, images_with_captions=len(ids), captions=len(texts))
+    if not texts:
+        raise ValueError(f"no usable captions in {cfg.data.path}; TCAC needs captioned images")
+
+    with run.stage("caption_pool") as facts:
+        text_emb = embed_captions(run, texts, cfg)
+        near = None
+        if len(texts) > 1:
+            _, near, search = neighbours(text_emb, cfg.knn, cfg.tcac.pool_k, cfg.seed)
+            facts.update(search=search)
+        pool = CaptionPool.build(texts, text_emb, ids, own, near)
+        sizes = pool.sizes()
+        facts.update(captions=len(texts), pool_k=min(cfg.tcac.pool_k, len(texts) - 1),
+                     mean_pool=round(float(sizes.mean()), 2), max_pool=int(sizes.max()))
+
+    with run.stage("score") as facts:
+        raw = run.path("_rows")
+        _remove_tree(raw)
+        pool_ref = ray.put(pool)  # once; every scoring actor reads this one copy
+        build_tcac(ds, pool_ref, cfg.models.probe, cfg.data, cfg.embed, cfg.tcac, cfg.seed).write_parquet(raw)
+        del pool_ref
+        counts = collect(raw, run.output, names)
+        _remove_tree(raw)
+        facts.update(images_read=counts["read"], images_scored=counts["scored"],
+                     images_skipped=counts["skipped"], rows=counts["rows"], transforms=len(names))
+    run.count(**counts)
+    if counts["read"] != counts["scored"] + counts["skipped"]:
+        raise RuntimeError(f"row accounting does not add up: {counts}")
+
+    with run.stage("summary") as facts:
+        table = load_results(run.output)
+        summary = summarise(table, names, cfg.tcac.top)
+        run.record("tcac_summary", summary)
+        facts.update(transforms=len(summary))
+
+    with run.stage("report") as facts:
+        overview = {
+            "images": counts["scored"], "skipped": counts["skipped"], "probe": cfg.models.probe,
+            "captions": len(texts), "mean_pool": round(float(sizes.mean()), 2),
+            "transforms": len(names), "top": cfg.tcac.top,
+            "wall_s": round(time.perf_counter() - started, 1),
+        }
+        path = write_tcac_report(run.output, overview, summary, table, cfg.tcac.transforms, seed=cfg.seed,
+                                 image_size=cfg.embed.image_size, max_pixels=cfg.data.max_pixels,
+                                 top=cfg.tcac.top, images=cfg.tcac.report_top, thumb=cfg.report.thumb)
+        facts.update(path=path)
+    run.finish()
+    return run

@@ -1,0 +1,63 @@
+"""Models with a planted blind spot, for ``py:tests.planted:...`` specs.
+
+Both see where the scene generator's objects are (pixels near a palette colour; the
+backgrounds are kept far from the palette). The reference also sees which colours they
+have; the probe does not, so two scenes that differ only in an object's colour look the
+same to it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from clipscan.data.scenes import PALETTE
+
+COLOURS = np.array(list(PALETTE.values()), dtype=np.float32)  # (11, 3)
+
+
+def _analyse(images: list[Image.Image]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Object masks at 16 and 8 cells a side (centred, L2-normalised) and the set of colours present."""
+    x = np.stack([np.asarray(i.convert("RGB"), dtype=np.float32) for i in images])  # (n, H, W, 3)
+    dist = np.linalg.norm(x[:, :, :, None, :] - COLOURS[None, None, None], axis=-1)  # (n, H, W, 11)
+    nearest = dist.argmin(-1)
+    on_object = dist.min(-1) < 45.0
+    n, h, w = on_object.shape
+
+    def layout(cells: int) -> np.ndarray:
+        m = on_object.reshape(n, cells, h // cells, cells, w // cells).mean(axis=(2, 4)).reshape(n, -1)
+        return _l2(m - m.mean(axis=1, keepdims=True))
+
+    counts = np.stack([(on_object & (nearest == c)).sum(axis=(1, 2)) for c in range(len(COLOURS))], axis=1)
+    return layout(16), layout(8), _l2((counts > 20).astype(np.float32))
+
+
+def _l2(a: np.ndarray) -> np.ndarray:
+    return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-9)
+
+
+class ColourBlind:
+    """Sees where the objects are, at a fine grid; not their colours."""
+
+    image_size = 64
+
+    def embed_images(self, images: list[Image.Image]) -> np.ndarray:
+        return _analyse(images)[0]
+
+
+class ColourSeeing:
+    """Sees where the objects are, at a coarser grid, and which colours they have."""
+
+    image_size = 64
+
+    def embed_images(self, images: list[Image.Image]) -> np.ndarray:
+        _, coarse, colours = _analyse(images)
+        return np.concatenate([coarse, colours], axis=1)
+
+
+def colour_blind() -> ColourBlind:
+    return ColourBlind()
+
+
+def colour_seeing() -> ColourSeeing:
+    return ColourSeeing()

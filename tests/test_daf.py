@@ -1,0 +1,125 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import TINY_PROBE, TINY_REFERENCE
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "jobs"))
+import daf  # noqa: E402  the job script itself, run in-process
+
+
+def _args(manifest: str, out: Path, *extra: str) -> list[str]:
+    return [
+        "--config", str(ROOT / "configs" / "daf-tiny.yaml"),
+        f"data.path={manifest}", f"output={out}", f"models.probe={TINY_PROBE}",
+        f"models.reference={TINY_REFERENCE}", "embed.image_size=48", "mining.cases=10", "report.rows=5",
+        *extra,
+    ]
+
+
+def test_daf_main_end_to_end(tmp_path: Path, scene_corpus: str, ray_local: None, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    assert daf.main(_args(scene_corpus, out)) == 0
+    assert f"report: {out / 'report.html'}" in capsys.readouterr().out
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "done" and info["job"] == "daf"
+    assert info["counts"]["read"] == 120 == info["counts"]["embedded"] + info["counts"]["skipped"]
+    assert set(info["stages"]) == {"read", "embed", "index", "mine", "summarise", "report"}
+    assert all(s["wall_s"] >= 0 for s in info["stages"].values())
+    assert info["config"]["knn"]["k"] == 10 and "ray" in info["versions"]
+    table = pq.read_table(out / "discrepancies.parquet")
+    assert table.num_rows == 120 and table.column("rank").to_pylist() == list(range(1, 121))
+    cases = pq.read_table(out / "cases.parquet")
+    assert 0 < cases.num_rows <= 10
+    first = cases.to_pylist()[0]
+    assert first["texts"][0] == first["caption"] and len(first["texts"]) == 1 + len(first["neighbour_ids"])
+    assert json.loads((out / "failures.json").read_text())["backend"] == "off"
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64" in html and (out / "plots" / "overlap_hist.png").is_file()
+    assert (out / "pairs.parquet").is_file() and (out / "skipped.parquet").is_file()
+
+    # a rerun with the same config reproduces the run; another config is refused without --overwrite
+    first_table = table
+    assert daf.main(_args(scene_corpus, out)) == 0
+    assert pq.read_table(out / "discrepancies.parquet").equals(first_table)
+    assert daf.main(_args(scene_corpus, out, "knn.k=5")) == 1
+    assert "different config (differs at: knn.k)" in capsys.readouterr().err
+    assert daf.main([*_args(scene_corpus, out, "knn.k=5"), "--overwrite"]) == 0
+
+
+def test_daf_approximate_index_records_recall(tmp_path: Path, scene_corpus: str, ray_local: None) -> None:
+    out = tmp_path / "run"
+    assert daf.main(_args(scene_corpus, out, "knn.index=IVF8,Flat", "knn.nprobe=8")) == 0
+    info = json.loads((out / "run.json").read_text())
+    assert info["recall"]["probe"] == 1.0  # nprobe = nlist visits every list: exact
+    assert info["stages"]["index"]["probe"]["index"] == "IVF8,Flat"
+
+
+def test_daf_failure_names_the_stage(tmp_path: Path, scene_corpus: str, ray_local: None, capsys: pytest.CaptureFixture[str]) -> None:
+    code = daf.main(_args(scene_corpus, tmp_path / "run", "models.probe=py:no_such_module:make"))
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "stage 'embed' failed" in err and "no_such_module" in err
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["status"] == "failed in stage embed"
+
+
+def test_bad_config_fails_before_work(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "daf.py"), "--config", str(ROOT / "configs" / "daf-tiny.yaml"),
+         "knn.kay=3", f"output={tmp_path / 'x'}"],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 2 and "unknown key 'knn.kay'" in proc.stderr and "daf-tiny.yaml" in proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_planted_colour_blind_spot_tops_the_ranking(tmp_path: Path, ray_local: None) -> None:
+    """A probe blind to colour: the scenes whose nearest look-alike differs only in colour rank first.
+
+    Every scene has a near-duplicate with its objects shifted a little (both models agree
+    on those). A third of the scenes also have a colour twin: the reference finds the
+    shifted copy closer, the colour-blind probe the twin. Those scenes must top the ranking.
+    """
+    from dataclasses import replace
+
+    from clipscan.data.scenes import make_scene, render
+
+    (tmp_path / "images").mkdir()
+    rows, planted = [], set()
+
+    def add(name: str, scene: object) -> None:
+        render(scene, 64).save(tmp_path / "images" / f"{name}.jpg", quality=95)  # type: ignore[arg-type]
+        rows.append({"id": name, "image": f"images/{name}.jpg", "caption": list(scene.captions)})  # type: ignore[attr-defined]
+
+    for i in range(120):
+        scene = make_scene(11, i, n_objects=2)
+        shifted = replace(scene, objects=tuple(replace(o, x=min(o.x + 0.04, 0.95)) for o in scene.objects))
+        add(f"g{i:03d}-base", scene)
+        add(f"g{i:03d}-shifted", shifted)
+        if i % 3 == 0:
+            add(f"g{i:03d}-colour", make_scene(11, i, n_objects=2, twin=True))
+            planted.add(f"g{i:03d}-base")
+    manifest = tmp_path / "manifest.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), manifest)
+
+    out = tmp_path / "run"
+    assert daf.main(_args(str(manifest), out, "models.probe=py:tests.planted:colour_blind",
+                          "models.reference=py:tests.planted:colour_seeing", "embed.image_size=64",
+                          "mining.rank_by=overlap", "knn.k=1", "mining.pair_probe_min=0.9",
+                          "mining.pair_reference_max=0.8")) == 0
+    ranked = pq.read_table(out / "discrepancies.parquet").column("id").to_pylist()
+    top = ranked[: len(planted)]
+    rate = len(planted.intersection(top)) / len(planted)
+    chance = len(planted) / len(ranked)
+    print(f"planted blind spot: {rate:.1%} of the top {len(planted)} are the planted scenes (chance {chance:.1%})")
+    assert rate >= 0.75 and rate >= 4 * chance  # measured: 82.5% against 14.3% chance
+    close = [p for p in pq.read_table(out / "pairs.parquet").to_pylist() if p["direction"] == "probe_close"]
+    hits = [p for p in close if p["id_a"].endswith("-base") and p["id_b"] == p["id_a"][:4] + "-colour"]
+    assert close and len(hits) / len(close) >= 0.9, close[:5]
