@@ -249,7 +249,6 @@ def write_tcac_report(
         cases = largest_changes(table, name, images).to_pylist()
         body = (
             f'<div class="small-plot">{figure_html(png_data_uri(png), f"Change count per image under {name}.", f"{name} change counts")}</div>'
-            + summary_table(summary.get(name, {}))
             + f'<h3 style="margin-top:16px">The {len(cases)} images whose top {top} changed most</h3>'
             + legend
             + ("".join(case_html(c, renderer, top) for c in cases) or '<p class="muted">No image was scored.</p>')

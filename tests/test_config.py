@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from clipscan.config import ConfigError, DafConfig, TcacConfig, load_config
 
@@ -25,7 +26,7 @@ def write(tmp_path: Path, text: str) -> str:
 def test_loads_and_is_frozen(tmp_path: Path) -> None:
     cfg = load_config(DafConfig, write(tmp_path, GOOD))
     assert cfg.knn.k == 5 and cfg.data.caption == "longest" and cfg.mining.pair_probe_min == 0.95
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         cfg.knn.k = 3  # type: ignore[misc]
 
 

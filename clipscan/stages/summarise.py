@@ -377,15 +377,17 @@ def parse_answer(text: str | None) -> tuple[list[dict[str, str]] | None, str | N
     if m:
         text = m.group(1).strip()
     obj: Any = None
-    error = "no JSON object or list in the answer"
+    # strict=False: raw control characters inside strings, which some grammar backends let
+    # through, are kept (and cleaned later) rather than failing the answer.
+    decoder = json.JSONDecoder(strict=False)
     try:
-        obj = json.loads(text)
+        obj = decoder.decode(text)
     except ValueError as e:
         error = f"not JSON: {e}"
         starts = [p for p in (text.find("{"), text.find("[")) if p >= 0]
         if starts:
             try:
-                obj, _ = json.JSONDecoder().raw_decode(text[min(starts):])
+                obj, _ = decoder.raw_decode(text[min(starts):])
             except ValueError:
                 obj = None
             if obj is None and len(text) < 100_000:
@@ -700,12 +702,14 @@ def run_vllm(prompts: Sequence[Prompt], cfg: LlmConfig) -> list[Attempt]:
         out = []
         for row in rows:
             error = row.get("__inference_error__") or None
+            generated = int(row.get("num_generated_tokens") or 0)
             out.append(Attempt(
                 prompt=int(row["prompt_index"]), attempt=int(row["attempt"]),
                 answer=None if error else row.get("generated_text"),
                 error=f"engine error: {error}" if error else None,
-                usage={"prompt_tokens": row.get("num_input_tokens"),
-                       "completion_tokens": row.get("num_generated_tokens")},
+                # the processor drops vLLM's finish reason; a full budget means it was cut
+                finish_reason=None if error else ("length" if generated >= cfg.max_tokens else "stop"),
+                usage={"prompt_tokens": row.get("num_input_tokens"), "completion_tokens": generated},
                 elapsed_s=elapsed,
             ).parse())
         seen = {(a.prompt, a.attempt) for a in out}

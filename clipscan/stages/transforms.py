@@ -138,7 +138,7 @@ class SeededTransforms:
 
         if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
             raise ValueError(f"transform {name}: expected an (H, W, 3) uint8 image, got {image.shape} {image.dtype}")
-        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        x = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(transform_seed(image_id, name, self.seed))
             y = self._transforms[name](x)

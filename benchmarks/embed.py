@@ -1,0 +1,138 @@
+"""Embedding throughput benchmark: generated JPEGs in, a table of images/s and peak memory out.
+
+Measured side by side in one run:
+  1. model-only: the probe and reference encoders on pre-decoded uint8 batches in this
+     process (every thread), no I/O, no Ray;
+  2. end to end: the same encoders through the Ray pipeline (read, decode tasks, one
+     actor pool, Parquet write) on JPEGs on disk; the ratio 2/1 is the target (>= 0.8);
+  3. peak memory (RSS and PSS of this process and every Ray worker) of the end-to-end
+     pipeline with tiny models at two corpus sizes: streaming keeps it flat.
+
+    python benchmarks/embed.py                       # ViT-B-32 + DINOv2-S-sized, random weights
+    python benchmarks/embed.py --n 200 --mem-sizes 2000 20000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Sampler  # noqa: E402
+
+DINOV2_SMALL = {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6,
+                "intermediate_size": 1536, "patch_size": 14, "image_size": 518}
+
+
+def dinov2_small_dir(root: Path) -> str:
+    """A DINOv2-S-sized model with random weights saved with save_pretrained."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    path = root / "dinov2-small-random"
+    transformers.Dinov2Model(transformers.Dinov2Config(**DINOV2_SMALL)).save_pretrained(path)
+    (path / "preprocessor_config.json").write_text(json.dumps({
+        "crop_size": {"height": 224, "width": 224}, "image_mean": [0.485, 0.456, 0.406],
+        "image_std": [0.229, 0.224, 0.225], "image_processor_type": "BitImageProcessor"}))
+    return f"hf:{path}"
+
+
+def model_only(models: dict[str, str], manifest: str, n: int, size: int, batch: int) -> float:
+    """Images/s of every encoder together on pre-decoded (batch, size, size, 3) uint8 arrays."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from clipscan.models.registry import load_encoder
+    from clipscan.stages.decode import decode_image
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    root = Path(manifest).parent
+    paths = [root / p for p in pq.read_table(manifest).column("image").to_pylist()[:n]]
+    pixels = np.stack([decode_image(p.read_bytes(), size, 10**9)[0] for p in paths])
+    encoders = [load_encoder(spec) for spec in models.values()]
+    for enc in encoders:  # warm-up
+        enc.embed_images(pixels[:batch])
+    start = time.perf_counter()
+    for lo in range(0, n, batch):
+        for enc in encoders:
+            enc.embed_images(pixels[lo : lo + batch])
+    return n / (time.perf_counter() - start)
+
+
+def end_to_end(models: dict[str, str], manifest: str, out: Path, size: int, batch: int,
+               sampler: Sampler | None = None) -> tuple[float, int]:
+    """Images/s through read -> decode tasks -> encoder actors -> Parquet, and rows embedded."""
+    from clipscan.config import DafConfig, load_config
+    from clipscan.rundir import Run
+    from clipscan.runner import embed_corpus
+
+    cfg = load_config(DafConfig, None, [
+        f"data.path={manifest}", f"output={out}", f"models.probe={models['probe']}",
+        f"models.reference={models['reference']}", f"embed.image_size={size}", f"embed.batch_size={batch}",
+    ])
+    run = Run(str(out), "benchmark", cfg, overwrite=True)
+    start = time.perf_counter()
+    if sampler is not None:
+        with sampler:
+            counts = embed_corpus(run, cfg, models)
+    else:
+        counts = embed_corpus(run, cfg, models)
+    wall = time.perf_counter() - start
+    return counts["embedded"] / wall, counts["embedded"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=240, help="images for the throughput comparison")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--mem-sizes", type=int, nargs="*", default=[2000, 20000])
+    parser.add_argument("--tiny-only", action="store_true", help="skip the ViT-B-32 / DINOv2-S comparison")
+    args = parser.parse_args(argv)
+
+    import ray
+
+    from clipscan.data.scenes import write_corpus
+
+    work = Path(tempfile.mkdtemp(prefix="clipscan-bench-"))
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _temp_dir=str(work / "ray"),
+             log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        rows = []
+        if not args.tiny_only:
+            manifest = write_corpus(str(work / "corpus"), args.n, seed=0, size=args.size)
+            models = {"probe": "open_clip:ViT-B-32", "reference": dinov2_small_dir(work)}
+            only = model_only(models, manifest, args.n, args.size, args.batch)
+            e2e, _ = end_to_end(models, manifest, work / "run", args.size, args.batch)
+            rows.append(("ViT-B-32 + DINOv2-S (random weights)", args.n, only, e2e))
+        print(f"\nEmbedding throughput on {os.cpu_count()} CPUs, {args.size} px, batch {args.batch}")
+        print(f"{'encoders':40s} {'images':>7s} {'model-only img/s':>17s} {'end-to-end img/s':>17s} {'ratio':>6s}")
+        for name, n, only, e2e in rows:
+            print(f"{name:40s} {n:7d} {only:17.1f} {e2e:17.1f} {e2e / only:6.2f}")
+
+        tiny = {"probe": "open_clip:tiny-clip", "reference": "hf:tiny-dinov2"}
+        print(f"\nPeak memory, tiny models, {args.size} px JPEGs (driver + Ray workers)")
+        print(f"{'images':>7s} {'img/s':>8s} {'peak RSS GiB':>13s} {'peak PSS GiB':>13s}")
+        for n in args.mem_sizes:
+            manifest = write_corpus(str(work / f"corpus-{n}"), n, seed=1, size=args.size, workers=os.cpu_count() or 1)
+            sampler = Sampler()
+            rate, done = end_to_end(tiny, manifest, work / f"run-{n}", args.size, 64, sampler)
+            print(f"{done:7d} {rate:8.1f} {sampler.peak_rss / 2**30:13.2f} {sampler.peak_pss / 2**30:13.2f}")
+            shutil.rmtree(work / f"corpus-{n}", ignore_errors=True)
+    finally:
+        ray.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

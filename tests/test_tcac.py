@@ -1,0 +1,275 @@
+"""Tests for the TCAC job: caption pool, scoring, bad inputs, determinism and the job end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from clipscan.stages import tcac
+from clipscan.stages.index import self_knn
+from clipscan.stages.transforms import SeededTransforms
+from tests import corpora
+from tests.conftest import TINY_PROBE
+
+ROOT = Path(__file__).resolve().parents[1]
+TRANSFORMS = {"rot0": {"op": "rotation", "degrees": 0}, "hflip": {"p": 1.0}, "elastic": {"alpha": 50.0, "sigma": 5.0}}
+
+
+def unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Caption pool
+
+
+def test_caption_inputs_dedupe_and_skip() -> None:
+    rows = pa.table({
+        "id": ["a", "b", "c", "a", "d"],
+        "captions": [["x", "y", "x"], ["y", "z"], ["w"], ["q"], []],
+        "skip_stage": ["", "", "read", "", ""],
+    })
+    texts, ids, own = tcac.caption_inputs(rows)
+    assert texts == ["x", "y", "z"] and ids == ["a", "b"]  # skipped c, repeated a, caption-less d
+    assert own == [[0, 1], [1, 2]]
+
+
+def brute_force_pool(x: np.ndarray, own: list[list[int]], k: int) -> list[list[int]]:
+    sims = x.astype(np.float64) @ x.astype(np.float64).T
+    np.fill_diagonal(sims, -np.inf)
+    near = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    pools = []
+    for mine in own:
+        pool = list(dict.fromkeys(mine))
+        for c in mine:
+            pool += [int(j) for j in near[c] if j not in pool]
+        pools.append(pool)
+    return pools
+
+
+def test_pool_matches_numpy_brute_force() -> None:
+    rng = np.random.default_rng(0)
+    m, k = 80, 6
+    x = unit(rng, m, 16)
+    own = [sorted(rng.choice(m, size=int(rng.integers(1, 6)), replace=False).tolist()) for _ in range(25)]
+    ids = [f"img-{i:03d}" for i in range(25)][::-1]  # stored sorted; lookups go by id
+    _, near = self_knn(x, k)  # the DAF neighbour search
+    pool = tcac.CaptionPool.build([f"t{j}" for j in range(m)], x, ids, own, near)
+    want = brute_force_pool(x, own, k)
+    for i, image_id in enumerate(ids):
+        members, n_own = pool.lookup(image_id)
+        assert members.tolist() == want[i] and n_own == len(own[i])
+        assert len(members) <= len(own[i]) * (k + 1)
+    assert pool.lookup("nope") is None
+    np.testing.assert_array_equal(np.sort(pool.sizes()), np.sort([len(p) for p in want]))
+
+
+# ---------------------------------------------------------------------------------------
+# Scoring
+
+
+def test_score_versions_against_softmax_reference() -> None:
+    rng = np.random.default_rng(1)
+    z, text = unit(rng, 4, 8), unit(rng, 12, 8)
+    s = tcac.score_versions(z, text, n_own=2, logit_scale=30.0, top=5)
+    logits = 30.0 * z.astype(np.float64) @ text.astype(np.float64).T
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    order = np.argsort(-p, axis=1, kind="stable")
+    np.testing.assert_array_equal(s.top, order[:, :5])
+    np.testing.assert_allclose(s.p, np.take_along_axis(p, order[:, :5], 1), rtol=1e-6)
+    ranks = np.argsort(order, axis=1) + 1
+    np.testing.assert_array_equal(s.own_rank, ranks[:, :2].min(1))
+    for t in range(1, 4):
+        assert s.changed[t - 1] == 5 - len(set(order[0, :5]) & set(order[t, :5]))
+        np.testing.assert_allclose(s.kl[t - 1], (p[0] * np.log(p[0] / p[t])).sum(), rtol=1e-5)
+    same = tcac.score_versions(np.repeat(z[:1], 3, 0), text, 2, 30.0, 5)
+    assert not same.changed.any() and not same.kl.any() and len(set(same.own_rank)) == 1
+
+
+def test_forward_fixed_same_bits_whatever_the_split() -> None:
+    from clipscan.models.registry import load_encoder
+
+    enc = load_encoder(TINY_PROBE)
+    x = np.random.default_rng(2).integers(0, 256, size=(11, 32, 32, 3), dtype=np.uint8)
+    pad = np.zeros((32, 32, 3), np.uint8)
+    whole = tcac.forward_fixed(enc.embed_images, x, 8, pad)
+    parts = np.concatenate([tcac.forward_fixed(enc.embed_images, x[i:i + 3], 8, pad) for i in range(0, 11, 3)])
+    np.testing.assert_array_equal(whole, parts)
+    texts = ["a red circle", "two objects", "x", "a blue star on grey"]
+    np.testing.assert_array_equal(tcac.forward_fixed(enc.embed_texts, texts, 4, ""),
+                                  np.concatenate([tcac.forward_fixed(enc.embed_texts, [t], 4, "") for t in texts]))
+
+
+def _pool_for(enc, captions: dict[str, list[str]], k: int = 4) -> tcac.CaptionPool:
+    rows = pa.table({"id": list(captions), "captions": list(captions.values()), "skip_stage": [""] * len(captions)})
+    texts, ids, own = tcac.caption_inputs(rows)
+    emb = tcac.forward_fixed(enc.embed_texts, texts, 16, "")
+    _, near = self_knn(emb, min(k, len(texts) - 1))
+    return tcac.CaptionPool.build(texts, emb, ids, own, near)
+
+
+def test_score_stage_identity_and_shared_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    from clipscan.models.registry import load_encoder
+
+    enc = load_encoder(TINY_PROBE)
+    caps = {f"s{i}": [f"caption {i} {w}" for w in ("red", "blue", "round")] for i in range(6)}
+    pool = _pool_for(enc, caps)
+    st = SeededTransforms(TRANSFORMS, seed=0)
+    pixels = np.random.default_rng(3).integers(0, 256, size=(6, 48, 48, 3), dtype=np.uint8)
+    ids = list(caps)
+    versions = np.stack([np.concatenate([p[None], st(p, i)]) for p, i in zip(pixels, ids, strict=True)])
+    batch = {
+        "id": np.array(ids + ["bad"], dtype=object), "uri": np.array([""] * 7, dtype=object),
+        "caption": np.array(["c"] * 7, dtype=object),
+        "versions": np.concatenate([versions, np.zeros((1, *versions.shape[1:]), np.uint8)]),
+        "skip_stage": np.array([""] * 6 + ["decode"], dtype=object),
+        "skip_reason": np.array([""] * 6 + ["zero-byte file"], dtype=object),
+    }
+    stage = tcac.TcacScore(TINY_PROBE, pool, list(TRANSFORMS), top=5, forward_rows=8)
+    monkeypatch.setattr(stage.encoder, "embed_texts", lambda texts: pytest.fail("text embedded per image"))
+    out = stage(batch)
+    assert out.schema == tcac.ROW_SCHEMA and out.num_rows == 6 * 3 + 1
+    skip = out.filter(pc.equal(out.column("skip_stage"), "decode")).to_pylist()
+    assert [(r["id"], r["transform"], r["skip_reason"]) for r in skip] == [("bad", "", "zero-byte file")]
+    rows = [r for r in out.to_pylist() if not r["skip_stage"]]
+    for r in rows:
+        assert len(r["top_before"]) == min(5, r["pool_size"]) and r["own_captions"] == caps[r["id"]]
+        if r["pool_size"] <= 5:
+            assert abs(sum(r["p_before"]) - 1) < 1e-5
+    identity = [r for r in rows if r["transform"] == "rot0"]
+    assert len(identity) == 6
+    for r in identity:
+        assert r["changed"] == 0 and r["kl"] == 0 and r["top_after"] == r["top_before"]
+        assert r["own_rank_after"] == r["own_rank_before"] and r["p_after"] == r["p_before"]
+    # the stage's result does not depend on how the rows are batched
+    halves = [stage({k: v[s] for k, v in batch.items()}) for s in (slice(0, 4), slice(4, 7))]
+    assert pa.concat_tables(halves).equals(out)
+
+
+# ---------------------------------------------------------------------------------------
+# With Ray
+
+
+def _job_main():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tcac_job", ROOT / "jobs" / "tcac.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def _cfg(manifest: Path | str, out: Path, *extra: str):
+    from clipscan.config import TcacConfig, load_config
+
+    return load_config(TcacConfig, None, [
+        f"data.path={manifest}", f"output={out}", f"models.probe={TINY_PROBE}", "embed.image_size=48",
+        "embed.batch_size=8", f"tcac.transforms={json.dumps(TRANSFORMS)}", "tcac.pool_k=4", "tcac.top=5",
+        "tcac.forward_rows=16", *extra,
+    ])
+
+
+def test_bad_images_skipped_with_reasons(tmp_path: Path, ray_local: None) -> None:
+    import ray
+
+    from clipscan.data.read import read_corpus, read_table
+    from clipscan.models.registry import load_encoder
+    from clipscan.runner import configure_data_context
+
+    manifest, expected = corpora.bad_corpus(tmp_path / "bad")
+    cfg = _cfg(manifest, tmp_path / "run", "data.max_pixels=100000", "data.rows_per_block=4")
+    configure_data_context()
+    texts, ids, own = tcac.caption_inputs(read_table(cfg.data)[0])
+    emb = tcac.forward_fixed(load_encoder(TINY_PROBE).embed_texts, texts, 16, "")
+    _, near = self_knn(emb, 2)
+    pool = ray.put(tcac.CaptionPool.build(texts, emb, ids, own, near))
+    ds, _ = read_corpus(cfg.data)
+    tcac.build_tcac(ds, pool, TINY_PROBE, cfg.data, cfg.embed, cfg.tcac, cfg.seed).write_parquet(str(tmp_path / "raw"))
+    counts = tcac.collect(str(tmp_path / "raw"), str(tmp_path / "run"), list(TRANSFORMS))
+    assert counts["read"] == len(expected) + 1 == counts["scored"] + counts["skipped"]
+    assert counts["rows"] == counts["scored"] * len(TRANSFORMS)
+    skipped = pq.read_table(tmp_path / "run" / "skipped.parquet").to_pylist()
+    assert len(skipped) == counts["skipped"] == sum(counts["skipped_by_stage"].values())
+    scored = set(pq.read_table(tmp_path / "run" / "tcac.parquet").column("id").to_pylist())
+    for name, outcome in expected.items():
+        kind, _, detail = outcome.partition(":")
+        if kind == "skipped":
+            stage, _, fragment = detail.partition(":")
+            assert any(r["id"] == name and r["stage"] == stage and fragment in r["reason"] for r in skipped), name
+            assert name not in scored
+        else:
+            assert name in scored, name
+    assert any(r["id"] == "dup" and r["stage"] == "read" and "duplicate" in r["reason"] for r in skipped)
+    assert counts["converted"].get("CMYK->RGB") == 1
+
+
+def test_job_end_to_end_and_deterministic(tmp_path: Path, ray_local: None) -> None:
+    main = _job_main()
+    manifest = tmp_path / "corpus" / "manifest.parquet"
+    common = ["--config", str(ROOT / "configs" / "tcac-tiny.yaml"), f"data.path={manifest}", "data.generate=16",
+              "embed.image_size=48", f"tcac.transforms={json.dumps(TRANSFORMS)}", "tcac.pool_k=4",
+              "tcac.report_top=3", "tcac.forward_rows=16", "report.thumb=48"]
+    assert main([*common, f"output={tmp_path / 'a'}", "embed.batch_size=8"]) == 0
+    assert main([*common, f"output={tmp_path / 'b'}", "embed.batch_size=5", "embed.actors=2",
+                 "embed.cpus_per_actor=0.5", "data.rows_per_block=3"]) == 0
+    a, b = tmp_path / "a", tmp_path / "b"
+    table = pq.read_table(a / "tcac.parquet")
+    assert table.equals(pq.read_table(b / "tcac.parquet"))
+    assert (a / "tcac.parquet").read_bytes() == (b / "tcac.parquet").read_bytes()
+    assert table.num_rows == 16 * 3 and table.column_names == tcac.OUTPUT_COLUMNS
+
+    rows = table.to_pylist()
+    assert all(r["changed"] == 0 and r["kl"] == 0 for r in rows if r["transform"] == "rot0")
+    assert any(r["changed"] > 0 for r in rows if r["transform"] == "elastic")
+    # pool sizes agree with a brute-force pool over the written caption embeddings
+    caps = pq.read_table(a / "captions.parquet")
+    from clipscan.stages.embed import embedding_matrix
+
+    emb = embedding_matrix(caps.column("embedding"))
+    index = {t: i for i, t in enumerate(caps.column("text").to_pylist())}
+    for r in rows[:: len(TRANSFORMS)]:
+        own = [index[c] for c in r["own_captions"]]
+        assert r["pool_size"] == len(brute_force_pool(emb, [own], 4)[0])
+
+    info = json.loads((a / "run.json").read_text())
+    assert info["status"] == "done" and info["counts"]["read"] == 16 == info["counts"]["scored"]
+    summary = info["tcac_summary"]
+    assert list(summary) == list(TRANSFORMS) and summary["rot0"]["mean_changed"] == 0
+    assert summary["rot0"]["own_left_top1"] == 0 and "own_left_top10" in summary["hflip"]
+    assert {"read", "caption_pool", "score", "summary", "report"} <= set(info["stages"])
+    html = (a / "report.html").read_text()
+    assert "http://" not in html.replace("http://www.w3.org/2000/svg", "") and "<script" not in html
+    assert html.count('class="tcase"') == 3 * len(TRANSFORMS)
+    assert all((a / "plots" / f"changes_{n}.png").exists() for n in TRANSFORMS)
+    shifts = tcac.caption_shifts(table, list(TRANSFORMS), n=2)
+    case = shifts["elastic"][0]
+    assert len(shifts["hflip"]) == 2 and case["changed"] == max(r["changed"] for r in rows if r["transform"] == "elastic")
+    assert set(case["entered"]) == set(case["after"]) - set(case["before"])
+
+
+def test_report_escapes_captions(tmp_path: Path) -> None:
+    from clipscan.report_tcac import write_tcac_report
+
+    evil = '<script>alert("x")</script> & a red circle'
+    row = {
+        "id": "<b>id</b>", "uri": str(tmp_path / "missing.jpg"), "caption": evil, "own_captions": [evil],
+        "transform": "hflip", "pool_size": 2, "top_before": [evil, "a blue square"], "p_before": [0.6, 0.4],
+        "top_after": ["a blue square", "a <i>new</i> one"], "p_after": [0.7, 0.3], "changed": 1,
+        "own_rank_before": 1, "own_rank_after": 3, "kl": 0.2,
+    }
+    table = pa.Table.from_pylist([row], schema=pa.schema([tcac.ROW_SCHEMA.field(c) for c in tcac.OUTPUT_COLUMNS]))
+    summary = tcac.summarise(table, ["hflip"], top=2)
+    assert summary["hflip"]["own_left_top1"] == 1.0 and summary["hflip"]["own_left_top2"] == 1.0
+    path = write_tcac_report(str(tmp_path), {"images": 1}, summary, table, {"hflip": {}}, seed=0,
+                             image_size=32, max_pixels=10**6, top=2, images=5, thumb=32)
+    html = Path(path).read_text()
+    assert "<script>" not in html and "&lt;script&gt;" in html and "<i>new</i>" not in html
+    assert 'class="left own"' in html and 'class="entered"' in html
