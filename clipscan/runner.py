@@ -71,25 +71,90 @@ def configure_data_context() -> None:
 
 
 def embed_corpus(run: Run, cfg: JobConfig, models: dict[str, str]) -> dict[str, Any]:
-    """Read the corpus, embed it with ``models`` ({name: spec}), write embeddings/corpus/skips into the run."""
+    """Read the corpus, embed it with ``models`` ({name: spec}), write embeddings/corpus/skips into the run.
+
+    Resumes: input shards whose outputs an earlier run of the same config finished, or
+    whose rows the killed run had all written, are not computed again.
+    """
     from clipscan.data.read import read_corpus
-    from clipscan.stages.embed import build_embed, collect
+    from clipscan.stages import embed
+
+    raw = run.path("_rows")
+    names = list(models)
+
+    def done_shards(shard_rows: dict[int, int]) -> set[int]:
+        done = embed.finished_shards(run.output, shard_rows, names)
+        for name, paths in embed._shard_pieces(raw).items():
+            shard = int(name.split("-")[1]) if name != "shard-unnumbered" else -1
+            if shard in shard_rows and len(embed.rows_covered(paths)) == shard_rows[shard]:
+                done.add(shard)  # every row written before the kill: collect it, do not recompute
+            elif shard not in done:
+                _remove_tree(cfs.join(raw, name))  # partial: computed again from scratch
+        return done
 
     with run.stage("read") as facts:
-        ds, info = read_corpus(cfg.data)
-        facts.update(info)
+        ds, info = read_corpus(cfg.data, done_shards)
+        facts.update({k: v for k, v in info.items() if k != "shard_rows"}, shards=len(info["shard_rows"]))
+    total = sum(info["shard_rows"].values()) or None
     with run.stage("embed") as facts:
-        configure_data_context()
-        raw = run.path("_rows")
-        built = build_embed(ds, models, cfg.data, cfg.embed)
-        built.write_parquet(raw)
-        counts = collect(raw, run.output, list(models))
+        if info["todo_shards"]:
+            configure_data_context()
+            built = embed.build_embed(ds, models, cfg.data, cfg.embed)
+            with Progress("embed", lambda: embed.rows_written(raw), total):
+                built.write_datasink(embed.ShardSink(raw))
+        counts = embed.collect(raw, run.output, names, info["shard_rows"])
         _remove_tree(raw)
-        facts.update(rows_read=counts["read"], rows_embedded=counts["embedded"], rows_skipped=counts["skipped"])
-    run.count(**counts)
+        facts.update(rows_read=counts["read"], rows_embedded=counts["embedded"], rows_skipped=counts["skipped"],
+                     shards=counts["shards"], shards_reused=counts["shards_reused"], nodes=counts["nodes"])
+    run.count(**{k: v for k, v in counts.items() if k not in ("nodes", "shards", "shards_reused")})
     if counts["read"] != counts["embedded"] + counts["skipped"]:
         raise RuntimeError(f"row accounting does not add up: {counts}")
     return counts
+
+
+class Progress:
+    """Logs ``stage: rows done/total (pct), rate, ETA`` every ``interval_s`` while a stage runs.
+
+    On a terminal Ray Data's own progress bars show; in a job log (not a terminal) these
+    lines are the progress.
+    """
+
+    def __init__(self, stage: str, done: Any, total: int | None, interval_s: float = 15.0) -> None:
+        import threading
+
+        self.stage, self.done, self.total, self.interval_s = stage, done, total, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Progress:
+        import time
+
+        self._start = time.perf_counter()
+        if not sys.stderr.isatty():
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+
+    def line(self) -> str:
+        import time
+
+        elapsed = max(time.perf_counter() - self._start, 1e-9)
+        done = self.done()
+        rate = done / elapsed
+        if self.total:
+            eta = (self.total - done) / rate if rate > 0 else float("inf")
+            return (f"{self.stage}: {done}/{self.total} rows ({100 * done / self.total:.0f}%), "
+                    f"{rate:.1f} rows/s, ETA {eta:.0f} s")
+        return f"{self.stage}: {done} rows, {rate:.1f} rows/s"
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                log.info(self.line())
+            except Exception:  # progress is best effort; the stage's own errors surface elsewhere
+                continue
 
 
 def _remove_tree(path: str) -> None:

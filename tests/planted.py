@@ -61,3 +61,23 @@ def colour_blind() -> ColourBlind:
 
 def colour_seeing() -> ColourSeeing:
     return ColourSeeing()
+
+
+class Slow:
+    """Sees pixels through a fixed random projection, slowly: long enough to kill a job mid-stage."""
+
+    image_size = 16
+
+    def __init__(self) -> None:
+        self.weights = np.random.default_rng(0).standard_normal((16 * 16 * 3, 24)).astype(np.float32)
+
+    def embed_images(self, images: list[Image.Image]) -> np.ndarray:
+        import time
+
+        time.sleep(0.03 * len(images))
+        x = np.stack([np.asarray(i.convert("RGB"), dtype=np.float32).reshape(-1) / 255.0 for i in images])
+        return x @ self.weights
+
+
+def slow() -> Slow:
+    return Slow()

@@ -99,7 +99,8 @@ def test_pipeline_matches_direct_embedding(tmp_path: Path, scene_corpus: str, ra
 
     cfg = _job_config(scene_corpus, tmp_path / "run", "data.limit=40", "data.rows_per_block=16")
     counts = embed_corpus(Run(cfg.output, "test", cfg), cfg, {"probe": TINY_PROBE, "reference": TINY_REFERENCE})
-    assert counts == {"read": 40, "embedded": 40, "skipped": 0, "converted": {}, "skipped_by_stage": {}}
+    assert counts == {"read": 40, "embedded": 40, "skipped": 0, "converted": {}, "skipped_by_stage": {},
+                      "nodes": {"decode": 1, "embed": 1}, "shards": 3, "shards_reused": 0}
     ids, x = load_embeddings(cfg.output, "reference")
     assert list(ids) == sorted(ids) and x.shape == (40, 32)
     corpus = load_corpus(cfg.output)

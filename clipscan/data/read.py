@@ -14,7 +14,7 @@ import io
 import json
 import posixpath
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +37,8 @@ ROW_SCHEMA = pa.schema(
         ("skip_stage", pa.string()),
         ("skip_reason", pa.string()),
         ("notes", pa.string()),
+        ("shard", pa.int32()),  # input shard: the unit of parallelism and of resume (-1: none)
+        ("row", pa.int32()),  # row within its shard
     ]
 )
 MANIFEST_NAMES = ("manifest.parquet", "manifest.jsonl", "manifest.csv")
@@ -246,8 +248,11 @@ def select_caption(captions: list[str], how: str) -> str:
     return max(captions, key=len)
 
 
-def rows_to_table(rows: list[RawRow], caption: str) -> pa.Table:
-    """Build the row table: select captions, mark rows with no caption and duplicate ids as skipped."""
+def rows_to_table(rows: list[RawRow], caption: str, rows_per_block: int | None = None) -> pa.Table:
+    """Build the row table: select captions, mark rows with no caption and duplicate ids as skipped.
+
+    With ``rows_per_block``, row n goes to shard ``n // rows_per_block``; without, shard -1.
+    """
     first_seen: dict[str, int] = {}
     cols: dict[str, list[Any]] = {name: [] for name in ROW_SCHEMA.names}
     for n, row in enumerate(rows):
@@ -264,6 +269,8 @@ def rows_to_table(rows: list[RawRow], caption: str) -> pa.Table:
         cols["skip_stage"].append(stage)
         cols["skip_reason"].append(reason)
         cols["notes"].append(",".join(row.notes))
+        cols["shard"].append(n // rows_per_block if rows_per_block else -1)
+        cols["row"].append(n % rows_per_block if rows_per_block else -1)
     return pa.table(cols, schema=ROW_SCHEMA)
 
 
@@ -275,7 +282,7 @@ def read_table(cfg: DataConfig) -> tuple[pa.Table, dict[str, Any]]:
     rows, counts = READERS[fmt](cfg.path, cfg.images)
     if cfg.limit is not None:
         rows = rows[: cfg.limit]
-    return rows_to_table(rows, cfg.caption), {"format": fmt, **counts}
+    return rows_to_table(rows, cfg.caption, cfg.rows_per_block), {"format": fmt, **counts}
 
 
 def _wds_rows(samples: pa.Table, caption: str) -> pa.Table:
@@ -334,9 +341,15 @@ def expand_shards(path: str) -> list[str]:
     return [path]
 
 
-def read_corpus(cfg: DataConfig) -> tuple[ray.data.Dataset, dict[str, Any]]:
-    """The corpus as a Ray Dataset of rows (see ``ROW_SCHEMA``), one block per ``rows_per_block`` rows.
+def read_corpus(
+    cfg: DataConfig, done_shards: Callable[[dict[int, int]], set[int]] | None = None
+) -> tuple[ray.data.Dataset, dict[str, Any]]:
+    """The corpus as a Ray Dataset of rows (see ``ROW_SCHEMA``), one block per input shard.
 
+    ``done_shards(shard_rows)`` names the shards an earlier, interrupted run finished; they
+    are left out (``info["todo_shards"]`` counts the rest).
+    ``info["shard_rows"]`` maps every shard to its row count (empty for WebDataset, whose
+    rows are not numbered before they are read: those runs do not resume).
     Builds the dataset; executes nothing beyond parsing caption metadata on the driver.
     """
     import ray.data
@@ -349,8 +362,11 @@ def read_corpus(cfg: DataConfig) -> tuple[ray.data.Dataset, dict[str, Any]]:
         if cfg.limit is not None:
             ds = ds.limit(cfg.limit)
         ds = ds.map_batches(_wds_rows, fn_kwargs={"caption": cfg.caption}, batch_format="pyarrow")
-        return ds, {"format": fmt}
+        return ds, {"format": fmt, "shard_rows": {}, "todo_shards": len(shards)}
     table, info = read_table(cfg)
     step = cfg.rows_per_block
-    shards = [table.slice(i, step) for i in range(0, max(table.num_rows, 1), step)]
-    return ray.data.from_arrow(shards), info
+    shard_rows = {i // step: min(step, table.num_rows - i) for i in range(0, table.num_rows, step)}
+    done = done_shards(shard_rows) if done_shards is not None else set()
+    todo = [table.slice(s * step, n) for s, n in shard_rows.items() if s not in done]
+    info.update(shard_rows=shard_rows, todo_shards=len(todo))
+    return ray.data.from_arrow(todo or [table.slice(0, 0)]), info

@@ -1,0 +1,167 @@
+"""The DAF job against a real S3-compatible server on loopback (moto's server mode).
+
+The corpus is read from ``s3://`` and the whole run directory (run.json, report.html,
+Parquet tables, embeddings) is written there; the results must equal a run from local
+disk. Ray's worker processes inherit the environment of the process that starts Ray, so
+the endpoint and credentials go into ``os.environ`` when this module is imported: pytest
+imports every test module before the session's ``ray_local`` fixture starts Ray. The
+port is reserved then and handed to the server when the fixture starts it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BUCKET = "clipscan-test"
+
+_reserved = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+_reserved.bind(("127.0.0.1", 0))
+PORT = _reserved.getsockname()[1]
+ENDPOINT = f"http://127.0.0.1:{PORT}"
+S3_ENV = {
+    "AWS_ENDPOINT_URL": ENDPOINT,  # pyarrow >= 15 and boto3 read it; AWS_ENDPOINT_URL_S3 for S3 only
+    "AWS_ENDPOINT_URL_S3": ENDPOINT,
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",  # no instance-metadata probe on a laptop
+}
+os.environ.update(S3_ENV)
+
+sys.path.insert(0, str(ROOT / "jobs"))
+import daf  # noqa: E402  the job script itself, run in-process
+
+
+@pytest.fixture(scope="module")
+def s3_server() -> Iterator[str]:
+    """A moto S3 server on the reserved loopback port with an empty bucket; yields the endpoint."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    _reserved.close()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=PORT, verbose=False)
+    server.start()
+    try:
+        boto3.client("s3", endpoint_url=ENDPOINT).create_bucket(Bucket=BUCKET)
+        yield ENDPOINT
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def local_corpus(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from clipscan.data.scenes import write_corpus
+
+    return write_corpus(str(tmp_path_factory.mktemp("s3corpus") / "corpus"), 40, seed=11, size=64)
+
+
+@pytest.fixture(scope="module")
+def s3_corpus(s3_server: str, local_corpus: str) -> str:
+    """The local corpus uploaded under ``s3://BUCKET/corpus/``; returns the manifest URI."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_server)
+    root = Path(local_corpus).parent
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            client.upload_file(str(path), BUCKET, f"corpus/{path.relative_to(root).as_posix()}")
+    return f"s3://{BUCKET}/corpus/manifest.parquet"
+
+
+def _args(corpus: str, out: str) -> list[str]:
+    return ["--config", str(ROOT / "configs" / "daf-tiny.yaml"), f"data.path={corpus}", f"output={out}",
+            "embed.image_size=48", "mining.cases=10", "report.rows=5"]
+
+
+def _keys(prefix: str) -> set[str]:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=ENDPOINT)
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    return {obj["Key"][len(prefix):] for page in pages for obj in page.get("Contents", [])}
+
+
+def test_workers_see_the_endpoint(s3_server: str, ray_local: None) -> None:
+    """Guards the set-up: a Ray worker resolves s3:// to the loopback server, not to AWS."""
+    import ray
+
+    @ray.remote
+    def endpoint() -> str | None:
+        return os.environ.get("AWS_ENDPOINT_URL")
+
+    assert ray.get(endpoint.remote()) == ENDPOINT, (
+        "Ray was started before this module set AWS_ENDPOINT_URL; run the S3 tests in a session "
+        "whose Ray starts after test collection"
+    )
+
+
+def test_daf_reads_and_writes_s3_and_matches_local(
+    s3_corpus: str, local_corpus: str, tmp_path: Path, ray_local: None
+) -> None:
+    out = f"s3://{BUCKET}/runs/x"
+    assert daf.main(_args(s3_corpus, out)) == 0
+
+    keys = _keys("runs/x/")
+    for name in ("run.json", "report.html", "discrepancies.parquet", "pairs.parquet", "cases.parquet",
+                 "skipped.parquet", "failures.json"):
+        assert name in keys, f"{name} missing from {out}: {sorted(keys)}"
+    for model in ("probe", "reference"):
+        assert any(k.startswith(f"embeddings/{model}/part-") and k.endswith(".parquet") for k in keys)
+    assert not any(k.startswith("_rows/") for k in keys), "scratch rows left behind"
+
+    fs, root = pafs.FileSystem.from_uri(out)
+    info = json.loads(fs.open_input_stream(f"{root}/run.json").read())
+    assert info["status"] == "done" and info["counts"]["read"] == 40
+    assert info["counts"]["embedded"] + info["counts"]["skipped"] == 40
+    html = fs.open_input_stream(f"{root}/report.html").read().decode()
+    assert "data:image/png;base64" in html  # thumbnails were read back from s3://
+
+    local = tmp_path / "local-run"
+    assert daf.main(_args(local_corpus, str(local))) == 0
+    for name in ("discrepancies.parquet", "pairs.parquet", "skipped.parquet"):
+        remote = pq.read_table(f"{root}/{name}", filesystem=fs)
+        assert remote.equals(pq.read_table(local / name)), name
+    # the uri column names where each image was read from; everything else is identical
+    remote_cases = pq.read_table(f"{root}/cases.parquet", filesystem=fs)
+    local_cases = pq.read_table(local / "cases.parquet")
+    drop = [c for c in remote_cases.column_names if c in ("uri", "uris")]
+    assert remote_cases.drop_columns(drop).equals(local_cases.drop_columns(drop))
+    for model in ("probe", "reference"):
+        remote = pq.read_table(f"{root}/embeddings/{model}", filesystem=fs).sort_by("id")
+        assert remote.equals(pq.read_table(local / "embeddings" / model).sort_by("id")), model
+
+
+def test_missing_s3_corpus_names_the_uri(s3_server: str, ray_local: None, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    uri = f"s3://{BUCKET}/nowhere/manifest.parquet"
+    assert daf.main(_args(uri, str(tmp_path / "run"))) == 1
+    assert uri in capsys.readouterr().err
+
+
+def test_gs_uri_error_names_the_uri(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """No GCS server here: a gs:// corpus that cannot be reached fails with one line naming the URI."""
+    uri = "gs://clipscan-no-such-bucket/corpus/manifest.parquet"
+    env = {"GOOGLE_CLOUD_PROJECT": "none", "STORAGE_EMULATOR_HOST": "http://127.0.0.1:9"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # a closed loopback port: fails fast, never reaches Google
+    try:
+        assert daf.main(_args(uri, str(tmp_path / "run"))) == 1
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    err = capsys.readouterr().err
+    assert uri in err, err

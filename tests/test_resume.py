@@ -1,0 +1,79 @@
+"""A killed job resumes from the shards it finished and ends with the same outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from clipscan.stages.embed import load_embeddings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _command(manifest: str, out: Path) -> list[str]:
+    return [sys.executable, str(ROOT / "jobs" / "daf.py"), "--config", str(ROOT / "configs" / "daf-tiny.yaml"),
+            f"data.path={manifest}", f"output={out}", "models.probe=py:tests.planted:slow",
+            "models.reference=hf:tiny-dinov2", "embed.image_size=32", "embed.batch_size=16",
+            "data.rows_per_block=32", "ray.num_cpus=2", "mining.cases=5", "report.rows=3"]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_AUTH_MODE="disabled")
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def _complete_shards(raw: Path) -> int:
+    done = 0
+    for shard in raw.glob("shard-*"):
+        rows = sum(int(p.stem.split("-")[2]) - int(p.stem.split("-")[1]) + 1 for p in shard.glob("rows-*.parquet"))
+        done += rows == 32
+    return done
+
+
+def test_kill_mid_embedding_then_resume(tmp_path: Path) -> None:
+    from clipscan.data.scenes import write_corpus
+
+    manifest = write_corpus(str(tmp_path / "corpus"), 224, seed=5, size=48)
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_command(manifest, out), env=_env(), cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and _complete_shards(out / "_rows") < 3 and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, "the job finished before it could be killed"
+    finished_before_kill = _complete_shards(out / "_rows")
+    os.kill(proc.pid, signal.SIGKILL)  # the driver dies mid-stage
+    proc.wait()
+    time.sleep(1)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # and the local Ray it started with it
+    except ProcessLookupError:
+        pass
+    assert finished_before_kill >= 3 and not (out / "discrepancies.parquet").exists()
+
+    resumed = subprocess.run(_command(manifest, out), env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "done"
+    assert info["stages"]["read"]["todo_shards"] <= 7 - finished_before_kill  # finished shards not recomputed
+    assert info["counts"]["read"] == 224 == info["counts"]["embedded"] + info["counts"]["skipped"]
+
+    clean = tmp_path / "clean"
+    full = subprocess.run(_command(manifest, clean), env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert full.returncode == 0, full.stderr[-3000:]
+    for model in ("probe", "reference"):
+        ids_a, x_a = load_embeddings(str(out), model)
+        ids_b, x_b = load_embeddings(str(clean), model)
+        assert list(ids_a) == list(ids_b)
+        np.testing.assert_array_equal(x_a, x_b)
+    for name in ("discrepancies.parquet", "pairs.parquet", "cases.parquet", "skipped.parquet"):
+        assert pq.read_table(out / name).equals(pq.read_table(clean / name)), name
