@@ -91,19 +91,22 @@ class LlmConfig(Section):
     processor_kwargs: dict[str, Any] = Field(default_factory=dict)  # extra vLLMEngineProcessorConfig fields (batch_size, placement_group_config, ...)
 
 
+def _paper_transforms() -> dict[str, dict[str, Any]]:
+    # "Unveiling Glitches" section 3.2; flips, inversion and perspective always fire (p = 1)
+    return {
+        "grayscale": {},
+        "rotation": {"degrees": 30},
+        "affine": {"degrees": 15, "translate": [0.1, 0.1], "scale": [0.9, 1.1], "shear": 10},
+        "hflip": {"p": 1.0},
+        "invert": {"p": 1.0},
+        "perspective": {"distortion_scale": 0.3, "p": 1.0},
+        "elastic": {"alpha": 50.0, "sigma": 5.0},
+    }
+
+
 class TcacSection(Section):
     pool_k: int = Field(default=10, ge=1)  # nearest captions per own caption in the candidate pool
-    transforms: dict[str, dict[str, Any]] = Field(
-        default_factory=lambda: {
-            "grayscale": {},
-            "rotation": {"degrees": 30},
-            "affine": {"degrees": 15, "translate": [0.1, 0.1], "scale": [0.9, 1.1], "shear": 10},
-            "hflip": {"p": 1.0},
-            "invert": {"p": 1.0},
-            "perspective": {"distortion_scale": 0.3, "p": 1.0},
-            "elastic": {"alpha": 50.0, "sigma": 5.0},
-        }
-    )  # transform name -> its parameters (torchvision v2 argument names; `op: rotation` picks the transform for another name)
+    transforms: dict[str, dict[str, Any]] = Field(default_factory=_paper_transforms)  # transform name -> its parameters (torchvision v2 argument names; `op: rotation` picks the transform for another name)
     top: int = Field(default=10, ge=1)  # captions listed before and after
     report_top: int = Field(default=100, ge=1)  # images per transform in the report
     forward_rows: int = Field(default=64, ge=1)  # encoder inputs per forward pass, fixed (last chunk padded) so scores do not depend on Ray's batching
@@ -179,7 +182,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
-def _describe(err: dict[str, Any], model: type[BaseModel]) -> str:
+def _describe(err: Any, model: type[BaseModel]) -> str:
     key = ".".join(str(p) for p in err["loc"])
     if err["type"] == "extra_forbidden":
         allowed = _allowed_keys(model, err["loc"][:-1])

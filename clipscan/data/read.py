@@ -361,7 +361,11 @@ def read_corpus(
         ds = ray.data.read_webdataset([cfs.resolve(s)[1] for s in shards], filesystem=fsys, decoder=None)
         if cfg.limit is not None:
             ds = ds.limit(cfg.limit)
-        ds = ds.map_batches(_wds_rows, fn_kwargs={"caption": cfg.caption}, batch_format="pyarrow")
+        ds = ds.map_batches(
+            _wds_rows,  # type: ignore[arg-type]
+            fn_kwargs={"caption": cfg.caption},
+            batch_format="pyarrow",
+        )
         return ds, {"format": fmt, "shard_rows": {}, "todo_shards": len(shards)}
     table, info = read_table(cfg)
     step = cfg.rows_per_block

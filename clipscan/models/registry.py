@@ -161,7 +161,7 @@ class TorchEncoder(Encoder):
 
 
 def _hub_error(spec: str, e: BaseException) -> ModelLoadError:
-    chain = []
+    chain: list[str] = []
     cur: BaseException | None = e
     while cur is not None and len(chain) < 6:
         chain.append(f"{type(cur).__name__}: {cur}")
@@ -317,7 +317,7 @@ class PyEncoder(Encoder):
 
         pil = [Image.fromarray(img) for img in images]
         if self.image_size:
-            pil = [p.resize((self.image_size, self.image_size), Image.BICUBIC) for p in pil]
+            pil = [p.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC) for p in pil]
         out = np.asarray(self.model.embed_images(pil))
         if out.ndim != 2 or out.shape[0] != len(pil):
             raise ValueError(f"{self.spec}: embed_images returned shape {out.shape} for {len(pil)} images")

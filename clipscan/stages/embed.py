@@ -135,7 +135,7 @@ def build_embed(
 
     plan = plan_resources(ray.cluster_resources(), cfg)
     decoded = ds.map_batches(
-        _decode_batch,
+        _decode_batch,  # type: ignore[arg-type]
         fn_kwargs={"size": cfg.image_size, "max_pixels": data.max_pixels},
         num_cpus=cfg.decode_cpus,
         batch_size=cfg.batch_size,
