@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import logging
-import shutil
 import subprocess
 import sys
-import tempfile
 
 import numpy as np
 import pytest
@@ -57,22 +55,6 @@ def _brute_knn(xq: np.ndarray, xb: np.ndarray, k: int, exclude_self: bool = Fals
     cols = np.broadcast_to(np.arange(xb.shape[0]), sims.shape)
     order = np.lexsort((cols, -sims), axis=1)[:, :k]
     return np.take_along_axis(sims, order, axis=1), order.astype(np.int64)
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    temp_dir = tempfile.mkdtemp(prefix="ray")
-    ray.init(
-        num_cpus=2,
-        object_store_memory=100 * 2**20,
-        _temp_dir=temp_dir,
-        include_dashboard=False,
-        logging_level=logging.WARNING,
-    )
-    yield ray
-    ray.shutdown()
-    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 # --- exact search against numpy ---------------------------------------------------------
