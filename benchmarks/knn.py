@@ -14,14 +14,18 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Sampler  # noqa: E402
 
 GiB = 2**30
 
@@ -34,63 +38,6 @@ def make_vectors(n: int, d: int, seed: int = 0, clusters: int = 1000) -> np.ndar
     x += rng.standard_normal((n, d), dtype=np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     return x
-
-
-class Sampler:
-    """Samples this process and its descendants every interval_s; keeps the peak RSS and PSS
-    sums and the CPU seconds they used (the Ray workers included).
-
-    PSS counts a shared page (the Ray object store mapped by every worker) once overall.
-    CPU seconds, unlike wall time, hardly move when other jobs share the machine.
-    """
-
-    def __init__(self, interval_s: float = 0.2):
-        self.interval_s = interval_s
-        self.peak_rss = 0
-        self.peak_pss = 0
-        self.idle_pss = 0
-        self._cpu_start: dict[int, float] = {}
-        self._cpu_last: dict[int, float] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    @property
-    def cpu_seconds(self) -> float:
-        return sum(v - self._cpu_start.get(pid, 0.0) for pid, v in self._cpu_last.items())
-
-    def sample(self) -> None:
-        import psutil
-
-        me = psutil.Process()
-        rss = pss = 0
-        for proc in [me, *me.children(recursive=True)]:
-            try:
-                with proc.oneshot():
-                    info = proc.memory_full_info()
-                    cpu = proc.cpu_times()
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue
-            rss += info.rss
-            pss += getattr(info, "pss", info.rss)
-            self._cpu_last[proc.pid] = cpu.user + cpu.system
-        self.peak_rss = max(self.peak_rss, rss)
-        self.peak_pss = max(self.peak_pss, pss)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.sample()
-
-    def __enter__(self) -> Sampler:
-        self.sample()
-        self.idle_pss = self.peak_pss
-        self._cpu_start = dict(self._cpu_last)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sample()
 
 
 @dataclass

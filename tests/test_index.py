@@ -137,12 +137,24 @@ def test_bad_arguments_raise_value_error(call):
 
 
 @pytest.mark.parametrize("name", sorted(DATASETS))
-@pytest.mark.parametrize("shards", [1, 2, 3, 7, 260])
+@pytest.mark.parametrize("shards", [1, 2, 3, 7])
 def test_sharded_equals_single_process(ray_local, name, shards):
-    # 7 shards of 400-600 rows are uneven; 260 shards (> n / 2) hold one or two rows each.
+    # 7 shards of 400-600 rows are uneven.
     x = DATASETS[name]()
     sims, ids = ix.sharded_self_knn(x, 10, shards=shards, query_block=128)
     one_sims, one_ids = ix.self_knn(x, 10, shards=shards, query_block=128)
+    np.testing.assert_array_equal(ids, one_ids)
+    np.testing.assert_allclose(sims, one_sims, atol=1e-5)
+    ref_sims, ref_ids = _brute_knn(x, x, 10, exclude_self=True)
+    np.testing.assert_array_equal(ids, ref_ids)
+
+
+@pytest.mark.parametrize("name", ["ties", "duplicates"])
+def test_sharded_with_more_shards_than_half_the_rows(ray_local, name):
+    # 50 shards over 80 rows hold one or two rows each, fewer than k + 1.
+    x = DATASETS[name]()[:80]
+    sims, ids = ix.sharded_self_knn(x, 10, shards=50, query_block=32)
+    one_sims, one_ids = ix.self_knn(x, 10, shards=50, query_block=32)
     np.testing.assert_array_equal(ids, one_ids)
     np.testing.assert_allclose(sims, one_sims, atol=1e-5)
     ref_sims, ref_ids = _brute_knn(x, x, 10, exclude_self=True)

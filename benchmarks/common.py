@@ -1,0 +1,62 @@
+"""Shared by the benchmark scripts: peak memory and CPU time of this process and its Ray workers."""
+
+from __future__ import annotations
+
+import threading
+
+
+class Sampler:
+    """Samples this process and its descendants every interval_s; keeps the peak RSS and PSS
+    sums and the CPU seconds they used (the Ray workers included).
+
+    PSS counts a shared page (the Ray object store mapped by every worker) once overall.
+    CPU seconds, unlike wall time, hardly move when other jobs share the machine.
+    """
+
+    def __init__(self, interval_s: float = 0.2):
+        self.interval_s = interval_s
+        self.peak_rss = 0
+        self.peak_pss = 0
+        self.idle_pss = 0
+        self._cpu_start: dict[int, float] = {}
+        self._cpu_last: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @property
+    def cpu_seconds(self) -> float:
+        return sum(v - self._cpu_start.get(pid, 0.0) for pid, v in self._cpu_last.items())
+
+    def sample(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        rss = pss = 0
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                with proc.oneshot():
+                    info = proc.memory_full_info()
+                    cpu = proc.cpu_times()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            rss += info.rss
+            pss += getattr(info, "pss", info.rss)
+            self._cpu_last[proc.pid] = cpu.user + cpu.system
+        self.peak_rss = max(self.peak_rss, rss)
+        self.peak_pss = max(self.peak_pss, pss)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample()
+
+    def __enter__(self) -> Sampler:
+        self.sample()
+        self.idle_pss = self.peak_pss
+        self._cpu_start = dict(self._cpu_last)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
