@@ -19,7 +19,10 @@ demo: install
 
 test: install
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/mypy
+	$(BIN)/python -m pytest -q -m "not vllm"
+	bash scripts/vllm_env.sh > /dev/null
+	$(BIN)/python -m pytest -q -m vllm
 
 lint: install
 	$(BIN)/ruff check .

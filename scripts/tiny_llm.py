@@ -2,7 +2,7 @@
 
     PY=$(scripts/vllm_env.sh)
     $PY scripts/tiny_llm.py build /tmp/tiny-llm
-    $PY scripts/tiny_llm.py serve /tmp/tiny-llm --port 8011 [-- extra vllm serve args]
+    $PY scripts/tiny_llm.py serve /tmp/tiny-llm --port 8011 [more vllm serve options]
 
 Nothing is downloaded: the byte-level BPE tokenizer is trained here with ``tokenizers``
 on a few paragraphs of text and carries a chat template, so the chat endpoint and the
@@ -91,14 +91,15 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("dir")
     s.add_argument("--port", type=int, default=8011)
     s.add_argument("--name", default="tiny-llm", help="the model name clients send")
-    s.add_argument("extra", nargs="*", help="more `vllm serve` arguments (after --)")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)  # unknown options go to `vllm serve`
+    if args.cmd == "build" and extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     build(args.dir)
     if args.cmd == "build":
         print(args.dir)
         return 0
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    cmd = serve_command(args.dir, args.port, args.name, args.extra)
+    cmd = serve_command(args.dir, args.port, args.name, extra)
     sys.stdout.flush()
     os.execv(cmd[0], cmd)  # the server takes this pid, so a parent can stop it by pid
     return 1

@@ -512,3 +512,39 @@ def test_openai_concurrency_limit_and_merge(fake_server: Any, tmp_path: Path) ->
     assert by["Counting"]["prompts"] == 3 and by["Counting"]["cases"] == 6
     raw = read_raw(tmp_path)
     assert sorted(r["prompt"] for r in raw) == list(range(6))
+
+
+# --------------------------------------------------------------------------- vllm backend wiring (no engine)
+
+
+def test_vllm_processor_kwargs() -> None:
+    cfg = LlmConfig(backend="vllm", model="/models/llama", engine_kwargs={"max_model_len": 8192})
+    gpu = sm.vllm_processor_kwargs(cfg, gpus=4)
+    assert gpu["concurrency"] == 4 and gpu["model_source"] == "/models/llama"  # one engine per GPU
+    assert gpu["engine_kwargs"] == {"max_model_len": 8192} and "placement_group_config" not in gpu
+    cpu = sm.vllm_processor_kwargs(cfg, gpus=0)
+    assert cpu["concurrency"] == 1 and cpu["placement_group_config"] == {"bundles": [{"CPU": 1}]}
+    assert cpu["log_engine_metrics"] is False
+    custom = LlmConfig(backend="vllm", replicas=2, processor_kwargs={"batch_size": 4, "accelerator_type": "H100"})
+    out = sm.vllm_processor_kwargs(custom, gpus=8)
+    assert (out["concurrency"], out["batch_size"], out["accelerator_type"]) == (2, 4, "H100")
+
+
+def test_vllm_preprocess_binds_the_schema() -> None:
+    row = sm._vllm_preprocess({"prompt_index": 3, "attempt": 1, "text": "hi", "temperature": 0.7},
+                              max_tokens=99, schema=json.dumps(FAILURES_SCHEMA))
+    assert row["messages"] == [{"role": "user", "content": "hi"}]
+    assert row["sampling_params"]["max_tokens"] == 99 and row["sampling_params"]["temperature"] == 0.7
+    assert json.loads(row["sampling_params"]["structured_outputs"]["json"]) == FAILURES_SCHEMA
+    assert (row["prompt_index"], row["attempt"]) == (3, 1)
+
+
+def test_vllm_engine_failure_is_recorded(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    def boom(prompts: Any, cfg: Any) -> Any:
+        raise RuntimeError("no GPU memory")
+
+    monkeypatch.setattr(sm, "run_vllm", boom)
+    out = summarise(cases_table(make_cases(4)), LlmConfig(backend="vllm", tokenizer="/nonexistent",
+                                                          cases_per_prompt=2), None, str(tmp_path))
+    assert (out["prompts"], out["parsed"], out["failed"], out["types"]) == (2, 0, 2, [])
+    assert all("engine failed: RuntimeError: no GPU memory" in r["reason"] for r in read_raw(tmp_path))

@@ -480,23 +480,20 @@ def merge_failures(
         members.setdefault(cluster_of[g], []).extend(groups[key])
 
     rank = case_order or {}
-    types = []
+    merged = []
     for leader, items in members.items():
         lead = groups[order[leader]][0]
         prompts = sorted({f.prompt for f in items})
         case_ids = {c for f in items for c in f.case_ids}
         ranked = sorted(case_ids, key=lambda c: (rank.get(c, len(rank)), c))
         variants = sorted({f.type for f in items} - {lead.type})
-        types.append({
-            "type": lead.type,
-            "description": lead.description,
-            "prompts": len(prompts),
-            "cases": len(case_ids),
-            "examples": ranked[:examples],
-            "variants": variants,
-            "prompt_ids": prompts,
-        })
-    types.sort(key=lambda t: (-t["prompts"], -t["cases"], t["type"].casefold(), t["type"]))
+        merged.append((len(prompts), len(case_ids), lead, ranked[:examples], variants, prompts))
+    merged.sort(key=lambda m: (-m[0], -m[1], m[2].type.casefold(), m[2].type))
+    types = [
+        {"type": lead.type, "description": lead.description, "prompts": n_prompts, "cases": n_cases,
+         "examples": ex, "variants": variants, "prompt_ids": prompts}
+        for n_prompts, n_cases, lead, ex, variants, prompts in merged
+    ]
     return types, method
 
 
@@ -759,7 +756,12 @@ def summarise(
     elif cfg.backend == "openai":
         attempts = run_openai(prompts, cfg)
     elif cfg.backend == "vllm":
-        attempts = run_vllm(prompts, cfg)
+        try:
+            attempts = run_vllm(prompts, cfg)
+        except Exception as e:  # an engine that cannot start leaves a recorded failure, not a lost run
+            log.error("%s: the vLLM processor failed: %s", STAGE, e, exc_info=True)
+            reason = f"engine failed: {type(e).__name__}: {str(e)[:500]}"
+            attempts = [Attempt(p.index, 0, error=reason).parse() for p in prompts]
     else:
         raise ValueError(f"{STAGE}: unknown llm.backend {cfg.backend!r} (off | openai | vllm)")
 
@@ -788,7 +790,8 @@ def summarise(
     parsed = sum(1 for a in final.values() if a.ok)
     failed = len(prompts) - parsed
     if failed:
-        log.warning("%s: %d of %d answers could not be parsed (reasons in llm_raw.jsonl)", STAGE, failed, len(prompts))
+        (log.error if failed == len(prompts) else log.warning)(
+            "%s: %d of %d answers could not be parsed or fetched (reasons in llm_raw.jsonl)", STAGE, failed, len(prompts))
     failures = {
         "backend": cfg.backend,
         "model": cfg.model,
