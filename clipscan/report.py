@@ -502,9 +502,18 @@ def _failure_list(
     if isinstance(failures, Mapping):
         if failures.get("backend") == "off":
             return [], off
+        prompts, failed = failures.get("prompts"), failures.get("failed")
+        if isinstance(prompts, int) and prompts > 0 and failed == prompts:
+            return [], (f"None of the {prompts} LLM answers could be parsed into failure types "
+                        "(see llm_raw.jsonl for the raw answers and reasons).")
         for key in ("failure_types", "types", "failures"):
             if isinstance(failures.get(key), list):
-                return [f for f in failures[key] if isinstance(f, Mapping)], ""
+                note = ""
+                if isinstance(prompts, int) and prompts:
+                    note = (f"{failures.get('parsed', prompts)} of {prompts} LLM answers parsed "
+                            f"({failures.get('backend', 'llm')}: {failures.get('model', '')}).")
+                types = [f for f in failures[key] if isinstance(f, Mapping)]
+                return types, note if not types else ""
         return [], "The LLM summary found no failure types."
     return [f for f in failures if isinstance(f, Mapping)], ""
 
