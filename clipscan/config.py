@@ -45,6 +45,7 @@ class EmbedConfig(Section):
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto = fp16 on GPU, fp32 on CPU
     threads: int | None = Field(default=None, ge=1)  # torch threads per CPU actor; None = CPUs of the node
     decode_cpus: float = Field(default=0.5, gt=0)  # CPUs per decode task
+    gpus: int | None = Field(default=None, ge=0)  # GPUs to plan the pool for; None = what the cluster has or its autoscaler can add
 
 
 class KnnConfig(Section):

@@ -26,6 +26,10 @@ def ensure_corpus(cfg: DafConfig) -> None:
         return
     from clipscan.data.scenes import write_corpus
 
+    if cfs.is_uri(cfg.data.path):
+        raise ValueError(f"{cfg.data.path} does not exist and data.generate writes to local disk only; "
+                         "generate locally and upload it, or set data.generate=null")
+
     root = cfg.data.path[: -len("/manifest.parquet")] if cfg.data.path.endswith("/manifest.parquet") else cfg.data.path
     log.info("generating %d scenes at %s", cfg.data.generate, root)
     write_corpus(root, cfg.data.generate, seed=cfg.seed, size=max(cfg.embed.image_size, 64))

@@ -1,16 +1,29 @@
-"""Paths and URIs in, pyarrow filesystems and atomic writes out (local, s3://, gs://)."""
+"""Paths and URIs in, pyarrow filesystems and atomic writes out (local, s3://, gs://).
+
+Object storage is reached through pyarrow's filesystems, configured the way their
+SDKs are: S3 credentials, region and endpoint from the environment (``AWS_ACCESS_KEY_ID``,
+``AWS_ENDPOINT_URL`` for MinIO/moto/R2, an instance profile on EC2), GCS from
+``GOOGLE_APPLICATION_CREDENTIALS`` or the VM's service account. pyarrow's URI options
+(``s3://bucket/key?endpoint_override=...``) work for single files but not for directories
+that get joined onto; use the environment for those. Errors from a store name the path.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import posixpath
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+
+GCS_RETRY_ENV = "CLIPSCAN_GCS_RETRY_S"  # seconds a GCS call retries transient errors before failing
+GCS_RETRY_S = 120
 
 
 def is_uri(path: str) -> bool:
@@ -24,8 +37,32 @@ def resolve(path: str) -> tuple[pafs.FileSystem, str]:
         path = path[len("file://") :]
     if not is_uri(path):
         return pafs.LocalFileSystem(), os.path.abspath(path)
-    fs, inner = pafs.FileSystem.from_uri(path)
+    uri = path
+    if path.startswith("gs://") and "?" not in path:
+        # google-cloud-cpp retries for 15 minutes by default, so a job without GCS
+        # credentials would sit silent that long before failing; bound it.
+        uri = f"{path}?retry_limit_seconds={int(float(os.environ.get(GCS_RETRY_ENV, GCS_RETRY_S)))}"
+    try:
+        fs, inner = pafs.FileSystem.from_uri(uri)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as e:
+        raise ValueError(f"{path}: not a usable filesystem URI ({e})") from e
     return fs, inner
+
+
+@contextlib.contextmanager
+def named(path: str) -> Iterator[None]:
+    """Re-raise an ``OSError`` from a store so that its message starts with ``path``.
+
+    pyarrow's S3/GCS errors name the bucket operation, not the URI the job was given.
+    ``FileNotFoundError`` keeps its type so callers can still tell a missing file apart.
+    """
+    try:
+        yield
+    except OSError as e:
+        if path in str(e):
+            raise
+        cls = FileNotFoundError if isinstance(e, FileNotFoundError) else OSError
+        raise cls(f"{path}: {e}") from e
 
 
 def join(base: str, *parts: str) -> str:
@@ -41,18 +78,34 @@ def dirname(path: str) -> str:
 
 def exists(path: str) -> bool:
     fs, inner = resolve(path)
-    return fs.get_file_info(inner).type != pafs.FileType.NotFound
+    with named(path):
+        return fs.get_file_info(inner).type != pafs.FileType.NotFound
 
 
 def makedirs(path: str) -> None:
     fs, inner = resolve(path)
-    fs.create_dir(inner, recursive=True)
+    with named(path):
+        fs.create_dir(inner, recursive=True)
 
 
 def read_bytes(path: str) -> bytes:
     fs, inner = resolve(path)
-    with fs.open_input_stream(inner) as f:
+    with named(path), fs.open_input_stream(inner) as f:
         return bytes(f.read())
+
+
+def list_files(path: str, suffix: str = "", recursive: bool = True) -> list[str]:
+    """Files under directory ``path`` whose names end with ``suffix``, sorted, as full paths or URIs.
+
+    A ``FileSelector`` gives paths inside the filesystem (``bucket/key`` for S3); these
+    are turned back into ``s3://bucket/key`` so that ``resolve`` finds the same store.
+    An empty list when ``path`` does not exist.
+    """
+    fs, inner = resolve(path)
+    with named(path):
+        infos = fs.get_file_info(pafs.FileSelector(inner, recursive=recursive, allow_not_found=True))
+    prefix = path.split("://", 1)[0] + "://" if is_uri(path) else ""
+    return sorted(prefix + f.path for f in infos if f.type == pafs.FileType.File and f.path.endswith(suffix))
 
 
 def write_bytes_atomic(path: str, data: bytes) -> None:
@@ -63,11 +116,11 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
     """
     fs, inner = resolve(path)
     parent = posixpath.dirname(inner) if is_uri(path) else os.path.dirname(inner)
-    fs.create_dir(parent, recursive=True)
     if is_uri(path):
-        with fs.open_output_stream(inner) as f:
-            f.write(data)
+        with named(path), fs.open_output_stream(inner) as f:
+            f.write(data)  # object stores have no directories to create first
         return
+    fs.create_dir(parent, recursive=True)
     tmp = f"{inner}.tmp-{uuid.uuid4().hex[:8]}"
     with open(tmp, "wb") as f:
         f.write(data)
@@ -93,16 +146,17 @@ def read_parquet(path: str) -> pa.Table:
     import pyarrow.parquet as pq
 
     fs, inner = resolve(path)
-    info = fs.get_file_info(inner)
-    if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"no Parquet file or directory at {path}")
-    if info.type == pafs.FileType.File:
-        return pq.read_table(inner, filesystem=fs)
-    files = sorted(
-        f.path
-        for f in fs.get_file_info(pafs.FileSelector(inner, recursive=False))
-        if f.type == pafs.FileType.File and f.path.endswith(".parquet")
-    )
-    if not files:
-        raise FileNotFoundError(f"directory {path} holds no .parquet files")
-    return pa.concat_tables([pq.read_table(f, filesystem=fs) for f in files])
+    with named(path):
+        info = fs.get_file_info(inner)
+        if info.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"no Parquet file or directory at {path}")
+        if info.type == pafs.FileType.File:
+            return pq.read_table(inner, filesystem=fs)
+        files = sorted(
+            f.path
+            for f in fs.get_file_info(pafs.FileSelector(inner, recursive=False))
+            if f.type == pafs.FileType.File and f.path.endswith(".parquet")
+        )
+        if not files:
+            raise FileNotFoundError(f"directory {path} holds no .parquet files")
+        return pa.concat_tables([pq.read_table(f, filesystem=fs) for f in files])

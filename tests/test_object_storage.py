@@ -11,9 +11,11 @@ port is reserved then and handed to the server when the fixture starts it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,6 +51,7 @@ def s3_server() -> Iterator[str]:
     import boto3
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
     _reserved.close()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=PORT, verbose=False)
     server.start()
@@ -81,7 +84,7 @@ def s3_corpus(s3_server: str, local_corpus: str) -> str:
 
 def _args(corpus: str, out: str) -> list[str]:
     return ["--config", str(ROOT / "configs" / "daf-tiny.yaml"), f"data.path={corpus}", f"output={out}",
-            "embed.image_size=48", "mining.cases=10", "report.rows=5"]
+            "data.generate=null", "embed.image_size=48", "mining.cases=10", "report.rows=5"]
 
 
 def _keys(prefix: str) -> set[str]:
@@ -127,16 +130,21 @@ def test_daf_reads_and_writes_s3_and_matches_local(
     html = fs.open_input_stream(f"{root}/report.html").read().decode()
     assert "data:image/png;base64" in html  # thumbnails were read back from s3://
 
+    # the same command again finds the finished run on s3:// and reproduces it
+    first = pq.read_table(f"{root}/discrepancies.parquet", filesystem=fs)
+    assert daf.main(_args(s3_corpus, out)) == 0
+    assert pq.read_table(f"{root}/discrepancies.parquet", filesystem=fs).equals(first)
+
     local = tmp_path / "local-run"
     assert daf.main(_args(local_corpus, str(local))) == 0
     for name in ("discrepancies.parquet", "pairs.parquet", "skipped.parquet"):
         remote = pq.read_table(f"{root}/{name}", filesystem=fs)
         assert remote.equals(pq.read_table(local / name)), name
-    # the uri column names where each image was read from; everything else is identical
-    remote_cases = pq.read_table(f"{root}/cases.parquet", filesystem=fs)
-    local_cases = pq.read_table(local / "cases.parquet")
-    drop = [c for c in remote_cases.column_names if c in ("uri", "uris")]
-    assert remote_cases.drop_columns(drop).equals(local_cases.drop_columns(drop))
+    for name in ("cases.parquet", "corpus"):  # equal but for where each image was read from
+        remote = pq.read_table(f"{root}/{name}", filesystem=fs)
+        uris = [c for c in remote.column_names if "uri" in c]
+        assert remote.drop_columns(uris).equals(pq.read_table(local / name).drop_columns(uris)), name
+        assert remote.column("uri")[0].as_py().startswith(f"s3://{BUCKET}/corpus/images/"), name
     for model in ("probe", "reference"):
         remote = pq.read_table(f"{root}/embeddings/{model}", filesystem=fs).sort_by("id")
         assert remote.equals(pq.read_table(local / "embeddings" / model).sort_by("id")), model
@@ -149,19 +157,34 @@ def test_missing_s3_corpus_names_the_uri(s3_server: str, ray_local: None, tmp_pa
     assert uri in capsys.readouterr().err
 
 
-def test_gs_uri_error_names_the_uri(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """No GCS server here: a gs:// corpus that cannot be reached fails with one line naming the URI."""
+def test_gs_uri_error_names_the_uri(tmp_path: Path, ray_local: None, monkeypatch: pytest.MonkeyPatch,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """No GCS server here: a gs:// corpus without credentials fails in seconds with one line naming the URI."""
+    from clipscan import fs as cfs
+
     uri = "gs://clipscan-no-such-bucket/corpus/manifest.parquet"
-    env = {"GOOGLE_CLOUD_PROJECT": "none", "STORAGE_EMULATOR_HOST": "http://127.0.0.1:9"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # a closed loopback port: fails fast, never reaches Google
-    try:
-        assert daf.main(_args(uri, str(tmp_path / "run"))) == 1
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    err = capsys.readouterr().err
-    assert uri in err, err
+    monkeypatch.setenv(cfs.GCS_RETRY_ENV, "1")  # pyarrow's own default would retry for 15 minutes
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    start = time.perf_counter()
+    assert daf.main(_args(uri, str(tmp_path / "run"))) == 1
+    line = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")][-1]
+    assert uri in line and "cannot read" in line, line
+    assert time.perf_counter() - start < 60
+
+
+def test_fs_helpers_on_s3(s3_server: str) -> None:
+    """clipscan.fs on s3://: atomic writes, listing as full URIs, errors that name the URI."""
+    from clipscan import fs as cfs
+
+    base = f"s3://{BUCKET}/fs-helpers"
+    cfs.write_json_atomic(cfs.join(base, "a", "x.json"), {"n": 1})
+    cfs.write_bytes_atomic(cfs.join(base, "a", "b", "y.parquet"), b"not really parquet")
+    assert cfs.exists(cfs.join(base, "a", "x.json")) and not cfs.exists(cfs.join(base, "nope"))
+    assert json.loads(cfs.read_bytes(cfs.join(base, "a", "x.json"))) == {"n": 1}
+    assert cfs.list_files(base, ".parquet") == [f"{base}/a/b/y.parquet"]
+    assert cfs.list_files(cfs.join(base, "a"), recursive=False) == [f"{base}/a/x.json"]
+    assert cfs.list_files(cfs.join(base, "missing")) == []
+    with pytest.raises(FileNotFoundError, match="fs-helpers/nope"):
+        cfs.read_bytes(cfs.join(base, "nope"))
+    with pytest.raises(OSError, match=f"s3://{BUCKET}-missing/x"):
+        cfs.read_bytes(f"s3://{BUCKET}-missing/x")

@@ -71,10 +71,16 @@ def _decode_text(data: bytes, where: str) -> tuple[str, int]:
 def detect_format(path: str) -> str:
     """Guess the corpus layout of ``path``: flickr8k | coco | manifest | webdataset."""
     fsys, inner = cfs.resolve(path)
-    info = fsys.get_file_info(inner)
+    try:
+        info = fsys.get_file_info(inner)
+        names = (
+            {f.base_name for f in fsys.get_file_info(pafs.FileSelector(inner))}
+            if info.type == pafs.FileType.Directory else set()
+        )
+    except OSError as e:  # unreachable store, no credentials: say which corpus
+        raise CorpusError(f"cannot read corpus path {path}: {e}") from e
     name = posixpath.basename(inner.rstrip("/"))
     if info.type == pafs.FileType.Directory:
-        names = {f.base_name for f in fsys.get_file_info(pafs.FileSelector(inner))}
         if any(n in names for n in FLICKR_CAPTIONS):
             return "flickr8k"
         if any(n in names for n in MANIFEST_NAMES):
@@ -207,7 +213,12 @@ def _read_manifest_table(path: str) -> tuple[pa.Table, int]:
 
 def read_manifest(path: str, images: str | None = None) -> tuple[list[RawRow], dict[str, int]]:
     """A manifest: ``image`` (path or URI, relative to the manifest), ``caption`` (string or list), optional ``id``."""
-    if cfs.resolve(path)[0].get_file_info(cfs.resolve(path)[1]).type == pafs.FileType.Directory:
+    fsys, inner = cfs.resolve(path)
+    try:
+        is_dir = fsys.get_file_info(inner).type == pafs.FileType.Directory
+    except OSError as e:
+        raise CorpusError(f"cannot read manifest {path}: {e}") from e
+    if is_dir:
         for name in MANIFEST_NAMES:
             if cfs.exists(cfs.join(path, name)):
                 path = cfs.join(path, name)

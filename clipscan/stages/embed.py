@@ -110,7 +110,7 @@ def plan_resources(cluster: dict[str, float], cfg: EmbedConfig) -> EmbedPlan:
     one CPU for the decode tasks: two one-CPU actors on a two-CPU machine starve the
     read tasks and the pipeline stalls.
     """
-    gpus = int(cluster.get("GPU", 0))
+    gpus = int(cluster.get("GPU", 0)) if cfg.gpus is None else cfg.gpus
     cpus = float(cluster.get("CPU", 1))
     if gpus > 0:
         return EmbedPlan(
@@ -126,6 +126,28 @@ def plan_resources(cluster: dict[str, float], cfg: EmbedConfig) -> EmbedPlan:
                      threads=cfg.threads)
 
 
+def cluster_resources() -> dict[str, float]:
+    """Resources now, or, where GPU workers scale from zero, the most the autoscaler can add.
+
+    Sizing the pool from the GPUs present at start would plan a CPU actor on a cluster
+    whose GPU group is still at zero nodes, and the autoscaler would never add one.
+    """
+    import ray
+
+    now = dict(ray.cluster_resources())
+    if now.get("GPU"):
+        return now
+    try:
+        from ray._private.state import state
+
+        most = state.get_max_resources_from_cluster_config() or {}
+    except Exception:  # no autoscaler config published (local Ray, older Ray)
+        most = {}
+    if most.get("GPU"):
+        now["GPU"] = float(most["GPU"])
+    return now
+
+
 def build_embed(
     ds: ray.data.Dataset, models: dict[str, str], data: DataConfig, cfg: EmbedConfig
 ) -> ray.data.Dataset:
@@ -133,7 +155,7 @@ def build_embed(
     import ray
     import ray.data
 
-    plan = plan_resources(ray.cluster_resources(), cfg)
+    plan = plan_resources(cluster_resources(), cfg)
     decoded = ds.map_batches(
         _decode_batch,  # type: ignore[arg-type]
         fn_kwargs={"size": cfg.image_size, "max_pixels": data.max_pixels},
@@ -215,16 +237,9 @@ class ShardSink:
 
 def _shard_pieces(raw_dir: str) -> dict[str, list[str]]:
     """``{"shard-00003": [piece paths sorted by first row]}`` of what the sink wrote so far."""
-    import pyarrow.fs as pafs
-
-    fsys, inner = cfs.resolve(raw_dir)
-    if fsys.get_file_info(inner).type == pafs.FileType.NotFound:
-        return {}
     pieces: dict[str, list[str]] = {}
-    for info in fsys.get_file_info(pafs.FileSelector(inner, recursive=True)):
-        if info.type == pafs.FileType.File and info.path.endswith(".parquet"):
-            parent = info.path.rstrip("/").split("/")[-2]
-            pieces.setdefault(parent, []).append(info.path)
+    for path in cfs.list_files(raw_dir, ".parquet"):
+        pieces.setdefault(path.rstrip("/").split("/")[-2], []).append(path)
     return {k: sorted(v) for k, v in pieces.items()}
 
 
