@@ -124,7 +124,7 @@ class Renderer:
 
         img = Image.fromarray(pixels, "RGB")
         if img.size != (self.thumb, self.thumb):
-            img = img.resize((self.thumb, self.thumb), Image.BICUBIC)
+            img = img.resize((self.thumb, self.thumb), Image.Resampling.BICUBIC)
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=85, optimize=True)
         return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")

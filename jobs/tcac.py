@@ -12,6 +12,7 @@ import sys
 from clipscan import fs as cfs
 from clipscan.config import TcacConfig
 from clipscan.runner import fail, parse_args, setup_logging
+from clipscan.stages.tcac import run_tcac
 
 log = logging.getLogger("clipscan")
 
@@ -22,7 +23,11 @@ def ensure_corpus(cfg: TcacConfig) -> None:
         return
     from clipscan.data.scenes import write_corpus
 
-    root = cfs.dirname(cfg.data.path) if cfg.data.path.endswith(".parquet") else cfg.data.path
+    root = cfg.data.path
+    if root.endswith(".parquet"):
+        if not root.endswith("manifest.parquet"):
+            raise ValueError(f"data.generate writes DIR/manifest.parquet; data.path {root} is another file name")
+        root = cfs.dirname(root)
     log.info("generating %d scenes at %s", cfg.data.generate, root)
     write_corpus(root, cfg.data.generate, seed=cfg.seed, size=max(cfg.embed.image_size, 64))
 
@@ -31,8 +36,6 @@ def main(argv: list[str] | None = None) -> int:
     cfg, args = parse_args(argv, TcacConfig, __doc__.splitlines()[0])
     setup_logging()
     try:
-        from clipscan.stages.tcac import run_tcac
-
         ensure_corpus(cfg)
         run = run_tcac(cfg, overwrite=args.overwrite)
     except Exception as e:  # one line that names the stage; the traceback goes to the log

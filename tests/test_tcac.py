@@ -108,6 +108,12 @@ def test_forward_fixed_same_bits_whatever_the_split() -> None:
                                   np.concatenate([tcac.forward_fixed(enc.embed_texts, [t], 4, "") for t in texts]))
 
 
+def test_scoring_batch_fills_whole_forward_passes() -> None:
+    assert tcac.scoring_batch(16, 64, 2) == 32 and tcac.scoring_batch(64, 64, 8) == 64
+    assert tcac.scoring_batch(5, 16, 4) == 8 and tcac.scoring_batch(16, 64, 7) == 64
+    assert tcac.scoring_batch(8, 64, 7) == 8  # 64 images would be too many: padding is cheaper
+
+
 def _pool_for(enc, captions: dict[str, list[str]], k: int = 4) -> tcac.CaptionPool:
     rows = pa.table({"id": list(captions), "captions": list(captions.values()), "skip_stage": [""] * len(captions)})
     texts, ids, own = tcac.caption_inputs(rows)

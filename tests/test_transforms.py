@@ -144,3 +144,12 @@ def test_transform_stage_batch() -> None:
     np.testing.assert_array_equal(out["versions"][2, 2], stage.transforms.apply(pixels[2], "c", "rotation"))
     with pytest.raises(KeyError, match="stage 'transform' needs columns \\['pixels'\\]"):
         stage({"id": batch["id"], "skip_stage": batch["skip_stage"]})
+
+
+def test_tcac_modules_import_light() -> None:
+    code = (
+        "import sys, clipscan.stages.transforms, clipscan.stages.tcac, clipscan.report_tcac\n"
+        "print(','.join(m for m in ('torch', 'torchvision', 'faiss', 'ray', 'open_clip') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"TCAC modules pulled in: {out.stdout.strip()}"

@@ -27,6 +27,7 @@ differently for different batch shapes; the scores are float64 sums in a fixed o
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -324,6 +325,7 @@ class TcacScore:
                 if pools[i] is None:
                     stage[i], reason[i] = "tcac", "no caption pool for this id (it had no usable caption at read)"
         keep = [i for i in range(n) if not stage[i]]
+        row_of = {i: r for r, i in enumerate(keep)}
         z = np.zeros((0, v, 1), np.float32)
         if keep:
             flat = versions[keep].reshape(-1, *versions.shape[2:])
@@ -340,7 +342,7 @@ class TcacScore:
                 _append(cols, {**base, "own_captions": [], "transform": "", "skip_stage": stage[i], "skip_reason": reason[i]})
                 continue
             members, n_own = pools[i]  # type: ignore[misc]
-            s = score_versions(z[keep.index(i)], self.pool.text_emb[members], n_own, self.logit_scale, self.top)
+            s = score_versions(z[row_of[i]], self.pool.text_emb[members], n_own, self.logit_scale, self.top)
             texts = self.pool.texts[members]
             before = texts[s.top[0]].tolist()
             own = texts[:n_own].tolist()
@@ -375,12 +377,13 @@ def build_caption_embed(texts: Sequence[str], probe: str, cfg: EmbedConfig, forw
     plan = plan_resources(ray.cluster_resources(), cfg)
     table = pa.table({"caption_id": pa.array(np.arange(len(texts)), pa.int64()), "text": pa.array(list(texts), pa.string())})
     step = max(forward_rows, 1024)
-    ds = ray.data.from_arrow([table.slice(i, step) for i in range(0, max(table.num_rows, 1), step)])
+    blocks = [table.slice(i, step) for i in range(0, max(table.num_rows, 1), step)]
+    ds = ray.data.from_arrow(blocks)
     return ds.map_batches(
         EmbedText,
         fn_constructor_kwargs={"probe": probe, "forward_rows": forward_rows, "precision": cfg.precision,
                                "threads": plan.threads},
-        compute=ray.data.ActorPoolStrategy(size=plan.actors),
+        compute=ray.data.ActorPoolStrategy(size=min(plan.actors, len(blocks))),  # no idle model loads
         num_cpus=plan.num_cpus,
         num_gpus=plan.num_gpus or None,
         batch_size=max(plan.batch_size, forward_rows),
@@ -401,6 +404,19 @@ def prepare_batch(batch: dict[str, np.ndarray], size: int, max_pixels: int,
     return Transform(transforms, seed)(decoded)
 
 
+def scoring_batch(batch_size: int, forward_rows: int, versions: int) -> int:
+    """Images per scoring batch: ``batch_size`` rounded up so its images x versions fill whole forward passes.
+
+    Every pass has exactly ``forward_rows`` inputs; a batch that ends mid-pass pads the
+    rest with blanks the encoder computes for nothing (half of the work at 16 images,
+    2 versions and 64 rows). A multiple of forward_rows / gcd(forward_rows, versions)
+    images never does; where that multiple is above 4 x batch_size, batch_size stays.
+    """
+    step = forward_rows // math.gcd(forward_rows, versions)
+    rounded = -(-batch_size // step) * step
+    return rounded if rounded <= 4 * batch_size else batch_size
+
+
 def build_tcac(ds: ray.data.Dataset, pool: Any, probe: str, data: DataConfig, embed: EmbedConfig,
                tcac: TcacSection, seed: int) -> ray.data.Dataset:
     """Corpus rows -> ``ROW_SCHEMA`` rows: decode and transform in CPU tasks, score in one actor pool.
@@ -414,12 +430,13 @@ def build_tcac(ds: ray.data.Dataset, pool: Any, probe: str, data: DataConfig, em
     from clipscan.stages.embed import plan_resources
 
     plan = plan_resources(ray.cluster_resources(), embed)
+    batch = scoring_batch(plan.batch_size, tcac.forward_rows, 1 + len(tcac.transforms))
     prepared = ds.map_batches(
-        prepare_batch,
+        prepare_batch,  # type: ignore[arg-type]  # ray's stub has no room for fn_kwargs
         fn_kwargs={"size": embed.image_size, "max_pixels": data.max_pixels,
                    "transforms": {k: dict(v) for k, v in tcac.transforms.items()}, "seed": seed},
         num_cpus=embed.decode_cpus,
-        batch_size=embed.batch_size,
+        batch_size=batch,
         batch_format="numpy",
     )
     return prepared.map_batches(
@@ -430,7 +447,7 @@ def build_tcac(ds: ray.data.Dataset, pool: Any, probe: str, data: DataConfig, em
         compute=ray.data.ActorPoolStrategy(size=plan.actors),
         num_cpus=plan.num_cpus,
         num_gpus=plan.num_gpus or None,
-        batch_size=plan.batch_size,
+        batch_size=batch,
         batch_format="numpy",
     )
 
@@ -659,7 +676,8 @@ def run_tcac(cfg: TcacConfig, overwrite: bool = False) -> Run:
     with run.stage("read") as facts:
         ds, info = read_corpus(cfg.data)
         texts, ids, own = caption_inputs(caption_rows(cfg.data, ds))
-        facts.update(info, images_with_captions=len(ids), captions=len(texts))
+        facts.update({k: v for k, v in info.items() if k != "shard_rows"}, shards=len(info.get("shard_rows") or {}),
+                     images_with_captions=len(ids), captions=len(texts))
     if not texts:
         raise ValueError(f"no usable captions in {cfg.data.path}; TCAC needs captioned images")
 
