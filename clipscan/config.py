@@ -113,12 +113,6 @@ class TcacSection(Section):
     forward_rows: int = Field(default=64, ge=1)  # encoder inputs per forward pass, fixed (last one padded) so scores do not depend on Ray's batching; embed.batch_size is rounded up to fill whole passes
 
 
-class BiasSection(Section):
-    scenes: int = Field(default=600, ge=1)  # generated scenes per probe
-    objects: int = Field(default=4, ge=2, le=5)  # objects per scene for the order and size probes
-    image_size: int = Field(default=224, ge=32)  # generated scene side, px
-
-
 class ReportConfig(Section):
     rows: int = Field(default=50, ge=1)  # cases shown in report.html
     thumb: int = Field(default=128, ge=16)  # thumbnail side in px
@@ -150,9 +144,6 @@ class TcacConfig(JobConfig):
     tcac: TcacSection = TcacSection()
     llm: LlmConfig = LlmConfig()
 
-
-class BiasConfig(JobConfig):
-    bias: BiasSection = BiasSection()
 
 
 C = TypeVar("C", bound=BaseModel)

@@ -1,7 +1,7 @@
 """Run tables, figures and image URIs in; a self-contained ``report.html`` (inline CSS, data-URI images) and PNG plots out.
 
 The HTML helpers (``esc``, ``thumbnail_data_uri``, ``Thumbs``, ``card``, ``section``,
-``summary_table``, ``page``, ``figure_to_png``) are shared by the DAF, TCAC and bias
+``summary_table``, ``page``, ``figure_to_png``) are shared by the DAF and TCAC
 reports; ``daf_plots`` and ``write_daf_report`` build the DAF one. Pages need no network
 and no JavaScript. Captions and ids come from user data and are escaped everywhere.
 """

@@ -112,7 +112,7 @@ def _extras() -> set[str]:
 
 def check_job_command(argv: list[str], where: str) -> None:
     """``python jobs/X.py --config configs/Y.yaml key=value ...``: the files exist, the overrides load."""
-    from clipscan.config import BiasConfig, DafConfig, TcacConfig, load_config
+    from clipscan.config import DafConfig, TcacConfig, load_config
 
     assert argv[0] in ("python", "python3"), f"{where}: expected `python jobs/...`, got {argv[:2]}"
     script = argv[1]
@@ -121,7 +121,7 @@ def check_job_command(argv: list[str], where: str) -> None:
     config = argv[argv.index("--config") + 1]
     assert (ROOT / config).is_file(), f"{where}: config {config} is not in the repository"
     overrides = [a for a in argv[2:] if "=" in a and not a.startswith("-")]
-    cls = {"daf.py": DafConfig, "tcac.py": TcacConfig, "bias.py": BiasConfig}[Path(script).name]
+    cls = {"daf.py": DafConfig, "tcac.py": TcacConfig}[Path(script).name]
     load_config(cls, str(ROOT / config), overrides)  # unknown keys or bad values raise
 
 

@@ -65,9 +65,7 @@ def test_section_differs_by_job(tmp_path: Path) -> None:
 
 def test_shipped_configs_load() -> None:
     root = Path(__file__).resolve().parents[1] / "configs"
-    from clipscan.config import BiasConfig
-
-    kinds = {"daf": DafConfig, "tcac": TcacConfig, "bias": BiasConfig}
+    kinds = {"daf": DafConfig, "tcac": TcacConfig}
     found = 0
     for path in sorted(root.glob("*.yaml")):
         cls = kinds[path.stem.split("-")[0]]
