@@ -20,21 +20,6 @@ from clipscan.rundir import Run
 log = logging.getLogger("clipscan")
 
 
-def ensure_corpus(cfg: DafConfig) -> None:
-    """Generate the scene corpus at ``data.path`` when ``data.generate`` asks and it is missing."""
-    if cfg.data.generate is None or cfg.data.format not in ("auto", "manifest") or cfs.exists(cfg.data.path):
-        return
-    from clipscan.data.scenes import write_corpus
-
-    if cfs.is_uri(cfg.data.path):
-        raise ValueError(f"{cfg.data.path} does not exist and data.generate writes to local disk only; "
-                         "generate locally and upload it, or set data.generate=null")
-
-    root = cfg.data.path[: -len("/manifest.parquet")] if cfg.data.path.endswith("/manifest.parquet") else cfg.data.path
-    log.info("generating %d scenes at %s", cfg.data.generate, root)
-    write_corpus(root, cfg.data.generate, seed=cfg.seed, size=max(cfg.embed.image_size, 64))
-
-
 def neighbours(x: np.ndarray, cfg: KnnConfig, depth: int, seed: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Top-``depth`` neighbours of every row of x (n, d) float32 L2-normalised, self excluded.
 
@@ -59,7 +44,7 @@ def neighbours(x: np.ndarray, cfg: KnnConfig, depth: int, seed: int) -> tuple[np
 def run_daf(cfg: DafConfig, overwrite: bool = False) -> Run:
     """Run every DAF stage into ``cfg.output``; returns the finished ``Run``."""
     from clipscan import report
-    from clipscan.runner import embed_corpus, init_ray
+    from clipscan.runner import embed_corpus, ensure_corpus, init_ray
     from clipscan.stages import discrepancy
     from clipscan.stages.embed import load_corpus, load_embeddings
 

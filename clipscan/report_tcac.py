@@ -213,6 +213,7 @@ def write_tcac_report(
     top: int = 10,
     images: int = 100,
     thumb: int = 128,
+    failures: Mapping[str, Any] | None = None,
 ) -> str:
     """Write ``plots/changes_<transform>.png`` and ``report.html`` under ``run_dir``; return the report's path.
 
@@ -236,6 +237,7 @@ def write_tcac_report(
             "summary",
         ),
     ]
+    sections.append(section("Failure types", _failures_html(failures), "failures"))
     legend = (
         '<p class="note legend"><span><span class="swatch" style="background:#cf222e"></span>left the top list</span>'
         '<span><span class="swatch" style="background:#1a7f37"></span>entered the top list</span>'
@@ -258,3 +260,20 @@ def write_tcac_report(
     path = cfs.join(run_dir, "report.html")
     cfs.write_bytes_atomic(path, page(title, sections, css=CSS + TCAC_CSS, thumb=thumb).encode("utf-8"))
     return path
+
+
+def _failures_html(failures: Mapping[str, Any] | None) -> str:
+    """The LLM's failure types per transform, or a line saying the summary was not run."""
+    if not failures or failures.get("backend") == "off":
+        return ('<p class="muted">The LLM summary was not run (llm.backend is off), so caption shifts '
+                "are not grouped into failure types.</p>")
+    parts = []
+    for name, result in failures.get("transforms", {}).items():
+        types = result.get("types", [])
+        items = "".join(
+            f"<li><b>{esc(t.get('type', ''))}</b>: {esc(t.get('description', ''))} "
+            f'<span class="muted">({t.get("prompts", 0)} prompts, {t.get("cases", 0)} cases)</span></li>'
+            for t in types
+        ) or f'<li class="muted">no failure type ({result.get("parsed", 0)} of {result.get("prompts", 0)} answers parsed)</li>'
+        parts.append(f"<h3>{esc(name)}</h3><ul>{items}</ul>")
+    return "".join(parts)

@@ -157,6 +157,24 @@ class Progress:
                 continue
 
 
+def ensure_corpus(cfg: JobConfig) -> None:
+    """Generate the scene corpus at ``data.path`` when ``data.generate`` asks and it is missing."""
+    if cfg.data.generate is None or cfg.data.format not in ("auto", "manifest") or cfs.exists(cfg.data.path):
+        return
+    from clipscan.data.scenes import write_corpus
+
+    root = cfg.data.path
+    if cfs.is_uri(root):
+        raise ValueError(f"{root} does not exist and data.generate writes to local disk only; "
+                         "generate locally and upload it, or set data.generate=null")
+    if root.endswith(".parquet"):
+        if not root.endswith("manifest.parquet"):
+            raise ValueError(f"data.generate writes DIR/manifest.parquet; data.path {root} is another file name")
+        root = cfs.dirname(root)
+    log.info("generating %d scenes at %s", cfg.data.generate, root)
+    write_corpus(root, cfg.data.generate, seed=cfg.seed, size=max(cfg.embed.image_size, 64))
+
+
 def _remove_tree(path: str) -> None:
     fsys, inner = cfs.resolve(path)
     try:

@@ -218,6 +218,30 @@ def test_daf_job_with_openai_backend(vllm_server: str, tiny_llm: str, tmp_path: 
         assert t["examples"][0] in html
 
 
+def test_tcac_job_with_openai_backend(vllm_server: str, tiny_llm: str, tmp_path: Path) -> None:
+    """jobs/tcac.py end to end: each transform's caption shifts named by the real server."""
+    sys.path.insert(0, str(ROOT / "jobs"))
+    try:
+        import tcac as tcac_job
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "run"
+    rc = tcac_job.main([
+        "--config", str(ROOT / "configs" / "tcac-tiny.yaml"),
+        f"data.path={tmp_path / 'corpus' / 'manifest.parquet'}", "data.generate=24", f"output={out}",
+        "tcac.transforms={hflip: {p: 1.0}, invert: {p: 1.0}}", "tcac.report_top=4", "ray.num_cpus=2",
+        "llm.backend=openai", f"llm.url={vllm_server}", f"llm.model={SERVED_NAME}", f"llm.tokenizer={tiny_llm}",
+        "llm.cases_per_prompt=2", "llm.max_tokens=600", "llm.temperature=1.0",
+    ])
+    assert rc == 0
+    failures = json.loads((out / "failures.json").read_text())
+    assert failures["backend"] == "openai" and set(failures["transforms"]) == {"hflip", "invert"}
+    for name, result in failures["transforms"].items():
+        assert result["prompts"] == result["parsed"] + result["failed"]
+        assert (out / "llm" / name / "llm_raw.jsonl").is_file() or result["prompts"] == 0
+    assert "Failure types" in (out / "report.html").read_text()
+
+
 RAY_SCRIPT = r'''
 import json, sys, tempfile
 

@@ -281,8 +281,8 @@ def _load_hf(spec: ModelSpec, device: str, precision: str) -> Encoder:
 
     def text_fn(texts: list[str]) -> Any:
         assert enc is not None and tokenizer is not None
-        padding = "max_length" if model_type.startswith("siglip") else True
-        tok = tokenizer(texts, padding=padding, truncation=True, return_tensors="pt").to(enc.device)
+        # fixed-length padding: a caption's embedding must not depend on the others in its batch
+        tok = tokenizer(texts, padding="max_length", truncation=True, return_tensors="pt").to(enc.device)
         return _pooled(model.get_text_features(**tok))
 
     enc = TorchEncoder(

@@ -372,9 +372,9 @@ def build_caption_embed(texts: Sequence[str], probe: str, cfg: EmbedConfig, forw
     import ray
     import ray.data
 
-    from clipscan.stages.embed import plan_resources
+    from clipscan.stages.embed import cluster_resources, plan_resources
 
-    plan = plan_resources(ray.cluster_resources(), cfg)
+    plan = plan_resources(cluster_resources(), cfg)
     table = pa.table({"caption_id": pa.array(np.arange(len(texts)), pa.int64()), "text": pa.array(list(texts), pa.string())})
     step = max(forward_rows, 1024)
     blocks = [table.slice(i, step) for i in range(0, max(table.num_rows, 1), step)]
@@ -427,9 +427,9 @@ def build_tcac(ds: ray.data.Dataset, pool: Any, probe: str, data: DataConfig, em
     import ray
     import ray.data
 
-    from clipscan.stages.embed import plan_resources
+    from clipscan.stages.embed import cluster_resources, plan_resources
 
-    plan = plan_resources(ray.cluster_resources(), embed)
+    plan = plan_resources(cluster_resources(), embed)
     batch = scoring_batch(plan.batch_size, tcac.forward_rows, 1 + len(tcac.transforms))
     prepared = ds.map_batches(
         prepare_batch,  # type: ignore[arg-type]  # ray's stub has no room for fn_kwargs
@@ -607,6 +607,43 @@ def caption_shifts(table: pa.Table, transforms: Sequence[str], n: int = 100) -> 
 # The job
 
 
+def shift_cases(shifts: list[dict[str, Any]]) -> pa.Table:
+    """One transform's caption shifts as the summarise stage's cases: own caption, then the captions that entered."""
+    return pa.table({
+        "rank": pa.array(range(1, len(shifts) + 1), pa.int32()),
+        "id": pa.array([s["id"] for s in shifts], pa.string()),
+        "caption": pa.array([s["caption"] for s in shifts], pa.string()),
+        "texts": pa.array([[s["caption"], *s["entered"]] for s in shifts], pa.list_(pa.string())),
+        "neighbour_ids": pa.array([[] for _ in shifts], pa.list_(pa.string())),
+    })
+
+
+def name_failure_types(table: pa.Table, transforms: Sequence[str], cfg: TcacConfig, run: Run) -> dict[str, Any]:
+    """Per transform, the LLM's failure types for the images whose captions moved most (``failures.json``).
+
+    Each transform's prompts and raw answers go to ``llm/<transform>/``; the cases are the
+    ``tcac.report_top`` images with the largest change, each as its own caption followed
+    by the captions that entered its top list after the transform (the paper's 4.2).
+    """
+    if cfg.llm.backend == "off":
+        failures: dict[str, Any] = {"backend": "off", "transforms": {}}
+        cfs.write_json_atomic(run.path("failures.json"), failures)
+        return failures
+    from clipscan.models.registry import load_encoder
+    from clipscan.stages.summarise import summarise as summarise_llm
+
+    encoder = load_encoder(cfg.models.probe)
+    shifts = caption_shifts(table, transforms, cfg.tcac.report_top)
+    failures = {"backend": cfg.llm.backend, "model": cfg.llm.model, "transforms": {}}
+    for name in transforms:
+        cases = shift_cases([s for s in shifts[name] if s["entered"]])
+        failures["transforms"][name] = summarise_llm(
+            cases, cfg.llm, encoder.embed_texts if encoder.has_text else None, run.path("llm", name)
+        )
+    cfs.write_json_atomic(run.path("failures.json"), failures)
+    return failures
+
+
 def caption_rows(data: DataConfig, ds: ray.data.Dataset) -> pa.Table:
     """``id``, ``captions``, ``skip_stage`` of every corpus row, on the driver.
 
@@ -712,6 +749,11 @@ def run_tcac(cfg: TcacConfig, overwrite: bool = False) -> Run:
         run.record("tcac_summary", summary)
         facts.update(transforms=len(summary))
 
+    with run.stage("summarise") as facts:
+        failures = name_failure_types(table, names, cfg, run)
+        facts.update(backend=cfg.llm.backend,
+                     types={t: len(f.get("types", [])) for t, f in failures.get("transforms", {}).items()})
+
     with run.stage("report") as facts:
         overview = {
             "images": counts["scored"], "skipped": counts["skipped"], "probe": cfg.models.probe,
@@ -721,7 +763,8 @@ def run_tcac(cfg: TcacConfig, overwrite: bool = False) -> Run:
         }
         path = write_tcac_report(run.output, overview, summary, table, cfg.tcac.transforms, seed=cfg.seed,
                                  image_size=cfg.embed.image_size, max_pixels=cfg.data.max_pixels,
-                                 top=cfg.tcac.top, images=cfg.tcac.report_top, thumb=cfg.report.thumb)
+                                 top=cfg.tcac.top, images=cfg.tcac.report_top, thumb=cfg.report.thumb,
+                                 failures=failures)
         facts.update(path=path)
     run.finish()
     return run
