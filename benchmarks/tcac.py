@@ -42,16 +42,10 @@ from typing import Any
 
 import numpy as np
 
+from clipscan.config import TcacSection  # noqa: E402
+
 MODELS = {"tiny": ("open_clip:tiny-clip", 64), "vit-b-32": ("open_clip:ViT-B-32", 224)}
-PAPER: dict[str, dict[str, Any]] = {
-    "grayscale": {},
-    "rotation": {"degrees": 30},
-    "affine": {"degrees": 15, "translate": [0.1, 0.1], "scale": [0.9, 1.1], "shear": 10},
-    "hflip": {"p": 1.0},
-    "invert": {"p": 1.0},
-    "perspective": {"distortion_scale": 0.3, "p": 1.0},
-    "elastic": {"alpha": 50.0, "sigma": 5.0},
-}
+PAPER: dict[str, dict[str, Any]] = TcacSection().transforms  # the paper's seven
 ONE = "rotation"  # T = 1: a transform of middling cost
 
 

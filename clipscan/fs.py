@@ -88,6 +88,15 @@ def makedirs(path: str) -> None:
         fs.create_dir(inner, recursive=True)
 
 
+def remove_tree(path: str) -> None:
+    """Delete a directory (or prefix) and everything under it; nothing if it is missing."""
+    fsys, inner = resolve(path)
+    try:
+        fsys.delete_dir(inner)
+    except (FileNotFoundError, OSError):
+        pass
+
+
 def read_bytes(path: str) -> bytes:
     fs, inner = resolve(path)
     with named(path), fs.open_input_stream(inner) as f:

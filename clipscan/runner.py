@@ -89,7 +89,7 @@ def embed_corpus(run: Run, cfg: JobConfig, models: dict[str, str]) -> dict[str, 
             if shard in shard_rows and len(embed.rows_covered(paths)) == shard_rows[shard]:
                 done.add(shard)  # every row written before the kill: collect it, do not recompute
             elif shard not in done:
-                _remove_tree(cfs.join(raw, name))  # partial: computed again from scratch
+                cfs.remove_tree(cfs.join(raw, name))  # partial: computed again from scratch
         return done
 
     with run.stage("read") as facts:
@@ -103,7 +103,7 @@ def embed_corpus(run: Run, cfg: JobConfig, models: dict[str, str]) -> dict[str, 
             with Progress("embed", lambda: embed.rows_written(raw), total):
                 built.write_datasink(embed.ShardSink(raw))
         counts = embed.collect(raw, run.output, names, info["shard_rows"])
-        _remove_tree(raw)
+        cfs.remove_tree(raw)
         facts.update(rows_read=counts["read"], rows_embedded=counts["embedded"], rows_skipped=counts["skipped"],
                      shards=counts["shards"], shards_reused=counts["shards_reused"], nodes=counts["nodes"])
     run.count(**{k: v for k, v in counts.items() if k not in ("nodes", "shards", "shards_reused")})
@@ -173,14 +173,6 @@ def ensure_corpus(cfg: JobConfig) -> None:
         root = cfs.dirname(root)
     log.info("generating %d scenes at %s", cfg.data.generate, root)
     write_corpus(root, cfg.data.generate, seed=cfg.seed, size=max(cfg.embed.image_size, 64))
-
-
-def _remove_tree(path: str) -> None:
-    fsys, inner = cfs.resolve(path)
-    try:
-        fsys.delete_dir(inner)
-    except (FileNotFoundError, OSError):
-        pass
 
 
 def fail(message: str) -> int:

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+from clipscan.config import TcacSection
 from clipscan.stages.transforms import (
     SeededTransforms,
     Transform,
@@ -16,15 +17,7 @@ from clipscan.stages.transforms import (
     transform_seed,
 )
 
-PAPER = {
-    "grayscale": {},
-    "rotation": {"degrees": 30},
-    "affine": {"degrees": 15, "translate": [0.1, 0.1], "scale": [0.9, 1.1], "shear": 10},
-    "hflip": {"p": 1.0},
-    "invert": {"p": 1.0},
-    "perspective": {"distortion_scale": 0.3, "p": 1.0},
-    "elastic": {"alpha": 50.0, "sigma": 5.0},
-}
+PAPER = TcacSection().transforms  # the paper's seven, as the job config has them
 RANDOM = ("rotation", "affine", "perspective", "elastic")
 
 

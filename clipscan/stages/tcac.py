@@ -669,7 +669,7 @@ def embed_captions(run: Run, texts: Sequence[str], cfg: TcacConfig) -> np.ndarra
     build_caption_embed(texts, cfg.models.probe, cfg.embed, cfg.tcac.forward_rows).write_parquet(raw)
     fsys, files = _part_files(raw)
     table = pa.concat_tables([pq.read_table(f, filesystem=fsys) for f in files]).sort_by("caption_id")
-    _remove_tree(raw)
+    cfs.remove_tree(raw)
     if table.num_rows != len(texts) or table.column("caption_id").to_pylist() != list(range(len(texts))):
         raise RuntimeError(f"caption embedding returned {table.num_rows} rows for {len(texts)} captions")
     emb = embedding_matrix(table.column("embedding"))
@@ -678,14 +678,6 @@ def embed_captions(run: Run, texts: Sequence[str], cfg: TcacConfig) -> np.ndarra
         "embedding": table.column("embedding"),
     }))
     return emb
-
-
-def _remove_tree(path: str) -> None:
-    fsys, inner = cfs.resolve(path)
-    try:
-        fsys.delete_dir(inner)
-    except (FileNotFoundError, OSError):
-        pass
 
 
 def run_tcac(cfg: TcacConfig, overwrite: bool = False) -> Run:
@@ -731,12 +723,12 @@ def run_tcac(cfg: TcacConfig, overwrite: bool = False) -> Run:
 
     with run.stage("score") as facts:
         raw = run.path("_rows")
-        _remove_tree(raw)
+        cfs.remove_tree(raw)
         pool_ref = ray.put(pool)  # once; every scoring actor reads this one copy
         build_tcac(ds, pool_ref, cfg.models.probe, cfg.data, cfg.embed, cfg.tcac, cfg.seed).write_parquet(raw)
         del pool_ref
         counts = collect(raw, run.output, names)
-        _remove_tree(raw)
+        cfs.remove_tree(raw)
         facts.update(images_read=counts["read"], images_scored=counts["scored"],
                      images_skipped=counts["skipped"], rows=counts["rows"], transforms=len(names))
     run.count(**counts)
