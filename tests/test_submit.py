@@ -40,6 +40,10 @@ def head_node() -> Iterator[str]:
     proc = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=2", f"--port={_free_port()}",
          f"--dashboard-port={dashboard}", "--include-dashboard=true", f"--temp-dir={temp}",
+         # The agents default to fixed ports that the suite's own local cluster already holds;
+         # a head whose job agent cannot bind never accepts a submission.
+         f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+         f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
          "--disable-usage-stats"],
         env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
