@@ -191,12 +191,14 @@ def scoring(cfg: Any, pool_ref: Any) -> None:
     """The job's scoring pipeline: read, decode, transform, score, write tcac.parquet."""
     from clipscan.data.read import read_corpus
     from clipscan.stages import tcac
+    from clipscan.stages.embed import ShardSink
 
     raw = os.path.join(cfg.output, "_rows")
     shutil.rmtree(cfg.output, ignore_errors=True)
-    ds, _ = read_corpus(cfg.data)
-    tcac.build_tcac(ds, pool_ref, cfg.models.probe, cfg.data, cfg.embed, cfg.tcac, cfg.seed).write_parquet(raw)
-    counts = tcac.collect(raw, cfg.output, list(cfg.tcac.transforms))
+    ds, info = read_corpus(cfg.data)
+    built = tcac.build_tcac(ds, pool_ref, cfg.models.probe, cfg.data, cfg.embed, cfg.tcac, cfg.seed)
+    built.write_datasink(ShardSink(raw))
+    counts = tcac.collect(raw, cfg.output, list(cfg.tcac.transforms), info["shard_rows"])
     if counts["scored"] != cfg.data.limit:
         raise RuntimeError(f"scored {counts['scored']} of {cfg.data.limit} images: {counts}")
 
@@ -271,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                 line = (f"  {name} T={t}: model only {before[0]:.1f} / {after[0]:.1f} s ({model_cpu:.1f} CPU s); pipeline "
                         f"{small_wall:.1f} s ({small_cpu:.1f} CPU s) on {n} images, {wall:.1f} s ({cpu:.1f} CPU s) on {2 * n}")
                 if args.whole_job:
-                    from clipscan.stages.tcac import run_tcac
+                    from clipscan.tcac import run_tcac
 
                     job_cfg = cfgs[2 * n].model_copy(update={"output": out + "-job"})
                     job_wall, _ = timed(functools.partial(run_tcac, job_cfg, overwrite=True))

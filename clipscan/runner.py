@@ -83,14 +83,8 @@ def embed_corpus(run: Run, cfg: JobConfig, models: dict[str, str]) -> dict[str, 
     names = list(models)
 
     def done_shards(shard_rows: dict[int, int]) -> set[int]:
-        done = embed.finished_shards(run.output, shard_rows, names)
-        for name, paths in embed._shard_pieces(raw).items():
-            shard = int(name.split("-")[1]) if name != "shard-unnumbered" else -1
-            if shard in shard_rows and len(embed.rows_covered(paths)) == shard_rows[shard]:
-                done.add(shard)  # every row written before the kill: collect it, do not recompute
-            elif shard not in done:
-                cfs.remove_tree(cfs.join(raw, name))  # partial: computed again from scratch
-        return done
+        collected = embed.finished_shards(run.output, shard_rows, names)
+        return collected | embed.complete_shards(raw, shard_rows, keep=collected)
 
     with run.stage("read") as facts:
         ds, info = read_corpus(cfg.data, done_shards)

@@ -11,7 +11,7 @@ import sys
 
 from clipscan.config import TcacConfig
 from clipscan.runner import ensure_corpus, fail, parse_args, setup_logging
-from clipscan.stages.tcac import run_tcac
+from clipscan.tcac import run_tcac
 
 log = logging.getLogger("clipscan")
 

@@ -81,3 +81,17 @@ class Slow:
 
 def slow() -> Slow:
     return Slow()
+
+
+class SlowClip(Slow):
+    """``Slow`` with a text tower: each caption a fixed pseudo-random vector seeded by its bytes."""
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        import hashlib
+
+        seeds = [int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little") for t in texts]
+        return np.stack([np.random.default_rng(s).standard_normal(24) for s in seeds]).astype(np.float32)
+
+
+def slow_clip() -> SlowClip:
+    return SlowClip()

@@ -25,6 +25,14 @@ def _command(manifest: str, out: Path) -> list[str]:
             "data.rows_per_block=32", "ray.num_cpus=2", "mining.cases=5", "report.rows=3"]
 
 
+def _tcac_command(manifest: str, out: Path) -> list[str]:
+    transforms = '{"hflip": {"p": 1.0}, "rotation": {"degrees": 20}}'
+    return [sys.executable, str(ROOT / "jobs" / "tcac.py"), "--config", str(ROOT / "configs" / "tcac-tiny.yaml"),
+            f"data.path={manifest}", f"output={out}", "models.probe=py:tests.planted:slow_clip",
+            "embed.image_size=32", "embed.batch_size=16", "data.rows_per_block=32", "ray.num_cpus=2",
+            "tcac.forward_rows=16", f"tcac.transforms={transforms}", "tcac.report_top=3"]
+
+
 def _env() -> dict[str, str]:
     env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_AUTH_MODE="disabled")
     env.pop("RAY_ADDRESS", None)
@@ -39,18 +47,15 @@ def _complete_shards(raw: Path) -> int:
     return done
 
 
-def test_kill_mid_embedding_then_resume(tmp_path: Path) -> None:
-    from clipscan.data.scenes import write_corpus
-
-    manifest = write_corpus(str(tmp_path / "corpus"), 224, seed=5, size=48)
-    out = tmp_path / "run"
-    proc = subprocess.Popen(_command(manifest, out), env=_env(), cwd=ROOT, start_new_session=True,
+def _run_and_kill(command: list[str], raw: Path, shards: int) -> int:
+    """Start the job, SIGKILL its driver (and the local Ray it started) once ``shards`` shards are written whole."""
+    proc = subprocess.Popen(command, env=_env(), cwd=ROOT, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
-    while time.time() < deadline and _complete_shards(out / "_rows") < 3 and proc.poll() is None:
+    while time.time() < deadline and _complete_shards(raw) < shards and proc.poll() is None:
         time.sleep(0.2)
     assert proc.poll() is None, "the job finished before it could be killed"
-    finished_before_kill = _complete_shards(out / "_rows")
+    finished_before_kill = _complete_shards(raw)
     os.kill(proc.pid, signal.SIGKILL)  # the driver dies mid-stage
     proc.wait()
     time.sleep(1)
@@ -58,6 +63,15 @@ def test_kill_mid_embedding_then_resume(tmp_path: Path) -> None:
         os.killpg(proc.pid, signal.SIGKILL)  # and the local Ray it started with it
     except ProcessLookupError:
         pass
+    return finished_before_kill
+
+
+def test_kill_mid_embedding_then_resume(tmp_path: Path) -> None:
+    from clipscan.data.scenes import write_corpus
+
+    manifest = write_corpus(str(tmp_path / "corpus"), 224, seed=5, size=48)
+    out = tmp_path / "run"
+    finished_before_kill = _run_and_kill(_command(manifest, out), out / "_rows", 3)
     assert finished_before_kill >= 3 and not (out / "discrepancies.parquet").exists()
 
     resumed = subprocess.run(_command(manifest, out), env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -77,3 +91,30 @@ def test_kill_mid_embedding_then_resume(tmp_path: Path) -> None:
         np.testing.assert_array_equal(x_a, x_b)
     for name in ("discrepancies.parquet", "pairs.parquet", "cases.parquet", "skipped.parquet"):
         assert pq.read_table(out / name).equals(pq.read_table(clean / name)), name
+
+
+def test_kill_mid_tcac_scoring_then_resume(tmp_path: Path) -> None:
+    from clipscan.data.scenes import write_corpus
+
+    manifest = write_corpus(str(tmp_path / "corpus"), 224, seed=6, size=48)
+    out = tmp_path / "run"
+    finished_before_kill = _run_and_kill(_tcac_command(manifest, out), out / "_rows", 3)
+    assert finished_before_kill >= 3 and (out / "captions.parquet").exists() and not (out / "tcac.parquet").exists()
+
+    resumed = subprocess.run(_tcac_command(manifest, out), env=_env(), cwd=ROOT, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "done" and not (out / "_rows").exists()
+    assert info["stages"]["caption_pool"]["reused"] is True  # the captions were not embedded again
+    assert info["stages"]["score"]["shards_reused"] >= finished_before_kill  # nor the finished shards scored
+    assert info["stages"]["read"]["todo_shards"] <= 7 - finished_before_kill
+    assert info["counts"]["read"] == 224 == info["counts"]["scored"] + info["counts"]["skipped"]
+
+    clean = tmp_path / "clean"
+    full = subprocess.run(_tcac_command(manifest, clean), env=_env(), cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert full.returncode == 0, full.stderr[-3000:]
+    for name in ("tcac.parquet", "skipped.parquet", "captions.parquet"):
+        assert pq.read_table(out / name).equals(pq.read_table(clean / name)), name
+    assert json.loads((clean / "run.json").read_text())["tcac_summary"] == info["tcac_summary"]

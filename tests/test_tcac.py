@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from clipscan.stages import tcac
+from clipscan.stages.embed import ShardSink
 from clipscan.stages.index import self_knn
 from clipscan.stages.transforms import SeededTransforms
 from tests import corpora
@@ -197,9 +198,10 @@ def test_bad_images_skipped_with_reasons(tmp_path: Path, ray_local: None) -> Non
     emb = tcac.forward_fixed(load_encoder(TINY_PROBE).embed_texts, texts, 16, "")
     _, near = self_knn(emb, 2)
     pool = ray.put(tcac.CaptionPool.build(texts, emb, ids, own, near))
-    ds, _ = read_corpus(cfg.data)
-    tcac.build_tcac(ds, pool, TINY_PROBE, cfg.data, cfg.embed, cfg.tcac, cfg.seed).write_parquet(str(tmp_path / "raw"))
-    counts = tcac.collect(str(tmp_path / "raw"), str(tmp_path / "run"), list(TRANSFORMS))
+    ds, info = read_corpus(cfg.data)
+    built = tcac.build_tcac(ds, pool, TINY_PROBE, cfg.data, cfg.embed, cfg.tcac, cfg.seed)
+    built.write_datasink(ShardSink(str(tmp_path / "raw")))
+    counts = tcac.collect(str(tmp_path / "raw"), str(tmp_path / "run"), list(TRANSFORMS), info["shard_rows"])
     assert counts["read"] == len(expected) + 1 == counts["scored"] + counts["skipped"]
     assert counts["rows"] == counts["scored"] * len(TRANSFORMS)
     skipped = pq.read_table(tmp_path / "run" / "skipped.parquet").to_pylist()

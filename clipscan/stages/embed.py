@@ -235,7 +235,7 @@ class ShardSink:
         return _Sink(root)
 
 
-def _shard_pieces(raw_dir: str) -> dict[str, list[str]]:
+def shard_pieces(raw_dir: str) -> dict[str, list[str]]:
     """``{"shard-00003": [piece paths sorted by first row]}`` of what the sink wrote so far."""
     pieces: dict[str, list[str]] = {}
     for path in cfs.list_files(raw_dir, ".parquet"):
@@ -253,9 +253,25 @@ def rows_covered(paths: list[str]) -> set[int]:
     return covered
 
 
+def complete_shards(raw_dir: str, shard_rows: dict[int, int], keep: set[int] | None = None) -> set[int]:
+    """Shards whose pieces under raw_dir cover all their rows: a killed run wrote them whole.
+
+    The pieces of every other shard not in ``keep`` are removed; that shard is computed again
+    from scratch.
+    """
+    done = set()
+    for name, paths in shard_pieces(raw_dir).items():
+        shard = int(name.split("-")[1]) if name != "shard-unnumbered" else -1
+        if shard in shard_rows and len(rows_covered(paths)) == shard_rows[shard]:
+            done.add(shard)
+        elif shard not in (keep or set()):
+            cfs.remove_tree(cfs.join(raw_dir, name))
+    return done
+
+
 def rows_written(raw_dir: str) -> int:
     """Rows the sink has written so far (for progress lines)."""
-    return sum(len(rows_covered(v)) for k, v in _shard_pieces(raw_dir).items() if k != "shard-unnumbered")
+    return sum(len(rows_covered(v)) for k, v in shard_pieces(raw_dir).items() if k != "shard-unnumbered")
 
 
 def finished_shards(out_dir: str, shard_rows: dict[int, int], models: list[str]) -> set[int]:
@@ -288,7 +304,7 @@ def collect(raw_dir: str, out_dir: str, models: list[str], shard_rows: dict[int,
     ``reason``) over all shards. A later row whose id was already seen is skipped as a
     duplicate. Raises if a shard's rows are incomplete. Returns row counts.
     """
-    pieces = _shard_pieces(raw_dir)
+    pieces = shard_pieces(raw_dir)
     done = finished_shards(out_dir, shard_rows, models)
     names = sorted(set(pieces) | {f"shard-{s:05d}" for s in shard_rows})
     seen: set[str] = set()

@@ -14,21 +14,21 @@ Section 3.2 of "Unveiling Glitches". Four pieces, each usable without Ray:
   go through the probe's image tower together; zero-shot probabilities over the image's
   pool are a softmax of the model's own logit scale times the cosines
   (``score_versions``).
-* ``collect`` writes ``tcac.parquet`` and ``skipped.parquet``; ``summarise`` gives the
-  per-transform figures of ``run.json``; ``caption_shifts`` the before/after caption
-  shifts of the top images, the input of the LLM summary.
+* ``collect`` writes ``tcac.parquet`` and ``skipped.parquet`` from the per-shard pieces
+  the pipeline wrote; ``summarise`` gives the per-transform figures of ``run.json``;
+  ``caption_shifts`` the before/after caption shifts of the top images, the input of the
+  LLM summary.
 
 Outputs do not depend on how Ray splits the work: encoder forwards always see exactly
 ``tcac.forward_rows`` inputs (the last chunk padded), because CPU and GPU kernels round
 differently for different batch shapes; the scores are float64 sums in a fixed order.
-``run_tcac`` runs the job.
+``clipscan.tcac.run_tcac`` runs the job.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -38,13 +38,12 @@ import pyarrow as pa
 
 from clipscan import fs as cfs
 from clipscan.stages.decode import Decode, require
-from clipscan.stages.embed import SKIPPED_SCHEMA, embedding_array, embedding_matrix
+from clipscan.stages.embed import SKIPPED_SCHEMA, embedding_array
 
 if TYPE_CHECKING:
     import ray.data
 
-    from clipscan.config import DataConfig, EmbedConfig, TcacConfig, TcacSection
-    from clipscan.rundir import Run
+    from clipscan.config import DataConfig, EmbedConfig, TcacSection
 
 log = logging.getLogger("clipscan")
 
@@ -69,12 +68,14 @@ ROW_SCHEMA = pa.schema(
         ("own_rank_before", pa.int32()),  # best 1-based rank of any own caption, original
         ("own_rank_after", pa.int32()),  # the same, transformed
         ("kl", pa.float32()),  # KL(before || after) over the pool, nats
+        ("shard", pa.int32()),  # input shard and row within it: what resume counts (-1: none)
+        ("row", pa.int32()),
         ("notes", pa.string()),
         ("skip_stage", pa.string()),
         ("skip_reason", pa.string()),
     ]
 )
-OUTPUT_COLUMNS = [name for name in ROW_SCHEMA.names if name not in ("notes", "skip_stage", "skip_reason")]
+OUTPUT_COLUMNS = [name for name in ROW_SCHEMA.names if name not in ("shard", "row", "notes", "skip_stage", "skip_reason")]
 
 
 # ---------------------------------------------------------------------------------------
@@ -333,10 +334,12 @@ class TcacScore:
             z = z.reshape(len(keep), v, -1)
         cols: dict[str, list[Any]] = {name: [] for name in ROW_SCHEMA.names}
         notes = batch.get("notes")
+        shard = batch.get("shard", np.full(n, -1))
+        row = batch.get("row", np.full(n, -1))
         for i in range(n):
             base = {
                 "id": ids[i], "uri": str(batch["uri"][i] or ""), "caption": str(batch["caption"][i] or ""),
-                "notes": str(notes[i] or "") if notes is not None else "",
+                "shard": int(shard[i]), "row": int(row[i]), "notes": str(notes[i] or "") if notes is not None else "",
             }
             if stage[i]:
                 _append(cols, {**base, "own_captions": [], "transform": "", "skip_stage": stage[i], "skip_reason": reason[i]})
@@ -456,41 +459,46 @@ def build_tcac(ds: ray.data.Dataset, pool: Any, probe: str, data: DataConfig, em
 # Outputs
 
 
-def _part_files(raw_dir: str) -> tuple[Any, list[str]]:
-    import pyarrow.fs as pafs
+def collect(raw_dir: str, out_dir: str, transforms: Sequence[str],
+            shard_rows: dict[int, int] | None = None) -> dict[str, Any]:
+    """Rows the pipeline wrote (``ShardSink`` pieces) -> ``tcac.parquet`` and ``skipped.parquet``.
 
-    fsys, inner = cfs.resolve(raw_dir)
-    files = sorted(
-        f.path for f in fsys.get_file_info(pafs.FileSelector(inner, recursive=True))
-        if f.type == pafs.FileType.File and f.path.endswith(".parquet")
-    )
-    return fsys, files
-
-
-def collect(raw_dir: str, out_dir: str, transforms: Sequence[str]) -> dict[str, Any]:
-    """Rows the pipeline wrote -> ``tcac.parquet`` (sorted by id, then transform in config order) and ``skipped.parquet``.
-
-    A later image with an id already scored is skipped as a duplicate. Returns counts:
-    read (images), scored (images), skipped (images), rows (of tcac.parquet), skipped_by_stage, converted.
+    ``tcac.parquet`` is sorted by id, then transform in config order. Pieces are read in
+    shard order; a row a retried task wrote twice counts once, and a later image with an
+    id already scored is skipped as a duplicate. With ``shard_rows`` ({shard: rows}), a
+    shard whose pieces do not cover all its rows raises. Returns counts: read (images),
+    scored (images), skipped (images), rows (of tcac.parquet), skipped_by_stage, converted.
     """
-    import pyarrow.parquet as pq
+    from clipscan.stages.embed import rows_covered, shard_pieces
 
-    fsys, files = _part_files(raw_dir)
+    pieces = shard_pieces(raw_dir)
+    for shard, n in (shard_rows or {}).items():
+        covered = len(rows_covered(pieces.get(f"shard-{shard:05d}", [])))
+        if covered != n:
+            raise RuntimeError(f"shard {shard}: {covered} of {n} rows were scored")
     duplicate = "duplicate id (an earlier row has it)"
     seen: set[str] = set()
+    written: set[tuple[int, int, str]] = set()
     scored: list[pa.Table] = []
     skipped: list[pa.Table] = []
     converted: dict[str, int] = {}
-    for path in files:
-        table = pq.read_table(path, filesystem=fsys).cast(ROW_SCHEMA)
+    for path in [p for name in sorted(pieces) for p in pieces[name]]:
+        table = cfs.read_parquet(path).select(ROW_SCHEMA.names).cast(ROW_SCHEMA)
         ids = table.column("id").to_pylist()
         names = table.column("transform").to_pylist()
         stage = table.column("skip_stage").to_pylist()
         reason = table.column("skip_reason").to_pylist()
+        shards = table.column("shard").to_pylist()
+        rows = table.column("row").to_pylist()
         keep = np.zeros(len(ids), dtype=bool)
         skips: list[tuple[int, str, str]] = []
         dup = False
         for i, row_id in enumerate(ids):
+            if shards[i] >= 0:
+                key = (shards[i], rows[i], names[i])
+                if key in written:  # the same row from a retried write task
+                    continue
+                written.add(key)
             if stage[i]:
                 skips.append((i, stage[i], reason[i]))
                 continue
@@ -505,9 +513,9 @@ def collect(raw_dir: str, out_dir: str, transforms: Sequence[str]) -> dict[str, 
                             converted[item] = converted.get(item, 0) + 1
             keep[i] = not dup
         if skips:
-            rows = table.take(pa.array([i for i, _, _ in skips], pa.int64()))
+            taken = table.take(pa.array([i for i, _, _ in skips], pa.int64()))
             skipped.append(pa.table({
-                "id": rows.column("id"), "uri": rows.column("uri"),
+                "id": taken.column("id"), "uri": taken.column("uri"),
                 "stage": pa.array([s for _, s, _ in skips], pa.string()),
                 "reason": pa.array([r for _, _, r in skips], pa.string()),
             }))
@@ -601,162 +609,3 @@ def caption_shifts(table: pa.Table, transforms: Sequence[str], n: int = 100) -> 
             })
         out[name] = cases
     return out
-
-
-# ---------------------------------------------------------------------------------------
-# The job
-
-
-def shift_cases(shifts: list[dict[str, Any]]) -> pa.Table:
-    """One transform's caption shifts as the summarise stage's cases: own caption, then the captions that entered."""
-    return pa.table({
-        "rank": pa.array(range(1, len(shifts) + 1), pa.int32()),
-        "id": pa.array([s["id"] for s in shifts], pa.string()),
-        "caption": pa.array([s["caption"] for s in shifts], pa.string()),
-        "texts": pa.array([[s["caption"], *s["entered"]] for s in shifts], pa.list_(pa.string())),
-        "neighbour_ids": pa.array([[] for _ in shifts], pa.list_(pa.string())),
-    })
-
-
-def name_failure_types(table: pa.Table, transforms: Sequence[str], cfg: TcacConfig, run: Run) -> dict[str, Any]:
-    """Per transform, the LLM's failure types for the images whose captions moved most (``failures.json``).
-
-    Each transform's prompts and raw answers go to ``llm/<transform>/``; the cases are the
-    ``tcac.report_top`` images with the largest change, each as its own caption followed
-    by the captions that entered its top list after the transform (the paper's 4.2).
-    """
-    if cfg.llm.backend == "off":
-        failures: dict[str, Any] = {"backend": "off", "transforms": {}}
-        cfs.write_json_atomic(run.path("failures.json"), failures)
-        return failures
-    from clipscan.models.registry import load_encoder
-    from clipscan.stages.summarise import summarise as summarise_llm
-
-    encoder = load_encoder(cfg.models.probe)
-    shifts = caption_shifts(table, transforms, cfg.tcac.report_top)
-    failures = {"backend": cfg.llm.backend, "model": cfg.llm.model, "transforms": {}}
-    for name in transforms:
-        cases = shift_cases([s for s in shifts[name] if s["entered"]])
-        failures["transforms"][name] = summarise_llm(
-            cases, cfg.llm, encoder.embed_texts if encoder.has_text else None, run.path("llm", name)
-        )
-    cfs.write_json_atomic(run.path("failures.json"), failures)
-    return failures
-
-
-def caption_rows(data: DataConfig, ds: ray.data.Dataset) -> pa.Table:
-    """``id``, ``captions``, ``skip_stage`` of every corpus row, on the driver.
-
-    Flickr8k, COCO and manifests are parsed again (metadata only); WebDataset shards are
-    read once more through ``ds`` without their image bytes.
-    """
-    from clipscan.data.read import detect_format, read_table
-
-    fmt = data.format if data.format != "auto" else detect_format(data.path)
-    if fmt != "webdataset":
-        return read_table(data)[0].select(["id", "captions", "skip_stage"])
-    import ray
-
-    refs = ds.select_columns(["id", "captions", "skip_stage"]).to_arrow_refs()
-    return pa.concat_tables(ray.get(refs))
-
-
-def embed_captions(run: Run, texts: Sequence[str], cfg: TcacConfig) -> np.ndarray:
-    """(m, d) float32 text embeddings of ``texts``; also written to ``captions.parquet`` (caption_id, text, embedding)."""
-    import pyarrow.parquet as pq
-
-    raw = run.path("_captions")
-    build_caption_embed(texts, cfg.models.probe, cfg.embed, cfg.tcac.forward_rows).write_parquet(raw)
-    fsys, files = _part_files(raw)
-    table = pa.concat_tables([pq.read_table(f, filesystem=fsys) for f in files]).sort_by("caption_id")
-    cfs.remove_tree(raw)
-    if table.num_rows != len(texts) or table.column("caption_id").to_pylist() != list(range(len(texts))):
-        raise RuntimeError(f"caption embedding returned {table.num_rows} rows for {len(texts)} captions")
-    emb = embedding_matrix(table.column("embedding"))
-    cfs.write_parquet_atomic(run.path("captions.parquet"), pa.table({
-        "caption_id": table.column("caption_id"), "text": pa.array(list(texts), pa.string()),
-        "embedding": table.column("embedding"),
-    }))
-    return emb
-
-
-def run_tcac(cfg: TcacConfig, overwrite: bool = False) -> Run:
-    """Run every TCAC stage into ``cfg.output``; returns the finished ``Run``.
-
-    Writes ``captions.parquet``, ``tcac.parquet``, ``skipped.parquet``, ``plots/`` and
-    ``report.html``; ``run.json`` gets the counts, the stage timings and ``tcac_summary``.
-    """
-    import ray
-
-    from clipscan.daf import neighbours
-    from clipscan.data.read import read_corpus
-    from clipscan.report_tcac import write_tcac_report
-    from clipscan.rundir import Run
-    from clipscan.runner import configure_data_context, init_ray
-    from clipscan.stages.transforms import SeededTransforms
-
-    SeededTransforms(cfg.tcac.transforms, cfg.seed)  # a bad transform fails here, before any work
-    run = Run(cfg.output, "tcac", cfg, overwrite=overwrite)
-    started = time.perf_counter()
-    init_ray(cfg)
-    configure_data_context()
-    names = list(cfg.tcac.transforms)
-
-    with run.stage("read") as facts:
-        ds, info = read_corpus(cfg.data)
-        texts, ids, own = caption_inputs(caption_rows(cfg.data, ds))
-        facts.update({k: v for k, v in info.items() if k != "shard_rows"}, shards=len(info.get("shard_rows") or {}),
-                     images_with_captions=len(ids), captions=len(texts))
-    if not texts:
-        raise ValueError(f"no usable captions in {cfg.data.path}; TCAC needs captioned images")
-
-    with run.stage("caption_pool") as facts:
-        text_emb = embed_captions(run, texts, cfg)
-        near = None
-        if len(texts) > 1:
-            _, near, search = neighbours(text_emb, cfg.knn, cfg.tcac.pool_k, cfg.seed)
-            facts.update(search=search)
-        pool = CaptionPool.build(texts, text_emb, ids, own, near)
-        sizes = pool.sizes()
-        facts.update(captions=len(texts), pool_k=min(cfg.tcac.pool_k, len(texts) - 1),
-                     mean_pool=round(float(sizes.mean()), 2), max_pool=int(sizes.max()))
-
-    with run.stage("score") as facts:
-        raw = run.path("_rows")
-        cfs.remove_tree(raw)
-        pool_ref = ray.put(pool)  # once; every scoring actor reads this one copy
-        build_tcac(ds, pool_ref, cfg.models.probe, cfg.data, cfg.embed, cfg.tcac, cfg.seed).write_parquet(raw)
-        del pool_ref
-        counts = collect(raw, run.output, names)
-        cfs.remove_tree(raw)
-        facts.update(images_read=counts["read"], images_scored=counts["scored"],
-                     images_skipped=counts["skipped"], rows=counts["rows"], transforms=len(names))
-    run.count(**counts)
-    if counts["read"] != counts["scored"] + counts["skipped"]:
-        raise RuntimeError(f"row accounting does not add up: {counts}")
-
-    with run.stage("summary") as facts:
-        table = load_results(run.output)
-        summary = summarise(table, names, cfg.tcac.top)
-        run.record("tcac_summary", summary)
-        facts.update(transforms=len(summary))
-
-    with run.stage("summarise") as facts:
-        failures = name_failure_types(table, names, cfg, run)
-        facts.update(backend=cfg.llm.backend,
-                     types={t: len(f.get("types", [])) for t, f in failures.get("transforms", {}).items()})
-
-    with run.stage("report") as facts:
-        overview = {
-            "images": counts["scored"], "skipped": counts["skipped"], "probe": cfg.models.probe,
-            "captions": len(texts), "mean_pool": round(float(sizes.mean()), 2),
-            "transforms": len(names), "top": cfg.tcac.top,
-            "wall_s": round(time.perf_counter() - started, 1),
-        }
-        path = write_tcac_report(run.output, overview, summary, table, cfg.tcac.transforms, seed=cfg.seed,
-                                 image_size=cfg.embed.image_size, max_pixels=cfg.data.max_pixels,
-                                 top=cfg.tcac.top, images=cfg.tcac.report_top, thumb=cfg.report.thumb,
-                                 failures=failures)
-        facts.update(path=path)
-    run.finish()
-    return run

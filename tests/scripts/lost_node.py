@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         """Record the nodes named in the rows written so far (decode_node, embed_node columns)."""
         import pyarrow.parquet as pq
 
-        for paths in embed._shard_pieces(raw).values():
+        for paths in embed.shard_pieces(raw).values():
             for path in paths:
                 if path in read_pieces:
                     continue

@@ -1,0 +1,207 @@
+"""The TCAC job: a ``TcacConfig`` in, a run directory out (caption pool, ``tcac.parquet``, report).
+
+Section 3.2 of "Unveiling Glitches": every caption of the corpus is embedded once; each
+image is scored against its pool of candidate captions before and after each harmless
+transformation, and the images whose ranking moves most go to an LLM that names the
+failure types per transformation. The stages themselves live in ``clipscan.stages.tcac``.
+
+Resume: the scoring pipeline writes its rows per input shard under ``_rows/``; a rerun
+of the same config after a kill scores only the shards that were not written whole, and
+reuses ``captions.parquet`` when it holds the same captions.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+
+from clipscan import fs as cfs
+from clipscan.config import DataConfig, TcacConfig
+from clipscan.rundir import Run
+from clipscan.stages.tcac import (
+    CaptionPool,
+    build_caption_embed,
+    build_tcac,
+    caption_inputs,
+    caption_shifts,
+    collect,
+    load_results,
+    summarise,
+)
+
+if TYPE_CHECKING:
+    import ray.data
+
+log = logging.getLogger("clipscan")
+
+
+def run_tcac(cfg: TcacConfig, overwrite: bool = False) -> Run:
+    """Run every TCAC stage into ``cfg.output``; returns the finished ``Run``.
+
+    Writes ``captions.parquet``, ``tcac.parquet``, ``skipped.parquet``, ``failures.json``,
+    ``plots/`` and ``report.html``; ``run.json`` gets the counts, the stage timings and
+    ``tcac_summary``.
+    """
+    import ray
+
+    from clipscan.daf import neighbours
+    from clipscan.data.read import read_corpus
+    from clipscan.report_tcac import write_tcac_report
+    from clipscan.runner import Progress, configure_data_context, init_ray
+    from clipscan.stages import embed
+    from clipscan.stages.transforms import SeededTransforms
+
+    SeededTransforms(cfg.tcac.transforms, cfg.seed)  # a bad transform fails here, before any work
+    run = Run(cfg.output, "tcac", cfg, overwrite=overwrite)
+    started = time.perf_counter()
+    init_ray(cfg)
+    configure_data_context()
+    names = list(cfg.tcac.transforms)
+    raw = run.path("_rows")
+
+    with run.stage("read") as facts:
+        ds, info = read_corpus(cfg.data, lambda shard_rows: embed.complete_shards(raw, shard_rows))
+        texts, ids, own = caption_inputs(caption_rows(cfg.data, ds))
+        facts.update({k: v for k, v in info.items() if k != "shard_rows"}, shards=len(info["shard_rows"]),
+                     images_with_captions=len(ids), captions=len(texts))
+    if not texts:
+        raise ValueError(f"no usable captions in {cfg.data.path}; TCAC needs captioned images")
+
+    with run.stage("caption_pool") as facts:
+        text_emb, reused = embed_captions(run, texts, cfg)
+        near = None
+        if len(texts) > 1:
+            _, near, search = neighbours(text_emb, cfg.knn, cfg.tcac.pool_k, cfg.seed)
+            facts.update(search=search)
+        pool = CaptionPool.build(texts, text_emb, ids, own, near)
+        sizes = pool.sizes()
+        facts.update(captions=len(texts), reused=reused, pool_k=min(cfg.tcac.pool_k, len(texts) - 1),
+                     mean_pool=round(float(sizes.mean()), 2), max_pool=int(sizes.max()))
+
+    with run.stage("score") as facts:
+        if info["todo_shards"]:
+            pool_ref = ray.put(pool)  # once; every scoring actor reads this one copy
+            built = build_tcac(ds, pool_ref, cfg.models.probe, cfg.data, cfg.embed, cfg.tcac, cfg.seed)
+            with Progress("score", lambda: embed.rows_written(raw), sum(info["shard_rows"].values()) or None):
+                built.write_datasink(embed.ShardSink(raw))
+            del pool_ref
+        counts = collect(raw, run.output, names, info["shard_rows"])
+        facts.update(images_read=counts["read"], images_scored=counts["scored"],
+                     images_skipped=counts["skipped"], rows=counts["rows"], transforms=len(names),
+                     shards=len(info["shard_rows"]), shards_reused=len(info["shard_rows"]) - info["todo_shards"])
+    run.count(**counts)
+    if counts["read"] != counts["scored"] + counts["skipped"]:
+        raise RuntimeError(f"row accounting does not add up: {counts}")
+
+    with run.stage("summary") as facts:
+        table = load_results(run.output)
+        summary = summarise(table, names, cfg.tcac.top)
+        run.record("tcac_summary", summary)
+        facts.update(transforms=len(summary))
+
+    with run.stage("summarise") as facts:
+        failures = name_failure_types(table, names, cfg, run)
+        facts.update(backend=cfg.llm.backend,
+                     types={t: len(f.get("types", [])) for t, f in failures.get("transforms", {}).items()})
+
+    with run.stage("report") as facts:
+        overview = {
+            "images": counts["scored"], "skipped": counts["skipped"], "probe": cfg.models.probe,
+            "captions": len(texts), "mean_pool": round(float(sizes.mean()), 2),
+            "transforms": len(names), "top": cfg.tcac.top,
+            "wall_s": round(time.perf_counter() - started, 1),
+        }
+        path = write_tcac_report(run.output, overview, summary, table, cfg.tcac.transforms, seed=cfg.seed,
+                                 image_size=cfg.embed.image_size, max_pixels=cfg.data.max_pixels,
+                                 top=cfg.tcac.top, images=cfg.tcac.report_top, thumb=cfg.report.thumb,
+                                 failures=failures)
+        facts.update(path=path)
+    cfs.remove_tree(raw)  # kept until here so that a run killed in a later stage does not score again
+    run.finish()
+    return run
+
+
+def caption_rows(data: DataConfig, ds: ray.data.Dataset) -> pa.Table:
+    """``id``, ``captions``, ``skip_stage`` of every corpus row, on the driver.
+
+    Flickr8k, COCO and manifests are parsed again (metadata only); WebDataset shards are
+    read once more through ``ds`` without their image bytes.
+    """
+    from clipscan.data.read import detect_format, read_table
+
+    fmt = data.format if data.format != "auto" else detect_format(data.path)
+    if fmt != "webdataset":
+        return read_table(data)[0].select(["id", "captions", "skip_stage"])
+    import ray
+
+    refs = ds.select_columns(["id", "captions", "skip_stage"]).to_arrow_refs()
+    return pa.concat_tables(ray.get(refs))
+
+
+def embed_captions(run: Run, texts: Sequence[str], cfg: TcacConfig) -> tuple[np.ndarray, bool]:
+    """((m, d) float32 text embeddings of ``texts``, reused); written to ``captions.parquet`` (caption_id, text, embedding).
+
+    An earlier run of the same config into this directory that wrote ``captions.parquet``
+    for the same captions is reused (reused = True).
+    """
+    from clipscan.stages.embed import embedding_matrix
+
+    path = run.path("captions.parquet")
+    if cfs.exists(path):
+        table = cfs.read_parquet(path)
+        if table.column("text").to_pylist() == list(texts):
+            return embedding_matrix(table.column("embedding")), True
+    raw = run.path("_captions")
+    cfs.remove_tree(raw)
+    build_caption_embed(texts, cfg.models.probe, cfg.embed, cfg.tcac.forward_rows).write_parquet(raw)
+    table = cfs.read_parquet(raw).sort_by("caption_id")
+    cfs.remove_tree(raw)
+    if table.num_rows != len(texts) or table.column("caption_id").to_pylist() != list(range(len(texts))):
+        raise RuntimeError(f"caption embedding returned {table.num_rows} rows for {len(texts)} captions")
+    cfs.write_parquet_atomic(path, pa.table({
+        "caption_id": table.column("caption_id"), "text": pa.array(list(texts), pa.string()),
+        "embedding": table.column("embedding"),
+    }))
+    return embedding_matrix(table.column("embedding")), False
+
+
+def shift_cases(shifts: list[dict[str, Any]]) -> pa.Table:
+    """One transform's caption shifts as the summarise stage's cases: own caption, then the captions that entered."""
+    return pa.table({
+        "rank": pa.array(range(1, len(shifts) + 1), pa.int32()),
+        "id": pa.array([s["id"] for s in shifts], pa.string()),
+        "caption": pa.array([s["caption"] for s in shifts], pa.string()),
+        "texts": pa.array([[s["caption"], *s["entered"]] for s in shifts], pa.list_(pa.string())),
+        "neighbour_ids": pa.array([[] for _ in shifts], pa.list_(pa.string())),
+    })
+
+
+def name_failure_types(table: pa.Table, transforms: Sequence[str], cfg: TcacConfig, run: Run) -> dict[str, Any]:
+    """Per transform, the LLM's failure types for the images whose captions moved most (``failures.json``).
+
+    Each transform's prompts and raw answers go to ``llm/<transform>/``; the cases are the
+    ``tcac.report_top`` images with the largest change, each as its own caption followed
+    by the captions that entered its top list after the transform (the paper's 4.2).
+    """
+    if cfg.llm.backend == "off":
+        failures: dict[str, Any] = {"backend": "off", "transforms": {}}
+        cfs.write_json_atomic(run.path("failures.json"), failures)
+        return failures
+    from clipscan.models.registry import load_encoder
+    from clipscan.stages.summarise import summarise as summarise_llm
+
+    encoder = load_encoder(cfg.models.probe)
+    shifts = caption_shifts(table, transforms, cfg.tcac.report_top)
+    failures = {"backend": cfg.llm.backend, "model": cfg.llm.model, "transforms": {}}
+    for name in transforms:
+        cases = shift_cases([s for s in shifts[name] if s["entered"]])
+        failures["transforms"][name] = summarise_llm(
+            cases, cfg.llm, encoder.embed_texts if encoder.has_text else None, run.path("llm", name)
+        )
+    cfs.write_json_atomic(run.path("failures.json"), failures)
+    return failures
