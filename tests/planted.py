@@ -67,6 +67,7 @@ class Slow:
     """Sees pixels through a fixed random projection, slowly: long enough to kill a job mid-stage."""
 
     image_size = 16
+    delay_s = 0.03  # per image
 
     def __init__(self) -> None:
         self.weights = np.random.default_rng(0).standard_normal((16 * 16 * 3, 24)).astype(np.float32)
@@ -74,7 +75,7 @@ class Slow:
     def embed_images(self, images: list[Image.Image]) -> np.ndarray:
         import time
 
-        time.sleep(0.03 * len(images))
+        time.sleep(self.delay_s * len(images))
         x = np.stack([np.asarray(i.convert("RGB"), dtype=np.float32).reshape(-1) / 255.0 for i in images])
         return x @ self.weights
 
@@ -85,6 +86,8 @@ def slow() -> Slow:
 
 class SlowClip(Slow):
     """``Slow`` with a text tower: each caption a fixed pseudo-random vector seeded by its bytes."""
+
+    delay_s = 0.015  # TCAC scores 1 + T versions of each image
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         import hashlib
