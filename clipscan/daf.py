@@ -24,15 +24,18 @@ def neighbours(x: np.ndarray, cfg: KnnConfig, depth: int, seed: int) -> tuple[np
     """Top-``depth`` neighbours of every row of x (n, d) float32 L2-normalised, self excluded.
 
     Exact sharded search for ``knn.index: Flat``; otherwise the FAISS factory index, with
-    its recall@k against exact search measured on ``knn.recall_queries`` rows.
+    its recall@k against exact search measured on ``knn.recall_queries`` rows. Returns
+    D (n, depth) float32, I (n, depth) int64 and facts for run.json (index, wall_s; the
+    number of nodes that ran search tasks; the recall).
     """
     from clipscan.stages import index
 
     depth = min(depth, len(x) - 1)
     start = time.perf_counter()
     if cfg.index.strip().lower() == "flat":
-        D, I = index.sharded_self_knn(x, depth, shards=cfg.shards, query_block=cfg.query_block)
-        return D, I, {"index": "exact", "wall_s": round(time.perf_counter() - start, 3)}
+        nodes: set[str] = set()
+        D, I = index.sharded_self_knn(x, depth, shards=cfg.shards, query_block=cfg.query_block, nodes=nodes)
+        return D, I, {"index": "exact", "nodes": len(nodes), "wall_s": round(time.perf_counter() - start, 3)}
     D, I = index.approx_self_knn(x, depth, index=cfg.index, nprobe=cfg.nprobe,
                                  train_sample=cfg.train_sample, seed=seed, query_block=cfg.query_block)
     k = min(cfg.k, depth)

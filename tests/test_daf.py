@@ -32,6 +32,7 @@ def test_daf_main_end_to_end(tmp_path: Path, scene_corpus: str, ray_local: None,
     assert info["counts"]["read"] == 120 == info["counts"]["embedded"] + info["counts"]["skipped"]
     assert set(info["stages"]) == {"read", "embed", "index", "mine", "summarise", "report"}
     assert all(s["wall_s"] >= 0 for s in info["stages"].values())
+    assert info["stages"]["index"]["probe"]["nodes"] == info["stages"]["index"]["reference"]["nodes"] == 1
     assert info["config"]["knn"]["k"] == 10 and "ray" in info["versions"]
     table = pq.read_table(out / "discrepancies.parquet")
     assert table.num_rows == 120 and table.column("rank").to_pylist() == list(range(1, 121))

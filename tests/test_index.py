@@ -167,8 +167,10 @@ def test_sharded_default_shards_and_threads(ray_local):
     ref_sims, ref_ids = _brute_knn(x, x, 5, exclude_self=True)
     np.testing.assert_array_equal(ids, ref_ids)
     np.testing.assert_allclose(sims, ref_sims, atol=1e-5)
-    sims2, ids2 = ix.sharded_self_knn(x, 5, shards=2, num_cpus_per_task=2)
+    nodes: set[str] = set()
+    sims2, ids2 = ix.sharded_self_knn(x, 5, shards=2, num_cpus_per_task=2, nodes=nodes)
     np.testing.assert_array_equal(ids2, ids)
+    assert len(nodes) == 1  # the local Ray is one node; tests/test_lost_node.py sees the spread over two
 
 
 # --- approximate search ---------------------------------------------------------------------

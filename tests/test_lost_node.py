@@ -3,8 +3,9 @@
 The cluster (``ray.cluster_utils.Cluster``: a head and two workers, each its own raylet)
 runs in a subprocess, tests/scripts/lost_node.py, so that it has its own Ray and not the
 session's ``ray_local``. The script removes the worker that hosts an encoder actor after
-the first rows are written (no graceful drain: its processes are killed) and prints what
-it found as JSON.
+the first rows are written (no graceful drain: its processes are killed), adds a fresh
+worker as an autoscaler would, runs the exact neighbour search over the embeddings, and
+prints what it found as JSON.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def test_lost_worker_node_loses_and_duplicates_no_row(tmp_path: Path) -> None:
     assert result["error"] is None, result["error"] + "\n" + proc.stderr[-4000:]
 
     events = result["events"]
-    assert events["nodes_at_start"] == 3 and events["nodes_at_end"] == 2
+    assert events["nodes_at_start"] == 3 and events["nodes_at_end"] == 3  # one lost, one added
     assert "killed_at_rows" in events, "the watcher never removed a node"
     assert events["killed_at_rows"] < IMAGES, f"the node went only after the stage had written every row: {events}"
     assert events["killed_ran_embed"], f"the removed node ran no encoder actor: {events}"
@@ -54,6 +55,7 @@ def test_lost_worker_node_loses_and_duplicates_no_row(tmp_path: Path) -> None:
     # (decode tasks are short; the scheduler may keep them all on one node)
     assert len(nodes["embed"]) > 1 and len(nodes["decode"]) >= 1, nodes
     assert events["killed_node"] in nodes["embed"]
+    assert result["events"]["search"]["nodes"] == 2, result["events"]["search"]  # both live workers searched
     recorded = result["run_stages"]["embed"].get("nodes")
     if recorded:  # run.json's per-stage node counts
         assert all(n > 1 for n in recorded.values()), recorded

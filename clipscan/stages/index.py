@@ -128,6 +128,7 @@ def sharded_self_knn(
     shards: int | None = None,
     query_block: int = 16384,
     num_cpus_per_task: int | None = None,
+    nodes: set[str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """`self_knn` with one Ray task per database shard; needs `ray.init()` done by the caller.
 
@@ -137,7 +138,9 @@ def sharded_self_knn(
     results as they arrive, so it holds n * (k + 1) plus one shard result at a time.
     `shards` defaults to the cluster's GPUs, else its CPUs; tasks take one GPU each when
     the cluster has GPUs. `num_cpus_per_task` (default: cluster CPUs // shards, at least 1)
-    is also the FAISS thread count of each task. Returns D (n, k) float32, I (n, k) int64,
+    is also the FAISS thread count of each task. The tasks are spread over the cluster's
+    nodes (each holds a shard's share of the work and its results); `nodes`, if given,
+    receives the ids of the nodes that ran them. Returns D (n, k) float32, I (n, k) int64,
     identical to `self_knn(x, k, shards, query_block)`.
     """
     import ray
@@ -155,7 +158,7 @@ def sharded_self_knn(
     bounds = shard_bounds(n, shards)
     if num_cpus_per_task is None:
         num_cpus_per_task = max(1, cpus // shards)
-    options: dict[str, Any] = {"num_cpus": num_cpus_per_task}
+    options: dict[str, Any] = {"num_cpus": num_cpus_per_task, "scheduling_strategy": "SPREAD"}
     if gpus:
         options["num_gpus"] = 1
     logger.info(
@@ -176,21 +179,25 @@ def sharded_self_knn(
     sims, ids = _empty_result(n, k + 1)
     while pending:
         done, pending = ray.wait(pending, num_returns=1)
-        part_sims, part_ids = ray.get(done[0])
+        part_sims, part_ids, node = ray.get(done[0])
         _merge_into(sims, ids, part_sims, part_ids)
+        if nodes is not None:
+            nodes.add(node)
         del done, part_sims, part_ids
     return drop_self(sims, ids, np.arange(n), k)
 
 
 def _search_shard_task(
     x: np.ndarray, lo: int, hi: int, k: int, query_block: int, threads: int
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, str]:
     # A reused Ray worker keeps the OpenMP pool size it started with, whatever the
     # task's OMP_NUM_THREADS says, so set it explicitly to the task's CPU allotment.
     import faiss
+    import ray
 
     faiss.omp_set_num_threads(max(1, int(threads)))
-    return search_shard(x, lo, hi, k, query_block)
+    sims, ids = search_shard(x, lo, hi, k, query_block)
+    return sims, ids, str(ray.get_runtime_context().get_node_id())
 
 
 # ---------------------------------------------------------------------------------------

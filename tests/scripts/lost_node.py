@@ -5,7 +5,9 @@
 Runs the real embedding stage (``clipscan.runner.embed_corpus``) on a
 ``ray.cluster_utils.Cluster`` (a head and two workers, separate raylets on this
 machine). A watcher thread removes the worker node that hosts an encoder actor once
-the sink has written some rows and before it has written them all. Prints one JSON
+the sink has written some rows and before it has written them all; then a fresh worker
+joins, as the autoscaler would add one, and the exact neighbour search runs over the
+embeddings (its facts say on how many nodes). Prints one JSON
 object on the last line of stdout: the input ids, the ids found in
 ``embeddings/<model>/*.parquet`` and ``skipped.parquet``, the nodes that ran decode
 tasks and encoder actors, and what happened when. tests/test_lost_node.py checks it.
@@ -44,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     from ray.cluster_utils import Cluster
 
     from clipscan import fs as cfs
-    from clipscan.config import DafConfig, load_config
+    from clipscan.config import DafConfig, KnnConfig, load_config
+    from clipscan.daf import neighbours
     from clipscan.data.scenes import write_corpus
     from clipscan.rundir import Run
     from clipscan.runner import embed_corpus
@@ -125,6 +128,16 @@ def main(argv: list[str] | None = None) -> int:
         counts, error = {}, f"{type(e).__name__}: {e}"
     stop.set()
     watcher.join(timeout=5)
+    if error is None:
+        # The autoscaler would replace the lost node; the exact search then spreads over both workers.
+        workers.append(cluster.add_node(num_cpus=3, **node_args))
+        cluster.wait_for_nodes()
+        try:
+            _, x = embed.load_embeddings(str(out), "probe")
+            _, _, search = neighbours(x, KnnConfig(), 10, 0)
+            events["search"] = search
+        except Exception as e:
+            error = f"search: {type(e).__name__}: {e}"
     events["worker_nodes"] = [w.node_id for w in workers]
     events["head_node"] = cluster.head_node.node_id
     events["wall_s"] = round(time.perf_counter() - started, 2)
