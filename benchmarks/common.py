@@ -11,10 +11,12 @@ class Sampler:
 
     PSS counts a shared page (the Ray object store mapped by every worker) once overall.
     CPU seconds, unlike wall time, hardly move when other jobs share the machine.
+    With memory=False only CPU time is sampled (reading PSS walks each process's pages).
     """
 
-    def __init__(self, interval_s: float = 0.2):
+    def __init__(self, interval_s: float = 0.2, memory: bool = True):
         self.interval_s = interval_s
+        self.memory = memory
         self.peak_rss = 0
         self.peak_pss = 0
         self.idle_pss = 0
@@ -35,12 +37,13 @@ class Sampler:
         for proc in [me, *me.children(recursive=True)]:
             try:
                 with proc.oneshot():
-                    info = proc.memory_full_info()
+                    info = proc.memory_full_info() if self.memory else None
                     cpu = proc.cpu_times()
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
-            rss += info.rss
-            pss += getattr(info, "pss", info.rss)
+            if info is not None:
+                rss += info.rss
+                pss += getattr(info, "pss", info.rss)
             self._cpu_last[proc.pid] = cpu.user + cpu.system
         self.peak_rss = max(self.peak_rss, rss)
         self.peak_pss = max(self.peak_pss, pss)

@@ -42,13 +42,17 @@ import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Sampler  # noqa: E402
 
 from clipscan.config import TcacSection  # noqa: E402
 
@@ -57,58 +61,13 @@ PAPER: dict[str, dict[str, Any]] = TcacSection().transforms  # the paper's seven
 ONE = "rotation"  # T = 1: a transform of middling cost
 
 
-class CpuClock:
-    """CPU seconds (user + system) of this process and all its descendants over a ``with`` block.
-
-    Sampled every interval_s, so a process that starts and ends between samples is missed;
-    Ray's workers live for the whole session.
-    """
-
-    def __init__(self, interval_s: float = 0.2) -> None:
-        self.interval_s = interval_s
-        self._start: dict[int, float] = {}
-        self._last: dict[int, float] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _sample(self) -> None:
-        import psutil
-
-        me = psutil.Process()
-        for proc in [me, *me.children(recursive=True)]:
-            try:
-                t = proc.cpu_times()
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue
-            self._last[proc.pid] = t.user + t.system
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self._sample()
-
-    @property
-    def seconds(self) -> float:
-        return sum(v - self._start.get(pid, 0.0) for pid, v in self._last.items())
-
-    def __enter__(self) -> CpuClock:
-        self._sample()
-        self._start = dict(self._last)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._sample()
-
-
 def timed(fn: Callable[[], Any]) -> tuple[float, float]:
     """(wall seconds, CPU seconds) of fn()."""
-    with CpuClock() as clock:
+    with Sampler(memory=False) as clock:
         start = time.perf_counter()
         fn()
         wall = time.perf_counter() - start
-    return wall, clock.seconds
+    return wall, clock.cpu_seconds
 
 
 def pick_transforms(t: int) -> dict[str, dict[str, Any]]:
@@ -158,8 +117,8 @@ def model_only(spec: str, manifest: str, images: int, transforms: dict[str, dict
     return functools.partial(forward_fixed, enc.embed_images, x, forward_rows, pad)
 
 
-def corpus_size(spec: str, size: int, forward_rows: int, t: int, model_seconds: float) -> int:
-    """N such that the encoder alone needs about model_seconds for 2N images and their T transforms."""
+def encoder_rate(spec: str, size: int, forward_rows: int) -> float:
+    """Encoder inputs per second of the model alone, from one timed forward pass after a warm-up."""
     import torch
 
     from clipscan.models.registry import load_encoder
@@ -170,8 +129,7 @@ def corpus_size(spec: str, size: int, forward_rows: int, t: int, model_seconds: 
     enc.embed_images(x)  # warm-up
     start = time.perf_counter()
     enc.embed_images(x)
-    rate = forward_rows / (time.perf_counter() - start)  # encoder inputs per second
-    return max(8, math.ceil(model_seconds * rate / (2 * (1 + t))))
+    return forward_rows / (time.perf_counter() - start)
 
 
 def caption_pool(cfg: Any) -> Any:
@@ -239,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
             spec, default_size = MODELS[name]
             size = args.size or default_size
             counts = [int(v) for v in args.transforms.split(",")]
-            sizes = {t: args.images or corpus_size(spec, size, args.forward_rows, t, args.model_seconds) for t in counts}
+            # N such that the model alone needs about --model-seconds for 2N images and their T transforms
+            rate = 0.0 if args.images else encoder_rate(spec, size, args.forward_rows)
+            sizes = {t: args.images or max(8, math.ceil(args.model_seconds * rate / (2 * (1 + t)))) for t in counts}
             manifest = write_corpus(os.path.join(work, f"corpus-{name}"), 2 * max(sizes.values()), seed=args.seed,
                                     size=size)
             for t in counts:
