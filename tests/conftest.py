@@ -7,6 +7,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -15,6 +16,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 TINY_PROBE = "open_clip:tiny-clip"
 TINY_REFERENCE = "hf:tiny-dinov2"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_job(name: str) -> ModuleType:
+    """The job script ``jobs/<name>.py`` as a module, so a test runs its real ``main(argv)`` in-process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"clipscan_job_{name}", ROOT / "jobs" / f"{name}.py")
+    assert spec is not None and spec.loader is not None, name
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def has_gpu() -> bool:

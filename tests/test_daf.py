@@ -7,11 +7,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import TINY_PROBE, TINY_REFERENCE
+from tests.conftest import ROOT, TINY_PROBE, TINY_REFERENCE, load_job
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "jobs"))
-import daf  # noqa: E402  the job script itself, run in-process
+daf = load_job("daf")  # the job script itself, run in-process
 
 
 def _args(manifest: str, out: Path, *extra: str) -> list[str]:

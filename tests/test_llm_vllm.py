@@ -31,6 +31,7 @@ import pytest
 
 from clipscan.config import LlmConfig
 from clipscan.stages.summarise import FAILURES_SCHEMA, summarise
+from tests.conftest import load_job
 
 pytestmark = pytest.mark.vllm
 
@@ -195,11 +196,7 @@ def test_openai_backend_against_vllm_serve(vllm_server: str, tiny_llm: str, tmp_
 
 def test_daf_job_with_openai_backend(vllm_server: str, tiny_llm: str, tmp_path: Path) -> None:
     """jobs/daf.py end to end on a generated corpus, the summary from the real server."""
-    sys.path.insert(0, str(ROOT / "jobs"))
-    try:
-        import daf as daf_job
-    finally:
-        sys.path.pop(0)
+    daf_job = load_job("daf")
     out = tmp_path / "run"
     rc = daf_job.main([
         "--config", str(ROOT / "configs" / "daf-tiny.yaml"),
@@ -220,11 +217,7 @@ def test_daf_job_with_openai_backend(vllm_server: str, tiny_llm: str, tmp_path: 
 
 def test_tcac_job_with_openai_backend(vllm_server: str, tiny_llm: str, tmp_path: Path) -> None:
     """jobs/tcac.py end to end: each transform's caption shifts named by the real server."""
-    sys.path.insert(0, str(ROOT / "jobs"))
-    try:
-        import tcac as tcac_job
-    finally:
-        sys.path.pop(0)
+    tcac_job = load_job("tcac")
     out = tmp_path / "run"
     rc = tcac_job.main([
         "--config", str(ROOT / "configs" / "tcac-tiny.yaml"),

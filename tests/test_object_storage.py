@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import socket
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +21,8 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
+
+from tests.conftest import load_job
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "clipscan-test"
@@ -41,8 +42,7 @@ S3_ENV = {
 }
 os.environ.update(S3_ENV)
 
-sys.path.insert(0, str(ROOT / "jobs"))
-import daf  # noqa: E402  the job script itself, run in-process
+daf = load_job("daf")  # the job script itself, run in-process
 
 
 @pytest.fixture(scope="module")

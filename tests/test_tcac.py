@@ -16,7 +16,7 @@ from clipscan.stages.embed import ShardSink
 from clipscan.stages.index import self_knn
 from clipscan.stages.transforms import SeededTransforms
 from tests import corpora
-from tests.conftest import TINY_PROBE
+from tests.conftest import TINY_PROBE, load_job
 
 ROOT = Path(__file__).resolve().parents[1]
 TRANSFORMS = {"rot0": {"op": "rotation", "degrees": 0}, "hflip": {"p": 1.0}, "elastic": {"alpha": 50.0, "sigma": 5.0}}
@@ -165,15 +165,6 @@ def test_score_stage_identity_and_shared_pool(monkeypatch: pytest.MonkeyPatch) -
 # With Ray
 
 
-def _job_main():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("tcac_job", ROOT / "jobs" / "tcac.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
 def _cfg(manifest: Path | str, out: Path, *extra: str):
     from clipscan.config import TcacConfig, load_config
 
@@ -220,7 +211,7 @@ def test_bad_images_skipped_with_reasons(tmp_path: Path, ray_local: None) -> Non
 
 
 def test_job_end_to_end_and_deterministic(tmp_path: Path, ray_local: None) -> None:
-    main = _job_main()
+    main = load_job("tcac").main
     manifest = tmp_path / "corpus" / "manifest.parquet"
     common = ["--config", str(ROOT / "configs" / "tcac-tiny.yaml"), f"data.path={manifest}", "data.generate=16",
               "embed.image_size=48", f"tcac.transforms={json.dumps(TRANSFORMS)}", "tcac.pool_k=4",
