@@ -478,11 +478,14 @@ def collect(raw_dir: str, out_dir: str, transforms: Sequence[str],
             raise RuntimeError(f"shard {shard}: {covered} of {n} rows were scored")
     duplicate = "duplicate id (an earlier row has it)"
     seen: set[str] = set()
-    written: set[tuple[int, int, str]] = set()
+    written: set[tuple[int, int, str]] = set()  # (shard, row, transform) taken from the current shard
     scored: list[pa.Table] = []
     skipped: list[pa.Table] = []
     converted: dict[str, int] = {}
-    for path in [p for name in sorted(pieces) for p in pieces[name]]:
+    current = ""
+    for shard_dir, path in [(d, p) for d in sorted(pieces) for p in pieces[d]]:
+        if shard_dir != current:  # a new shard: rows of earlier shards cannot recur in its pieces
+            current, written = shard_dir, set()
         table = cfs.read_parquet(path).select(ROW_SCHEMA.names).cast(ROW_SCHEMA)
         ids = table.column("id").to_pylist()
         names = table.column("transform").to_pylist()
