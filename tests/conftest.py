@@ -13,6 +13,12 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray keeps its address file and default sessions under $RAY_TMPDIR/ray (else /tmp/ray), and
+# parts of it fail where that folder is missing: the suite brings its own, so it neither needs
+# nor touches what an earlier Ray left on the machine.
+if "RAY_TMPDIR" not in os.environ:
+    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="clipscan-tests-")
+    os.makedirs(os.path.join(os.environ["RAY_TMPDIR"], "ray"))
 
 TINY_PROBE = "open_clip:tiny-clip"
 TINY_REFERENCE = "hf:tiny-dinov2"

@@ -63,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         "embed.decode_cpus=0.5",
     ])
 
+    # Cluster records its address in <Ray's default temp dir>/ray_current_cluster and fails where
+    # that folder is missing (a machine that never ran Ray): give it a fresh one of its own.
+    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="clipscan-rt-")
+    os.makedirs(os.path.join(os.environ["RAY_TMPDIR"], "ray"))
     ray_temp = tempfile.mkdtemp(prefix="clipscan-ln-")  # short: Ray's socket paths must fit in 107 bytes
     # The head takes no tasks (num_cpus=0, as on production clusters), so every decode task
     # and encoder actor runs on a worker. Each worker has three CPUs: the two one-CPU
@@ -166,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     ray.shutdown()
     cluster.shutdown()
     shutil.rmtree(ray_temp, ignore_errors=True)
+    shutil.rmtree(os.environ["RAY_TMPDIR"], ignore_errors=True)
     print(json.dumps(result))
     return 0
 
