@@ -39,12 +39,13 @@ class ModelsConfig(Section):
 
 class EmbedConfig(Section):
     image_size: int = Field(default=224, ge=8)  # decoded square side in px (shortest side resized, centre crop)
-    batch_size: int = Field(default=64, ge=1)  # images per encoder batch
-    actors: int | None = Field(default=None, ge=1)  # encoder actors; None = one per GPU, or one on CPU
-    cpus_per_actor: float | None = Field(default=None, gt=0)  # CPUs reserved per actor; None = leave one for decoding
-    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto = fp16 on GPU, fp32 on CPU
-    threads: int | None = Field(default=None, ge=1)  # torch threads per CPU actor; None = CPUs of the node
-    decode_cpus: float = Field(default=0.5, gt=0)  # CPUs per decode task
+    batch_size: int | None = Field(default=None, ge=1)  # images per encoder batch; None = 256 on GPU, 64 on CPU
+    actors: int | None = Field(default=None, ge=1)  # encoder actors; None = one per GPU, or one per CPU node
+    cpus_per_actor: float | None = Field(default=None, gt=0)  # CPUs reserved per actor; None = from the node's CPUs
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto = fp16 on GPU, fp32 on CPU (autocast; weights stay fp32)
+    threads: int | None = Field(default=None, ge=1)  # torch threads per CPU actor; None = the CPUs it reserves, rounded up
+    decode: Literal["auto", "actor", "tasks", "gpu"] = "auto"  # where images are decoded: auto = in the encoder actor on CPU nodes, CPU tasks beside GPU actors; gpu = nvJPEG on the actor's GPU
+    decode_cpus: float = Field(default=0.5, gt=0)  # CPUs per decode task (decode: tasks)
     gpus: int | None = Field(default=None, ge=0)  # GPUs to plan the pool for; None = what the cluster has or its autoscaler can add
 
 

@@ -95,7 +95,7 @@ def embed_corpus(run: Run, cfg: JobConfig, models: dict[str, str]) -> dict[str, 
             configure_data_context()
             built = embed.build_embed(ds, models, cfg.data, cfg.embed)
             with Progress("embed", lambda: embed.rows_written(raw), total):
-                built.write_datasink(embed.ShardSink(raw))
+                built.write_datasink(embed.ShardSink(raw), ray_remote_args={"num_cpus": embed.IO_CPUS})
         counts = embed.collect(raw, run.output, names, info["shard_rows"])
         cfs.remove_tree(raw)
         facts.update(rows_read=counts["read"], rows_embedded=counts["embedded"], rows_skipped=counts["skipped"],

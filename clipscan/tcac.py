@@ -88,7 +88,7 @@ def run_tcac(cfg: TcacConfig, overwrite: bool = False) -> Run:
             pool_ref = ray.put(pool)  # once; every scoring actor reads this one copy
             built = build_tcac(ds, pool_ref, cfg.models.probe, cfg.data, cfg.embed, cfg.tcac, cfg.seed)
             with Progress("score", lambda: embed.rows_written(raw), sum(info["shard_rows"].values()) or None):
-                built.write_datasink(embed.ShardSink(raw))
+                built.write_datasink(embed.ShardSink(raw), ray_remote_args={"num_cpus": embed.IO_CPUS})
             del pool_ref
         counts = collect(raw, run.output, names, info["shard_rows"])
         facts.update(images_read=counts["read"], images_scored=counts["scored"],

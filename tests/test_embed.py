@@ -4,7 +4,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from clipscan.config import DafConfig, EmbedConfig, load_config
+from clipscan.config import DafConfig, load_config
 from clipscan.rundir import Run
 from clipscan.stages.decode import Decode, SkipImage, decode_image
 from clipscan.stages.embed import (
@@ -12,7 +12,6 @@ from clipscan.stages.embed import (
     embedding_matrix,
     load_corpus,
     load_embeddings,
-    plan_resources,
 )
 from tests import corpora
 from tests.conftest import TINY_PROBE, TINY_REFERENCE
@@ -49,14 +48,6 @@ def test_embed_stage_without_ray(scene_corpus: str) -> None:
     want = stage.encoders["probe"].embed_images(pixels[[0, 2, 3, 4]])
     got = embedding_matrix(out.column("emb_probe").filter(out.column("emb_probe").is_valid()))
     np.testing.assert_allclose(got, want, atol=1e-5)
-
-
-def test_plan_resources_two_cpus_and_gpu_node() -> None:
-    cpu = plan_resources({"CPU": 2.0}, EmbedConfig())
-    assert cpu.actors == 1 and cpu.num_cpus <= 1.0 and cpu.num_gpus == 0  # a CPU stays free for decoding
-    gpu = plan_resources({"CPU": 16.0, "GPU": 4.0}, EmbedConfig())
-    assert gpu.actors == 4 and gpu.num_gpus == 1.0 and gpu.batch_size >= 256
-    assert plan_resources({"CPU": 2.0}, EmbedConfig(cpus_per_actor=0.5, actors=2)).actors == 2
 
 
 def _job_config(manifest: Path | str, out: Path, *extra: str) -> DafConfig:

@@ -46,6 +46,9 @@ FLICKR_CAPTIONS = ("captions.txt", "Flickr8k.token.txt")
 FLICKR_IMAGE_DIRS = ("Images", "images", "Flicker8k_Dataset", "Flickr8k_Dataset")
 
 
+READ_CPUS = 0.25  # CPUs a WebDataset read task reserves
+
+
 class CorpusError(ValueError):
     """A corpus that cannot be read at all; the message names the path."""
 
@@ -369,12 +372,15 @@ def read_corpus(
     if fmt == "webdataset":
         shards = expand_shards(cfg.path)
         fsys = cfs.resolve(shards[0])[0]
-        ds = ray.data.read_webdataset([cfs.resolve(s)[1] for s in shards], filesystem=fsys, decoder=None)
+        # short I/O tasks: the encoder actors hold all but a sliver of each CPU node
+        ds = ray.data.read_webdataset([cfs.resolve(s)[1] for s in shards], filesystem=fsys, decoder=None,
+                                      num_cpus=READ_CPUS)
         if cfg.limit is not None:
             ds = ds.limit(cfg.limit)
         ds = ds.map_batches(
             _wds_rows,  # type: ignore[arg-type]
             fn_kwargs={"caption": cfg.caption},
+            num_cpus=READ_CPUS,
             batch_format="pyarrow",
         )
         return ds, {"format": fmt, "shard_rows": {}, "todo_shards": len(shards)}

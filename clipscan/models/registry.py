@@ -117,7 +117,9 @@ class TorchEncoder(Encoder):
         if precision == "auto":
             precision = "fp16" if self.device.type == "cuda" else "fp32"
         self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-        self.module = module.to(self.device, dtype=self.dtype).eval()
+        # Weights stay fp32 and fp16/bf16 run under autocast, the libraries' own mixed precision:
+        # layer norms, softmax and the final projection keep fp32 where autocast says so.
+        self.module = module.to(self.device).eval()
         self._image_fn = image_fn
         self._text_fn = text_fn
         self._mean = torch.tensor(mean, device=self.device, dtype=torch.float32).view(1, 3, 1, 1)
@@ -138,15 +140,24 @@ class TorchEncoder(Encoder):
                 x, size=(self.image_size, self.image_size), mode="bicubic", antialias=True,
                 align_corners=False,
             ).clamp_(0.0, 1.0)
-        x = (x - self._mean) / self._std
-        return x.to(self.dtype)
+        return (x - self._mean) / self._std
+
+    def _autocast(self) -> Any:
+        import contextlib
+
+        import torch
+
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
 
     def embed_images(self, images: np.ndarray) -> np.ndarray:
         import torch
 
         with torch.inference_mode():
-            out = self._image_fn(self._pixels(images)).float()
-            out = torch.nn.functional.normalize(out, dim=-1)
+            with self._autocast():
+                out = self._image_fn(self._pixels(images))
+            out = torch.nn.functional.normalize(out.float(), dim=-1)
         return out.cpu().numpy().astype(np.float32, copy=False)
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
@@ -155,8 +166,9 @@ class TorchEncoder(Encoder):
         if self._text_fn is None:
             return super().embed_texts(texts)
         with torch.inference_mode():
-            out = self._text_fn(list(texts)).float()
-            out = torch.nn.functional.normalize(out, dim=-1)
+            with self._autocast():
+                out = self._text_fn(list(texts))
+            out = torch.nn.functional.normalize(out.float(), dim=-1)
         return out.cpu().numpy().astype(np.float32, copy=False)
 
 

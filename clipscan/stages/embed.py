@@ -10,6 +10,7 @@ table and ``skipped.parquet``.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -92,38 +93,64 @@ def _column(values: np.ndarray) -> pa.Array:
     return pa.array([v if isinstance(v, str) else "" for v in values], type=pa.string())
 
 
+GPU_BATCH = 256  # images per encoder batch on a GPU actor unless embed.batch_size says otherwise
+CPU_BATCH = 64  # the same on a CPU actor
+IO_CPUS = 0.25  # CPUs a sink write task reserves: short Parquet writes beside actors that hold the rest
+
+
 @dataclass(frozen=True)
 class EmbedPlan:
-    """How Ray runs the encoders: pool size and per-actor resources."""
+    """How Ray runs the encoders: pool size, per-actor resources, and where images are decoded."""
 
     actors: int
     num_cpus: float
     num_gpus: float
     batch_size: int
     threads: int | None
+    decode: str  # "actor" (the encoder actor decodes its own batch), "tasks" (CPU tasks) or "gpu" (nvJPEG in the actor)
 
 
-def plan_resources(cluster: dict[str, float], cfg: EmbedConfig) -> EmbedPlan:
-    """Size the encoder pool from ``ray.cluster_resources()``.
+def plan_resources(cluster: dict[str, float], cfg: EmbedConfig, node_cpus: list[float] | None = None) -> EmbedPlan:
+    """Size the encoder pool from ``ray.cluster_resources()`` and each node's CPUs.
 
-    One actor per GPU where there are GPUs. On CPU-only clusters one actor that leaves
-    one CPU for the decode tasks: two one-CPU actors on a two-CPU machine starve the
-    read tasks and the pipeline stalls.
+    One actor per GPU where there are GPUs, fed by CPU decode tasks (or decoding on its
+    GPU with ``embed.decode: gpu``). On CPU-only clusters one actor per node that decodes
+    its own batches and holds the node's CPUs but a sliver for the sink: separate decode
+    tasks would take a core from the encoders for work that costs them a few percent, and
+    their processes would preempt the encoder's threads. ``node_cpus`` lists the CPUs of
+    each node that can run work (default: one node with all of ``cluster``'s CPUs).
     """
     gpus = int(cluster.get("GPU", 0)) if cfg.gpus is None else cfg.gpus
-    cpus = float(cluster.get("CPU", 1))
     if gpus > 0:
         return EmbedPlan(
             actors=cfg.actors or gpus,
             num_cpus=cfg.cpus_per_actor or 1.0,
             num_gpus=1.0,
-            batch_size=max(cfg.batch_size, 256) if cfg.batch_size == 64 else cfg.batch_size,
+            batch_size=cfg.batch_size or GPU_BATCH,
             threads=cfg.threads,
+            decode="tasks" if cfg.decode == "auto" else cfg.decode,
         )
-    actors = cfg.actors or 1
-    per_actor = cfg.cpus_per_actor or max(0.5, min(cpus - 1.0, cpus / actors - 0.5))
-    return EmbedPlan(actors=actors, num_cpus=per_actor, num_gpus=0.0, batch_size=cfg.batch_size,
-                     threads=cfg.threads)
+    if cfg.decode == "gpu":
+        raise ValueError("embed.decode=gpu needs GPUs, and this cluster has none (set embed.decode=auto)")
+    nodes = [c for c in (node_cpus or [float(cluster.get("CPU", 1))]) if c >= 1] or [1.0]
+    decode = "actor" if cfg.decode == "auto" else cfg.decode
+    actors = cfg.actors or len(nodes)
+    per_node = -(-actors // len(nodes))  # actors sharing the smallest node
+    room = min(nodes) / per_node
+    if decode == "actor":
+        per_actor = cfg.cpus_per_actor or max(0.5, room - IO_CPUS)
+    else:  # leave a core for the decode tasks: two one-CPU actors on two CPUs starve them and the pipeline stalls
+        per_actor = cfg.cpus_per_actor or max(0.5, min(room - 1.0, room - 0.5 * per_node))
+    return EmbedPlan(actors=actors, num_cpus=per_actor, num_gpus=0.0, batch_size=cfg.batch_size or CPU_BATCH,
+                     threads=cfg.threads or max(1, math.ceil(per_actor)), decode=decode)
+
+
+def node_cpus() -> list[float]:
+    """CPUs of every live node that offers any (a head started with ``--num-cpus=0`` offers none)."""
+    import ray
+
+    return [float(n["Resources"].get("CPU", 0)) for n in ray.nodes()
+            if n.get("Alive") and n["Resources"].get("CPU", 0) >= 1]
 
 
 def cluster_resources() -> dict[str, float]:
@@ -155,23 +182,53 @@ def build_embed(
     import ray
     import ray.data
 
-    plan = plan_resources(cluster_resources(), cfg)
-    decoded = ds.map_batches(
-        _decode_batch,  # type: ignore[arg-type]
-        fn_kwargs={"size": cfg.image_size, "max_pixels": data.max_pixels},
-        num_cpus=cfg.decode_cpus,
-        batch_size=cfg.batch_size,
-        batch_format="numpy",
-    )
-    return decoded.map_batches(
-        Embed,
-        fn_constructor_kwargs={"models": models, "precision": cfg.precision, "threads": plan.threads},
+    plan = plan_resources(cluster_resources(), cfg, node_cpus())
+    kwargs = {"models": models, "precision": cfg.precision, "threads": plan.threads}
+    if plan.decode == "tasks":
+        ds = ds.map_batches(
+            _decode_batch,  # type: ignore[arg-type]
+            fn_kwargs={"size": cfg.image_size, "max_pixels": data.max_pixels},
+            num_cpus=cfg.decode_cpus,
+            batch_size=plan.batch_size,
+            batch_format="numpy",
+        )
+        stage: type = Embed
+    else:
+        stage = DecodeEmbed
+        kwargs.update(size=cfg.image_size, max_pixels=data.max_pixels, gpu_decode=plan.decode == "gpu")
+    return ds.map_batches(
+        stage,
+        fn_constructor_kwargs=kwargs,
         compute=ray.data.ActorPoolStrategy(size=plan.actors),
         num_cpus=plan.num_cpus,
         num_gpus=plan.num_gpus or None,
         batch_size=plan.batch_size,
         batch_format="numpy",
     )
+
+
+class DecodeEmbed:
+    """Batch stage: rows with ``uri`` -> rows with ``emb_<name>``: ``Decode`` then ``Embed`` in one actor.
+
+    On CPU nodes the encoder's own process decodes (a few percent of its work) instead of
+    separate tasks that would compete for its cores. With ``gpu_decode`` JPEGs are decoded
+    on the actor's GPU in one batch (nvJPEG) and whatever it cannot decode falls back to
+    ``Decode`` on the CPU, with the same skips and reasons.
+    """
+
+    def __init__(self, models: dict[str, str], precision: str, threads: int | None, size: int, max_pixels: int,
+                 gpu_decode: bool = False) -> None:
+        self.embed = Embed(models, precision, threads)
+        self.decode: Any = Decode(size, max_pixels)
+        if gpu_decode:
+            from clipscan.stages.gpu_decode import GpuDecode
+
+            self.decode = GpuDecode(size, max_pixels, fallback=self.decode)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        out = self.decode(batch)
+        out["decode_node"] = np.array([self.embed.node] * len(out["id"]), dtype=object)
+        return self.embed(out)
 
 
 def _decode_batch(batch: dict[str, np.ndarray], size: int, max_pixels: int) -> dict[str, np.ndarray]:

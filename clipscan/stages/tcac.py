@@ -375,9 +375,9 @@ def build_caption_embed(texts: Sequence[str], probe: str, cfg: EmbedConfig, forw
     import ray
     import ray.data
 
-    from clipscan.stages.embed import cluster_resources, plan_resources
+    from clipscan.stages.embed import cluster_resources, node_cpus, plan_resources
 
-    plan = plan_resources(cluster_resources(), cfg)
+    plan = plan_resources(cluster_resources(), cfg, node_cpus())  # no decoding: actor sizing
     table = pa.table({"caption_id": pa.array(np.arange(len(texts)), pa.int64()), "text": pa.array(list(texts), pa.string())})
     step = max(forward_rows, 1024)
     blocks = [table.slice(i, step) for i in range(0, max(table.num_rows, 1), step)]
@@ -430,9 +430,10 @@ def build_tcac(ds: ray.data.Dataset, pool: Any, probe: str, data: DataConfig, em
     import ray
     import ray.data
 
-    from clipscan.stages.embed import cluster_resources, plan_resources
+    from clipscan.stages.embed import cluster_resources, node_cpus, plan_resources
 
-    plan = plan_resources(cluster_resources(), embed)
+    # transforms cost far more than decoding: they run in CPU tasks wherever the encoders are
+    plan = plan_resources(cluster_resources(), embed.model_copy(update={"decode": "tasks"}), node_cpus())
     batch = scoring_batch(plan.batch_size, tcac.forward_rows, 1 + len(tcac.transforms))
     prepared = ds.map_batches(
         prepare_batch,  # type: ignore[arg-type]  # ray's stub has no room for fn_kwargs
