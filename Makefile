@@ -4,12 +4,14 @@ VENV ?= .venv
 BIN = $(VENV)/bin
 # CPU machines: the exact torch build clipscan is tested with. GPU clusters: TORCH= (empty) keeps yours.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
+# CPU machines: faiss-cpu. GPU clusters: EXTRAS=gpu,dev (faiss-gpu-cu12; never both, they are one module).
+EXTRAS ?= cpu,dev
 
 .PHONY: install demo test lint bench clean
 
 $(BIN)/clipscan-installed: pyproject.toml requirements/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -c requirements/constraints.txt $(TORCH) -e '.[dev]'
+	$(BIN)/pip install -c requirements/constraints.txt $(TORCH) -e '.[$(EXTRAS)]'
 	touch $@
 
 install: $(BIN)/clipscan-installed

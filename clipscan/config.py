@@ -57,6 +57,7 @@ class KnnConfig(Section):
     query_block: int = Field(default=16384, ge=1)  # queries per search call, rows
     train_sample: int = Field(default=100_000, ge=1)  # vectors used to train an approximate index
     recall_queries: int = Field(default=1000, ge=1)  # queries checked against exact search for recall@k
+    device: Literal["auto", "cpu"] = "auto"  # auto = GPUs where the cluster has them (FAISS must see them), cpu = never
 
 
 class MiningConfig(Section):

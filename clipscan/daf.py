@@ -34,7 +34,8 @@ def neighbours(x: np.ndarray, cfg: KnnConfig, depth: int, seed: int) -> tuple[np
     start = time.perf_counter()
     if cfg.index.strip().lower() == "flat":
         nodes: set[str] = set()
-        D, I = index.sharded_self_knn(x, depth, shards=cfg.shards, query_block=cfg.query_block, nodes=nodes)
+        D, I = index.sharded_self_knn(x, depth, shards=cfg.shards, query_block=cfg.query_block, nodes=nodes,
+                                      device=cfg.device)
         return D, I, {"index": "exact", "nodes": len(nodes), "wall_s": round(time.perf_counter() - start, 3)}
     D, I = index.approx_self_knn(x, depth, index=cfg.index, nprobe=cfg.nprobe,
                                  train_sample=cfg.train_sample, seed=seed, query_block=cfg.query_block)
@@ -62,6 +63,11 @@ def run_daf(cfg: DafConfig, overwrite: bool = False) -> Run:
         raise ValueError(f"only {counts['embedded']} images could be embedded; DAF needs at least 2 (see skipped.parquet)")
 
     with run.stage("index") as facts:
+        from clipscan.stages.index import faiss_facts
+
+        build = faiss_facts()
+        log.info("FAISS %s (%s build) sees %d GPU(s) in the driver", build["version"], build["build"], build["gpus"])
+        facts.update(faiss=build)
         ids, x_probe = load_embeddings(cfg.output, "probe")
         ref_ids, x_ref = load_embeddings(cfg.output, "reference")
         if not np.array_equal(ids, ref_ids):

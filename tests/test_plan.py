@@ -104,3 +104,14 @@ def test_batched_jpeg_decode_with_cpu_fallback() -> None:
     for i in (0, 6):  # the same picture as Pillow's, within resampling differences
         diff = np.abs(out["pixels"][i].astype(int) - cpu["pixels"][i].astype(int))
         assert diff.mean() < 4.0, (i, diff.mean())
+
+
+def test_faiss_build_is_named_and_a_gpu_task_refuses_a_cpu_build() -> None:
+    from clipscan.stages.index import FaissBuildError, faiss_facts, require_faiss_gpu
+
+    facts = faiss_facts()
+    assert facts["build"] in ("cpu", "gpu") and facts["version"] != "unknown"
+    require_faiss_gpu(0)  # a CPU task searches with any build
+    if facts["gpus"] == 0:
+        with pytest.raises(FaissBuildError, match=r"holds 1 GPU\(s\) but its FAISS .* sees none: install clipscan\[gpu\]"):
+            require_faiss_gpu(1)

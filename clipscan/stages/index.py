@@ -129,6 +129,7 @@ def sharded_self_knn(
     query_block: int = 16384,
     num_cpus_per_task: int | None = None,
     nodes: set[str] | None = None,
+    device: str = "auto",
 ) -> tuple[np.ndarray, np.ndarray]:
     """`self_knn` with one Ray task per database shard; needs `ray.init()` done by the caller.
 
@@ -141,7 +142,8 @@ def sharded_self_knn(
     is also the FAISS thread count of each task. The tasks are spread over the cluster's
     nodes (each holds a shard's share of the work and its results); `nodes`, if given,
     receives the ids of the nodes that ran them. Returns D (n, k) float32, I (n, k) int64,
-    identical to `self_knn(x, k, shards, query_block)`.
+    identical to `self_knn(x, k, shards, query_block)`. ``device="cpu"`` keeps the tasks
+    off the GPUs; otherwise a task that holds a GPU its FAISS cannot see fails (``FaissBuildError``).
     """
     import ray
 
@@ -152,7 +154,7 @@ def sharded_self_knn(
     _check_block(query_block)
     resources = ray.cluster_resources()
     cpus = max(1, int(resources.get("CPU", 1)))
-    gpus = int(resources.get("GPU", 0))
+    gpus = int(resources.get("GPU", 0)) if device != "cpu" else 0
     if shards is None:
         shards = min(gpus or cpus, n)
     bounds = shard_bounds(n, shards)
@@ -196,6 +198,7 @@ def _search_shard_task(
     import ray
 
     faiss.omp_set_num_threads(max(1, int(threads)))
+    require_faiss_gpu(len(ray.get_gpu_ids()))
     sims, ids = search_shard(x, lo, hi, k, query_block)
     return sims, ids, str(ray.get_runtime_context().get_node_id())
 
@@ -459,3 +462,37 @@ def _ivf_or_none(index: Any) -> Any:
         return faiss.extract_index_ivf(index)
     except RuntimeError:
         return None
+
+
+# ---------------------------------------------------------------------------------------
+# Which FAISS
+
+
+class FaissBuildError(RuntimeError):
+    """The FAISS build cannot search where the job was asked to (a CPU-only build on a GPU node)."""
+
+
+def faiss_facts() -> dict[str, Any]:
+    """The FAISS this process loaded: ``{"version", "build": "gpu" | "cpu", "gpus"}`` (GPUs it sees)."""
+    import faiss
+
+    gpu_build = hasattr(faiss, "StandardGpuResources")
+    return {"version": getattr(faiss, "__version__", "unknown"), "build": "gpu" if gpu_build else "cpu",
+            "gpus": int(faiss.get_num_gpus()) if gpu_build else 0}
+
+
+def require_faiss_gpu(gpus_held: int) -> None:
+    """Raise where this process holds ``gpus_held`` GPUs but its FAISS cannot use them.
+
+    faiss-cpu and faiss-gpu-cu12 install the same ``faiss`` module, so whichever pip wrote
+    last wins; searching on the CPU of a GPU node would be silently 10-100x slower.
+    """
+    if gpus_held <= 0:
+        return
+    facts = faiss_facts()
+    if facts["gpus"] == 0:
+        raise FaissBuildError(
+            f"this task holds {gpus_held} GPU(s) but its FAISS ({facts['build']} build {facts['version']}) "
+            "sees none: install clipscan[gpu] (faiss-gpu-cu12) and remove faiss-cpu on GPU nodes, "
+            "or set knn.device=cpu to search on CPUs"
+        )
