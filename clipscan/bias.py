@@ -144,7 +144,7 @@ def embed_captions(run: Run, name: str, spec: str, captions: pa.Table, cfg: Bias
     """
     import ray
 
-    from clipscan.stages.bias import probe_has_text
+    from clipscan.stages.bias import known_text_tower, probe_has_text
     from clipscan.stages.embed import embedding_matrix
     from clipscan.stages.tcac import build_caption_embed
 
@@ -153,7 +153,10 @@ def embed_captions(run: Run, name: str, spec: str, captions: pa.Table, cfg: Bias
         table = cfs.read_parquet(path)
         if table.num_rows == captions.num_rows:
             return embedding_matrix(table.column("embedding")) if table.num_columns > 1 else None
-    if not ray.get(ray.remote(num_cpus=1)(probe_has_text).remote(spec)):
+    has_text = known_text_tower(spec)
+    if has_text is None:  # loaded in a worker, not in the driver
+        has_text = ray.get(ray.remote(num_cpus=1)(probe_has_text).remote(spec))
+    if not has_text:
         log.info("%s has no text tower: image-size bias from image retrieval only", spec)
         cfs.write_parquet_atomic(path, pa.table({"caption_id": captions.column("caption_id")}))  # no embedding column
         return None

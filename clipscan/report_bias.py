@@ -67,7 +67,7 @@ def share_plot(rows: Mapping[str, Mapping[str, Any]], chance: Sequence[float], l
     ax.step(np.r_[x - 0.5, width - 0.5], np.r_[np.asarray(chance) * 100, chance[-1] * 100], where="post",
             color="black", linestyle="--", linewidth=1, label="chance")
     ax.set_xticks(x, [f"{label} {p + 1}" for p in range(width)])
-    ax.set_ylabel("% of scenes' first retrievals")
+    ax.set_ylabel("first retrievals, % (mean over scenes)")
     ax.set_title(title)
     ax.legend(fontsize=7)
     return figure_to_png(fig)

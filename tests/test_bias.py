@@ -88,6 +88,41 @@ def test_probe_set_objects_cover_their_size_ranks(tmp_path: Path) -> None:
     assert [c["caption_id"] for c in captions] == list(range(len(captions)))
 
 
+def test_scene_facts_against_a_brute_force_loop(tmp_path: Path) -> None:
+    vocab = bias.vocabulary(ZIP_VOCAB)
+    bias.write_probe_set(str(tmp_path), vocab, [2, 3, 5], 6, 8, AREAS, 0.05, "grey", 1, 32)
+    scenes = pq.read_table(tmp_path / "scenes.parquet")
+    captions = pq.read_table(tmp_path / "captions.parquet")
+    rng = np.random.default_rng(0)
+
+    def unit(n: int) -> np.ndarray:
+        x = rng.standard_normal((n, 16)).astype(np.float32)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    img, single, text = unit(scenes.num_rows), unit(len(vocab)), unit(captions.num_rows)
+    facts = bias.scene_facts("m", scenes, captions, img, single, text, 0, distractors=3).to_pylist()
+    caps = captions.to_pylist()
+    single_text = {c["objects"][0]: text[c["caption_id"]] for c in caps if c["kind"] == "single"}
+    st = np.stack([single_text[v] for v in range(len(vocab))])
+    for i, (scene, row) in enumerate(zip(scenes.to_pylist(), facts, strict=True)):
+        objs, ranks = scene["objects"], scene["size_ranks"]
+        hits = [0] * len(objs)
+        mine = [c for c in caps if c["scene"] == scene["id"] and c["kind"] == "order"]
+        for c in mine:  # random floats: no ties, so a plain argmax
+            v = int(np.argmax(st @ text[c["caption_id"]]))
+            if v in c["objects"]:
+                hits[c["objects"].index(v)] += 1
+        assert row["text_hits"] == hits and row["text_captions"] == len(mine)
+        v = int(np.argmax(single @ img[i]))
+        assert row["image_rank"] == (ranks[objs.index(v)] if v in objs else -1)
+        v = int(np.argmax(st @ img[i]))
+        assert row["caption_rank"] == (ranks[objs.index(v)] if v in objs else -1)
+        assert row["match_candidates"] == 4
+    only = bias.scene_facts("m", scenes, captions, img, single, None, 0, distractors=3)
+    assert only.column("text_hits").null_count == only.num_rows
+    assert only.column("image_rank").to_pylist() == [r["image_rank"] for r in facts]
+
+
 def test_wilson_interval() -> None:
     lo, hi = bias.wilson(0.5, 100)
     assert abs(lo - 0.4038) < 1e-4 and abs(hi - 0.5962) < 1e-4

@@ -458,3 +458,10 @@ def probe_has_text(spec: str) -> bool:
     from clipscan.models.registry import load_encoder
 
     return bool(load_encoder(spec).has_text)
+
+
+def known_text_tower(spec: str) -> bool | None:
+    """True where the spec alone says the model has a text tower (every open_clip model); None = load it to see."""
+    from clipscan.models.registry import parse_spec
+
+    return True if parse_spec(spec).kind == "open_clip" else None
