@@ -34,8 +34,9 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
-def share_table(rows: Mapping[str, Mapping[str, Any]], chance: Sequence[float], label: str) -> str:
-    """Models x positions: ``share % [lo, hi]``; the last row the chance level per position."""
+def share_table(rows: Mapping[str, Mapping[str, Any]], chance: Sequence[float], label: str,
+                scenes: Sequence[int] = ()) -> str:
+    """Models x positions: ``share % [lo, hi]``; then the chance level and the scenes behind each position."""
     width = len(chance)
     head = "".join(f"<th>{esc(label)} {p + 1}</th>" for p in range(width))
     body = []
@@ -46,6 +47,9 @@ def share_table(rows: Mapping[str, Mapping[str, Any]], chance: Sequence[float], 
         )
         body.append(f"<tr><th>{esc(model)}</th>{cells}<td>{int(fig['n'])}</td></tr>")
     body.append("<tr><th>chance</th>" + "".join(f"<td>{_pct(c)}</td>" for c in chance) + "<td></td></tr>")
+    if scenes:
+        body.append("<tr><th>scenes with the position</th>" + "".join(f"<td>{int(n)}</td>" for n in scenes)
+                    + "<td></td></tr>")
     return (f'<table class="summary"><tr><th>model</th>{head}<th>scenes</th></tr>'
             + "".join(body) + "</table>")
 
@@ -110,6 +114,7 @@ def write_bias_report(run_dir: str, overview: Mapping[str, Any], result: Mapping
     caption_rows = {m: f["image_size"]["caption"] for m, f in models.items() if "caption" in f["image_size"]}
     any_model = next(iter(summary))
     chance = summary[any_model]["image_size"]["chance"]  # the same probe set for every model
+    scenes_at = summary[any_model]["image_size"]["scenes"]
 
     def plot(name: str, png: bytes, caption: str) -> str:
         path = cfs.join(run_dir, "plots", f"{name}.png")
@@ -122,18 +127,18 @@ def write_bias_report(run_dir: str, overview: Mapping[str, Any], result: Mapping
             "single-object caption. Share of captions whose first retrieval is the object named at each position "
             "(mean over scenes with that many objects; 95 % interval over scenes). A model without the bias sits "
             "at chance (1 / objects).</p>"
-            + share_table(text_rows, chance, "position")
+            + share_table(text_rows, chance, "position", scenes_at)
             + plot("bias_text_order", share_plot(text_rows, chance, "position", "text-order bias"),
                    "First retrieval by position in the caption; dashed: chance")
         ), "text-order"))
     body = ("<p>Each scene's image embedding retrieves the nearest single-object image; share of scenes whose "
             "first retrieval is the object of each size rank (1 = largest).</p>"
-            + share_table(image_rows, chance, "size rank")
+            + share_table(image_rows, chance, "size rank", scenes_at)
             + plot("bias_image_size", share_plot(image_rows, chance, "size rank", "image-size bias (image retrieval)"),
                    "First retrieval by size rank; dashed: chance"))
     if caption_rows:
         body += ("<p>The same image against the single-object captions (models with a text tower).</p>"
-                 + share_table(caption_rows, chance, "size rank"))
+                 + share_table(caption_rows, chance, "size rank", scenes_at))
     sections.append(section("Image-size bias", body, "image-size"))
     match_rows = {m: f["matching"] for m, f in models.items() if "matching" in f}
     if match_rows:
