@@ -230,8 +230,15 @@ def config_dict(cfg: BaseModel) -> dict[str, Any]:
     return cfg.model_dump(mode="json")
 
 
+def _spec_list(value: Any) -> Any:
+    # a command-line override arrives as one string: "[spec, spec]" or a single spec
+    if isinstance(value, str):
+        return yaml.safe_load(value) if value.strip().startswith("[") else [value]
+    return value
+
+
 class BiasModelsConfig(Section):
-    probes: list[str] = Field(min_length=1)  # models under test, every one in the same run: open_clip:NAME@TAG | hf:ID_OR_DIR | py:module:factory | ...
+    probes: Annotated[list[str], BeforeValidator(_spec_list)] = Field(min_length=1)  # models under test, every one in the same run: open_clip:NAME@TAG | hf:ID_OR_DIR | py:module:factory | ...; on the command line models.probes=[A,B]
 
 
 class BiasSection(Section):

@@ -289,7 +289,15 @@ def test_tiny_config_end_to_end(tmp_path: Path, ray_local: None) -> None:
     assert json.loads((out / "run.json").read_text())["stages"]["probe_set"]["reused"] is True
 
 
-def test_bad_config_named(tmp_path: Path) -> None:
+def test_probes_from_the_command_line_and_bad_config_named(tmp_path: Path) -> None:
+    from clipscan.config import BiasConfig, ConfigError, load_config
+
+    tiny = str(ROOT / "configs" / "bias-tiny.yaml")
+    assert load_config(BiasConfig, tiny, ["models.probes=[open_clip:tiny-clip, hf:x]"]).models.probes == [
+        "open_clip:tiny-clip", "hf:x"]
+    assert load_config(BiasConfig, tiny, ["models.probes=hf:x"]).models.probes == ["hf:x"]
+    with pytest.raises(ConfigError, match="bias.areas"):
+        load_config(BiasConfig, tiny, ["bias.areas=[0.1]"])
     job = load_job("bias")
     with pytest.raises(SystemExit):
         job.main(["--config", str(ROOT / "configs" / "bias-tiny.yaml"), f"output={tmp_path}", "bias.objects=[6]"])
