@@ -230,3 +230,37 @@ def load_config(cls: type[C], path: str | None, overrides: list[str] | None = No
 def config_dict(cfg: BaseModel) -> dict[str, Any]:
     """The resolved config as plain JSON-ready data."""
     return cfg.model_dump(mode="json")
+
+
+def _spec_list(value: Any) -> Any:
+    # a command-line override arrives as one string: "[spec, spec]" or a single spec
+    if isinstance(value, str):
+        return yaml.safe_load(value) if value.strip().startswith("[") else [value]
+    return value
+
+
+class BiasModelsConfig(Section):
+    probes: Annotated[list[str], BeforeValidator(_spec_list)] = Field(min_length=1)  # models under test, every one in the same run: open_clip:NAME@TAG | hf:ID_OR_DIR | py:module:factory | ...; on the command line models.probes=[A,B]
+
+
+class BiasSection(Section):
+    objects: list[Annotated[int, Field(ge=2, le=5)]] = Field(default_factory=lambda: [2, 3, 4, 5], min_length=1)  # object counts of the multi-object scenes
+    scenes: int = Field(default=250, ge=2)  # scenes per object count
+    orders: int = Field(default=24, ge=1)  # captions per scene naming its objects in different orders, at most (all orders when there are fewer; else whole rotations, so every object is named at every position equally often)
+    vocabulary: list[str] | None = None  # objects as "colour shape" (e.g. "red circle"); None = every colour x shape of the scene generator
+    areas: list[Annotated[float, Field(gt=0, lt=0.2)]] = Field(default_factory=lambda: [0.06, 0.0375, 0.0234, 0.0146, 0.0092], min_length=5, max_length=5)  # area an object covers per size rank, largest first, fraction of the image (each shape drawn at the diameter that gives it)
+    single_area: float = Field(default=0.05, gt=0, lt=0.5)  # area the object covers in the single-object images, fraction of the image
+    background: str = "grey"  # plain background colour of every probe image (a scene generator background name)
+    distractors: int = Field(default=99, ge=1)  # matching: captions of other scenes with the same object count set against the true one, at most
+    forward_rows: int = Field(default=64, ge=1)  # captions per text-encoder forward pass, fixed (last one padded) so embeddings do not depend on Ray's batching
+
+
+class BiasConfig(Section):
+    models: BiasModelsConfig
+    output: str  # the run directory (local path or s3:// gs:// URI); the probe set is written into it
+    seed: int = 0  # seed for the probe set and every tie-break
+    embed: EmbedConfig = EmbedConfig()
+    report: ReportConfig = ReportConfig()
+    ray: RayConfig = RayConfig()
+    bias: BiasSection = BiasSection()
+    rows_per_block: int = Field(default=256, ge=1)  # probe images per input shard (one Ray block, one resume unit)

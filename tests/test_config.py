@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from clipscan.config import ConfigError, DafConfig, TcacConfig, load_config
+from clipscan.config import BiasConfig, ConfigError, DafConfig, TcacConfig, load_config
 
 GOOD = """
 data:
@@ -65,7 +65,7 @@ def test_section_differs_by_job(tmp_path: Path) -> None:
 
 def test_shipped_configs_load() -> None:
     root = Path(__file__).resolve().parents[1] / "configs"
-    kinds = {"daf": DafConfig, "tcac": TcacConfig}
+    kinds = {"daf": DafConfig, "tcac": TcacConfig, "bias": BiasConfig}
     found = 0
     for path in sorted(root.glob("*.yaml")):
         cls = kinds[path.stem.split("-")[0]]

@@ -1,4 +1,4 @@
-"""The DAF job against a real S3-compatible server on loopback (moto's server mode).
+"""The DAF and bias jobs against a real S3-compatible server on loopback (moto's server mode).
 
 The corpus is read from ``s3://`` and the whole run directory (run.json, report.html,
 Parquet tables, embeddings) is written there; the results must equal a run from local
@@ -188,3 +188,24 @@ def test_fs_helpers_on_s3(s3_server: str) -> None:
         cfs.read_bytes(cfs.join(base, "nope"))
     with pytest.raises(OSError, match=f"s3://{BUCKET}-missing/x"):
         cfs.read_bytes(f"s3://{BUCKET}-missing/x")
+
+
+def test_bias_writes_its_run_to_s3(s3_server: str, ray_local: None) -> None:
+    bias = load_job("bias")
+    args = ["--config", str(ROOT / "configs" / "bias-tiny.yaml"), "bias.objects=[2,3]", "bias.scenes=3",
+            "bias.vocabulary=[red circle, green square, blue triangle, cyan star]",
+            "bias.orders=2", "embed.image_size=48"]
+    out = f"s3://{BUCKET}/runs/bias"
+    assert bias.main([*args, f"output={out}"]) == 0
+    keys = _keys("runs/bias/")
+    for name in ("run.json", "report.html", "bias.json", "bias.parquet", "probe_set/manifest.parquet",
+                 "probe_set/images/scene-2-000000.png"):
+        assert name in keys, f"{name} missing from {out}"
+    assert not any(k.startswith(("_rows/", "_captions/")) for k in keys), "scratch files left behind"
+    fs, root = pafs.FileSystem.from_uri(out)
+    models = json.loads(fs.open_input_stream(f"{root}/bias.json").read())["models"]
+    assert set(models["open_clip:tiny-clip"]) == {"text_order", "image_size", "matching"}
+    assert models["open_clip:tiny-clip"]["text_order"]["n"] == 6
+    assert pq.read_table(f"{root}/bias.parquet", filesystem=fs).num_rows == 2 * 6
+    html = fs.open_input_stream(f"{root}/report.html").read().decode()
+    assert "data:image/jpeg;base64" in html  # probe scenes read back from s3://

@@ -83,3 +83,25 @@ def test_daf_through_ray_job_submit(head_node: str, scene_corpus: str, tmp_path:
     assert f"report: {out / 'report.html'}" in proc.stdout
     info = json.loads((out / "run.json").read_text())
     assert info["status"] == "done" and info["counts"]["embedded"] == 120
+
+
+def test_bias_through_ray_job_submit(head_node: str, tmp_path: Path) -> None:
+    out = tmp_path / "bias"
+    deadline = time.time() + 180
+    while True:
+        proc = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", "--address", head_node, "--working-dir", str(ROOT), "--",
+             "python", "jobs/bias.py", "--config", "configs/bias-tiny.yaml", f"output={out}",
+             "bias.scenes=4", "bias.orders=4", "embed.image_size=48"],
+            env=_env(), capture_output=True, text=True, timeout=600, cwd=ROOT,
+        )
+        if "No available agent to submit job" not in proc.stdout + proc.stderr or time.time() > deadline:
+            break
+        time.sleep(5)  # the head answers before its job agent is up; Ray's own advice is to retry
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"report: {out / 'report.html'}" in proc.stdout
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "done" and info["counts"]["embedded"] == 88 + 16  # single objects + scenes
+    models = json.loads((out / "bias.json").read_text())["models"]
+    assert set(models["open_clip:tiny-clip"]) == {"text_order", "image_size", "matching"}
+    assert set(models["hf:tiny-dinov2"]) == {"image_size"}

@@ -251,6 +251,68 @@ def write_corpus(
     return path
 
 
+def place_objects(
+    key: Sequence[int], kinds: Sequence[tuple[str, str]], diameters: Sequence[float]
+) -> tuple[Obj, ...]:
+    """Objects of the given (shape, colour) kinds at exactly the given diameters, placed
+    without overlap at positions drawn from ``numpy.random.default_rng(key)``.
+
+    The kinds' order is kept; sizes never shrink (a layout that finds no room restarts),
+    so a caller controls every object's size rank and learns its position from ``x``, ``y``.
+    """
+    if len(kinds) != len(diameters) or not kinds:
+        raise ValueError(f"place_objects: {len(kinds)} kinds for {len(diameters)} diameters")
+    rng = np.random.default_rng(list(key))
+    sizes = [float(d) for d in diameters]
+    for _ in range(LAYOUT_TRIES * 4):
+        centres: dict[int, tuple[float, float]] = {}
+        for i in sorted(range(len(kinds)), key=lambda j: -sizes[j]):
+            found = _find_spot(rng, sizes[i], centres, sizes)
+            if found is None:
+                break
+            centres[i] = found
+        if len(centres) == len(kinds):
+            return tuple(
+                Obj(shape, colour, size_class(sizes[i]), centres[i][0], centres[i][1], sizes[i])
+                for i, (shape, colour) in enumerate(kinds)
+            )
+    raise RuntimeError(
+        f"place_objects: no non-overlapping layout for diameters {sizes} after {LAYOUT_TRIES * 4} tries (key={list(key)})"
+    )
+
+
+def shape_area(shape: str) -> float:
+    """Area of ``shape`` drawn in a bounding circle of diameter 1 (a circle: pi / 4)."""
+    if shape == "circle":
+        return float(np.pi / 4)
+    if shape not in _UNIT_POLYGONS:
+        raise ValueError(f"shape_area: unknown shape {shape!r}; expected one of {SHAPES}")
+    x, y = _UNIT_POLYGONS[shape].T / 2
+    return float(abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2)
+
+
+def diameter_for_area(shape: str, area: float) -> float:
+    """The bounding-circle diameter (fraction of the side) at which ``shape`` covers ``area`` of the image."""
+    return float(np.sqrt(area / shape_area(shape)))
+
+
+def size_class(diameter: float) -> str:
+    """The size class (small, medium, large) whose diameter range is nearest ``diameter``."""
+    return min(SIZE_ORDER, key=lambda c: abs(diameter - sum(SIZE_CLASSES[c]) / 2))
+
+
+def plain_background(name: str) -> Background:
+    """A plain background of one of BACKGROUND_COLOURS."""
+    if name not in BACKGROUND_COLOURS:
+        raise ValueError(f"plain_background: unknown colour {name!r}; expected one of {sorted(BACKGROUND_COLOURS)}")
+    return Background(name, "plain", BACKGROUND_COLOURS[name])
+
+
+def render_objects(objects: Sequence[Obj], background: Background, size: int = 224) -> Image.Image:
+    """``objects`` drawn on ``background`` as a (size, size) RGB image (see ``render``)."""
+    return render(Scene(tuple(objects), background, ()), size)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m clipscan.data.scenes", description="Write a synthetic scene corpus."
