@@ -116,7 +116,8 @@ def load_models(root: Path) -> dict[str, str]:
     return {"ViT-B-32": "open_clip:ViT-B-32", "DINOv2-S/14": f"hf:{path}"}
 
 
-def encoder_rates(models: dict[str, str], pixels: np.ndarray, batches: list[int]) -> dict[str, dict[str, float]]:
+def encoder_rates(models: dict[str, str], pixels: np.ndarray, batches: list[int], images: int) -> dict[str, dict[str, float]]:
+    """Images/s of each encoder and of both, per precision and batch size, over about ``images`` images each."""
     from clipscan.models.registry import load_encoder
 
     out: dict[str, dict[str, float]] = {}
@@ -124,7 +125,7 @@ def encoder_rates(models: dict[str, str], pixels: np.ndarray, batches: list[int]
         encoders = {name: load_encoder(spec, DEVICE, precision) for name, spec in models.items()}
         for batch in batches:
             x = pixels[:batch]
-            reps = max(1, 2048 // batch)
+            reps = max(1, images // batch)
             for name, enc in [*encoders.items(), ("both", None)]:
                 chosen = list(encoders.values()) if enc is None else [enc]
 
@@ -190,6 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", type=int, nargs="*", default=[64, 256, 512, 1024])
     parser.add_argument("--knn-rows", type=int, default=1_000_000)
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run in well under a minute")
+    parser.add_argument("--tiny", action="store_true", help="the tiny test configs instead of ViT-B-32 / DINOv2-S (smoke runs)")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                         help="cpu: run every part on the CPU as a smoke test of the script (figures meaningless)")
     args = parser.parse_args(argv)
@@ -218,12 +220,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"   {name:24s} {rate:10.0f} img/s")
 
     with tempfile.TemporaryDirectory() as tmp:
-        models = load_models(Path(tmp))
+        models = ({"tiny-clip": "open_clip:tiny-clip", "tiny-dinov2": "hf:tiny-dinov2"} if args.tiny
+                  else load_models(Path(tmp)))
         from clipscan.stages.decode import decode_image
 
         pixels = np.stack([decode_image(b, args.size, 10**9)[0] for b in blobs[: max(args.batches)]]
                           * (-(-max(args.batches) // len(blobs))))[: max(args.batches)]
-        enc = encoder_rates(models, pixels, args.batches)
+        enc = encoder_rates(models, pixels, args.batches, args.images)
         figures["encoders"] = enc
         print("\n2. encoders alone, img/s by batch size")
         print("   " + f"{'model':18s}" + "".join(f"{b:>9d}" for b in args.batches))
@@ -233,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
         best = max(args.batches, key=lambda b: enc["both bf16"][str(b)])
         pipe = {p: pipeline_rate(models, blobs, args.size, best, p) for p in ("fp16", "bf16")}
         figures["decode_plus_encoders"] = {"batch": best, **pipe}
-        print(f"\n3. nvJPEG decode + ViT-B-32 + DINOv2-S/14 in one process, batch {best}")
+        print(f"\n3. nvJPEG decode + {' + '.join(models)} in one process, batch {best}")
         for p, rate in pipe.items():
             print(f"   {p:6s} {rate:10.0f} img/s   (goal: 4,000 img/s per H100-class GPU)")
 

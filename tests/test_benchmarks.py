@@ -51,3 +51,39 @@ def test_tcac_benchmark() -> None:
     out = _bench("benchmarks/tcac.py", "--models", "tiny", "--images", "8", "--transforms", "1,2")
     rows = [line.split() for line in out.splitlines() if line.startswith("tiny ")]
     assert [(r[1], r[2]) for r in rows] == [("1", "16"), ("2", "16")], out
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_on_cpu_as_a_smoke_test() -> None:
+    out = _bench("benchmarks/gpu.py", "--device", "cpu", "--tiny", "--images", "16", "--batches", "4", "8",
+                 "--knn-rows", "2000", "--jpeg-size", "96", "--size", "64")
+    for part in ("1. decode", "2. encoders alone", "3. nvJPEG decode + tiny-clip + tiny-dinov2", "4. exact top-10"):
+        assert part in out, part
+    import json
+
+    figures = json.loads(out.strip().splitlines()[-1])
+    assert figures["decode"]["nvjpeg_decode"] > 0 and set(figures["encoders"]) >= {"both fp16", "both bf16"}
+
+
+@pytest.mark.slow
+def test_plain_script_baseline(tmp_path: Path) -> None:
+    import json
+
+    import torch
+    import transformers
+
+    from clipscan.data.scenes import write_corpus
+
+    manifest = write_corpus(str(tmp_path / "corpus"), 24, seed=1, size=64)
+    torch.manual_seed(0)
+    dino = tmp_path / "dino"
+    transformers.Dinov2Model(transformers.Dinov2Config(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, patch_size=8,
+        image_size=64)).save_pretrained(dino)
+    (dino / "preprocessor_config.json").write_text(json.dumps({
+        "crop_size": {"height": 64, "width": 64}, "size": {"shortest_edge": 64},
+        "image_processor_type": "BitImageProcessor"}))
+    out = _bench("benchmarks/plain_daf.py", "--manifest", manifest, "--reference", str(dino), "--probe", "RN50",
+                 "--batch", "8")
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["images"] == 24 and 0 <= result["mean_overlap"] <= 10 and result["wall_s"] > 0
