@@ -30,6 +30,7 @@ class DataConfig(Section):
     rows_per_block: int = Field(default=256, ge=1)  # rows per input shard (one Ray block, one resume unit)
     max_pixels: int = Field(default=89_478_485, ge=1)  # larger images are skipped (decompression bombs), pixels
     generate: int | None = Field(default=None, ge=2)  # if data.path is missing, generate this many scenes there first
+    generate_max_objects: int = Field(default=5, ge=1, le=5)  # objects per generated scene at most (data.generate)
 
 
 class ModelsConfig(Section):
@@ -113,6 +114,18 @@ class TcacSection(Section):
     forward_rows: int = Field(default=64, ge=1)  # encoder inputs per forward pass, fixed (last one padded) so scores do not depend on Ray's batching; embed.batch_size is rounded up to fill whole passes
 
 
+class AttributesConfig(Section):
+    enabled: bool = True  # compare captions per attribute (attributes.json, the report's first section)
+    names: list[str] = Field(default_factory=lambda: ["colour", "count", "size", "position", "object", "action", "scene"])  # attributes compared, each with a lexicon (shipped, or in `lexicons`)
+    lexicons: dict[str, str] = Field(default_factory=dict)  # attribute -> word-list file (one word a line, # comments), replacing or adding to the shipped ones
+    cases: int = Field(default=10_000, ge=1)  # top discrepant images (TCAC: image-transform rows) whose pairs are compared
+    control: Literal["rank_matched", "reference", "matched", "pooled"] = "rank_matched"  # the lift's control: reference neighbours at the probe-only ones' reference ranks | the case's reference top-k | agreeing pairs at matched probe cosine | the last two pooled
+    bins: int = Field(default=10, ge=1)  # probe-cosine quantile bins of the matched control
+    examples: int = Field(default=8, ge=0)  # example case ids kept per attribute
+    batch_size: int = Field(default=1024, ge=1)  # rows per batch of the Ray Data stage
+    planted: str | None = None  # the attribute a demo probe was built blind to; the report then says the run is a planted check of the method
+
+
 class ReportConfig(Section):
     rows: int = Field(default=50, ge=1)  # cases shown in report.html
     thumb: int = Field(default=128, ge=16)  # thumbnail side in px
@@ -136,12 +149,14 @@ class JobConfig(Section):
 class DafConfig(JobConfig):
     knn: KnnConfig = KnnConfig()
     mining: MiningConfig = MiningConfig()
+    attributes: AttributesConfig = AttributesConfig()
     llm: LlmConfig = LlmConfig()
 
 
 class TcacConfig(JobConfig):
     knn: KnnConfig = KnnConfig()
     tcac: TcacSection = TcacSection()
+    attributes: AttributesConfig = AttributesConfig()
     llm: LlmConfig = LlmConfig()
 
 
