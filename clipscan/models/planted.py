@@ -37,7 +37,7 @@ def describe(images: np.ndarray) -> dict[str, np.ndarray]:
     colour = dist.argmin(-1)
     on = dist.min(-1) < _ON_OBJECT
     labels = _components(on, colour)
-    blocks = {b: [] for b in BLOCKS}
+    blocks: dict[str, list[np.ndarray]] = {b: [] for b in BLOCKS}
     bg_dist = np.linalg.norm(x[..., None, :] - _BACKGROUND_RGB, axis=-1).argmin(-1)  # (n, H, W)
     yy, xx = np.mgrid[0:h, 0:w]
     side = float(max(h, w))

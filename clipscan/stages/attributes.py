@@ -258,13 +258,18 @@ class Counts:
                     "examples": [i for _, i in self.examples[name]],
                 }
             )
-        out.sort(key=lambda r: (-(r["ci"][0] if r["ci"][0] is not None else -math.inf), r["name"]))
+        out.sort(key=_by_lower_bound)
         return {
             "attributes": out,
             "control": control,
             "pairs": int(self.pairs[0]),
             "control_pairs": {g: int(v) for g, v in zip(GROUPS[1:], self.pairs[1:], strict=True)},
         }
+
+
+def _by_lower_bound(row: Mapping[str, Any]) -> tuple[float, str]:
+    lo = row["ci"][0]
+    return (-lo if lo is not None else math.inf, str(row["name"]))
 
 
 def _round(v: float | None) -> float | None:
@@ -517,6 +522,7 @@ def _agreeing(batch: pa.RecordBatch, edges: np.ndarray) -> tuple[np.ndarray, np.
 
     agree = ~np.asarray(pc.is_in(keys(neighbours), value_set=keys(only)).to_numpy(zero_copy_only=False), dtype=bool)
     offsets = np.asarray(neighbours.offsets.to_numpy(), dtype=np.int64)
+    offsets -= offsets[0]  # a sliced batch starts mid-array
     position = np.arange(parent.size, dtype=np.int64) - offsets[parent]
     key = ranks[parent] * 4096 + position
     b = np.searchsorted(edges, cos, side="right") - 1
