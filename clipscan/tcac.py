@@ -104,6 +104,15 @@ def run_tcac(cfg: TcacConfig, overwrite: bool = False) -> Run:
         run.record("tcac_summary", summary)
         facts.update(transforms=len(summary))
 
+    if cfg.attributes.enabled:
+        with run.stage("attributes") as facts:
+            from clipscan.stages.attributes import tcac_contrast
+
+            contrast = tcac_contrast(table, names, cfg.attributes)
+            cfs.write_json_atomic(run.path("attributes.json"), contrast)
+            facts.update(top={t: (v["attributes"][0]["name"] if v["attributes"] else None)
+                              for t, v in contrast["transforms"].items()})
+
     with run.stage("summarise") as facts:
         failures = name_failure_types(table, names, cfg, run)
         facts.update(backend=cfg.llm.backend,

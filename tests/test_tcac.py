@@ -243,7 +243,10 @@ def test_job_end_to_end_and_deterministic(tmp_path: Path, ray_local: None) -> No
     summary = info["tcac_summary"]
     assert list(summary) == list(TRANSFORMS) and summary["rot0"]["mean_changed"] == 0
     assert summary["rot0"]["own_left_top1"] == 0 and "own_left_top10" in summary["hflip"]
-    assert {"read", "caption_pool", "score", "summary", "report"} <= set(info["stages"])
+    assert {"read", "caption_pool", "score", "summary", "attributes", "report"} <= set(info["stages"])
+    contrast = json.loads((a / "attributes.json").read_text())["transforms"]
+    assert list(contrast) == list(TRANSFORMS) and contrast["rot0"]["pairs"] == 0  # nothing moved, nothing compared
+    assert contrast["elastic"]["pairs"] > 0 and contrast["elastic"]["control"] == "left the top list"
     html = (a / "report.html").read_text()
     assert "http://" not in html.replace("http://www.w3.org/2000/svg", "") and "<script" not in html
     assert html.count('class="tcase"') == 3 * len(TRANSFORMS)

@@ -575,10 +575,15 @@ def deep_lookup(ids: Any, ref_I: np.ndarray) -> Callable[[list[str]], dict[str, 
     return lookup
 
 
-def run_contrast(rows: pa.Table, cfg: Any, use_ray: bool = True) -> dict[str, Any]:
+def run_contrast(rows: pa.Table, cfg: Any, use_ray: bool | None = None) -> dict[str, Any]:
     """``ROWS_SCHEMA`` rows and an ``AttributesConfig`` in; the ``attributes.json`` mapping out
-    (with ``planted``/``planted_found`` when ``cfg.planted`` names the planted attribute)."""
+    (with ``planted``/``planted_found`` when ``cfg.planted`` names the planted attribute).
+
+    ``use_ray`` None: the Ray Data stage when the rows fill more than one batch
+    (``cfg.batch_size``), else the same counting in this process (no actor to start)."""
     lexicons = load_lexicons(cfg.names, cfg.lexicons)
+    if use_ray is None:
+        use_ray = rows.num_rows > cfg.batch_size
     if use_ray:
         import ray.data
 
@@ -593,3 +598,34 @@ def run_contrast(rows: pa.Table, cfg: Any, use_ray: bool = True) -> dict[str, An
         out["planted"] = cfg.planted
         out["planted_found"] = bool(top.get("name") == cfg.planted and lo is not None and lo > 1)
     return out
+
+
+def shift_rows(shifts: Sequence[Mapping[str, Any]]) -> pa.Table:
+    """TCAC: one transform's caption shifts (``clipscan.stages.tcac.caption_shifts``) as
+    ``ROWS_SCHEMA`` rows: the image's caption against the captions that entered its top list
+    (in the probe-only place) and, as the control, against those that left it (in the
+    ``reference_captions`` place; summarise with ``control="reference"``)."""
+    return pa.Table.from_pylist(
+        [
+            {"rank": i, "id": s["id"], "caption": s["caption"], "neighbour_ids": [],
+             "neighbour_captions": list(s["entered"]), "reference_captions": list(s["left"]),
+             "matched_captions": [], "rank_matched_captions": []}
+            for i, s in enumerate(shifts, start=1)
+        ],
+        schema=ROWS_SCHEMA,
+    )
+
+
+def tcac_contrast(table: pa.Table, transforms: Sequence[str], cfg: Any, use_ray: bool | None = None) -> dict[str, Any]:
+    """TCAC ``tcac.parquet`` in; per transform, the ``attributes.json`` mapping of the
+    ``cfg.cases`` images whose top list changed most: which attributes the captions that
+    entered the top list differ in from the image's caption more often than those that left."""
+    from clipscan.stages.tcac import caption_shifts
+
+    shifts = caption_shifts(table, transforms, cfg.cases)
+    per: dict[str, Any] = {}
+    for name in transforms:
+        rows = shift_rows([s for s in shifts[name] if s["entered"]])
+        per[name] = run_contrast(rows, cfg.model_copy(update={"control": "reference", "planted": None}), use_ray)
+        per[name]["control"] = "left the top list"
+    return {"transforms": per}
