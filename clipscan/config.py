@@ -60,7 +60,7 @@ class KnnConfig(Section):
 
 
 class MiningConfig(Section):
-    rank_by: Literal["overlap", "jaccard", "gap", "max_gap"] = "overlap"  # low overlap@k / low Jaccard / high mean or max (probe cos - reference cos) of probe-only neighbours
+    rank_by: Literal["overlap", "jaccard", "gap", "max_gap"] = "overlap"  # low overlap@k / low Jaccard / high mean or max (probe cos - reference cos) of probe-only neighbours, in standardised cosines (gap_z, max_gap_z)
     cases: int = Field(default=100, ge=1)  # failure cases handed to the summary and the report
     pair_probe_min: float = 0.95  # pair mode: probe cosine at least this (Eyes Wide Shut: 0.95)
     pair_reference_max: float = 0.6  # pair mode: reference cosine at most this (Eyes Wide Shut: 0.6)
