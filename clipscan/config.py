@@ -110,6 +110,7 @@ class TcacSection(Section):
     pool_k: int = Field(default=10, ge=1)  # nearest captions per own caption in the candidate pool
     transforms: dict[str, dict[str, Any]] = Field(default_factory=_paper_transforms)  # transform name -> its parameters (torchvision v2 argument names; `op: rotation` picks the transform for another name)
     top: int = Field(default=10, ge=1)  # captions listed before and after
+    margin: float = Field(default=0.01, ge=0, le=1)  # probability a caption must gain on every caption it displaced to count as a change beyond the margin (changed_margin)
     report_top: int = Field(default=100, ge=1)  # images per transform in the report
     forward_rows: int = Field(default=64, ge=1)  # encoder inputs per forward pass, fixed (last one padded) so scores do not depend on Ray's batching; embed.batch_size is rounded up to fill whole passes
 
