@@ -198,7 +198,7 @@ def test_fence_marker_is_deterministic_and_avoids_the_data(monkeypatch: pytest.M
         def hexdigest(self) -> str:
             return ("a" if self.salt == b"0" else "b") * 64
 
-    monkeypatch.setattr(sm.hashlib, "sha256", FakeHash)
+    monkeypatch.setattr(sm.prompts.hashlib, "sha256", FakeHash)
     clash = [sm.case_line(1, Case("a", ("caption with aaaaaaaaaaaaaaaa inside",)))]
     assert sm.fence_marker(clash) == "b" * 16
 
@@ -531,7 +531,7 @@ def test_vllm_processor_kwargs() -> None:
 
 
 def test_vllm_preprocess_binds_the_schema() -> None:
-    row = sm._vllm_preprocess({"prompt_index": 3, "attempt": 1, "text": "hi", "temperature": 0.7},
+    row = sm.backends._vllm_preprocess({"prompt_index": 3, "attempt": 1, "text": "hi", "temperature": 0.7},
                               max_tokens=99, schema=json.dumps(FAILURES_SCHEMA))
     assert row["messages"] == [{"role": "user", "content": "hi"}]
     assert row["sampling_params"]["max_tokens"] == 99 and row["sampling_params"]["temperature"] == 0.7
@@ -548,3 +548,19 @@ def test_vllm_engine_failure_is_recorded(monkeypatch: pytest.MonkeyPatch, tmp_pa
                                                           cases_per_prompt=2), None, str(tmp_path))
     assert (out["prompts"], out["parsed"], out["failed"], out["types"]) == (2, 0, 2, [])
     assert all("engine failed: RuntimeError: no GPU memory" in r["reason"] for r in read_raw(tmp_path))
+
+
+def test_answer_schema_asks_for_at_least_one_type_and_parsing_validates_with_the_model() -> None:
+    from clipscan.stages.summarise import FailureAnswer, validate_answer
+
+    one = {"failures": [{"type": "Colour", "description": "colours swapped"}]}
+    jsonschema.validate(one, FAILURES_SCHEMA)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"failures": []}, FAILURES_SCHEMA)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"failures": [{"type": "x", "description": "y", "extra": 1}]}, FAILURES_SCHEMA)
+    assert "$ref" not in json.dumps(FAILURES_SCHEMA)  # inlined: backends that do not follow $ref read it
+    assert FAILURES_SCHEMA["properties"]["failures"]["minItems"] == 1
+    assert validate_answer(one) == [{"type": "Colour", "description": "colours swapped"}]
+    assert validate_answer({"failures": []}) is None and validate_answer({"Colour": "swapped"}) is None
+    assert FailureAnswer.model_json_schema()["properties"]["failures"]["maxItems"] == sm.MAX_ITEMS
