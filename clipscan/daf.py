@@ -102,6 +102,7 @@ def run_daf(cfg: DafConfig, overwrite: bool = False) -> Run:
     with run.stage("summarise") as facts:
         failures = summarise_cases(case_table, cfg, run)
         facts.update(backend=cfg.llm.backend, types=len(failures.get("types", [])),
+                     status=failures.get("status", "done"), reason=failures.get("reason"),
                      **{k: failures[k] for k in ("prompts", "parsed", "failed") if k in failures})
 
     with run.stage("report") as facts:

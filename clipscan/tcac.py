@@ -116,7 +116,8 @@ def run_tcac(cfg: TcacConfig, overwrite: bool = False) -> Run:
     with run.stage("summarise") as facts:
         failures = name_failure_types(table, names, cfg, run)
         facts.update(backend=cfg.llm.backend,
-                     types={t: len(f.get("types", [])) for t, f in failures.get("transforms", {}).items()})
+                     types={t: len(f.get("types", [])) for t, f in failures.get("transforms", {}).items()},
+                     failed=[t for t, f in failures.get("transforms", {}).items() if f.get("status") == "failed"])
 
     with run.stage("report") as facts:
         overview = {

@@ -465,6 +465,7 @@ def test_openai_garbage_twice_is_counted_not_raised(fake_server: Any, tmp_path: 
     raw = read_raw(tmp_path)
     assert sum(r["status"] == "failed" for r in raw) == 2
     assert out["failed"] == 1 and out["retried"] == 1 and len(srv.requests) == 3
+    assert out["status"] == "done" and out["reason"] is None  # one of two parsed: not a failed stage
 
 
 def test_openai_client_errors_are_not_retried(fake_server: Any, tmp_path: Path) -> None:
@@ -473,6 +474,7 @@ def test_openai_client_errors_are_not_retried(fake_server: Any, tmp_path: Path) 
     assert len(srv.requests) == 1
     assert (out["parsed"], out["failed"], out["types"]) == (0, 1, [])
     assert "HTTP 400" in read_raw(tmp_path)[0]["reason"]
+    assert out["status"] == "failed" and "HTTP 400" in out["reason"]
 
 
 def test_openai_unreachable_server_and_timeouts(fake_server: Any, tmp_path: Path) -> None:
@@ -548,6 +550,7 @@ def test_vllm_engine_failure_is_recorded(monkeypatch: pytest.MonkeyPatch, tmp_pa
                                                           cases_per_prompt=2), None, str(tmp_path))
     assert (out["prompts"], out["parsed"], out["failed"], out["types"]) == (2, 0, 2, [])
     assert all("engine failed: RuntimeError: no GPU memory" in r["reason"] for r in read_raw(tmp_path))
+    assert out["status"] == "failed" and "every one of the 2 prompts failed: engine failed" in out["reason"]
 
 
 def test_answer_schema_asks_for_at_least_one_type_and_parsing_validates_with_the_model() -> None:

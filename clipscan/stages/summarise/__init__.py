@@ -99,7 +99,9 @@ def summarise(
 
     ``text_encoder``: texts -> (n, d) float32 L2-normalised (the probe's), used to merge
     failure types; None merges by normalised heading only. Returns the failures dict.
-    Answers that do not parse are recorded and counted; no answer makes this raise.
+    Answers that do not parse are recorded and counted; no answer makes this raise. When
+    not one prompt's answer parses, ``status`` is "failed" with the ``reason`` (the job
+    records the stage as failed and carries on to the report).
     """
     failures_path = cfs.join(out_dir, "failures.json")
     if cfg.backend == "off":
@@ -156,9 +158,14 @@ def summarise(
     if failed:
         (log.error if failed == len(prompts) else log.warning)(
             "%s: %d of %d answers could not be parsed or fetched (reasons in llm_raw.jsonl)", STAGE, failed, len(prompts))
+    reasons = sorted({a.reason or "" for a in final.values() if not a.ok})
     failures = {
         "backend": cfg.backend,
         "model": cfg.model,
+        # failed: there were prompts and not one answer parsed; the reason says why
+        "status": "failed" if prompts and not parsed else "done",
+        "reason": f"every one of the {len(prompts)} prompts failed: {'; '.join(reasons)[:1000]}"
+        if prompts and not parsed else None,
         "prompts": len(prompts),
         "parsed": parsed,
         "failed": failed,
