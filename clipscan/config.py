@@ -88,6 +88,8 @@ class LlmConfig(Section):
     extra_body: dict[str, Any] = Field(default_factory=dict)  # extra JSON fields merged into each chat request (openai backend)
     merge_threshold: float = Field(default=0.85, gt=0, le=1)  # cosine of heading+description embeddings to merge failure types
     examples: int = Field(default=8, ge=0)  # example image ids kept per failure type
+    judge_cases: int = Field(default=40, ge=0)  # held-out cases (and as many controls) each failure type is judged on; 0 = no judge
+    judge_types: int = Field(default=10, ge=1)  # failure types judged at most (the most frequent first)
     replicas: int | None = Field(default=None, ge=1)  # vllm engine replicas; None = one per GPU
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)  # extra vLLM engine arguments
     processor_kwargs: dict[str, Any] = Field(default_factory=dict)  # extra vLLMEngineProcessorConfig fields (batch_size, placement_group_config, ...)

@@ -87,7 +87,7 @@ def run_daf(cfg: DafConfig, overwrite: bool = False) -> Run:
         facts.update(images=table.num_rows, pairs=pair_table.num_rows, cases=case_table.num_rows,
                      mean_overlap=round(mean_overlap, 4))
 
-    contrast = None
+    contrast, rows = None, None
     if cfg.attributes.enabled:
         with run.stage("attributes") as facts:
             from clipscan.stages import attributes
@@ -104,6 +104,13 @@ def run_daf(cfg: DafConfig, overwrite: bool = False) -> Run:
         facts.update(backend=cfg.llm.backend, types=len(failures.get("types", [])),
                      status=failures.get("status", "done"), reason=failures.get("reason"),
                      **{k: failures[k] for k in ("prompts", "parsed", "failed") if k in failures})
+
+    if failures.get("types"):
+        with run.stage("judge") as facts:
+            from clipscan.stages.summarise.judge import validate
+
+            failures = validate(failures, rows, set(case_table.column("id").to_pylist()), cfg.llm, run.output)
+            facts.update(failures.get("judge", {}))
 
     with run.stage("report") as facts:
         summary = {

@@ -593,15 +593,29 @@ def _failures_html(
             card(thumbs(lookup.get(e, ("", ""))[0]), lookup.get(e, ("", ""))[1], e)
             for e in examples
         )
+        judged = _judge_note(f.get("judge"))
         parts.append(
             '<div class="failure">'
-            f"<h3>{esc(heading)}</h3>"
+            f"<h3>{esc(heading)}{judged[0]}</h3>" + judged[1] +
             f"<p>{esc(f.get('description'))}</p>"
             + (f'<p class="note">{esc(" · ".join(counts))}</p>' if counts else "")
             + (f'<div class="strip">{tiles}</div>' if tiles else "")
             + "</div>"
         )
     return "".join(parts)
+
+
+def _judge_note(judge: Mapping[str, Any] | None) -> tuple[str, str]:
+    """(a mark after the heading, a line of figures) for a failure type's judge entry."""
+    if not judge:
+        return "", ""
+    lo, hi = (judge.get("ci") or [None, None])[:2]
+    mark = (' <span style="color: var(--ok)">confirmed</span>' if judge.get("confirmed")
+            else ' <span class="muted">unconfirmed</span>')
+    line = (f'<p class="note">judge: holds for {_fmt(judge.get("rate"))} of {_fmt(judge.get("judged"))} held-out '
+            f'cases, {_fmt(judge.get("control_rate"))} of {_fmt(judge.get("control_judged"))} controls; lift '
+            f'{_fmt(judge.get("lift"))} (95 % {_fmt(lo)} to {_fmt(hi)})</p>')
+    return mark, line
 
 
 def _cases_legend(labels: tuple[str, str], k: int) -> str:

@@ -140,3 +140,27 @@ def test_demo_config_finds_the_planted_colour_blind_spot(tmp_path: Path, ray_loc
     assert first["name"] == "colour" and first["ci"][0] > 1 and contrast["planted_found"] is True
     html = (out / "report.html").read_text()
     assert "planted check of the method" in html and html.index("colour") < html.index('id="run"')
+
+
+def test_daf_names_and_judges_failure_types_with_an_openai_server(tmp_path: Path, scene_corpus: str,
+                                                                  ray_local: None) -> None:
+    """Summary, then judge, through a scripted OpenAI-compatible server: failures.json carries the figures."""
+    from tests.test_summarise import FakeOpenAI
+
+    srv = FakeOpenAI([(200, '{"failures": [{"type": "Colour confusion", "description": "hue swapped"}]}'),
+                      (200, '{"holds": false, "reason": "no"}')])
+    try:
+        out = tmp_path / "run"
+        assert daf.main(_args(scene_corpus, out, "llm.backend=openai", f"llm.url={srv.url}", "llm.model=fake",
+                              "llm.tokenizer=/nonexistent", "llm.judge_cases=4", "llm.retries=0")) == 0
+    finally:
+        srv.server.shutdown()
+    failures = json.loads((out / "failures.json").read_text())
+    assert failures["status"] == "done" and [t["type"] for t in failures["types"]] == ["Colour confusion"]
+    judge = failures["types"][0]["judge"]
+    assert failures["judge"]["status"] == "done" and judge["judged"] == judge["control_judged"] == 4
+    assert judge["rate"] == judge["control_rate"] == 0.0 and judge["confirmed"] is False
+    info = json.loads((out / "run.json").read_text())
+    assert info["stages"]["judge"]["prompts"] == 8
+    assert len(srv.requests) == failures["prompts"] + failures["retried"] + 8  # the summary's, then the judge's
+    assert "unconfirmed" in (out / "report.html").read_text()

@@ -567,3 +567,74 @@ def test_answer_schema_asks_for_at_least_one_type_and_parsing_validates_with_the
     assert validate_answer(one) == [{"type": "Colour", "description": "colours swapped"}]
     assert validate_answer({"failures": []}) is None and validate_answer({"Colour": "swapped"}) is None
     assert FailureAnswer.model_json_schema()["properties"]["failures"]["maxItems"] == sm.MAX_ITEMS
+
+
+# --------------------------------------------------------------------------- the judge
+
+
+def judge_rows(n: int) -> pa.Table:
+    """Attribute-contrast rows: probe-only neighbours differ in colour, controls in shape."""
+    from clipscan.stages.attributes import ROWS_SCHEMA
+
+    colours = ["red", "blue", "green", "yellow"]
+    return pa.Table.from_pylist([
+        {"rank": i + 1, "id": f"c{i:02d}", "caption": f"a {colours[i % 4]} circle",
+         "neighbour_ids": [f"n{i}"], "neighbour_captions": [f"a {colours[(i + 1) % 4]} circle"],
+         "reference_captions": [f"a {colours[i % 4]} star"], "matched_captions": [],
+         "rank_matched_captions": [f"a {colours[i % 4]} square"]}
+        for i in range(n)
+    ], schema=ROWS_SCHEMA)
+
+
+def test_judge_counts_hits_and_orders_by_validated_lift() -> None:
+    from clipscan.stages.attributes import lift_ci
+    from clipscan.stages.summarise import judge as jd
+
+    held, controls = jd.pairs_from_rows(judge_rows(30), exclude={"c00", "c01"}, n=20)
+    assert len(held) == len(controls) == 20 and held[0].case_id == "c02" and not held[0].control
+    assert controls[0].other == "a green square" and controls[0].control  # the rank-matched control
+
+    def run(prompts: Any, cfg: Any, kind: Any) -> list[Any]:
+        # a judge that says "colour" holds when the two captions name different colours, and
+        # "shape" holds when they name different shapes; one colour prompt in ten does not parse
+        out = []
+        for p in prompts:
+            _, lines, _ = unfence(p.text)
+            a, b = lines[0]["caption_a"].split(), lines[0]["caption_b"].split()
+            key = 1 if lines[0]["failure_type"] == "Colour" else 2
+            answer = json.dumps({"holds": a[key] != b[key], "reason": "r"})
+            if key == 1 and p.index % 10 == 0:
+                answer = "not json"
+            out.append(sm.Attempt(p.index, 0, answer=answer).parse(kind.parse))
+        return out
+
+    types = [{"type": "Shape", "description": "shapes confused"}, {"type": "Colour", "description": "colours confused"}]
+    judged, attempts, plan = jd.judge_types(types, held, controls, llm("http://unused"), run)
+    assert len(attempts) == len(plan) == 2 * 40
+    colour, shape = judged  # ordered by the lower bound: colour first
+    assert colour["type"] == "Colour" and colour["judge"]["confirmed"] and not shape["judge"]["confirmed"]
+    j = colour["judge"]
+    assert j["failed"] == 4 and j["judged"] + j["control_judged"] == 36  # prompts 0, 10, 20, 30 did not parse
+    assert j["rate"] == 1.0 and j["control_rate"] == 0.0
+    lift, lo, hi = lift_ci(j["hits"], j["judged"], j["control_hits"], j["control_judged"])
+    assert j["lift"] == round(lift, 4) and j["ci"] == [round(lo, 4), round(hi, 4)]
+    assert shape["judge"]["rate"] == 0.0 and shape["judge"]["control_rate"] == 1.0
+
+
+def test_judge_through_an_openai_server_rewrites_failures(fake_server: Any, tmp_path: Path) -> None:
+    from clipscan.stages.summarise import judge as jd
+
+    srv = fake_server([(200, '{"holds": true, "reason": "fits"}')])
+    failures = {"backend": "openai", "types": [{"type": "Colour", "description": "d", "examples": ["c00"]}]}
+    out = jd.validate(failures, judge_rows(6), {"c00"}, llm(srv.url, judge_cases=3), str(tmp_path))
+    assert out["judge"] == {"status": "done", "held_out": 3, "controls": 3, "prompts": 6, "judged_types": 1,
+                            "confirmed": 0}
+    j = out["types"][0]["judge"]
+    assert (j["rate"], j["control_rate"], j["lift"], j["confirmed"]) == (1.0, 1.0, 1.0, False)
+    assert json.loads((tmp_path / "failures.json").read_text()) == out
+    assert all(r["response_format"]["json_schema"]["schema"] == jd.JUDGE_SCHEMA for r in srv.requests)
+    assert '"caption_a"' in srv.requests[0]["messages"][0]["content"]
+    verdicts = [json.loads(x) for x in (tmp_path / "llm_judge.jsonl").read_text().splitlines()]
+    assert len(verdicts) == 6 and sum(v["control"] for v in verdicts) == 3
+    skipped = jd.validate(failures, None, set(), llm(srv.url), str(tmp_path))
+    assert skipped["judge"]["status"] == "skipped" and "attributes" in skipped["judge"]["reason"]

@@ -26,6 +26,20 @@ from clipscan.stages.summarise.prompts import STAGE, Prompt
 
 log = logging.getLogger("clipscan")
 
+Parser = Callable[[str | None], tuple[list[dict[str, str]] | None, str | None]]
+
+
+@dataclasses.dataclass(frozen=True)
+class AnswerKind:
+    """What a request asks for: the schema that binds the answer, and the parser of its text."""
+
+    name: str
+    schema: dict[str, Any]
+    parse: Parser
+
+
+FAILURE_TYPES = AnswerKind("failure_types", FAILURES_SCHEMA, parse_answer)
+
 # A greedy decode repeats the same answer; the one retry of an unparseable answer samples.
 RETRY_TEMPERATURE = 0.7
 RETRYABLE_HTTP = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
@@ -46,11 +60,11 @@ class Attempt:
     items: list[dict[str, str]] | None = None
     reason: str | None = None
 
-    def parse(self) -> Attempt:
+    def parse(self, parser: Parser = parse_answer) -> Attempt:
         if self.error is not None:
             self.items, self.reason = None, self.error
         else:
-            self.items, self.reason = parse_answer(self.answer)
+            self.items, self.reason = parser(self.answer)
             if self.items is None and self.finish_reason == "length":
                 self.reason = f"{self.reason} (answer cut at llm.max_tokens)"
         return self
@@ -64,9 +78,9 @@ class RequestError(RuntimeError):
     """An HTTP request that failed for good (after its retries)."""
 
 
-def response_format() -> dict[str, Any]:
-    """The OpenAI ``response_format`` that binds an answer to ``FAILURES_SCHEMA`` (vLLM, llama.cpp, Ollama...)."""
-    return {"type": "json_schema", "json_schema": {"name": "failure_types", "schema": FAILURES_SCHEMA, "strict": True}}
+def response_format(kind: AnswerKind = FAILURE_TYPES) -> dict[str, Any]:
+    """The OpenAI ``response_format`` that binds an answer to ``kind``'s schema (vLLM, llama.cpp, Ollama...)."""
+    return {"type": "json_schema", "json_schema": {"name": kind.name, "schema": kind.schema, "strict": True}}
 
 
 def post_json(
@@ -112,25 +126,26 @@ def post_json(
     raise RequestError(f"{url}: {last} (after {retries + 1} attempts)")
 
 
-def chat_body(cfg: LlmConfig, text: str, temperature: float) -> dict[str, Any]:
-    """The chat-completions request for one prompt, bound to ``FAILURES_SCHEMA``."""
+def chat_body(cfg: LlmConfig, text: str, temperature: float, kind: AnswerKind = FAILURE_TYPES) -> dict[str, Any]:
+    """The chat-completions request for one prompt, bound to ``kind``'s schema."""
     return {
         "model": cfg.model,
         "messages": [{"role": "user", "content": text}],
         "max_tokens": cfg.max_tokens,
         "temperature": temperature,
-        "response_format": response_format(),
+        "response_format": response_format(kind),
         **cfg.extra_body,
     }
 
 
-def _openai_attempt(cfg: LlmConfig, prompt: Prompt, attempt: int, headers: dict[str, str]) -> Attempt:
+def _openai_attempt(cfg: LlmConfig, prompt: Prompt, attempt: int, headers: dict[str, str],
+                    kind: AnswerKind = FAILURE_TYPES) -> Attempt:
     temperature = cfg.temperature if attempt == 0 else max(cfg.temperature, RETRY_TEMPERATURE)
     url = cfg.url.rstrip("/") + "/chat/completions"
     start = time.perf_counter()
     result = Attempt(prompt.index, attempt)
     try:
-        resp = post_json(url, chat_body(cfg, prompt.text, temperature), cfg.timeout_s, cfg.retries,
+        resp = post_json(url, chat_body(cfg, prompt.text, temperature, kind), cfg.timeout_s, cfg.retries,
                          cfg.backoff_s, headers)
         choice = (resp.get("choices") or [{}])[0]
         result.answer = (choice.get("message") or {}).get("content")
@@ -143,17 +158,18 @@ def _openai_attempt(cfg: LlmConfig, prompt: Prompt, attempt: int, headers: dict[
     except Exception as e:  # a malformed response must not stop the other prompts
         result.error = f"{type(e).__name__}: {e}"
     result.elapsed_s = round(time.perf_counter() - start, 3)
-    return result.parse()
+    return result.parse(kind.parse)
 
 
-def _openai_prompt(cfg: LlmConfig, prompt: Prompt, headers: dict[str, str]) -> list[Attempt]:
-    first = _openai_attempt(cfg, prompt, 0, headers)
+def _openai_prompt(cfg: LlmConfig, prompt: Prompt, headers: dict[str, str],
+                   kind: AnswerKind = FAILURE_TYPES) -> list[Attempt]:
+    first = _openai_attempt(cfg, prompt, 0, headers, kind)
     if first.ok or first.error is not None and first.error.startswith("request failed"):
         return [first]  # transport failures already had their retries with backoff
-    return [first, _openai_attempt(cfg, prompt, 1, headers)]
+    return [first, _openai_attempt(cfg, prompt, 1, headers, kind)]
 
 
-def run_openai(prompts: Sequence[Prompt], cfg: LlmConfig) -> list[Attempt]:
+def run_openai(prompts: Sequence[Prompt], cfg: LlmConfig, kind: AnswerKind = FAILURE_TYPES) -> list[Attempt]:
     """Ask ``cfg.url`` for every prompt, ``cfg.concurrency`` requests in flight; attempts in prompt order.
 
     HTTP-bound work: the server batches, so a thread pool in the driver is all the
@@ -167,7 +183,7 @@ def run_openai(prompts: Sequence[Prompt], cfg: LlmConfig) -> list[Attempt]:
     attempts: dict[int, list[Attempt]] = {}
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=max(1, min(cfg.concurrency, len(prompts)))) as pool:
-        futures = {pool.submit(_openai_prompt, cfg, p, headers): p.index for p in prompts}
+        futures = {pool.submit(_openai_prompt, cfg, p, headers, kind): p.index for p in prompts}
         for done, fut in enumerate(as_completed(futures), 1):
             attempts[futures[fut]] = fut.result()
             if done == len(prompts) or done % max(1, len(prompts) // 10) == 0:
@@ -206,7 +222,7 @@ def vllm_processor_kwargs(cfg: LlmConfig, gpus: int) -> dict[str, Any]:
     return kwargs
 
 
-def run_vllm(prompts: Sequence[Prompt], cfg: LlmConfig) -> list[Attempt]:
+def run_vllm(prompts: Sequence[Prompt], cfg: LlmConfig, kind: AnswerKind = FAILURE_TYPES) -> list[Attempt]:
     """Answer every prompt with the Ray Data LLM processor; unparseable answers get one more pass."""
     import ray
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
@@ -216,7 +232,7 @@ def run_vllm(prompts: Sequence[Prompt], cfg: LlmConfig) -> list[Attempt]:
     gpus = int(ray.cluster_resources().get("GPU", 0))
     config = vLLMEngineProcessorConfig(**vllm_processor_kwargs(cfg, gpus))
     processor = build_processor(
-        config, preprocess=partial(_vllm_preprocess, max_tokens=cfg.max_tokens, schema=json.dumps(FAILURES_SCHEMA))
+        config, preprocess=partial(_vllm_preprocess, max_tokens=cfg.max_tokens, schema=json.dumps(kind.schema))
     )
 
     def generate(todo: list[tuple[Prompt, int]]) -> list[Attempt]:
@@ -240,11 +256,11 @@ def run_vllm(prompts: Sequence[Prompt], cfg: LlmConfig) -> list[Attempt]:
                 finish_reason=None if error else ("length" if generated >= cfg.max_tokens else "stop"),
                 usage={"prompt_tokens": row.get("num_input_tokens"), "completion_tokens": generated},
                 elapsed_s=elapsed,
-            ).parse())
+            ).parse(kind.parse))
         seen = {(a.prompt, a.attempt) for a in out}
         for p, a in todo:  # a row the processor lost is a recorded failure, not a silent gap
             if (p.index, a) not in seen:
-                out.append(Attempt(p.index, a, error="engine returned no row for this prompt").parse())
+                out.append(Attempt(p.index, a, error="engine returned no row for this prompt").parse(kind.parse))
         return out
 
     first = generate([(p, 0) for p in prompts])
