@@ -530,6 +530,11 @@ def test_vllm_processor_kwargs() -> None:
     custom = LlmConfig(backend="vllm", replicas=2, processor_kwargs={"batch_size": 4, "accelerator_type": "H100"})
     out = sm.vllm_processor_kwargs(custom, gpus=8)
     assert (out["concurrency"], out["batch_size"], out["accelerator_type"]) == (2, 4, "H100")
+    sharded = LlmConfig(backend="vllm", engine_kwargs={"tensor_parallel_size": 2, "pipeline_parallel_size": 2})
+    assert sm.vllm_processor_kwargs(sharded, gpus=8)["concurrency"] == 2  # 8 GPUs / (2 x 2) per engine
+    assert sm.vllm_processor_kwargs(sharded, gpus=11)["concurrency"] == 2
+    with pytest.raises(ValueError, match="needs 4 GPUs"):
+        sm.vllm_processor_kwargs(sharded, gpus=2)
 
 
 def test_vllm_preprocess_binds_the_schema() -> None:

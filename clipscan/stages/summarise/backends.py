@@ -207,11 +207,21 @@ def _vllm_preprocess(row: dict[str, Any], max_tokens: int, schema: str) -> dict[
 
 
 def vllm_processor_kwargs(cfg: LlmConfig, gpus: int) -> dict[str, Any]:
-    """``vLLMEngineProcessorConfig`` fields: one engine per GPU by default, one CPU engine without GPUs."""
+    """``vLLMEngineProcessorConfig`` fields: as many engines as ``gpus`` hold, each taking
+    tensor_parallel_size x pipeline_parallel_size GPUs (``llm.engine_kwargs``), or
+    ``llm.replicas``; one CPU engine without GPUs. Raises naming the sizes when the GPUs
+    cannot hold one engine."""
+    engine = dict(cfg.engine_kwargs)
+    per_engine = int(engine.get("tensor_parallel_size", 1)) * int(engine.get("pipeline_parallel_size", 1))
+    if gpus and gpus < per_engine:
+        raise ValueError(
+            f"{STAGE}: one vLLM engine needs {per_engine} GPUs (tensor_parallel_size x pipeline_parallel_size "
+            f"in llm.engine_kwargs) but the cluster has or can add {gpus}"
+        )
     kwargs: dict[str, Any] = {
         "model_source": cfg.model,
-        "engine_kwargs": dict(cfg.engine_kwargs),
-        "concurrency": cfg.replicas or max(1, gpus),
+        "engine_kwargs": engine,
+        "concurrency": cfg.replicas or max(1, gpus // per_engine),
         "batch_size": 16,
         "should_continue_on_error": True,
     }
@@ -227,9 +237,11 @@ def run_vllm(prompts: Sequence[Prompt], cfg: LlmConfig, kind: AnswerKind = FAILU
     import ray
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
+    from clipscan.stages.embed import cluster_resources
+
     if not ray.is_initialized():
         ray.init()
-    gpus = int(ray.cluster_resources().get("GPU", 0))
+    gpus = int(cluster_resources().get("GPU", 0))  # with GPU workers at zero nodes: what the autoscaler can add
     config = vLLMEngineProcessorConfig(**vllm_processor_kwargs(cfg, gpus))
     processor = build_processor(
         config, preprocess=partial(_vllm_preprocess, max_tokens=cfg.max_tokens, schema=json.dumps(kind.schema))
