@@ -198,3 +198,19 @@ def test_ray_stage_counts_as_the_plain_function(ray_local: None) -> None:
     on_ray = attributes.count_dataset(ray.data.from_arrow(rows), lex, batch_size=16, actors=1)
     assert np.array_equal(plain.table, on_ray.table) and plain.pairs.tolist() == on_ray.pairs.tolist() == [200, 100, 0, 100]
     assert plain.examples == on_ray.examples and plain.examples["colour"][0] == (1, "c1")
+
+
+def test_report_section_names_the_top_attribute_and_escapes() -> None:
+    from clipscan.report import attributes_html
+
+    data = {"control": "rank_matched", "planted": "colour", "planted_found": True, "attributes": [
+        {"name": "colour", "lift": 1.5, "ci": [1.2, 1.9], "rate": 0.6, "control_rate": 0.4, "pairs": 100,
+         "examples": ["<img src=x>", "b"]},
+        {"name": "size", "lift": 0.9, "ci": [0.7, 1.1], "rate": 0.3, "control_rate": 0.33, "pairs": 80, "examples": []},
+    ]}
+    html = attributes_html(data)
+    assert "planted check of the method" in html and "and it does" in html
+    assert "<b>colour</b> 1.5 times as often" in html and "&lt;img src=x&gt;" in html and "<img src=x>" not in html
+    assert html.count("&#9650;") == 2  # colour's row and the legend; size's lower bound is below 1
+    none = attributes_html({"attributes": [{**data["attributes"][1]}]})
+    assert "No attribute differs more often" in none and "planted" not in none
