@@ -203,15 +203,14 @@ def name_failure_types(table: pa.Table, transforms: Sequence[str], cfg: TcacConf
         cfs.write_json_atomic(run.path("failures.json"), failures)
         return failures
     from clipscan.models.registry import load_encoder
-    from clipscan.stages.summarise import summarise as summarise_llm
+    from clipscan.stages.summarise import summarise_many
 
     encoder = load_encoder(cfg.models.probe)
     shifts = caption_shifts(table, transforms, cfg.tcac.report_top)
-    failures = {"backend": cfg.llm.backend, "model": cfg.llm.model, "transforms": {}}
-    for name in transforms:
-        cases = shift_cases([s for s in shifts[name] if s["entered"]])
-        failures["transforms"][name] = summarise_llm(
-            cases, cfg.llm, encoder.embed_texts if encoder.has_text else None, run.path("llm", name)
-        )
+    groups = {name: (shift_cases([s for s in shifts[name] if s["entered"]]), run.path("llm", name))
+              for name in transforms}
+    # one backend run for every transform's prompts: one set of vLLM engines, not one per transform
+    per = summarise_many(groups, cfg.llm, encoder.embed_texts if encoder.has_text else None)
+    failures = {"backend": cfg.llm.backend, "model": cfg.llm.model, "transforms": {n: per[n] for n in transforms}}
     cfs.write_json_atomic(run.path("failures.json"), failures)
     return failures

@@ -643,3 +643,23 @@ def test_judge_through_an_openai_server_rewrites_failures(fake_server: Any, tmp_
     assert len(verdicts) == 6 and sum(v["control"] for v in verdicts) == 3
     skipped = jd.validate(failures, None, set(), llm(srv.url), str(tmp_path))
     assert skipped["judge"]["status"] == "skipped" and "attributes" in skipped["judge"]["reason"]
+
+
+def test_summarise_many_asks_the_backend_once_for_every_group(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    calls: list[list[int]] = []
+
+    def fake_vllm(prompts: Any, cfg: Any) -> list[Any]:
+        calls.append([p.index for p in prompts])
+        return [sm.Attempt(p.index, 0, answer=json.dumps(
+            {"failures": [{"type": f"Type {p.case_ids[0][:4]}", "description": "d"}]})).parse() for p in prompts]
+
+    monkeypatch.setattr(sm, "run_vllm", fake_vllm)
+    cfg = LlmConfig(backend="vllm", tokenizer="/nonexistent", cases_per_prompt=2)
+    groups = {"a": (cases_table(make_cases(4)), str(tmp_path / "a")),
+              "b": (cases_table(make_cases(6, seed=1)), str(tmp_path / "b"))}
+    out = sm.summarise_many(groups, cfg, None)
+    assert calls == [list(range(5))]  # 2 + 3 prompts in one run, indices global
+    assert (out["a"]["prompts"], out["b"]["prompts"]) == (2, 3) and out["a"]["parsed"] == 2
+    raw_b = read_raw(tmp_path / "b")
+    assert [r["prompt"] for r in raw_b] == [0, 1, 2]  # each group's own numbering
+    assert json.loads((tmp_path / "b" / "failures.json").read_text()) == out["b"]

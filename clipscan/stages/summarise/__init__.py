@@ -13,10 +13,11 @@ it never stops the job.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -81,7 +82,7 @@ __all__ = [
     "FailureItem", "Found", "Prompt", "PromptTemplate", "RequestError", "TokenCounter", "case_line",
     "cases_from_table", "chat_body", "clean_text", "fence", "fence_marker", "load_template",
     "load_token_counter", "merge_failures", "normalise_heading", "pack_cases", "parse_answer",
-    "backends", "post_json", "prompts", "render_prompt", "response_format", "run_openai", "run_vllm", "summarise",
+    "backends", "post_json", "prompts", "render_prompt", "response_format", "run_openai", "run_vllm", "summarise", "summarise_many",
     "unfence", "validate_answer", "vllm_processor_kwargs",
 ]
 
@@ -103,20 +104,47 @@ def summarise(
     not one prompt's answer parses, ``status`` is "failed" with the ``reason`` (the job
     records the stage as failed and carries on to the report).
     """
-    failures_path = cfs.join(out_dir, "failures.json")
+    return summarise_many({"": (cases, out_dir)}, cfg, text_encoder)[""]
+
+
+def summarise_many(
+    groups: Mapping[str, tuple[pa.Table, str]],
+    cfg: LlmConfig,
+    text_encoder: Callable[[list[str]], np.ndarray] | None,
+) -> dict[str, dict[str, Any]]:
+    """``summarise`` for several case tables (name -> (cases, out_dir)) with one backend run
+    for the prompts of all of them: one set of vLLM engines for every TCAC transform, not
+    one per transform. Each group gets its own ``failures.json`` and ``llm_raw.jsonl``."""
     if cfg.backend == "off":
-        failures: dict[str, Any] = {"backend": "off", "types": []}
-        cfs.write_json_atomic(failures_path, failures)
-        return failures
+        off: dict[str, dict[str, Any]] = {}
+        for name, (_, out_dir) in groups.items():
+            off[name] = {"backend": "off", "types": []}
+            cfs.write_json_atomic(cfs.join(out_dir, "failures.json"), off[name])
+        return off
 
     started = time.perf_counter()
-    case_list = cases_from_table(cases)
     template = load_template(cfg.prompt)
     counter = load_token_counter(cfg.tokenizer or cfg.model)
-    prompts = pack_cases(case_list, template, cfg.max_prompt_tokens, cfg.cases_per_prompt, counter)
-    log.info("%s: %d cases in %d prompts (%s, budget %d tokens), backend %s", STAGE, len(case_list),
-             len(prompts), counter.name, cfg.max_prompt_tokens, cfg.backend)
+    prepared: dict[str, tuple[list[Case], list[Prompt], int, str]] = {}
+    every: list[Prompt] = []
+    for name, (cases, out_dir) in groups.items():
+        case_list = cases_from_table(cases)
+        packed = pack_cases(case_list, template, cfg.max_prompt_tokens, cfg.cases_per_prompt, counter)
+        log.info("%s: %s%d cases in %d prompts (%s, budget %d tokens), backend %s", STAGE,
+                 f"{name}: " if name else "", len(case_list), len(packed), counter.name, cfg.max_prompt_tokens,
+                 cfg.backend)
+        prepared[name] = (case_list, packed, len(every), out_dir)
+        every += [dataclasses.replace(p, index=len(every) + p.index) for p in packed]
+    attempts_all = _answer(every, cfg)
+    out = {}
+    for name, (case_list, group, offset, out_dir) in prepared.items():
+        attempts = [dataclasses.replace(a, prompt=a.prompt - offset) for a in attempts_all
+                    if offset <= a.prompt < offset + len(group)]
+        out[name] = _finish(case_list, group, attempts, cfg, text_encoder, out_dir, template, counter, started)
+    return out
 
+
+def _answer(prompts: list[Prompt], cfg: LlmConfig) -> list[Attempt]:
     if not prompts:
         attempts: list[Attempt] = []
     elif cfg.backend == "openai":
@@ -130,7 +158,21 @@ def summarise(
             attempts = [Attempt(p.index, 0, error=reason).parse() for p in prompts]
     else:
         raise ValueError(f"{STAGE}: unknown llm.backend {cfg.backend!r} (off | openai | vllm)")
+    return attempts
 
+
+def _finish(
+    case_list: list[Case],
+    prompts: list[Prompt],
+    attempts: list[Attempt],
+    cfg: LlmConfig,
+    text_encoder: Callable[[list[str]], np.ndarray] | None,
+    out_dir: str,
+    template: PromptTemplate,
+    counter: TokenCounter,
+    started: float,
+) -> dict[str, Any]:
+    failures_path = cfs.join(out_dir, "failures.json")
     by_prompt = {p.index: p for p in prompts}
     final: dict[int, Attempt] = {}
     raw_lines = []
