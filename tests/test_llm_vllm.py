@@ -217,12 +217,26 @@ def test_daf_job_with_openai_backend(vllm_server: str, tiny_llm: str, tmp_path: 
         f"data.path={tmp_path / 'corpus' / 'manifest.parquet'}", "data.generate=40", f"output={out}",
         "mining.cases=6", "ray.num_cpus=2", "llm.backend=openai", f"llm.url={vllm_server}",
         f"llm.model={SERVED_NAME}", f"llm.tokenizer={tiny_llm}", "llm.cases_per_prompt=3",
-        "llm.max_tokens=600", "llm.temperature=1.0",
+        "llm.max_tokens=600", "llm.temperature=1.0", "llm.judge_cases=3", "llm.judge_types=2",
     ])
     assert rc == 0
     failures = json.loads((out / "failures.json").read_text())
     assert failures["backend"] == "openai" and failures["prompts"] >= 2  # 6 cases, at most 3 a prompt
     check_outputs(out, failures, 6)
+    # the judge: every type judged on 3 held-out cases and 3 controls by the real server;
+    # structured output makes every verdict schema-valid, so none is lost
+    judge = failures["judge"]
+    assert judge["status"] == "done" and judge["held_out"] == judge["controls"] == 3
+    judged = [t for t in failures["types"] if "judge" in t]
+    assert len(judged) == min(2, len(failures["types"])) == judge["judged_types"]
+    for t in judged:
+        j = t["judge"]
+        assert j["judged"] == j["control_judged"] == 3 and j["failed"] == 0
+        assert j["confirmed"] == (j["ci"][0] is not None and j["ci"][0] > 1)
+    lows = [t["judge"]["ci"][0] if t["judge"]["ci"][0] is not None else -1.0 for t in judged]
+    assert lows == sorted(lows, reverse=True)  # ordered by the validated lift's lower bound
+    verdicts = [json.loads(x) for x in (out / "llm_judge.jsonl").read_text().splitlines()]
+    assert len({v["prompt"] for v in verdicts}) == judge["prompts"] == 6 * len(judged)
     html = (out / "report.html").read_text()
     assert "Failure types" in html
     for t in failures["types"]:
