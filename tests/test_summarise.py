@@ -663,3 +663,15 @@ def test_summarise_many_asks_the_backend_once_for_every_group(monkeypatch: pytes
     raw_b = read_raw(tmp_path / "b")
     assert [r["prompt"] for r in raw_b] == [0, 1, 2]  # each group's own numbering
     assert json.loads((tmp_path / "b" / "failures.json").read_text()) == out["b"]
+
+
+def test_parse_verdict() -> None:
+    from clipscan.stages.summarise.judge import JUDGE_SCHEMA, parse_verdict
+
+    assert parse_verdict('{"holds": true, "reason": "same shapes"}') == ([{"holds": "yes", "reason": "same shapes"}], None)
+    assert parse_verdict('{"holds": false, "reason": "' + "x" * 500 + '"}')[0] == [{"holds": "no", "reason": "x" * 200}]
+    for bad in ('{"holds": "maybe", "reason": "r"}', '{"reason": "r"}', "yes", "", None,
+                '{"holds": true, "reason": "r", "extra": 1}'):
+        items, reason = parse_verdict(bad)
+        assert items is None and reason
+    assert JUDGE_SCHEMA["required"] == ["holds", "reason"] and JUDGE_SCHEMA["additionalProperties"] is False

@@ -60,6 +60,8 @@ def parse_verdict(text: str | None) -> tuple[list[dict[str, str]] | None, str | 
         return None, "empty answer"
     try:
         obj = json.JSONDecoder(strict=False).decode(str(text).strip())
+        if isinstance(obj, dict) and isinstance(obj.get("reason"), str):
+            obj["reason"] = obj["reason"][:MAX_REASON_CHARS]  # a grammar backend may not bound the length
         verdict = JudgeAnswer.model_validate(obj)
     except ValueError as e:  # JSONDecodeError and ValidationError are both ValueErrors
         return None, f"not a verdict: {str(e).splitlines()[0][:200]}"
