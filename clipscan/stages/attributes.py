@@ -2,9 +2,13 @@
 
 Which kinds of difference does the probe fail to see? For every mined case, its caption is
 compared with the captions of its probe-only neighbours (the pairs the probe calls alike and
-the reference does not) and, as the control, with the captions of pairs the reference calls
-alike: the case's reference neighbours, and a seeded sample of pairs both models agree on, at
-the probe similarity of the probe-only pairs. Each caption is reduced, per attribute, to the
+the reference does not) and with control pairs: by default (``rank_matched``) the case's
+reference neighbours at the probe-only neighbours' reference ranks, so the controls are as
+far from the image, to the reference, as the probe-only ones (the case's reference top-k
+would be a biased control: a probe that sees everything, plus noise, gets probe-only
+neighbours that are the reference's near misses and would show lifts above 1); also
+counted, the reference top-k and a seeded sample of pairs both models agree on, at the
+probe similarity of the probe-only pairs. Each caption is reduced, per attribute, to the
 set of that attribute's lexicon words it uses; two captions differ in an attribute word when
 only one of them uses it. Per attribute: the share of differing words among probe-only
 pairs (rate), the same among controls (control_rate), their ratio (lift) with a 95 %
