@@ -17,7 +17,7 @@ $(BIN)/clipscan-installed: pyproject.toml requirements/constraints.txt
 install: $(BIN)/clipscan-installed
 
 demo: install
-	$(BIN)/python jobs/daf.py --config configs/daf-tiny.yaml
+	$(BIN)/python jobs/daf.py --config configs/daf-demo.yaml
 
 test: install
 	$(BIN)/ruff check .
@@ -31,4 +31,4 @@ lint: install
 	$(BIN)/mypy
 
 clean:
-	rm -rf runs/daf-tiny runs/tcac-tiny runs/bias-tiny runs/demo-corpus
+	rm -rf runs/daf-tiny runs/daf-demo runs/tcac-tiny runs/bias-tiny runs/demo-corpus runs/demo-scenes

@@ -30,6 +30,7 @@ class DataConfig(Section):
     rows_per_block: int = Field(default=256, ge=1)  # rows per input shard (one Ray block, one resume unit)
     max_pixels: int = Field(default=89_478_485, ge=1)  # larger images are skipped (decompression bombs), pixels
     generate: int | None = Field(default=None, ge=2)  # if data.path is missing, generate this many scenes there first
+    generate_max_objects: int = Field(default=5, ge=1, le=5)  # objects per generated scene at most (data.generate)
 
 
 class ModelsConfig(Section):
@@ -61,7 +62,7 @@ class KnnConfig(Section):
 
 
 class MiningConfig(Section):
-    rank_by: Literal["overlap", "jaccard", "gap", "max_gap"] = "overlap"  # low overlap@k / low Jaccard / high mean or max (probe cos - reference cos) of probe-only neighbours
+    rank_by: Literal["overlap", "jaccard", "gap", "max_gap"] = "overlap"  # low overlap@k / low Jaccard / high mean or max (probe cos - reference cos) of probe-only neighbours, in standardised cosines (gap_z, max_gap_z)
     cases: int = Field(default=100, ge=1)  # failure cases handed to the summary and the report
     pair_probe_min: float = 0.95  # pair mode: probe cosine at least this (Eyes Wide Shut: 0.95)
     pair_reference_max: float = 0.6  # pair mode: reference cosine at most this (Eyes Wide Shut: 0.6)
@@ -89,6 +90,8 @@ class LlmConfig(Section):
     extra_body: dict[str, Any] = Field(default_factory=dict)  # extra JSON fields merged into each chat request (openai backend)
     merge_threshold: float = Field(default=0.85, gt=0, le=1)  # cosine of heading+description embeddings to merge failure types
     examples: int = Field(default=8, ge=0)  # example image ids kept per failure type
+    judge_cases: int = Field(default=40, ge=0)  # held-out cases (and as many controls) each failure type is judged on; 0 = no judge
+    judge_types: int = Field(default=10, ge=1)  # failure types judged at most (the most frequent first)
     replicas: int | None = Field(default=None, ge=1)  # vllm engine replicas; None = one per GPU
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)  # extra vLLM engine arguments
     processor_kwargs: dict[str, Any] = Field(default_factory=dict)  # extra vLLMEngineProcessorConfig fields (batch_size, placement_group_config, ...)
@@ -111,8 +114,21 @@ class TcacSection(Section):
     pool_k: int = Field(default=10, ge=1)  # nearest captions per own caption in the candidate pool
     transforms: dict[str, dict[str, Any]] = Field(default_factory=_paper_transforms)  # transform name -> its parameters (torchvision v2 argument names; `op: rotation` picks the transform for another name)
     top: int = Field(default=10, ge=1)  # captions listed before and after
+    margin: float = Field(default=0.01, ge=0, le=1)  # probability a caption must gain on every caption it displaced to count as a change beyond the margin (changed_margin)
     report_top: int = Field(default=100, ge=1)  # images per transform in the report
     forward_rows: int = Field(default=64, ge=1)  # encoder inputs per forward pass, fixed (last one padded) so scores do not depend on Ray's batching; embed.batch_size is rounded up to fill whole passes
+
+
+class AttributesConfig(Section):
+    enabled: bool = True  # compare captions per attribute (attributes.json, the report's first section)
+    names: list[str] = Field(default_factory=lambda: ["colour", "count", "size", "position", "object", "action", "scene"])  # attributes compared, each with a lexicon (shipped, or in `lexicons`)
+    lexicons: dict[str, str] = Field(default_factory=dict)  # attribute -> word-list file (one word a line, # comments), replacing or adding to the shipped ones
+    cases: int = Field(default=10_000, ge=1)  # top discrepant images (TCAC: image-transform rows) whose pairs are compared
+    control: Literal["rank_matched", "reference", "matched", "pooled"] = "rank_matched"  # the lift's control: reference neighbours at the probe-only ones' reference ranks | the case's reference top-k | agreeing pairs at matched probe cosine | the last two pooled
+    bins: int = Field(default=10, ge=1)  # probe-cosine quantile bins of the matched control
+    examples: int = Field(default=8, ge=0)  # example case ids kept per attribute
+    batch_size: int = Field(default=1024, ge=1)  # rows per batch of the Ray Data stage
+    planted: str | None = None  # the attribute a demo probe was built blind to; the report then says the run is a planted check of the method
 
 
 class ReportConfig(Section):
@@ -138,12 +154,14 @@ class JobConfig(Section):
 class DafConfig(JobConfig):
     knn: KnnConfig = KnnConfig()
     mining: MiningConfig = MiningConfig()
+    attributes: AttributesConfig = AttributesConfig()
     llm: LlmConfig = LlmConfig()
 
 
 class TcacConfig(JobConfig):
     knn: KnnConfig = KnnConfig()
     tcac: TcacSection = TcacSection()
+    attributes: AttributesConfig = AttributesConfig()
     llm: LlmConfig = LlmConfig()
 
 

@@ -93,10 +93,30 @@ def run_daf(cfg: DafConfig, overwrite: bool = False) -> Run:
         facts.update(images=table.num_rows, pairs=pair_table.num_rows, cases=case_table.num_rows,
                      mean_overlap=round(mean_overlap, 4))
 
+    contrast, rows = None, None
+    if cfg.attributes.enabled:
+        with run.stage("attributes") as facts:
+            from clipscan.stages import attributes
+
+            rows = attributes.contrast_rows(table, corpus, cfg.attributes.cases, cfg.seed, cfg.attributes.bins,
+                                            deep_reference=attributes.deep_lookup(ids, ref_I))
+            contrast = attributes.run_contrast(rows, cfg.attributes)
+            cfs.write_json_atomic(run.path("attributes.json"), contrast)
+            top = contrast["attributes"][0] if contrast["attributes"] else {}
+            facts.update(rows=rows.num_rows, pairs=contrast["pairs"], top=top.get("name"), top_ci=top.get("ci"))
+
     with run.stage("summarise") as facts:
         failures = summarise_cases(case_table, cfg, run)
         facts.update(backend=cfg.llm.backend, types=len(failures.get("types", [])),
+                     status=failures.get("status", "done"), reason=failures.get("reason"),
                      **{k: failures[k] for k in ("prompts", "parsed", "failed") if k in failures})
+
+    if failures.get("types"):
+        with run.stage("judge") as facts:
+            from clipscan.stages.summarise.judge import validate
+
+            failures = validate(failures, rows, set(case_table.column("id").to_pylist()), cfg.llm, run.output)
+            facts.update(failures.get("judge", {}))
 
     with run.stage("report") as facts:
         summary = {
@@ -107,7 +127,8 @@ def run_daf(cfg: DafConfig, overwrite: bool = False) -> Run:
         if "recall_at_k" in pf:
             summary["recall"] = {"probe": pf["recall_at_k"], "reference": rf["recall_at_k"]}
         path = report.write_daf_report(run.output, summary, table, case_table, failures,
-                                       rows=cfg.report.rows, thumb=cfg.report.thumb, corpus=corpus)
+                                       rows=cfg.report.rows, thumb=cfg.report.thumb, corpus=corpus,
+                                       attributes=contrast)
         facts.update(path=path)
     run.finish()
     return run

@@ -322,6 +322,7 @@ def write_daf_report(
     rows: int = 50,
     thumb: int = 128,
     corpus: pa.Table | None = None,
+    attributes: Mapping[str, Any] | None = None,
 ) -> str:
     """Write ``plots/overlap_hist.png``, ``plots/cosines.png`` and ``report.html`` under
     ``run_dir`` (atomically, local or object storage); return the report's path.
@@ -334,7 +335,8 @@ def write_daf_report(
     ``types``/``failures``) list holds {type, description, prompts, cases, examples}),
     or that list itself; None or ``backend: "off"`` says the LLM summary was not run.
     corpus: ``id``, ``uri``, ``caption`` of the images, to show the reference neighbours;
-    without it only images named in ``cases`` get thumbnails.
+    without it only images named in ``cases`` get thumbnails. attributes: the
+    ``attributes.json`` mapping, shown first (``attributes_html``); None leaves it out.
     """
     from clipscan.stages.discrepancy import corpus_lookup
 
@@ -380,6 +382,8 @@ def write_daf_report(
     }
 
     sections = [section("Run", summary_table(figures), "run")]
+    if attributes is not None:
+        sections.insert(0, section("What the probe fails to see", attributes_html(attributes), "attributes"))
     sections.append(
         section(
             "Failure types", _failures_html(failure_list, failure_note, lookup, thumbs), "failures"
@@ -418,6 +422,55 @@ def write_daf_report(
     path = cfs.join(run_dir, "report.html")
     cfs.write_bytes_atomic(path, page(title, sections, thumb=thumb).encode("utf-8"))
     return path
+
+
+def attributes_html(attributes: Mapping[str, Any], control: str | None = None) -> str:
+    """The attribute contrast (``attributes.json``) as a table, strongest evidence first:
+    per attribute its lift with the 95 % interval, both rates, the support and example ids;
+    a lift whose lower bound is above 1 is marked as evidence. A ``planted`` attribute adds
+    one sentence saying the run is a planted check of the method and whether it was found."""
+    rows = list(attributes.get("attributes") or [])
+    control = control or str(attributes.get("control", "control"))
+    out = []
+    planted = attributes.get("planted")
+    if planted:
+        found = attributes.get("planted_found")
+        out.append(
+            f'<p><b>This run is a planted check of the method:</b> the probe was built blind to '
+            f'<b>{esc(planted)}</b>, so {esc(planted)} should come first with a lift above 1 '
+            f'&mdash; {"and it does" if found else "and it does not"}.</p>'
+        )
+    if not rows:
+        return "".join(out) + '<p class="muted">No probe-only pairs to compare.</p>'
+    best = rows[0]
+    if best.get("ci") and best["ci"][0] is not None and best["ci"][0] > 1:
+        out.append(
+            f"<p>Captions of images the probe calls alike and the reference does not differ in "
+            f"<b>{esc(best['name'])}</b> {_fmt(best['lift'])} times as often as the control's "
+            f"(95 % interval {_fmt(best['ci'][0])} to {_fmt(best['ci'][1])}).</p>"
+        )
+    else:
+        out.append('<p>No attribute differs more often between probe-only neighbours than between '
+                   'the control pairs (no lift\'s lower bound is above 1).</p>')
+    head = ("<tr><th>attribute</th><th>lift</th><th>95 % interval</th><th>rate</th>"
+            f"<th>control rate ({esc(control)})</th><th>pairs</th><th>examples</th></tr>")
+    body = []
+    for r in rows:
+        lo, hi = (r.get("ci") or [None, None])[:2]
+        mark = " &#9650;" if lo is not None and lo > 1 else ""
+        body.append(
+            f"<tr><td><b>{esc(r['name'])}</b>{mark}</td><td>{esc(_fmt(r.get('lift')))}</td>"
+            f"<td>{esc(_fmt(lo))} &ndash; {esc(_fmt(hi))}</td><td>{esc(_fmt(r.get('rate')))}</td>"
+            f"<td>{esc(_fmt(r.get('control_rate')))}</td><td>{esc(_fmt(r.get('pairs')))}</td>"
+            f'<td class="id">{esc(", ".join(str(e) for e in (r.get("examples") or [])[:4]))}</td></tr>'
+        )
+    out.append(f'<table class="summary">{head}{"".join(body)}</table>')
+    out.append(
+        '<p class="note">rate: share of the attribute\'s caption words that one caption of a '
+        "probe-only pair uses and the other does not; control rate: the same over the control "
+        "pairs; lift = rate / control rate. &#9650; marks a lower bound above 1.</p>"
+    )
+    return "".join(out)
 
 
 # ---------------------------------------------------------------------------------------
@@ -540,15 +593,29 @@ def _failures_html(
             card(thumbs(lookup.get(e, ("", ""))[0]), lookup.get(e, ("", ""))[1], e)
             for e in examples
         )
+        judged = _judge_note(f.get("judge"))
         parts.append(
             '<div class="failure">'
-            f"<h3>{esc(heading)}</h3>"
+            f"<h3>{esc(heading)}{judged[0]}</h3>" + judged[1] +
             f"<p>{esc(f.get('description'))}</p>"
             + (f'<p class="note">{esc(" · ".join(counts))}</p>' if counts else "")
             + (f'<div class="strip">{tiles}</div>' if tiles else "")
             + "</div>"
         )
     return "".join(parts)
+
+
+def _judge_note(judge: Mapping[str, Any] | None) -> tuple[str, str]:
+    """(a mark after the heading, a line of figures) for a failure type's judge entry."""
+    if not judge:
+        return "", ""
+    lo, hi = (judge.get("ci") or [None, None])[:2]
+    mark = (' <span style="color: var(--ok)">confirmed</span>' if judge.get("confirmed")
+            else ' <span class="muted">unconfirmed</span>')
+    line = (f'<p class="note">judge: holds for {_fmt(judge.get("rate"))} of {_fmt(judge.get("judged"))} held-out '
+            f'cases, {_fmt(judge.get("control_rate"))} of {_fmt(judge.get("control_judged"))} controls; lift '
+            f'{_fmt(judge.get("lift"))} (95 % {_fmt(lo)} to {_fmt(hi)})</p>')
+    return mark, line
 
 
 def _cases_legend(labels: tuple[str, str], k: int) -> str:

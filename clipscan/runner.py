@@ -166,7 +166,8 @@ def ensure_corpus(cfg: JobConfig) -> None:
             raise ValueError(f"data.generate writes DIR/manifest.parquet; data.path {root} is another file name")
         root = cfs.dirname(root)
     log.info("generating %d scenes at %s", cfg.data.generate, root)
-    write_corpus(root, cfg.data.generate, seed=cfg.seed, size=max(cfg.embed.image_size, 64))
+    write_corpus(root, cfg.data.generate, seed=cfg.seed, size=max(cfg.embed.image_size, 64),
+                 max_objects=cfg.data.generate_max_objects)
 
 
 def fail(message: str) -> int:

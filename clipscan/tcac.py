@@ -104,10 +104,20 @@ def run_tcac(cfg: TcacConfig, overwrite: bool = False) -> Run:
         run.record("tcac_summary", summary)
         facts.update(transforms=len(summary))
 
+    if cfg.attributes.enabled:
+        with run.stage("attributes") as facts:
+            from clipscan.stages.attributes import tcac_contrast
+
+            contrast = tcac_contrast(table, names, cfg.attributes)
+            cfs.write_json_atomic(run.path("attributes.json"), contrast)
+            facts.update(top={t: (v["attributes"][0]["name"] if v["attributes"] else None)
+                              for t, v in contrast["transforms"].items()})
+
     with run.stage("summarise") as facts:
         failures = name_failure_types(table, names, cfg, run)
         facts.update(backend=cfg.llm.backend,
-                     types={t: len(f.get("types", [])) for t, f in failures.get("transforms", {}).items()})
+                     types={t: len(f.get("types", [])) for t, f in failures.get("transforms", {}).items()},
+                     failed=[t for t, f in failures.get("transforms", {}).items() if f.get("status") == "failed"])
 
     with run.stage("report") as facts:
         overview = {
@@ -193,15 +203,14 @@ def name_failure_types(table: pa.Table, transforms: Sequence[str], cfg: TcacConf
         cfs.write_json_atomic(run.path("failures.json"), failures)
         return failures
     from clipscan.models.registry import load_encoder
-    from clipscan.stages.summarise import summarise as summarise_llm
+    from clipscan.stages.summarise import summarise_many
 
     encoder = load_encoder(cfg.models.probe)
     shifts = caption_shifts(table, transforms, cfg.tcac.report_top)
-    failures = {"backend": cfg.llm.backend, "model": cfg.llm.model, "transforms": {}}
-    for name in transforms:
-        cases = shift_cases([s for s in shifts[name] if s["entered"]])
-        failures["transforms"][name] = summarise_llm(
-            cases, cfg.llm, encoder.embed_texts if encoder.has_text else None, run.path("llm", name)
-        )
+    groups = {name: (shift_cases([s for s in shifts[name] if s["entered"]]), run.path("llm", name))
+              for name in transforms}
+    # one backend run for every transform's prompts: one set of vLLM engines, not one per transform
+    per = summarise_many(groups, cfg.llm, encoder.embed_texts if encoder.has_text else None)
+    failures = {"backend": cfg.llm.backend, "model": cfg.llm.model, "transforms": {n: per[n] for n in transforms}}
     cfs.write_json_atomic(run.path("failures.json"), failures)
     return failures

@@ -4,6 +4,7 @@ import pytest
 from pydantic import ValidationError
 
 from clipscan.config import BiasConfig, ConfigError, DafConfig, TcacConfig, load_config
+from tests.conftest import ROOT
 
 GOOD = """
 data:
@@ -72,3 +73,14 @@ def test_shipped_configs_load() -> None:
         load_config(cls, str(path))
         found += 1
     assert found >= 2
+
+
+def test_attributes_section_and_demo_config() -> None:
+    demo = load_config(DafConfig, str(ROOT / "configs" / "daf-demo.yaml"))
+    assert demo.attributes.planted == "colour" and demo.attributes.control == "rank_matched"
+    assert demo.models.probe == "py:clipscan.models.planted:blind_colour" and demo.data.generate_max_objects == 3
+    assert TcacConfig.model_validate({"data": {"path": "x"}, "models": {"probe": "p"}, "output": "o"}).attributes.enabled
+    with pytest.raises(ConfigError, match="attributes.control"):
+        load_config(DafConfig, str(ROOT / "configs" / "daf-demo.yaml"), ["attributes.control=best"])
+    with pytest.raises(ConfigError, match="unknown key 'attributes.lexicon'"):
+        load_config(DafConfig, str(ROOT / "configs" / "daf-demo.yaml"), ["attributes.lexicon=x"])

@@ -28,7 +28,7 @@ def test_daf_main_end_to_end(tmp_path: Path, scene_corpus: str, ray_local: None,
     info = json.loads((out / "run.json").read_text())
     assert info["status"] == "done" and info["job"] == "daf"
     assert info["counts"]["read"] == 120 == info["counts"]["embedded"] + info["counts"]["skipped"]
-    assert set(info["stages"]) == {"read", "embed", "index", "mine", "summarise", "report"}
+    assert set(info["stages"]) == {"read", "embed", "index", "mine", "attributes", "summarise", "report"}
     assert all(s["wall_s"] >= 0 for s in info["stages"].values())
     assert info["stages"]["index"]["probe"]["nodes"] == info["stages"]["index"]["reference"]["nodes"] == 1
     assert info["config"]["knn"]["k"] == 10 and "ray" in info["versions"]
@@ -39,7 +39,12 @@ def test_daf_main_end_to_end(tmp_path: Path, scene_corpus: str, ray_local: None,
     first = cases.to_pylist()[0]
     assert first["texts"][0] == first["caption"] and len(first["texts"]) == 1 + len(first["neighbour_ids"])
     assert json.loads((out / "failures.json").read_text())["backend"] == "off"
+    contrast = json.loads((out / "attributes.json").read_text())
+    names = [a["name"] for a in contrast["attributes"]]
+    assert sorted(names) == sorted(["colour", "count", "size", "position", "object", "action", "scene"])
+    assert contrast["pairs"] > 0 and info["stages"]["attributes"]["pairs"] == contrast["pairs"]
     html = (out / "report.html").read_text()
+    assert html.index('id="attributes"') < html.index('id="run"')
     assert "data:image/png;base64" in html and (out / "plots" / "overlap_hist.png").is_file()
     assert (out / "pairs.parquet").is_file() and (out / "skipped.parquet").is_file()
 
@@ -122,3 +127,40 @@ def test_planted_colour_blind_spot_tops_the_ranking(tmp_path: Path, ray_local: N
     close = [p for p in pq.read_table(out / "pairs.parquet").to_pylist() if p["direction"] == "probe_close"]
     hits = [p for p in close if p["id_a"].endswith("-base") and p["id_b"] == p["id_a"][:4] + "-colour"]
     assert close and len(hits) / len(close) >= 0.9, close[:5]
+
+
+def test_demo_config_finds_the_planted_colour_blind_spot(tmp_path: Path, ray_local: None) -> None:
+    """``make demo``'s config: the colour-blind probe's report names colour first, as a planted check."""
+    out = tmp_path / "run"
+    assert daf.main(["--config", str(ROOT / "configs" / "daf-demo.yaml"), f"output={out}",
+                     f"data.path={tmp_path / 'scenes' / 'manifest.parquet'}", "data.generate=400"]) == 0
+    contrast = json.loads((out / "attributes.json").read_text())
+    first = contrast["attributes"][0]
+    print("demo:", first)
+    assert first["name"] == "colour" and first["ci"][0] > 1 and contrast["planted_found"] is True
+    html = (out / "report.html").read_text()
+    assert "planted check of the method" in html and html.index("colour") < html.index('id="run"')
+
+
+def test_daf_names_and_judges_failure_types_with_an_openai_server(tmp_path: Path, scene_corpus: str,
+                                                                  ray_local: None) -> None:
+    """Summary, then judge, through a scripted OpenAI-compatible server: failures.json carries the figures."""
+    from tests.test_summarise import FakeOpenAI
+
+    srv = FakeOpenAI([(200, '{"failures": [{"type": "Colour confusion", "description": "hue swapped"}]}'),
+                      (200, '{"holds": false, "reason": "no"}')])
+    try:
+        out = tmp_path / "run"
+        assert daf.main(_args(scene_corpus, out, "llm.backend=openai", f"llm.url={srv.url}", "llm.model=fake",
+                              "llm.tokenizer=/nonexistent", "llm.judge_cases=4", "llm.retries=0")) == 0
+    finally:
+        srv.server.shutdown()
+    failures = json.loads((out / "failures.json").read_text())
+    assert failures["status"] == "done" and [t["type"] for t in failures["types"]] == ["Colour confusion"]
+    judge = failures["types"][0]["judge"]
+    assert failures["judge"]["status"] == "done" and judge["judged"] == judge["control_judged"] == 4
+    assert judge["rate"] == judge["control_rate"] == 0.0 and judge["confirmed"] is False
+    info = json.loads((out / "run.json").read_text())
+    assert info["stages"]["judge"]["prompts"] == 8
+    assert len(srv.requests) == failures["prompts"] + failures["retried"] + 8  # the summary's, then the judge's
+    assert "unconfirmed" in (out / "report.html").read_text()

@@ -85,6 +85,9 @@ def test_rows_agree_with_python_sets_and_direct_cosines(data, table):
     ids, x_probe, x_ref = data["ids"], data["x_probe"], data["x_ref"]
     row_of = {name: i for i, name in enumerate(ids)}
     s_ref = sims(x_ref)
+    top_p = data["probe_D"][:, :K].astype(np.float64)
+    top_r = data["ref_D"][:, :K].astype(np.float64)
+    p_mu, p_sd, r_mu, r_sd = top_p.mean(), top_p.std(), top_r.mean(), top_r.std()
     for r in table.to_pylist():
         i = row_of[r["id"]]
         probe = [ids[j] for j in data["probe_I"][i, :K]]
@@ -123,13 +126,18 @@ def test_rows_agree_with_python_sets_and_direct_cosines(data, table):
             for a, b in zip(r["probe_only_probe_cos"], r["probe_only_reference_cos"], strict=True)
         ]
         assert r["gap"] == pytest.approx(float(np.mean(diffs)) if diffs else 0.0, abs=1e-6)
+        # standardised: each model's cosines against the mean and std of its own top-k cosines
+        zp = (np.asarray(r["probe_only_probe_cos"], dtype=np.float64) - p_mu) / p_sd
+        zr = (np.asarray(r["probe_only_reference_cos"], dtype=np.float64) - r_mu) / r_sd
+        assert r["gap_z"] == pytest.approx(float(np.mean(zp - zr)) if diffs else 0.0, abs=1e-4)
 
 
 def test_ranking_orders(data):
     for rank_by, key in (
         ("overlap", lambda r: (r["overlap"], -r["gap"], r["id"])),
         ("jaccard", lambda r: (r["jaccard"], -r["gap"], r["id"])),
-        ("gap", lambda r: (-r["gap"], r["id"])),
+        ("gap", lambda r: (-r["gap_z"], r["id"])),
+        ("max_gap", lambda r: (-r["max_gap_z"], -r["gap_z"], r["id"])),
     ):
         rows = run_mine(data, rank_by=rank_by).to_pylist()
         assert rows == sorted(rows, key=key), rank_by
@@ -362,3 +370,25 @@ def test_cases_names_ids_missing_from_the_corpus():
         cases(table, corpus.slice(0, 30), 10)
     with pytest.raises(ValueError, match="caption"):
         cases(table, corpus.drop_columns(["caption"]), 10)
+
+
+def test_calibrated_gap_ranks_disagreement_not_scale():
+    """Raw gaps change order when one model's cosines are rescaled; standardised ones do not."""
+    from clipscan.stages.discrepancy import calibrated_gaps, cosine_scale
+
+    rng = np.random.default_rng(5)
+    probe = rng.uniform(0.6, 0.9, size=(50, 4))
+    ref = rng.uniform(0.2, 0.8, size=(50, 4))
+    mask = rng.random((50, 4)) < 0.6
+    valid = np.ones_like(mask)
+    base, _ = calibrated_gaps(probe, ref, mask, cosine_scale(probe, valid), cosine_scale(ref, valid))
+    squeezed = 0.5 + 0.3 * ref  # a reference whose cosines sit higher and closer together
+    again, _ = calibrated_gaps(probe, squeezed, mask, cosine_scale(probe, valid), cosine_scale(squeezed, valid))
+    np.testing.assert_allclose(again, base, atol=1e-5)
+    raw = np.where(mask, probe - ref, 0).sum(1) / np.maximum(mask.sum(1), 1)
+    raw_squeezed = np.where(mask, probe - squeezed, 0).sum(1) / np.maximum(mask.sum(1), 1)
+    assert not np.array_equal(np.argsort(-raw), np.argsort(-raw_squeezed))
+    # by hand: one row, one pair; probe scale (0.8, 0.1), reference (0.5, 0.2)
+    z, top = calibrated_gaps(np.array([[0.9]]), np.array([[0.3]]), np.array([[True]]), (0.8, 0.1), (0.5, 0.2))
+    assert z[0] == pytest.approx((0.9 - 0.8) / 0.1 - (0.3 - 0.5) / 0.2) == pytest.approx(2.0) and top[0] == z[0]
+    assert cosine_scale(np.array([[0.5]]), np.array([[True]])) == (0.5, 1.0)

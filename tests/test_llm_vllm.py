@@ -69,20 +69,34 @@ def hashed_encoder(texts: list[str]) -> np.ndarray:
     return out / np.linalg.norm(out, axis=1, keepdims=True)
 
 
+def check_raw(path: Path, result: dict[str, Any]) -> list[dict[str, Any]]:
+    """llm_raw.jsonl agrees with the counts: every prompt has records, and the prompts whose
+    last attempt parsed are ``parsed``, the others ``failed``; returns the records."""
+    raw = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    assert sorted({r["prompt"] for r in raw}) == list(range(result["prompts"]))
+    last: dict[int, dict[str, Any]] = {}
+    for r in raw:
+        if r["prompt"] not in last or r["attempt"] > last[r["prompt"]]["attempt"]:
+            last[r["prompt"]] = r
+    assert sum(r["status"] == "ok" for r in last.values()) == result["parsed"]
+    assert sum(r["status"] == "failed" for r in last.values()) == result["failed"]
+    return raw
+
+
 def check_outputs(out_dir: Path, failures: dict[str, Any], n_cases: int) -> list[dict[str, Any]]:
     """failures.json and llm_raw.jsonl are complete and consistent; returns the raw records."""
     on_disk = json.loads((out_dir / "failures.json").read_text())
     assert on_disk == json.loads(json.dumps(failures))
-    assert failures["prompts"] >= 1 and failures["parsed"] + failures["failed"] == failures["prompts"]
-    assert failures["cases"] == n_cases
-    raw = [json.loads(line) for line in (out_dir / "llm_raw.jsonl").read_text().splitlines()]
-    assert sorted({r["prompt"] for r in raw}) == list(range(failures["prompts"]))
+    assert failures["prompts"] >= 1 and failures["cases"] == n_cases
+    raw = check_raw(out_dir / "llm_raw.jsonl", failures)
     assert sum(r["attempt"] == 1 for r in raw) == failures["retried"]
     for r in raw:
         assert r["status"] in ("ok", "failed") and (r["status"] == "ok") == (r["reason"] is None)
         if r["status"] == "ok":  # structured output: every parsed answer is the schema's shape
             jsonschema.validate(json.JSONDecoder(strict=False).decode(r["answer"]), FAILURES_SCHEMA)
     assert failures["parsed"] >= 1, f"no answer parsed: {[r['reason'] for r in raw]}"
+    # the schema asks for at least one type, so every parsed answer names one and merging has input
+    assert all(r["types"] >= 1 for r in raw if r["status"] == "ok") and failures["types"]
     for t in failures["types"]:
         jsonschema.validate({"failures": [{"type": t["type"], "description": t["description"]}]},
                             FAILURES_SCHEMA)
@@ -203,12 +217,26 @@ def test_daf_job_with_openai_backend(vllm_server: str, tiny_llm: str, tmp_path: 
         f"data.path={tmp_path / 'corpus' / 'manifest.parquet'}", "data.generate=40", f"output={out}",
         "mining.cases=6", "ray.num_cpus=2", "llm.backend=openai", f"llm.url={vllm_server}",
         f"llm.model={SERVED_NAME}", f"llm.tokenizer={tiny_llm}", "llm.cases_per_prompt=3",
-        "llm.max_tokens=600", "llm.temperature=1.0",
+        "llm.max_tokens=600", "llm.temperature=1.0", "llm.judge_cases=3", "llm.judge_types=2",
     ])
     assert rc == 0
     failures = json.loads((out / "failures.json").read_text())
     assert failures["backend"] == "openai" and failures["prompts"] >= 2  # 6 cases, at most 3 a prompt
     check_outputs(out, failures, 6)
+    # the judge: every type judged on 3 held-out cases and 3 controls by the real server;
+    # structured output makes every verdict schema-valid, so none is lost
+    judge = failures["judge"]
+    assert judge["status"] == "done" and judge["held_out"] == judge["controls"] == 3
+    judged = [t for t in failures["types"] if "judge" in t]
+    assert len(judged) == min(2, len(failures["types"])) == judge["judged_types"]
+    for t in judged:
+        j = t["judge"]
+        assert j["judged"] == j["control_judged"] == 3 and j["failed"] == 0
+        assert j["confirmed"] == (j["ci"][0] is not None and j["ci"][0] > 1)
+    lows = [t["judge"]["ci"][0] if t["judge"]["ci"][0] is not None else -1.0 for t in judged]
+    assert lows == sorted(lows, reverse=True)  # ordered by the validated lift's lower bound
+    verdicts = [json.loads(x) for x in (out / "llm_judge.jsonl").read_text().splitlines()]
+    assert len({v["prompt"] for v in verdicts}) == judge["prompts"] == 6 * len(judged)
     html = (out / "report.html").read_text()
     assert "Failure types" in html
     for t in failures["types"]:
@@ -230,8 +258,8 @@ def test_tcac_job_with_openai_backend(vllm_server: str, tiny_llm: str, tmp_path:
     failures = json.loads((out / "failures.json").read_text())
     assert failures["backend"] == "openai" and set(failures["transforms"]) == {"hflip", "invert"}
     for name, result in failures["transforms"].items():
-        assert result["prompts"] == result["parsed"] + result["failed"]
-        assert (out / "llm" / name / "llm_raw.jsonl").is_file() or result["prompts"] == 0
+        check_raw(out / "llm" / name / "llm_raw.jsonl", result)
+    assert failures["transforms"]["invert"]["prompts"] >= 1  # inverting every pixel moves a random model's ranking
     assert "Failure types" in (out / "report.html").read_text()
 
 

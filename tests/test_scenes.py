@@ -211,3 +211,15 @@ def test_cli_writes_a_corpus_and_stays_light(tmp_path: Path) -> None:
         check=True,
     )
     assert heavy.stdout.strip() == "[]"
+
+
+def test_max_objects_caps_the_count() -> None:
+    from clipscan.data.scenes import make_scene, write_corpus
+
+    counts = {len(make_scene(0, i, max_objects=2).objects) for i in range(60)}
+    assert counts == {1, 2}
+    assert len(make_scene(0, 7).objects) == len(make_scene(0, 7, max_objects=5).objects)  # the default stream
+    with pytest.raises(ValueError, match="max_objects must be in 1..5"):
+        make_scene(0, 0, max_objects=6)
+    with pytest.raises(ValueError, match="max_objects must be in 1..5"):
+        write_corpus("/nonexistent-never-written", 2, max_objects=0)

@@ -198,7 +198,7 @@ def test_fence_marker_is_deterministic_and_avoids_the_data(monkeypatch: pytest.M
         def hexdigest(self) -> str:
             return ("a" if self.salt == b"0" else "b") * 64
 
-    monkeypatch.setattr(sm.hashlib, "sha256", FakeHash)
+    monkeypatch.setattr(sm.prompts.hashlib, "sha256", FakeHash)
     clash = [sm.case_line(1, Case("a", ("caption with aaaaaaaaaaaaaaaa inside",)))]
     assert sm.fence_marker(clash) == "b" * 16
 
@@ -465,6 +465,7 @@ def test_openai_garbage_twice_is_counted_not_raised(fake_server: Any, tmp_path: 
     raw = read_raw(tmp_path)
     assert sum(r["status"] == "failed" for r in raw) == 2
     assert out["failed"] == 1 and out["retried"] == 1 and len(srv.requests) == 3
+    assert out["status"] == "done" and out["reason"] is None  # one of two parsed: not a failed stage
 
 
 def test_openai_client_errors_are_not_retried(fake_server: Any, tmp_path: Path) -> None:
@@ -473,6 +474,7 @@ def test_openai_client_errors_are_not_retried(fake_server: Any, tmp_path: Path) 
     assert len(srv.requests) == 1
     assert (out["parsed"], out["failed"], out["types"]) == (0, 1, [])
     assert "HTTP 400" in read_raw(tmp_path)[0]["reason"]
+    assert out["status"] == "failed" and "HTTP 400" in out["reason"]
 
 
 def test_openai_unreachable_server_and_timeouts(fake_server: Any, tmp_path: Path) -> None:
@@ -528,10 +530,15 @@ def test_vllm_processor_kwargs() -> None:
     custom = LlmConfig(backend="vllm", replicas=2, processor_kwargs={"batch_size": 4, "accelerator_type": "H100"})
     out = sm.vllm_processor_kwargs(custom, gpus=8)
     assert (out["concurrency"], out["batch_size"], out["accelerator_type"]) == (2, 4, "H100")
+    sharded = LlmConfig(backend="vllm", engine_kwargs={"tensor_parallel_size": 2, "pipeline_parallel_size": 2})
+    assert sm.vllm_processor_kwargs(sharded, gpus=8)["concurrency"] == 2  # 8 GPUs / (2 x 2) per engine
+    assert sm.vllm_processor_kwargs(sharded, gpus=11)["concurrency"] == 2
+    with pytest.raises(ValueError, match="needs 4 GPUs"):
+        sm.vllm_processor_kwargs(sharded, gpus=2)
 
 
 def test_vllm_preprocess_binds_the_schema() -> None:
-    row = sm._vllm_preprocess({"prompt_index": 3, "attempt": 1, "text": "hi", "temperature": 0.7},
+    row = sm.backends._vllm_preprocess({"prompt_index": 3, "attempt": 1, "text": "hi", "temperature": 0.7},
                               max_tokens=99, schema=json.dumps(FAILURES_SCHEMA))
     assert row["messages"] == [{"role": "user", "content": "hi"}]
     assert row["sampling_params"]["max_tokens"] == 99 and row["sampling_params"]["temperature"] == 0.7
@@ -548,3 +555,123 @@ def test_vllm_engine_failure_is_recorded(monkeypatch: pytest.MonkeyPatch, tmp_pa
                                                           cases_per_prompt=2), None, str(tmp_path))
     assert (out["prompts"], out["parsed"], out["failed"], out["types"]) == (2, 0, 2, [])
     assert all("engine failed: RuntimeError: no GPU memory" in r["reason"] for r in read_raw(tmp_path))
+    assert out["status"] == "failed" and "every one of the 2 prompts failed: engine failed" in out["reason"]
+
+
+def test_answer_schema_asks_for_at_least_one_type_and_parsing_validates_with_the_model() -> None:
+    from clipscan.stages.summarise import FailureAnswer, validate_answer
+
+    one = {"failures": [{"type": "Colour", "description": "colours swapped"}]}
+    jsonschema.validate(one, FAILURES_SCHEMA)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"failures": []}, FAILURES_SCHEMA)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"failures": [{"type": "x", "description": "y", "extra": 1}]}, FAILURES_SCHEMA)
+    assert "$ref" not in json.dumps(FAILURES_SCHEMA)  # inlined: backends that do not follow $ref read it
+    assert FAILURES_SCHEMA["properties"]["failures"]["minItems"] == 1
+    assert validate_answer(one) == [{"type": "Colour", "description": "colours swapped"}]
+    assert validate_answer({"failures": []}) is None and validate_answer({"Colour": "swapped"}) is None
+    assert FailureAnswer.model_json_schema()["properties"]["failures"]["maxItems"] == sm.MAX_ITEMS
+
+
+# --------------------------------------------------------------------------- the judge
+
+
+def judge_rows(n: int) -> pa.Table:
+    """Attribute-contrast rows: probe-only neighbours differ in colour, controls in shape."""
+    from clipscan.stages.attributes import ROWS_SCHEMA
+
+    colours = ["red", "blue", "green", "yellow"]
+    return pa.Table.from_pylist([
+        {"rank": i + 1, "id": f"c{i:02d}", "caption": f"a {colours[i % 4]} circle",
+         "neighbour_ids": [f"n{i}"], "neighbour_captions": [f"a {colours[(i + 1) % 4]} circle"],
+         "reference_captions": [f"a {colours[i % 4]} star"], "matched_captions": [],
+         "rank_matched_captions": [f"a {colours[i % 4]} square"]}
+        for i in range(n)
+    ], schema=ROWS_SCHEMA)
+
+
+def test_judge_counts_hits_and_orders_by_validated_lift() -> None:
+    from clipscan.stages.attributes import lift_ci
+    from clipscan.stages.summarise import judge as jd
+
+    held, controls = jd.pairs_from_rows(judge_rows(30), exclude={"c00", "c01"}, n=20)
+    assert len(held) == len(controls) == 20 and held[0].case_id == "c02" and not held[0].control
+    assert controls[0].other == "a green square" and controls[0].control  # the rank-matched control
+
+    def run(prompts: Any, cfg: Any, kind: Any) -> list[Any]:
+        # a judge that says "colour" holds when the two captions name different colours, and
+        # "shape" holds when they name different shapes; one colour prompt in ten does not parse
+        out = []
+        for p in prompts:
+            _, lines, _ = unfence(p.text)
+            a, b = lines[0]["caption_a"].split(), lines[0]["caption_b"].split()
+            key = 1 if lines[0]["failure_type"] == "Colour" else 2
+            answer = json.dumps({"holds": a[key] != b[key], "reason": "r"})
+            if key == 1 and p.index % 10 == 0:
+                answer = "not json"
+            out.append(sm.Attempt(p.index, 0, answer=answer).parse(kind.parse))
+        return out
+
+    types = [{"type": "Shape", "description": "shapes confused"}, {"type": "Colour", "description": "colours confused"}]
+    judged, attempts, plan = jd.judge_types(types, held, controls, llm("http://unused"), run)
+    assert len(attempts) == len(plan) == 2 * 40
+    colour, shape = judged  # ordered by the lower bound: colour first
+    assert colour["type"] == "Colour" and colour["judge"]["confirmed"] and not shape["judge"]["confirmed"]
+    j = colour["judge"]
+    assert j["failed"] == 4 and j["judged"] + j["control_judged"] == 36  # prompts 0, 10, 20, 30 did not parse
+    assert j["rate"] == 1.0 and j["control_rate"] == 0.0
+    lift, lo, hi = lift_ci(j["hits"], j["judged"], j["control_hits"], j["control_judged"])
+    assert j["lift"] == round(lift, 4) and j["ci"] == [round(lo, 4), round(hi, 4)]
+    assert shape["judge"]["rate"] == 0.0 and shape["judge"]["control_rate"] == 1.0
+
+
+def test_judge_through_an_openai_server_rewrites_failures(fake_server: Any, tmp_path: Path) -> None:
+    from clipscan.stages.summarise import judge as jd
+
+    srv = fake_server([(200, '{"holds": true, "reason": "fits"}')])
+    failures = {"backend": "openai", "types": [{"type": "Colour", "description": "d", "examples": ["c00"]}]}
+    out = jd.validate(failures, judge_rows(6), {"c00"}, llm(srv.url, judge_cases=3), str(tmp_path))
+    assert out["judge"] == {"status": "done", "held_out": 3, "controls": 3, "prompts": 6, "judged_types": 1,
+                            "confirmed": 0}
+    j = out["types"][0]["judge"]
+    assert (j["rate"], j["control_rate"], j["lift"], j["confirmed"]) == (1.0, 1.0, 1.0, False)
+    assert json.loads((tmp_path / "failures.json").read_text()) == out
+    assert all(r["response_format"]["json_schema"]["schema"] == jd.JUDGE_SCHEMA for r in srv.requests)
+    assert '"caption_a"' in srv.requests[0]["messages"][0]["content"]
+    verdicts = [json.loads(x) for x in (tmp_path / "llm_judge.jsonl").read_text().splitlines()]
+    assert len(verdicts) == 6 and sum(v["control"] for v in verdicts) == 3
+    skipped = jd.validate(failures, None, set(), llm(srv.url), str(tmp_path))
+    assert skipped["judge"]["status"] == "skipped" and "attributes" in skipped["judge"]["reason"]
+
+
+def test_summarise_many_asks_the_backend_once_for_every_group(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    calls: list[list[int]] = []
+
+    def fake_vllm(prompts: Any, cfg: Any) -> list[Any]:
+        calls.append([p.index for p in prompts])
+        return [sm.Attempt(p.index, 0, answer=json.dumps(
+            {"failures": [{"type": f"Type {p.case_ids[0][:4]}", "description": "d"}]})).parse() for p in prompts]
+
+    monkeypatch.setattr(sm, "run_vllm", fake_vllm)
+    cfg = LlmConfig(backend="vllm", tokenizer="/nonexistent", cases_per_prompt=2)
+    groups = {"a": (cases_table(make_cases(4)), str(tmp_path / "a")),
+              "b": (cases_table(make_cases(6, seed=1)), str(tmp_path / "b"))}
+    out = sm.summarise_many(groups, cfg, None)
+    assert calls == [list(range(5))]  # 2 + 3 prompts in one run, indices global
+    assert (out["a"]["prompts"], out["b"]["prompts"]) == (2, 3) and out["a"]["parsed"] == 2
+    raw_b = read_raw(tmp_path / "b")
+    assert [r["prompt"] for r in raw_b] == [0, 1, 2]  # each group's own numbering
+    assert json.loads((tmp_path / "b" / "failures.json").read_text()) == out["b"]
+
+
+def test_parse_verdict() -> None:
+    from clipscan.stages.summarise.judge import JUDGE_SCHEMA, parse_verdict
+
+    assert parse_verdict('{"holds": true, "reason": "same shapes"}') == ([{"holds": "yes", "reason": "same shapes"}], None)
+    assert parse_verdict('{"holds": false, "reason": "' + "x" * 500 + '"}')[0] == [{"holds": "no", "reason": "x" * 200}]
+    for bad in ('{"holds": "maybe", "reason": "r"}', '{"reason": "r"}', "yes", "", None,
+                '{"holds": true, "reason": "r", "extra": 1}'):
+        items, reason = parse_verdict(bad)
+        assert items is None and reason
+    assert JUDGE_SCHEMA["required"] == ["holds", "reason"] and JUDGE_SCHEMA["additionalProperties"] is False

@@ -93,6 +93,26 @@ def test_score_versions_against_softmax_reference() -> None:
         np.testing.assert_allclose(s.kl[t - 1], (p[0] * np.log(p[0] / p[t])).sum(), rtol=1e-5)
     same = tcac.score_versions(np.repeat(z[:1], 3, 0), text, 2, 30.0, 5)
     assert not same.changed.any() and not same.kl.any() and len(set(same.own_rank)) == 1
+    # changes beyond the margin, brute force: an entered caption counts when it gained at
+    # least the margin on every caption that left
+    for margin in (0.0, 0.01, 0.05):
+        m = tcac.score_versions(z, text, n_own=2, logit_scale=30.0, top=5, margin=margin)
+        for t in range(1, 4):
+            entered = [c for c in order[t, :5] if c not in order[0, :5]]
+            left = [d for d in order[0, :5] if d not in order[t, :5]]
+            want = sum(all((p[t, c] - p[t, d]) - (p[0, c] - p[0, d]) >= margin for d in left) for c in entered)
+            assert m.changed_margin[t - 1] == want <= m.changed[t - 1]
+    assert (tcac.score_versions(z, text, 2, 30.0, 5, margin=0.0).changed_margin == s.changed).all()
+
+
+def test_near_tie_swap_is_not_a_change_beyond_the_margin() -> None:
+    # two captions almost equally close to the image: a tiny nudge swaps them at the k-th place
+    text = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], dtype=np.float32)
+    z0 = np.array([0.9, 0.3, 0.3 - 1e-4], dtype=np.float64)
+    z1 = np.array([0.9, 0.3 - 1e-4, 0.3], dtype=np.float64)
+    z = np.stack([z0 / np.linalg.norm(z0), z1 / np.linalg.norm(z1)]).astype(np.float32)
+    s = tcac.score_versions(z, text, n_own=1, logit_scale=100.0, top=2, margin=0.01)
+    assert s.changed.tolist() == [1] and s.changed_margin.tolist() == [0]
 
 
 def test_forward_fixed_same_bits_whatever_the_split() -> None:
@@ -243,7 +263,10 @@ def test_job_end_to_end_and_deterministic(tmp_path: Path, ray_local: None) -> No
     summary = info["tcac_summary"]
     assert list(summary) == list(TRANSFORMS) and summary["rot0"]["mean_changed"] == 0
     assert summary["rot0"]["own_left_top1"] == 0 and "own_left_top10" in summary["hflip"]
-    assert {"read", "caption_pool", "score", "summary", "report"} <= set(info["stages"])
+    assert {"read", "caption_pool", "score", "summary", "attributes", "report"} <= set(info["stages"])
+    contrast = json.loads((a / "attributes.json").read_text())["transforms"]
+    assert list(contrast) == list(TRANSFORMS) and contrast["rot0"]["pairs"] == 0  # nothing moved, nothing compared
+    assert contrast["elastic"]["pairs"] > 0 and contrast["elastic"]["control"] == "left the top list"
     html = (a / "report.html").read_text()
     assert "http://" not in html.replace("http://www.w3.org/2000/svg", "") and "<script" not in html
     assert html.count('class="tcase"') == 3 * len(TRANSFORMS)

@@ -146,3 +146,22 @@ def test_tcac_modules_import_light() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"TCAC modules pulled in: {out.stdout.strip()}"
+
+
+def test_rotation_and_affine_add_no_edges() -> None:
+    """Reflect-padded, bilinear: a flat image stays flat; torchvision's constant fill adds black corners."""
+    flat = np.full((48, 48, 3), 128, dtype=np.uint8)
+    st = SeededTransforms({"rotation": {"degrees": [30, 30]}, "affine": {"degrees": 15, "translate": [0.1, 0.1],
+                           "scale": [0.9, 1.1], "shear": 10},
+                           "black": {"op": "rotation", "degrees": [30, 30], "edges": "fill"}}, seed=0)
+    assert (st.apply(flat, "a", "rotation") == 128).all() and (st.apply(flat, "a", "affine") == 128).all()
+    assert (st.apply(flat, "a", "black") == 0).any()
+    # bilinear: rotating a sharp step gives in-between values along it; nearest would not
+    step = np.zeros((48, 48, 3), dtype=np.uint8)
+    step[:, 24:] = 200
+    values = set(np.unique(st.apply(step, "a", "rotation")).tolist())
+    assert len(values - {0, 200}) > 0
+    with pytest.raises(TransformError, match="edges must be one of"):
+        SeededTransforms({"rotation": {"edges": "wrap"}}, 0)
+    with pytest.raises(TransformError, match="applies to"):
+        SeededTransforms({"hflip": {"edges": "reflect"}}, 0)

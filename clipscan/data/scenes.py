@@ -142,17 +142,20 @@ def make_scene(
     n_objects: int | None = None,
     distinct_sizes: bool = False,
     twin: bool = False,
+    max_objects: int = MAX_OBJECTS,
 ) -> Scene:
     """Scene number ``index`` of the stream ``seed``; a pure function of its arguments.
 
-    ``n_objects`` fixes the count (1 to 5, default random). ``distinct_sizes`` gives every
+    ``n_objects`` fixes the count (1 to 5, default random in 1..``max_objects``). ``distinct_sizes`` gives every
     object its own size class, so at most 3 objects. ``twin`` returns the colour twin of the
     scene: the same shapes, sizes, positions, background and caption wording, with one
     object's colour changed.
     """
     if seed < 0 or index < 0:
         raise ValueError(f"make_scene: seed and index must be >= 0, got seed={seed} index={index}")
-    top = 3 if distinct_sizes else MAX_OBJECTS
+    if not 1 <= max_objects <= MAX_OBJECTS:
+        raise ValueError(f"make_scene: max_objects must be in 1..{MAX_OBJECTS}, got {max_objects}")
+    top = min(3, max_objects) if distinct_sizes else max_objects
     if n_objects is not None and not 1 <= n_objects <= top:
         raise ValueError(
             f"make_scene: n_objects must be in 1..{top} (distinct_sizes={distinct_sizes}), got {n_objects}"
@@ -222,12 +225,13 @@ def write_corpus(
     workers: int = 1,
     twins: str | None = None,
     quality: int = 90,
+    max_objects: int = MAX_OBJECTS,
 ) -> str:
     """Write ``n`` scenes as ``out/images/scene-000042.jpg`` and ``out/manifest.parquet``.
 
     Byte-identical for the same arguments whatever ``workers`` is. With ``twins="colour"``
     scenes 2i and 2i+1 are colour twins sharing the ``twin`` id ``twin-00000i``; ``n`` must
-    be even. The manifest is written last, atomically, so one that exists names only images
+    be even. ``max_objects`` caps the objects per scene (1 to 5). The manifest is written last, atomically, so one that exists names only images
     that exist. Returns the manifest path.
     """
     twins = "none" if twins is None else twins
@@ -236,7 +240,9 @@ def write_corpus(
     if n < 0 or (twins == "colour" and n % 2):
         raise ValueError(f"write_corpus: n must be >= 0 and even with twins='colour', got n={n}")
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
-    jobs = [(out, seed, i, size, twins, quality) for i in range(n)]
+    if not 1 <= max_objects <= MAX_OBJECTS:
+        raise ValueError(f"write_corpus: max_objects must be in 1..{MAX_OBJECTS}, got {max_objects}")
+    jobs = [(out, seed, i, size, twins, quality, max_objects) for i in range(n)]
     if workers > 1:
         # spawn, not fork: callers may hold threads (Ray, BLAS) that fork would copy broken.
         with mp.get_context("spawn").Pool(workers) as pool:
@@ -324,10 +330,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1, help="processes")
     parser.add_argument("--twins", choices=TWINS, default="none")
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality")
+    parser.add_argument("--max-objects", type=int, default=MAX_OBJECTS, help="objects per scene at most")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     path = write_corpus(
-        args.out, args.n, args.seed, args.size, args.workers, args.twins, args.quality
+        args.out, args.n, args.seed, args.size, args.workers, args.twins, args.quality,
+        args.max_objects,
     )
     elapsed = time.perf_counter() - start
     print(path)
@@ -542,12 +550,12 @@ def _background_image(background: Background, size: int) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(np.rint(pixels).astype(np.uint8)), "RGB")
 
 
-def _write_one(job: tuple[str, int, int, int, str, int]) -> dict[str, object]:
-    out, seed, i, size, twins, quality = job
+def _write_one(job: tuple[str, int, int, int, str, int, int]) -> dict[str, object]:
+    out, seed, i, size, twins, quality, max_objects = job
     if twins == "colour":
-        scene, twin_id = make_scene(seed, i - i % 2, twin=bool(i % 2)), f"twin-{i // 2:06d}"
+        scene, twin_id = make_scene(seed, i - i % 2, twin=bool(i % 2), max_objects=max_objects), f"twin-{i // 2:06d}"
     else:
-        scene, twin_id = make_scene(seed, i), None
+        scene, twin_id = make_scene(seed, i, max_objects=max_objects), None
     buffer = io.BytesIO()
     render(scene, size).save(buffer, "JPEG", quality=quality)
     scene_id = f"scene-{i:06d}"

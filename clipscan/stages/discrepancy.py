@@ -49,6 +49,8 @@ DISCREPANCY_SCHEMA = pa.schema(
         ("reference_only_reference_cos", _FLOATS),
         ("gap", pa.float32()),  # mean of probe cos - reference cos over probe_only; 0 if none
         ("max_gap", pa.float32()),  # largest probe cos - reference cos over probe_only; 0 if none
+        ("gap_z", pa.float32()),  # gap in standardised cosines (each model's own top-k scale); what rank_by gap ranks
+        ("max_gap_z", pa.float32()),  # max_gap in standardised cosines; what rank_by max_gap ranks
     ]
 )
 
@@ -107,7 +109,10 @@ def mine(
     x_probe: (n, d_probe) and x_ref: (n, d_ref) float32, L2-normalised, for the cosine of
     any neighbour under the other model (row-wise float64 dot, rounded to float32).
     rank_by: "overlap" (ascending overlap, then descending gap), "jaccard" (ascending
-    Jaccard, then descending gap) or "gap" (descending gap); ties always go by id.
+    Jaccard, then descending gap), "gap" (descending gap_z) or "max_gap" (descending
+    max_gap_z, then gap_z); ties always go by id. gap_z and max_gap_z are the gaps in
+    standardised cosines (``calibrated_gaps``): two models whose cosines live on different
+    scales are compared by how unusual a pair is to each, not by raw cosine.
 
     Returns the ``DISCREPANCY_SCHEMA`` table, one row per image in rank order.
     """
@@ -148,6 +153,7 @@ def mine(
     count = p_only.sum(axis=1)
     gap = np.where(count > 0, diff.sum(axis=1) / np.maximum(count, 1), 0.0).astype(np.float32)
     max_gap = np.where(count > 0, np.where(p_only, diff, -np.inf).max(axis=1), 0.0).astype(np.float32)
+    gap_z, max_gap_z = calibrated_gaps(PD, p_ref_cos, p_only, cosine_scale(PD, valid_p), cosine_scale(RD, valid_r))
 
     id_key = _id_key(ids_pa)
     if rank_by == "overlap":
@@ -155,9 +161,9 @@ def mine(
     elif rank_by == "jaccard":
         order = np.lexsort((id_key, -gap, jaccard))
     elif rank_by == "max_gap":
-        order = np.lexsort((id_key, -gap, -max_gap))
+        order = np.lexsort((id_key, -gap_z, -max_gap_z))
     else:
-        order = np.lexsort((id_key, -gap))
+        order = np.lexsort((id_key, -gap_z))
 
     def o(a: np.ndarray) -> np.ndarray:
         return a[order]
@@ -187,6 +193,8 @@ def mine(
         "reference_only_reference_cos": _float_lists(RD_o, ro),
         "gap": pa.array(o(gap)),
         "max_gap": pa.array(o(max_gap)),
+        "gap_z": pa.array(o(gap_z)),
+        "max_gap_z": pa.array(o(max_gap_z)),
     }
     return pa.Table.from_pydict(columns, schema=DISCREPANCY_SCHEMA)
 
@@ -310,6 +318,45 @@ def cases(discrepancies: pa.Table, corpus: pa.Table, n: int) -> pa.Table:
 
 # ---------------------------------------------------------------------------------------
 # Array helpers, public because the tests and the report use them
+
+
+def cosine_scale(D: np.ndarray, valid: np.ndarray) -> tuple[float, float]:
+    """(mean, std) of one model's neighbour cosines D (n, k) where ``valid``; float64.
+
+    The scale its cosines live on: a CLIP's neighbours sit near 0.9, a DINOv2's near 0.6,
+    so raw differences between the two measure scale as much as disagreement. std is 1
+    when there are fewer than two values or they are all equal.
+    """
+    values = np.asarray(D, dtype=np.float64)[valid]
+    values = values[np.isfinite(values)]
+    if values.size < 2:
+        return (float(values.mean()) if values.size else 0.0), 1.0
+    std = float(values.std())
+    return float(values.mean()), std if std > 0 else 1.0
+
+
+def calibrated_gaps(
+    probe_cos: np.ndarray,
+    reference_cos: np.ndarray,
+    mask: np.ndarray,
+    probe_scale: tuple[float, float],
+    reference_scale: tuple[float, float],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the mean and the largest (z_probe - z_reference) over the entries in ``mask``.
+
+    probe_cos, reference_cos: (n, k) cosines of the same pairs under each model; mask (n, k)
+    bool (the probe-only neighbours); each scale the (mean, std) from ``cosine_scale``, z =
+    (cos - mean) / std. Returns two (n,) float32 arrays, 0 for rows without an entry.
+    Unchanged when either model's cosines (and its scale) go through any increasing affine
+    map, which raw gaps are not.
+    """
+    zp = (np.asarray(probe_cos, dtype=np.float64) - probe_scale[0]) / probe_scale[1]
+    zr = (np.asarray(reference_cos, dtype=np.float64) - reference_scale[0]) / reference_scale[1]
+    diff = np.where(mask, zp - zr, 0.0)
+    count = mask.sum(axis=1)
+    mean = np.where(count > 0, diff.sum(axis=1) / np.maximum(count, 1), 0.0)
+    top = np.where(count > 0, np.where(mask, diff, -np.inf).max(axis=1), 0.0)
+    return mean.astype(np.float32), top.astype(np.float32)
 
 
 def reference_rank(P: np.ndarray, deep: np.ndarray) -> np.ndarray:

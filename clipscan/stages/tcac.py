@@ -65,6 +65,7 @@ ROW_SCHEMA = pa.schema(
         ("top_after", STRINGS),  # top-k captions of the transformed image, best first
         ("p_after", PROBS),
         ("changed", pa.int32()),  # captions of top_after that are not in top_before (0..k)
+        ("changed_margin", pa.int32()),  # of those, the ones that gained >= tcac.margin probability on every caption that left
         ("own_rank_before", pa.int32()),  # best 1-based rank of any own caption, original
         ("own_rank_after", pa.int32()),  # the same, transformed
         ("kl", pa.float32()),  # KL(before || after) over the pool, nats
@@ -240,7 +241,8 @@ class Scores:
     """One image's scores: version 0 is the original, versions 1..T the transforms.
 
     top (V, k) int64 positions into the pool, best first; p (V, k) float32 their
-    probabilities; own_rank (V,) int32; changed (T,) int32; kl (T,) float32.
+    probabilities; own_rank (V,) int32; changed (T,) int32; kl (T,) float32;
+    changed_margin (T,) int32, the changes beyond the probability margin.
     """
 
     top: np.ndarray
@@ -248,9 +250,11 @@ class Scores:
     own_rank: np.ndarray
     changed: np.ndarray
     kl: np.ndarray
+    changed_margin: np.ndarray | None = None
 
 
-def score_versions(z: np.ndarray, text: np.ndarray, n_own: int, logit_scale: float, top: int) -> Scores:
+def score_versions(z: np.ndarray, text: np.ndarray, n_own: int, logit_scale: float, top: int,
+                   margin: float = 0.0) -> Scores:
     """Zero-shot probabilities of every version of one image over its caption pool.
 
     z: (V, d) float32 L2-normalised image embeddings, row 0 the original; text: (P, d)
@@ -258,7 +262,11 @@ def score_versions(z: np.ndarray, text: np.ndarray, n_own: int, logit_scale: flo
     p = softmax(logit_scale * cosine) per version. Cosines are float64 sums along d (the
     same bits whatever the batch); ties rank by pool position. Own rank: best 1-based
     rank of an own caption. Changed: how many of the top min(top, P) after the transform
-    were not there before. KL(p_original || p_transformed) in nats.
+    were not there before. Changed beyond the margin: those of them that gained at least
+    ``margin`` probability on every caption that left, i.e. (p_after(c) - p_after(d)) -
+    (p_before(c) - p_before(d)) >= margin for each c that entered and d that left; a swap
+    of two near-tied captions (fp16 noise, a flat tail) gains almost nothing and does not
+    count. KL(p_original || p_transformed) in nats.
     """
     if z.ndim != 2 or text.ndim != 2 or z.shape[1] != text.shape[1]:
         raise ValueError(f"score_versions: z {z.shape} and text {text.shape} must be (V, d) and (P, d)")
@@ -278,12 +286,22 @@ def score_versions(z: np.ndarray, text: np.ndarray, n_own: int, logit_scale: flo
     before = set(best[0].tolist())
     changed = np.array([k - len(before.intersection(best[t].tolist())) for t in range(1, v)], dtype=np.int32)
     kl = np.maximum((p[0] * (logp[0] - logp[1:])).sum(axis=1), 0.0)
+    beyond = np.zeros(v - 1, dtype=np.int32)
+    for t in range(1, v):
+        after = best[t].tolist()
+        entered = np.array([c for c in after if c not in before], dtype=np.int64)
+        if entered.size:
+            left = np.array(sorted(before.difference(after)), dtype=np.int64)
+            gain = p[t] - p[0]  # (P,) probability each caption gained
+            swing = gain[entered][:, None] - gain[left][None, :]
+            beyond[t - 1] = int((swing.min(axis=1) >= margin).sum())
     return Scores(
         top=best,
         p=np.take_along_axis(p, best, axis=1).astype(np.float32),
         own_rank=rank[:, :n_own].min(axis=1).astype(np.int32),
         changed=changed,
         kl=kl.astype(np.float32),
+        changed_margin=beyond,
     )
 
 
@@ -298,7 +316,7 @@ class TcacScore:
     needs = ("id", "uri", "caption", "versions", "skip_stage", "skip_reason")
 
     def __init__(self, probe: str, pool: Any, transforms: Sequence[str], top: int, forward_rows: int,
-                 precision: str = "auto", threads: int | None = None) -> None:
+                 precision: str = "auto", threads: int | None = None, margin: float = 0.0) -> None:
         if not isinstance(pool, CaptionPool):
             import ray
 
@@ -306,6 +324,7 @@ class TcacScore:
         self.pool: CaptionPool = pool
         self.transforms = list(transforms)
         self.top = top
+        self.margin = float(margin)
         self.rows = forward_rows
         self.encoder = _load_probe(probe, precision, threads)
         self.logit_scale = float(self.encoder.logit_scale)
@@ -345,7 +364,8 @@ class TcacScore:
                 _append(cols, {**base, "own_captions": [], "transform": "", "skip_stage": stage[i], "skip_reason": reason[i]})
                 continue
             members, n_own = pools[i]  # type: ignore[misc]
-            s = score_versions(z[row_of[i]], self.pool.text_emb[members], n_own, self.logit_scale, self.top)
+            s = score_versions(z[row_of[i]], self.pool.text_emb[members], n_own, self.logit_scale, self.top,
+                               self.margin)
             texts = self.pool.texts[members]
             before = texts[s.top[0]].tolist()
             own = texts[:n_own].tolist()
@@ -355,6 +375,7 @@ class TcacScore:
                     "top_before": before, "p_before": s.p[0].tolist(),
                     "top_after": texts[s.top[t]].tolist(), "p_after": s.p[t].tolist(),
                     "changed": int(s.changed[t - 1]), "own_rank_before": int(s.own_rank[0]),
+                    "changed_margin": int(s.changed_margin[t - 1]) if s.changed_margin is not None else None,
                     "own_rank_after": int(s.own_rank[t]), "kl": float(s.kl[t - 1]),
                     "skip_stage": "", "skip_reason": "",
                 })
@@ -446,7 +467,7 @@ def build_tcac(ds: ray.data.Dataset, pool: Any, probe: str, data: DataConfig, em
     return prepared.map_batches(
         TcacScore,
         fn_constructor_kwargs={"probe": probe, "pool": pool, "transforms": list(tcac.transforms),
-                               "top": tcac.top, "forward_rows": tcac.forward_rows,
+                               "top": tcac.top, "forward_rows": tcac.forward_rows, "margin": tcac.margin,
                                "precision": embed.precision, "threads": plan.threads},
         compute=ray.data.ActorPoolStrategy(size=plan.actors),
         num_cpus=plan.num_cpus,
@@ -549,7 +570,9 @@ def load_results(run_dir: str) -> pa.Table:
 
 
 def summarise(table: pa.Table, transforms: Sequence[str], top: int) -> dict[str, dict[str, Any]]:
-    """Per transform: images, mean change count, share changed at all, own-caption shares, mean KL.
+    """Per transform: images, mean change count, share changed at all (also counting only the
+    changes beyond ``tcac.margin``: mean_changed_margin, share_changed_margin), own-caption
+    shares, mean KL.
 
     own_left_top1: share of images whose own caption is ranked 1 before the transform and
     not after; own_left_top{top}: in the top ``top`` before and not after;
@@ -560,6 +583,8 @@ def summarise(table: pa.Table, transforms: Sequence[str], top: int) -> dict[str,
     for name in transforms:
         sel = names == name
         changed = table.column("changed").to_numpy()[sel].astype(np.float64)
+        beyond = (table.column("changed_margin").to_numpy(zero_copy_only=False)[sel].astype(np.float64)
+                  if "changed_margin" in table.column_names else np.full(int(sel.sum()), np.nan))
         rb = table.column("own_rank_before").to_numpy()[sel]
         ra = table.column("own_rank_after").to_numpy()[sel]
         kl = table.column("kl").to_numpy()[sel].astype(np.float64)
@@ -572,6 +597,8 @@ def summarise(table: pa.Table, transforms: Sequence[str], top: int) -> dict[str,
             "images": n,
             "mean_changed": round(float(changed.mean()), 4) if n else 0.0,
             "share_changed": share(changed > 0),
+            "mean_changed_margin": round(float(beyond.mean()), 4) if n else 0.0,
+            "share_changed_margin": share(beyond > 0),
             "own_left_top1": share((rb == 1) & (ra > 1)),
             f"own_left_top{top}": share((rb <= top) & (ra > top)),
             "own_top1_before": share(rb == 1),

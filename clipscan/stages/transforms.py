@@ -26,10 +26,13 @@ import numpy as np
 # name -> (torchvision.transforms.v2 class, defaults where ours differ from torchvision's).
 # The random flips, inversion and perspective fire with p = 1: at torchvision's p = 0.5
 # half of the images would be scored unchanged and dilute every figure.
+# Rotation and affine interpolate bilinearly (torchvision's default is nearest, which
+# adds jagged edges) and see the image reflect-padded (``edges: reflect``), so the corners
+# they uncover show mirrored content instead of a black wedge with a hard edge.
 TRANSFORMS: dict[str, tuple[str, dict[str, Any]]] = {
     "grayscale": ("Grayscale", {"num_output_channels": 3}),
-    "rotation": ("RandomRotation", {}),
-    "affine": ("RandomAffine", {}),
+    "rotation": ("RandomRotation", {"interpolation": "bilinear"}),
+    "affine": ("RandomAffine", {"interpolation": "bilinear"}),
     "hflip": ("RandomHorizontalFlip", {"p": 1.0}),
     "invert": ("RandomInvert", {"p": 1.0}),
     "perspective": ("RandomPerspective", {"p": 1.0}),
@@ -91,13 +94,37 @@ def _seeded_elastic_class() -> type:
     return SeparableElastic
 
 
+REFLECTED = ("RandomRotation", "RandomAffine")  # transforms that get ``edges: reflect`` by default
+EDGES = ("reflect", "fill")
+
+
 def build_transform(name: str, params: Mapping[str, Any]) -> Any:
-    """The torchvision v2 transform for one ``tcac.transforms`` entry; raises ``TransformError``."""
+    """The torchvision v2 transform for one ``tcac.transforms`` entry; raises ``TransformError``.
+
+    ``interpolation`` may be a name (``nearest``, ``bilinear``, ``bicubic``). ``edges``:
+    ``reflect`` (default for rotation and affine) runs the transform on the image
+    reflect-padded by half its side and crops the centre back, so no constant fill and
+    no edge enters the image (an affine ``translate`` keeps its meaning: fractions of the
+    unpadded side); ``fill`` leaves torchvision's constant ``fill``.
+    """
     from torchvision.transforms import v2
 
     params = dict(params)
     op = str(params.pop("op", name))
     cls_name, defaults = TRANSFORMS.get(op, (op, {}))
+    edges = str(params.pop("edges", "reflect" if cls_name in REFLECTED else "fill"))
+    if edges not in EDGES:
+        raise TransformError(f"tcac.transforms.{name}: edges must be one of {EDGES}, got {edges!r}")
+    if edges == "reflect" and cls_name not in REFLECTED:
+        raise TransformError(f"tcac.transforms.{name}: edges: reflect applies to {REFLECTED} only, not {cls_name}")
+    params = {**defaults, **params}
+    if isinstance(params.get("interpolation"), str):
+        mode = params["interpolation"].upper()
+        if mode not in v2.InterpolationMode.__members__:
+            raise TransformError(f"tcac.transforms.{name}: unknown interpolation {params['interpolation']!r}")
+        params["interpolation"] = v2.InterpolationMode[mode]
+    if edges == "reflect" and params.get("translate") is not None:
+        params["translate"] = [float(t) / 2 for t in params["translate"]]  # the padded side is twice the image's
     if cls_name == "ElasticTransform":
         cls: Any = _seeded_elastic_class()
     else:
@@ -108,9 +135,27 @@ def build_transform(name: str, params: Mapping[str, Any]) -> Any:
                 f"{', '.join(TRANSFORMS)} or a torchvision.transforms.v2 class name"
             )
     try:
-        return cls(**{**defaults, **params})
+        built = cls(**params)
     except (TypeError, ValueError) as e:
         raise TransformError(f"tcac.transforms.{name}: {cls_name}({params}) failed: {e}") from e
+    return Reflected(built) if edges == "reflect" else built
+
+
+class Reflected:
+    """Runs ``inner`` on a (3, H, W) uint8 image reflect-padded by half its side on every
+    edge, then crops the centre (H, W) back: rotation and affine about the same centre,
+    with mirrored content where they would uncover a constant fill."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __call__(self, x: Any) -> Any:
+        import torch.nn.functional as F
+
+        _, h, w = x.shape
+        ph, pw = h // 2, w // 2
+        padded = F.pad(x[None].float(), (pw, pw, ph, ph), mode="reflect")[0].round().to(x.dtype)
+        return self.inner(padded)[:, ph : ph + h, pw : pw + w]
 
 
 class SeededTransforms:
