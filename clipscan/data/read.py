@@ -41,6 +41,7 @@ ROW_SCHEMA = pa.schema(
         ("row", pa.int32()),  # row within its shard
     ]
 )
+READ_BLOCK_ROWS = 1024  # rows per Ray block of the corpus rows; shards (data.rows_per_block) hold many blocks
 MANIFEST_NAMES = ("manifest.parquet", "manifest.jsonl", "manifest.csv")
 FLICKR_CAPTIONS = ("captions.txt", "Flickr8k.token.txt")
 FLICKR_IMAGE_DIRS = ("Images", "images", "Flicker8k_Dataset", "Flickr8k_Dataset")
@@ -384,4 +385,6 @@ def read_corpus(
     done = done_shards(shard_rows) if done_shards is not None else set()
     todo = [table.slice(s * step, n) for s, n in shard_rows.items() if s not in done]
     info.update(shard_rows=shard_rows, todo_shards=len(todo))
-    return ray.data.from_arrow(todo or [table.slice(0, 0)]), info
+    # a shard (the resume unit) is large; its Ray blocks are not, so decode spreads over tasks
+    blocks = [t.slice(i, READ_BLOCK_ROWS) for t in todo for i in range(0, t.num_rows, READ_BLOCK_ROWS)]
+    return ray.data.from_arrow(blocks or [table.slice(0, 0)]), info
