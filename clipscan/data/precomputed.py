@@ -14,7 +14,7 @@ row by row), one Ray read task per pair, each yielding blocks of at most ``rows`
 
 Vectors are read in row ranges (the ``.npy`` header gives the offset), never whole files,
 so a read task holds one block. Rows are L2-normalised on the way in; ``renormalised``
-says a row's norm was not 1 (within 1e-3) and ``skip_reason`` names a row that cannot be
+says a row's norm was not 1 (within 1e-2) and ``skip_reason`` names a row that cannot be
 used (a zero or non-finite vector, no id).
 """
 
@@ -35,7 +35,8 @@ if TYPE_CHECKING:
     import ray.data
 
 VECTOR_SCHEMA_NAMES = ("id", "embedding", "caption", "uri", "url", "renormalised", "skip_reason")
-NORM_TOLERANCE = 1e-3  # a row whose norm is further than this from 1 is counted as renormalised
+NORM_TOLERANCE = 1e-2  # a row whose norm is further than this from 1 was not normalised (fp16 rounding is ~1e-3)
+UNIT_TOLERANCE = 1e-6  # rows this close to unit norm keep their bits (the embed stage's own parts read back as written)
 _NPY = re.compile(r"img_emb_(\d+)\.npy$")
 _META = re.compile(r"metadata_(\d+)\.parquet$")
 
@@ -237,7 +238,8 @@ def _block(x: np.ndarray, ids: pa.ChunkedArray, meta: pa.Table, uri: pa.ChunkedA
     norm = np.linalg.norm(x, axis=1)
     bad = ~np.isfinite(norm) | (norm < 1e-12)
     renormalised = ~bad & (np.abs(norm - 1.0) > NORM_TOLERANCE)
-    x = np.where(bad[:, None], 0.0, x / np.where(bad, 1.0, norm)[:, None]).astype(np.float32)
+    scale = np.where(bad | (np.abs(norm - 1.0) <= UNIT_TOLERANCE), 1.0, norm).astype(np.float32)
+    x = np.where(bad[:, None], np.float32(0.0), x / scale[:, None]).astype(np.float32)
     id_arr = ids.cast(pa.string()).combine_chunks()
     reasons = np.where(bad, "zero or non-finite embedding", "").astype(object)
     if id_arr.null_count:

@@ -286,12 +286,21 @@ def rows_to_table(rows: list[RawRow], caption: str, rows_per_block: int | None =
     return pa.table(cols, schema=ROW_SCHEMA)
 
 
+def corpus_path(cfg: DataConfig) -> str:
+    """``data.path``, which a job that reads images needs (only an all-``emb:`` DAF run leaves it out)."""
+    if cfg.path is None:
+        raise CorpusError("data.path is not set: this job reads the corpus (only DAF with both models emb: "
+                          "runs without one)")
+    return cfg.path
+
+
 def read_table(cfg: DataConfig) -> tuple[pa.Table, dict[str, Any]]:
     """Parse a Flickr8k, COCO or manifest corpus into the row table (driver side, metadata only)."""
-    fmt = cfg.format if cfg.format != "auto" else detect_format(cfg.path)
+    path = corpus_path(cfg)
+    fmt = cfg.format if cfg.format != "auto" else detect_format(path)
     if fmt not in READERS:
         raise CorpusError(f"format {fmt!r} is not read into a table; use read_corpus")
-    rows, counts = READERS[fmt](cfg.path, cfg.images)
+    rows, counts = READERS[fmt](path, cfg.images)
     if cfg.limit is not None:
         rows = rows[: cfg.limit]
     return rows_to_table(rows, cfg.caption, cfg.rows_per_block), {"format": fmt, **counts}
@@ -366,9 +375,10 @@ def read_corpus(
     """
     import ray.data
 
-    fmt = cfg.format if cfg.format != "auto" else detect_format(cfg.path)
+    path = corpus_path(cfg)
+    fmt = cfg.format if cfg.format != "auto" else detect_format(path)
     if fmt == "webdataset":
-        shards = expand_shards(cfg.path)
+        shards = expand_shards(path)
         fsys = cfs.resolve(shards[0])[0]
         ds = ray.data.read_webdataset([cfs.resolve(s)[1] for s in shards], filesystem=fsys, decoder=None)
         if cfg.limit is not None:

@@ -401,3 +401,86 @@ def load_corpus(run_dir: str) -> pa.Table:
     """The embedded rows' ``id``, ``uri``, ``caption``, ``captions``, sorted by id."""
     table = cfs.read_parquet(cfs.join(run_dir, "corpus"))
     return table.sort_by("id")
+
+
+class PairSink:
+    """Ray Data sink: settled rows of ``stages.vectors.paired_vectors`` in, the run's parts out.
+
+    Each write task writes ``embeddings/<model>/part-jNNNNNN.parquet`` (``id``, ``embedding``)
+    for every model, ``corpus/part-jNNNNNN.parquet`` (``id``, ``uri``, ``caption``,
+    ``captions``, ``url``) for the rows both models have, and ``skipped/part-jNNNNNN.parquet``
+    for the rest, named by its task index so a retried task rewrites its own files. The
+    driver keeps only the per-task counts (``counts`` after the write).
+    """
+
+    def __new__(cls, root: str, names: tuple[str, str]) -> Any:
+        from ray.data import Datasink
+
+        class _Sink(Datasink):  # type: ignore[misc,type-arg]
+            def __init__(self) -> None:
+                self.counts: dict[str, Any] = {"embedded": 0, "skipped": 0, "renormalised": dict.fromkeys(names, 0)}
+
+            def write(self, blocks: Any, ctx: Any) -> dict[str, Any]:
+                from ray.data.block import BlockAccessor
+
+                from clipscan.stages.vectors import skips, usable
+
+                tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
+                tables = [t for t in tables if t.num_rows]
+                if not tables:
+                    return {"embedded": 0, "skipped": 0, "renormalised": {}}
+                table = pa.concat_tables(tables)
+                name = f"part-j{ctx.task_idx:06d}.parquet"
+                ok = usable(table, names)
+                bad = skips(table)
+                for model in names:
+                    cfs.write_parquet_atomic(cfs.join(root, "embeddings", model, name),
+                                             pa.table({"id": ok.column("id"), "embedding": ok.column(model)}))
+                captions = pa.array([[c] for c in ok.column("caption").to_pylist()], pa.list_(pa.string()))
+                cfs.write_parquet_atomic(cfs.join(root, "corpus", name), pa.table({
+                    "id": ok.column("id"), "uri": ok.column("uri"), "caption": ok.column("caption"),
+                    "captions": captions, "url": ok.column("url")}))
+                cfs.write_parquet_atomic(cfs.join(root, "skipped", name), bad)
+                renorm = {m: int(np.asarray(table.column(f"renormalised_{m}")).sum()) for m in names}
+                return {"embedded": ok.num_rows, "skipped": bad.num_rows, "renormalised": renorm}
+
+            def on_write_complete(self, write_result: Any) -> None:
+                for got in write_result.write_returns:
+                    self.counts["embedded"] += got["embedded"]
+                    self.counts["skipped"] += got["skipped"]
+                    for m, n in got["renormalised"].items():
+                        self.counts["renormalised"][m] += n
+
+            def get_name(self) -> str:
+                return "ClipscanPairs"
+
+        return _Sink()
+
+
+def write_skipped(path: str, part_dirs: list[str]) -> dict[str, int]:
+    """Stream every ``skipped/part-*.parquet`` under ``part_dirs`` into one ``skipped.parquet`` at path.
+
+    One part in memory at a time. Returns the count per stage.
+    """
+    import uuid
+
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    by_stage: dict[str, int] = {}
+    fsys, inner = cfs.resolve(path)
+    tmp = inner if cfs.is_uri(path) else f"{inner}.tmp-{uuid.uuid4().hex[:8]}"  # object stores: one upload
+    if not cfs.is_uri(path):
+        os.makedirs(os.path.dirname(inner), exist_ok=True)
+    with cfs.named(path), fsys.open_output_stream(tmp) as out, \
+            pq.ParquetWriter(out, SKIPPED_SCHEMA, compression="zstd") as writer:
+        for part_dir in part_dirs:
+            for part in cfs.list_files(part_dir, ".parquet", recursive=False):
+                table = _read_piece(part).cast(SKIPPED_SCHEMA)
+                for stage in table.column("stage").unique().to_pylist():
+                    n = int(pc.sum(pc.equal(table.column("stage"), stage)).as_py() or 0)
+                    by_stage[stage] = by_stage.get(stage, 0) + n
+                writer.write_table(table)
+    if tmp != inner:
+        os.replace(tmp, inner)
+    return dict(sorted(by_stage.items()))
