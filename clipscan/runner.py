@@ -112,7 +112,8 @@ def _join_vectors(run: Run, cfg: JobConfig, models: dict[str, str], staging: str
         cfs.remove_tree(run.path(folder))  # a rerun writes them again whole
     configure_data_context()
     ds = paired_vectors(staging, models, rows_per_block=cfg.data.rows_per_block)
-    sink = embed.PairSink(run.output, tuple(models))
+    probe, reference = models
+    sink = embed.PairSink(run.output, (probe, reference))
     ds.write_datasink(sink)
     return dict(sink.counts)
 

@@ -20,6 +20,7 @@ used (a zero or non-finite vector, no id).
 
 from __future__ import annotations
 
+import functools
 import posixpath
 import re
 from collections.abc import Iterator
@@ -279,9 +280,9 @@ def _datasource(pairs: list[FilePair], rows: int) -> Any:
         def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                            data_context: Any = None) -> list[Any]:
             return [
-                ReadTask(lambda p=p: read_pair(p, rows),
+                ReadTask(functools.partial(read_pair, p, rows),
                          BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None,
-                                       input_files=[p.vectors] + ([p.metadata] if p.metadata else [])))
+                                       input_files=(p.vectors, *([p.metadata] if p.metadata else []))))
                 for p in pairs
             ]
 
