@@ -160,3 +160,38 @@ def test_daf_with_both_models_precomputed_and_no_corpus(tmp_path: Path, ray_loca
     html = (out / "report.html").read_text()
     assert "a photo of photos/" in html  # the caption stands in for the image no one can read
     assert embedding_array(np.zeros((1, 2), np.float32)).type.list_size == 2
+
+
+def test_one_model_embedded_one_precomputed(tmp_path: Path, scene_corpus: str, ray_local: None) -> None:
+    from clipscan.config import DafConfig, DataConfig, load_config
+    from clipscan.data.read import read_table
+    from clipscan.rundir import Run
+    from clipscan.runner import embed_corpus
+    from clipscan.stages.embed import load_corpus, load_embeddings
+    from tests.conftest import TINY_PROBE
+
+    corpus_ids = read_table(DataConfig(path=scene_corpus, limit=30))[0].column("id").to_pylist()
+    ref_ids = corpus_ids[4:] + ["not-in-the-corpus"]
+    x = np.random.default_rng(5).normal(size=(len(ref_ids), 6)).astype(np.float32)
+    folder = tmp_path / "ref"
+    folder.mkdir()
+    pq.write_table(pa.table({"id": ref_ids, "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 6)}),
+                   folder / "part-0.parquet")
+    models = {"probe": TINY_PROBE, "reference": f"emb:{folder}"}
+    cfg = load_config(DafConfig, None, [f"data.path={scene_corpus}", f"output={tmp_path / 'run'}",
+                                        f"models.probe={TINY_PROBE}", f"models.reference=emb:{folder}",
+                                        "data.limit=30", "data.rows_per_block=16", "embed.image_size=48"])
+    run = Run(cfg.output, "test", cfg)
+    counts = embed_corpus(run, cfg, models)
+    assert counts["embedded"] == 26 and counts["skipped"] == 5 and counts["read"] == 31
+    ids_p, xp = load_embeddings(cfg.output, "probe")
+    ids_r, xr = load_embeddings(cfg.output, "reference")
+    assert list(ids_p) == list(ids_r) == sorted(corpus_ids[4:]) and xp.shape[1] == 32
+    order = np.argsort(np.array(ref_ids[:-1], dtype=object), kind="stable")
+    np.testing.assert_allclose(xr, _unit(x[:-1][order]), atol=1e-6)
+    corpus = load_corpus(cfg.output)
+    assert corpus.column("uri").to_pylist()[0].endswith(".png") or corpus.column("uri").to_pylist()[0]
+    reasons = {r["id"]: r["reason"] for r in pq.read_table(run.path("skipped.parquet")).to_pylist()}
+    assert reasons["not-in-the-corpus"] == "no probe embedding (the id is in reference only)"
+    assert all(reasons[i] == "no reference embedding (the id is in probe only)" for i in corpus_ids[:4])
+    assert not Path(run.path("_embedded")).exists()

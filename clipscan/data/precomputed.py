@@ -98,6 +98,16 @@ def run_pairs(run_dir: str, model: str) -> list[FilePair]:
     return [FilePair(f, cfs.join(run_dir, "corpus", posixpath.basename(f))) for f in files]
 
 
+def vector_bytes(pairs: list[FilePair]) -> int:
+    """Total size of the pairs' vector files in bytes (one listing call per store), to size a shuffle."""
+    if not pairs:
+        return 0
+    fsys, _ = cfs.resolve(pairs[0].vectors)
+    with cfs.named(pairs[0].vectors):
+        infos = fsys.get_file_info([cfs.resolve(p.vectors)[1] for p in pairs])
+    return sum(int(i.size or 0) for i in infos)
+
+
 def read_pair(pair: FilePair, rows: int) -> Iterator[pa.Table]:
     """Tables of at most ``rows`` rows (``VECTOR_SCHEMA_NAMES``, embedding FixedSizeList<float32, d>)."""
     try:

@@ -18,13 +18,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from clipscan.data.precomputed import FilePair, embedding_pairs, read_vectors, run_pairs
+from clipscan.data.precomputed import (
+    FilePair,
+    embedding_pairs,
+    read_vectors,
+    run_pairs,
+    vector_bytes,
+)
 from clipscan.models.registry import is_precomputed
 
 if TYPE_CHECKING:
     import ray.data
 
 CORPUS_COLUMNS = ("caption", "uri", "url")
+PARTITION_BYTES = 256 * 2**20  # vector file bytes (both models) per join partition, when not given
 SKIP_STAGE = "join"
 
 
@@ -98,8 +105,8 @@ def paired_vectors(
     models: {name: spec} for exactly two models (``probe``, ``reference``); an ``emb:`` spec is
     read from its path, any other from ``run_dir/embeddings/<name>`` (the embed stage's parts,
     with ``run_dir/corpus`` for captions and uris). rows_per_block: rows per read block.
-    num_partitions: join partitions; None = the larger model's file count, at least the
-    cluster's CPUs. Builds; executes nothing.
+    num_partitions: join partitions; None = one per ``PARTITION_BYTES`` of vector files, at
+    least the cluster's CPUs. Builds; executes nothing.
     """
     import ray
 
@@ -115,7 +122,8 @@ def paired_vectors(
     ]
     if num_partitions is None:
         cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
-        num_partitions = max(max(len(p) for p in pairs.values()), cpus)
+        total = sum(vector_bytes(p) for p in pairs.values())
+        num_partitions = max(-(-total // PARTITION_BYTES), cpus, 1)
     joined = sides[0].join(sides[1], "full_outer", num_partitions=num_partitions, on=("id",))
     return joined.map_batches(
         settle, fn_kwargs={"names": names}, batch_format="pyarrow", batch_size=None  # type: ignore[arg-type]
