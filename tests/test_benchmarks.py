@@ -51,3 +51,12 @@ def test_tcac_benchmark() -> None:
     out = _bench("benchmarks/tcac.py", "--models", "tiny", "--images", "8", "--transforms", "1,2")
     rows = [line.split() for line in out.splitlines() if line.startswith("tiny ")]
     assert [(r[1], r[2]) for r in rows] == [("1", "16"), ("2", "16")], out
+
+
+@pytest.mark.slow
+def test_scale_benchmark_precomputed(tmp_path: Path) -> None:
+    out = _bench("benchmarks/scale.py", "--precomputed", "--sizes", "1000,2000", "--rows-per-file", "600",
+                 "--stop-after", "vectors", "--cpus", "2", "--work", str(tmp_path))
+    assert "driver peak RSS (VmHWM)" in out and "largest worker VmHWM" in out and "driver peak ratio" in out
+    joined = next(line for line in out.splitlines() if line.startswith("rows joined")).split()[2:]
+    assert joined == ["999", "1,998"], out  # every 1,000th id is missing from the reference
