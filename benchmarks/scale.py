@@ -179,8 +179,16 @@ class WorkerPeaks:
         self.sample()
 
 
+def embeddings(work: Path, n: int, rows_per_file: int) -> tuple[str, str]:
+    """Both models' synthetic embeddings of n rows (written once, reused); the reference lacks every 1,000th id."""
+    probe = write_clip_retrieval(work / f"emb-{n}-{rows_per_file}-probe", n, PROBE_D, "float16", 1, rows_per_file)
+    reference = write_clip_retrieval(work / f"emb-{n}-{rows_per_file}-reference", n, REFERENCE_D, "float32", 2,
+                                     rows_per_file, drop_every=1000)
+    return probe, reference
+
+
 def precomputed_one(work: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
-    """One size, in this process: write the embeddings (once), run DAF or its read+join stage, measure."""
+    """One size, in this process: run DAF (or its read+join stage) on the written embeddings, measure."""
     import math
     import tempfile
 
@@ -189,9 +197,7 @@ def precomputed_one(work: Path, n: int, args: argparse.Namespace) -> dict[str, A
     from clipscan.config import DafConfig, load_config
     from clipscan.rundir import Run
 
-    probe = write_clip_retrieval(work / f"emb-{n}-{args.rows_per_file}-probe", n, PROBE_D, "float16", 1, args.rows_per_file)
-    reference = write_clip_retrieval(work / f"emb-{n}-{args.rows_per_file}-reference", n, REFERENCE_D, "float32", 2, args.rows_per_file,
-                                     drop_every=1000)
+    probe, reference = embeddings(work, n, args.rows_per_file)
     out = work / f"run-emb-{n}"
     shutil.rmtree(out, ignore_errors=True)
     nlist = args.nlist or max(16, int(4 * math.sqrt(n)))
@@ -254,6 +260,7 @@ def precomputed(sizes: list[int], args: argparse.Namespace) -> int:
     results = []
     for n in sizes:
         print(f"DAF on {n:,} precomputed rows (stop after: {args.stop_after}) ...", file=sys.stderr, flush=True)
+        embeddings(Path(args.work), n, args.rows_per_file)  # here, so the measured process only runs the job
         child = [sys.executable, __file__, "--precomputed", "--one", str(n), "--work", args.work,
                  "--rows-per-file", str(args.rows_per_file), "--rows-per-block", str(args.rows_per_block),
                  "--stop-after", args.stop_after, *(["--cpus", str(args.cpus)] if args.cpus else []),

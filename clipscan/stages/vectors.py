@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     import ray.data
 
 CORPUS_COLUMNS = ("caption", "uri", "url")
-PARTITION_BYTES = 256 * 2**20  # vector file bytes (both models) per join partition, when not given
+PARTITION_BYTES = 64 * 2**20  # vector file bytes (both models) per join partition, when not given
 SKIP_STAGE = "join"
 
 
