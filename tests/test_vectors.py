@@ -43,6 +43,15 @@ def test_emb_spec_has_no_encoder() -> None:
         load_encoder("emb:/x")
 
 
+def test_data_path_may_be_left_out_only_when_both_models_are_precomputed() -> None:
+    from clipscan.config import ConfigError, DafConfig, load_config
+
+    both = load_config(DafConfig, None, ["output=/tmp/x", "models.probe=emb:/a", "models.reference=emb:s3://b/c"])
+    assert both.data.path is None
+    with pytest.raises(ConfigError, match="data.path is required unless"):
+        load_config(DafConfig, None, ["output=/tmp/x", "models.probe=emb:/a", "models.reference=hf:tiny-dinov2"])
+
+
 def test_fp16_rows_read_in_blocks_and_normalised(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(25, 8)).astype(np.float16)
