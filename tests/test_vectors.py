@@ -204,3 +204,29 @@ def test_one_model_embedded_one_precomputed(tmp_path: Path, scene_corpus: str, r
     assert reasons["not-in-the-corpus"] == "no probe embedding (the id is in reference only)"
     assert all(reasons[i] == "no reference embedding (the id is in probe only)" for i in corpus_ids[:4])
     assert not Path(run.path("_embedded")).exists()
+
+
+def test_settle_skips_every_row_of_a_duplicated_id() -> None:
+    from clipscan.stages.vectors import settle, skips, usable
+
+    def vectors(rows: list[list[float] | None], d: int) -> pa.Array:
+        flat = [v for r in rows for v in (r or [0.0] * d)]
+        mask = pa.array([r is None for r in rows])
+        return pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), d, mask=mask)
+
+    text = pa.array(["", "", "", ""], pa.string())
+    batch = pa.table({
+        "id": ["a", "dup", "dup", "b"],
+        "probe": vectors([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], None], 2),
+        "probe_caption": pa.array(["cap a", "x", "y", None]), "probe_uri": text, "probe_url": text,
+        "probe_renormalised": [False, True, False, None], "probe_skip_reason": ["", "", "", None],
+        "reference": vectors([[1.0], [1.0], [1.0], [1.0]], 1),
+        "reference_caption": text, "reference_uri": text, "reference_url": text,
+        "reference_renormalised": [False, False, False, False], "reference_skip_reason": ["", "", "", ""],
+    })
+    settled = settle(batch, ("probe", "reference"))
+    assert usable(settled, ("probe", "reference")).column("id").to_pylist() == ["a"]
+    reasons = dict(zip(*(skips(settled).column(c).to_pylist() for c in ("id", "reason")), strict=True))
+    assert reasons == {"dup": "duplicate id (2 rows pair up under it)",
+                       "b": "no probe embedding (the id is in reference only)"}
+    assert settled.column("caption").to_pylist()[0] == "cap a"

@@ -56,9 +56,18 @@ def settle(batch: pa.Table, names: tuple[str, str]) -> pa.Table:
     one), ``renormalised_<name>``, and ``skip_stage``/``skip_reason`` ("" where the row is usable).
 
     A side missing from the join has a null vector; its reason says which model lacks the id.
+    An id on more than one row (a duplicate in either model) is skipped on every row: which
+    vector is the image's is unknown. The join puts all rows of an id in one partition;
+    they are seen together here unless the partition was split into several blocks.
     """
     n = batch.num_rows
     reasons = np.full(n, "", dtype=object)
+    ids = np.asarray(batch.column("id").cast(pa.string()).to_numpy(zero_copy_only=False), dtype=object)
+    _, inverse, repeats = np.unique(ids, return_inverse=True, return_counts=True)
+    if n and repeats.max() > 1:
+        times = repeats[inverse]
+        reasons = np.where(times > 1, np.char.add(np.char.add("duplicate id (", times.astype(str)),
+                                                  " rows pair up under it)").astype(object), reasons)
     for name, other in (names, names[::-1]):
         missing = np.asarray(batch.column(name).is_null())
         bad = np.asarray(batch.column(f"{name}_skip_reason").fill_null(""), dtype=object)
