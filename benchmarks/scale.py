@@ -14,6 +14,17 @@ or below (fixed start-up costs make small runs look slow per image).
 
     python benchmarks/scale.py                              # 2,000 / 20,000 / 100,000 images
     python benchmarks/scale.py --sizes 2000,20000 --image-size 64
+
+With --precomputed, no image is made: synthetic clustered embeddings (probe d=64 fp16,
+reference d=48 fp32, every 1,000th id missing from the reference) are written in
+clip-retrieval's layout (img_emb/img_emb_N.npy + metadata/metadata_N.parquet, one chunk
+in memory at a time), and the DAF job runs with both models ``emb:`` and an approximate
+index. Each size runs in its own process, so the figures are that size's alone: the
+driver's peak RSS (VmHWM of the driver process alone, /proc/self/status) and the largest
+Ray worker's, side by side. --stop-after vectors measures the read+join stage only.
+
+    python benchmarks/scale.py --precomputed                 # 200,000 / 2,000,000 rows
+    python benchmarks/scale.py --precomputed --sizes 20000,200000 --stop-after vectors
 """
 
 from __future__ import annotations
@@ -76,6 +87,198 @@ def run_one(work: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+PROBE_D, REFERENCE_D = 64, 48
+
+
+def write_clip_retrieval(root: Path, n: int, d: int, dtype: str, seed: int, rows_per_file: int,
+                         drop_every: int = 0, clusters: int = 1000) -> str:
+    """n clustered rows in clip-retrieval's layout, one file pair per ``rows_per_file`` rows.
+
+    Row i belongs to cluster ``i % clusters``; both models see the same clusters through
+    different random projections, so their neighbours mostly but not always agree. With
+    drop_every, rows whose index is a multiple of it are left out (ids one model lacks).
+    """
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    done = root / "_SUCCESS"
+    if done.exists():
+        return str(root)
+    shutil.rmtree(root, ignore_errors=True)
+    (root / "img_emb").mkdir(parents=True)
+    (root / "metadata").mkdir()
+    base = np.random.default_rng(12345).normal(size=(clusters, 32))
+    projection = np.random.default_rng(seed).normal(size=(32, d)) / np.sqrt(32)
+    centres = base @ projection
+    for part, start in enumerate(range(0, n, rows_per_file)):
+        rows = np.arange(start, min(n, start + rows_per_file))
+        if drop_every:
+            rows = rows[rows % drop_every != 0]
+        rng = np.random.default_rng([seed, part])
+        x = centres[rows % clusters] + 0.35 * rng.normal(size=(len(rows), d))
+        np.save(root / "img_emb" / f"img_emb_{part}.npy", x.astype(dtype))
+        pq.write_table(pa.table({
+            "image_path": [f"images/{i:09d}.jpg" for i in rows],
+            "caption": [f"an image of cluster {i % clusters}, number {i}" for i in rows],
+            "url": [f"https://example.com/{i:09d}.jpg" for i in rows],
+        }), root / "metadata" / f"metadata_{part}.parquet")
+    done.touch()
+    return str(root)
+
+
+def _vm_hwm(pid: int | str = "self") -> int:
+    """Peak resident set of one process (VmHWM), bytes; 0 if it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class WorkerPeaks:
+    """Polls every descendant process's VmHWM (monotonic, so polling misses little); keeps the largest Ray worker's."""
+
+    def __init__(self, interval_s: float = 0.5) -> None:
+        import threading
+
+        self.interval_s = interval_s
+        self.peaks: dict[int, tuple[int, str]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> None:
+        import psutil
+
+        for proc in psutil.Process().children(recursive=True):
+            try:
+                name = " ".join(proc.cmdline()[:3])[:80]
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            peak = _vm_hwm(proc.pid)
+            if peak > self.peaks.get(proc.pid, (0, ""))[0]:
+                self.peaks[proc.pid] = (peak, name)
+
+    def largest_worker(self) -> tuple[int, str]:
+        workers = [v for v in self.peaks.values() if "default_worker" in v[1] or "ray::" in v[1]]
+        return max(workers or [(0, "")])
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample()
+
+    def __enter__(self) -> WorkerPeaks:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+
+def embeddings(work: Path, n: int, rows_per_file: int) -> tuple[str, str]:
+    """Both models' synthetic embeddings of n rows (written once, reused); the reference lacks every 1,000th id."""
+    probe = write_clip_retrieval(work / f"emb-{n}-{rows_per_file}-probe", n, PROBE_D, "float16", 1, rows_per_file)
+    reference = write_clip_retrieval(work / f"emb-{n}-{rows_per_file}-reference", n, REFERENCE_D, "float32", 2,
+                                     rows_per_file, drop_every=1000)
+    return probe, reference
+
+
+def precomputed_one(work: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
+    """One size, in this process: run DAF (or its read+join stage) on the written embeddings, measure."""
+    import math
+    import tempfile
+
+    import ray
+
+    from clipscan.config import DafConfig, load_config
+    from clipscan.rundir import Run
+
+    probe, reference = embeddings(work, n, args.rows_per_file)
+    out = work / f"run-emb-{n}"
+    shutil.rmtree(out, ignore_errors=True)
+    nlist = args.nlist or max(16, int(4 * math.sqrt(n)))
+    cfg = load_config(DafConfig, None, [
+        f"models.probe=emb:{probe}", f"models.reference=emb:{reference}", f"output={out}",
+        f"knn.index=IVF{nlist},Flat", f"data.rows_per_block={args.rows_per_block}", "mining.cases=20",
+        "report.rows=10", *args.override,
+    ])
+    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
+             _temp_dir=tempfile.mkdtemp(prefix="clipscan-bench-"))
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    driver_before = _vm_hwm()
+    with WorkerPeaks() as peaks:
+        start = time.perf_counter()
+        if args.stop_after == "vectors":
+            from clipscan.runner import embed_corpus
+
+            run = Run(cfg.output, "daf", cfg)
+            embed_corpus(run, cfg, {"probe": cfg.models.probe, "reference": cfg.models.reference})
+        else:
+            from clipscan.daf import run_daf
+
+            run_daf(cfg)
+        wall = time.perf_counter() - start
+    ray.shutdown()
+    info = json.loads((out / "run.json").read_text())
+    worker, worker_name = peaks.largest_worker()
+    return {"n": n, "wall_s": wall, "driver_hwm": _vm_hwm(), "driver_hwm_before": driver_before,
+            "worker_hwm": worker, "worker": worker_name, "embedded": info["counts"].get("embedded"),
+            "skipped": info["counts"].get("skipped"),
+            "stages": {s: v.get("wall_s") for s, v in info["stages"].items()}}
+
+
+def precomputed_table(results: list[dict[str, Any]]) -> str:
+    gib = 2**30
+    head = f"{'':<28}" + "".join(f"{r['n']:>14,}" for r in results)
+    lines = [head, "-" * len(head)]
+    lines.append(f"{'driver peak RSS (VmHWM) GiB':<28}" + "".join(f"{r['driver_hwm'] / gib:>14.3f}" for r in results))
+    lines.append(f"{'  of it before the job GiB':<28}"
+                 + "".join(f"{r['driver_hwm_before'] / gib:>14.3f}" for r in results))
+    lines.append(f"{'largest worker VmHWM GiB':<28}" + "".join(f"{r['worker_hwm'] / gib:>14.3f}" for r in results))
+    lines.append(f"{'rows joined':<28}" + "".join(f"{r['embedded']:>14,}" for r in results))
+    lines.append(f"{'rows skipped':<28}" + "".join(f"{r['skipped']:>14,}" for r in results))
+    lines.append(f"{'wall s':<28}" + "".join(f"{r['wall_s']:>14.1f}" for r in results))
+    for stage in results[0]["stages"]:
+        lines.append(f"{'  ' + stage + ' s':<28}"
+                     + "".join(f"{(r['stages'].get(stage) or 0):>14.1f}" for r in results))
+    if len(results) > 1 and results[0]["driver_hwm"]:
+        lines.append(f"driver peak ratio {results[-1]['n']:,} / {results[0]['n']:,}: "
+                     f"{results[-1]['driver_hwm'] / results[0]['driver_hwm']:.2f} (target <= 1.2)")
+    return "\n".join(lines)
+
+
+def precomputed(sizes: list[int], args: argparse.Namespace) -> int:
+    """Every size in a child process of its own (a process's VmHWM never goes down)."""
+    import subprocess
+
+    results = []
+    for n in sizes:
+        print(f"DAF on {n:,} precomputed rows (stop after: {args.stop_after}) ...", file=sys.stderr, flush=True)
+        embeddings(Path(args.work), n, args.rows_per_file)  # here, so the measured process only runs the job
+        child = [sys.executable, __file__, "--precomputed", "--one", str(n), "--work", args.work,
+                 "--rows-per-file", str(args.rows_per_file), "--rows-per-block", str(args.rows_per_block),
+                 "--stop-after", args.stop_after, *(["--cpus", str(args.cpus)] if args.cpus else []),
+                 *(["--nlist", str(args.nlist)] if args.nlist else []), *args.override]
+        proc = subprocess.run(child, capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(proc.stderr[-4000:], file=sys.stderr)
+            return proc.returncode
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(f"  {results[-1]['wall_s']:.1f} s", file=sys.stderr, flush=True)
+    print(f"DAF with both models emb: (probe d={PROBE_D} fp16, reference d={REFERENCE_D} fp32), "
+          f"{ray_cpus(args.cpus)} CPUs, stop after: {args.stop_after}")
+    print(precomputed_table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
 def _k(n: int) -> str:
     return f"{n // 1000}k" if n % 1000 == 0 else f"{n:,}"
 
@@ -130,7 +333,15 @@ def table(results: list[dict[str, Any]], flag: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="2000,20000,100000", help="comma-separated corpus sizes, images")
+    parser.add_argument("--sizes", default=None, help="comma-separated corpus sizes, images "
+                        "(default 2000,20000,100000; with --precomputed 200000,2000000)")
+    parser.add_argument("--precomputed", action="store_true", help="synthetic emb: embeddings instead of images")
+    parser.add_argument("--stop-after", choices=("vectors", "report"), default="report",
+                        help="with --precomputed: run the read+join stage only, or the whole job")
+    parser.add_argument("--rows-per-file", type=int, default=100_000, help="rows per clip-retrieval file pair")
+    parser.add_argument("--rows-per-block", type=int, default=20_000, help="rows per block read from the files")
+    parser.add_argument("--nlist", type=int, default=None, help="IVF lists; default 4 sqrt(n)")
+    parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--image-size", type=int, default=64, help="generated and decoded side, px")
     parser.add_argument("--work", default=str(ROOT / "runs" / "bench-scale"), help="corpora and run directories")
     parser.add_argument("--cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
@@ -139,9 +350,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("override", nargs="*", help="extra DAF overrides, e.g. knn.index=IVF256,Flat")
     args = parser.parse_args(argv)
-    sizes = sorted(int(s.replace("_", "")) for s in args.sizes.split(","))
+    default = "200000,2000000" if args.precomputed else "2000,20000,100000"
+    sizes = sorted(int(s.replace("_", "")) for s in (args.sizes or default).split(","))
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    if args.precomputed and args.one is not None:
+        import logging
+
+        logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+        print(json.dumps(precomputed_one(work, args.one, args)))
+        return 0
+    if args.precomputed:
+        return precomputed(sizes, args)
 
     import logging
     import tempfile

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -22,19 +22,19 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    path: str  # corpus root, manifest file, COCO JSON or WebDataset shard pattern (local or s3:// gs://)
+    path: str | None = None  # corpus root, manifest file, COCO JSON or WebDataset shard pattern (local or s3:// gs://); may be left out when every model is emb:
     format: Literal["auto", "flickr8k", "coco", "manifest", "webdataset"] = "auto"  # corpus layout
     caption: Literal["longest", "first"] = "longest"  # which caption is the image's caption (paper: longest)
     images: str | None = None  # images folder for flickr8k/coco when not beside the captions file
     limit: int | None = Field(default=None, ge=1)  # read at most this many images (rows), None = all
-    rows_per_block: int = Field(default=256, ge=1)  # rows per input shard (one Ray block, one resume unit)
+    rows_per_block: int = Field(default=100_000, ge=1)  # rows per input shard, the resume unit (read in Ray blocks of at most 1,024 rows); also rows per block read from emb: files
     max_pixels: int = Field(default=89_478_485, ge=1)  # larger images are skipped (decompression bombs), pixels
     generate: int | None = Field(default=None, ge=2)  # if data.path is missing, generate this many scenes there first
     generate_max_objects: int = Field(default=5, ge=1, le=5)  # objects per generated scene at most (data.generate)
 
 
 class ModelsConfig(Section):
-    probe: str  # the model under test: open_clip:NAME@TAG | open_clip:CONFIG.json[@WEIGHTS] | hf:ID_OR_DIR | py:module:factory
+    probe: str  # the model under test: open_clip:NAME@TAG | open_clip:CONFIG.json[@WEIGHTS] | hf:ID_OR_DIR | py:module:factory | emb:PATH (precomputed)
     reference: str | None = None  # the visual reference model, same spec syntax (DAF needs it)
 
 
@@ -142,13 +142,21 @@ class RayConfig(Section):
 
 
 class JobConfig(Section):
-    data: DataConfig
+    data: DataConfig = DataConfig()
     models: ModelsConfig
     output: str  # the run directory (local path or s3:// gs:// URI)
     seed: int = 0  # seed for every random choice of the job
     embed: EmbedConfig = EmbedConfig()
     report: ReportConfig = ReportConfig()
     ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _corpus_or_precomputed(self) -> JobConfig:
+        precomputed = [m for m in (self.models.probe, self.models.reference) if m is not None]
+        if self.data.path is None and not (self.models.reference is not None
+                                           and all(m.startswith("emb:") for m in precomputed)):
+            raise ValueError("data.path is required unless models.probe and models.reference are both emb:PATH")
+        return self
 
 
 class DafConfig(JobConfig):

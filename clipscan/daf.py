@@ -140,9 +140,11 @@ def summarise_cases(cases: Any, cfg: DafConfig, run: Run) -> dict[str, Any]:
         failures: dict[str, Any] = {"backend": "off", "types": []}
         cfs.write_json_atomic(run.path("failures.json"), failures)
         return failures
-    from clipscan.models.registry import load_encoder
+    from clipscan.models.registry import is_precomputed, load_encoder
     from clipscan.stages.summarise import summarise
 
-    encoder = load_encoder(cfg.models.probe)
-    text_encoder = encoder.embed_texts if encoder.has_text else None
+    text_encoder = None  # precomputed image embeddings come without a text tower
+    if not is_precomputed(cfg.models.probe):
+        encoder = load_encoder(cfg.models.probe)
+        text_encoder = encoder.embed_texts if encoder.has_text else None
     return summarise(cases, cfg.llm, text_encoder, run.output)

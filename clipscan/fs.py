@@ -11,6 +11,7 @@ that get joined onto; use the environment for those. Errors from a store name th
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
@@ -42,11 +43,27 @@ def resolve(path: str) -> tuple[pafs.FileSystem, str]:
         # google-cloud-cpp retries for 15 minutes by default, so a job without GCS
         # credentials would sit silent that long before failing; bound it.
         uri = f"{path}?retry_limit_seconds={int(float(os.environ.get(GCS_RETRY_ENV, GCS_RETRY_S)))}"
+    scheme, _, rest = uri.partition("://")
+    rest, query_sep, query = rest.partition("?")
+    bucket, _, key = rest.partition("/")
     try:
-        fs, inner = pafs.FileSystem.from_uri(uri)
+        fs = _store(scheme, bucket, query_sep + query, _store_env())
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as e:
         raise ValueError(f"{path}: not a usable filesystem URI ({e})") from e
-    return fs, inner
+    return fs, f"{bucket}/{key}".rstrip("/") if key else bucket
+
+
+def _store_env() -> tuple[tuple[str, str], ...]:
+    """The environment a store's configuration comes from: a changed endpoint or key gets a new filesystem."""
+    return tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(("AWS_", "GOOGLE_", "GCS_"))))
+
+
+@functools.lru_cache(maxsize=64)
+def _store(scheme: str, bucket: str, query: str, env: tuple[tuple[str, str], ...]) -> pafs.FileSystem:
+    """One filesystem per store and options per process: creating one resolves credentials and
+    region, which costs a round trip to the store or the metadata server."""
+    fs, _ = pafs.FileSystem.from_uri(f"{scheme}://{bucket}{query}")
+    return fs
 
 
 @contextlib.contextmanager

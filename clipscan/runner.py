@@ -73,9 +73,53 @@ def configure_data_context() -> None:
 def embed_corpus(run: Run, cfg: JobConfig, models: dict[str, str]) -> dict[str, Any]:
     """Read the corpus, embed it with ``models`` ({name: spec}), write embeddings/corpus/skips into the run.
 
+    ``emb:PATH`` models are not embedded: their vectors are read from PATH and joined on id
+    with the others (``stages.vectors``); ids that one model lacks are skipped with the
+    reason. Afterwards ``embeddings/<name>/`` holds the same ids for every model.
     Resumes: input shards whose outputs an earlier run of the same config finished, or
     whose rows the killed run had all written, are not computed again.
     """
+    from clipscan.models.registry import is_precomputed
+
+    computed = {n: s for n, s in models.items() if not is_precomputed(s)}
+    if len(computed) == len(models):
+        return _embed_computed(run, cfg, computed, run.output)
+    staging = run.path("_embedded")  # the embed stage's own parts, joined below into the run's
+    counts = _embed_computed(run, cfg, computed, staging) if computed else {}
+    with run.stage("vectors") as facts:
+        joined = _join_vectors(run, cfg, models, staging)
+        facts.update(rows=joined["embedded"], skipped=joined["skipped"], renormalised=joined["renormalised"])
+    skipped_before = counts.get("skipped", 0)
+    counts.update(embedded=joined["embedded"], skipped=skipped_before + joined["skipped"],
+                  read=joined["embedded"] + skipped_before + joined["skipped"],
+                  renormalised=joined["renormalised"])
+    from clipscan.stages import embed
+
+    counts["skipped_by_stage"] = embed.write_skipped(run.path("skipped.parquet"),
+                                                     [cfs.join(staging, "skipped"), run.path("skipped")])
+    if computed:
+        cfs.remove_tree(staging)
+    run.count(**{k: v for k, v in counts.items() if k not in ("nodes", "shards", "shards_reused")})
+    return counts
+
+
+def _join_vectors(run: Run, cfg: JobConfig, models: dict[str, str], staging: str) -> dict[str, Any]:
+    """Join every model's vectors on id in the pipeline; write the run's parts (``embed.PairSink``)."""
+    from clipscan.stages import embed
+    from clipscan.stages.vectors import paired_vectors
+
+    for folder in ("embeddings", "corpus", "skipped"):
+        cfs.remove_tree(run.path(folder))  # a rerun writes them again whole
+    configure_data_context()
+    ds = paired_vectors(staging, models, rows_per_block=cfg.data.rows_per_block)
+    probe, reference = models
+    sink = embed.PairSink(run.output, (probe, reference))
+    ds.write_datasink(sink)
+    return dict(sink.counts)
+
+
+def _embed_computed(run: Run, cfg: JobConfig, models: dict[str, str], out_dir: str) -> dict[str, Any]:
+    """Embed the corpus with models that have an encoder; parts go under ``out_dir``."""
     from clipscan.data.read import read_corpus
     from clipscan.stages import embed
 
@@ -83,7 +127,7 @@ def embed_corpus(run: Run, cfg: JobConfig, models: dict[str, str]) -> dict[str, 
     names = list(models)
 
     def done_shards(shard_rows: dict[int, int]) -> set[int]:
-        collected = embed.finished_shards(run.output, shard_rows, names)
+        collected = embed.finished_shards(out_dir, shard_rows, names)
         return collected | embed.complete_shards(raw, shard_rows, keep=collected)
 
     with run.stage("read") as facts:
@@ -96,7 +140,7 @@ def embed_corpus(run: Run, cfg: JobConfig, models: dict[str, str]) -> dict[str, 
             built = embed.build_embed(ds, models, cfg.data, cfg.embed)
             with Progress("embed", lambda: embed.rows_written(raw), total):
                 built.write_datasink(embed.ShardSink(raw), ray_remote_args={"num_cpus": embed.IO_CPUS})
-        counts = embed.collect(raw, run.output, names, info["shard_rows"])
+        counts = embed.collect(raw, out_dir, names, info["shard_rows"])
         cfs.remove_tree(raw)
         facts.update(rows_read=counts["read"], rows_embedded=counts["embedded"], rows_skipped=counts["skipped"],
                      shards=counts["shards"], shards_reused=counts["shards_reused"], nodes=counts["nodes"])
@@ -153,11 +197,11 @@ class Progress:
 
 def ensure_corpus(cfg: JobConfig) -> None:
     """Generate the scene corpus at ``data.path`` when ``data.generate`` asks and it is missing."""
-    if cfg.data.generate is None or cfg.data.format not in ("auto", "manifest") or cfs.exists(cfg.data.path):
+    root = cfg.data.path
+    if root is None or cfg.data.generate is None or cfg.data.format not in ("auto", "manifest") or cfs.exists(root):
         return
     from clipscan.data.scenes import write_corpus
 
-    root = cfg.data.path
     if cfs.is_uri(root):
         raise ValueError(f"{root} does not exist and data.generate writes to local disk only; "
                          "generate locally and upload it, or set data.generate=null")

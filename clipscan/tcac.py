@@ -142,9 +142,9 @@ def caption_rows(data: DataConfig, ds: ray.data.Dataset) -> pa.Table:
     Flickr8k, COCO and manifests are parsed again (metadata only); WebDataset shards are
     read once more through ``ds`` without their image bytes.
     """
-    from clipscan.data.read import detect_format, read_table
+    from clipscan.data.read import corpus_path, detect_format, read_table
 
-    fmt = data.format if data.format != "auto" else detect_format(data.path)
+    fmt = data.format if data.format != "auto" else detect_format(corpus_path(data))
     if fmt != "webdataset":
         return read_table(data)[0].select(["id", "captions", "skip_stage"])
     import ray

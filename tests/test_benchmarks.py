@@ -87,3 +87,12 @@ def test_plain_script_baseline(tmp_path: Path) -> None:
                  "--batch", "8")
     result = json.loads(out.strip().splitlines()[-1])
     assert result["images"] == 24 and 0 <= result["mean_overlap"] <= 10 and result["wall_s"] > 0
+
+
+@pytest.mark.slow
+def test_scale_benchmark_precomputed(tmp_path: Path) -> None:
+    out = _bench("benchmarks/scale.py", "--precomputed", "--sizes", "1000,2000", "--rows-per-file", "600",
+                 "--stop-after", "vectors", "--cpus", "2", "--work", str(tmp_path))
+    assert "driver peak RSS (VmHWM)" in out and "largest worker VmHWM" in out and "driver peak ratio" in out
+    joined = next(line for line in out.splitlines() if line.startswith("rows joined")).split()[2:]
+    assert joined == ["999", "1,998"], out  # every 1,000th id is missing from the reference

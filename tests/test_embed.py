@@ -99,3 +99,22 @@ def test_pipeline_matches_direct_embedding(tmp_path: Path, scene_corpus: str, ra
     pixels = np.stack([decode_image(Path(u).read_bytes(), 48, 10**8)[0] for u in uris[:6]])
     want = load_encoder(TINY_REFERENCE).embed_images(pixels)
     np.testing.assert_allclose(x[:6], want, atol=1e-4)
+
+
+def test_all_skipped_batch_keeps_the_embedding_width() -> None:
+    import pyarrow as pa
+
+    stage = Embed({"probe": TINY_PROBE, "reference": TINY_REFERENCE})
+    batch = {
+        "id": np.array(["a", "b"], dtype=object), "uri": np.array(["", ""], dtype=object),
+        "skip_stage": np.array(["decode", "decode"], dtype=object),
+        "skip_reason": np.array(["zero-byte file"] * 2, dtype=object),
+        "pixels": np.zeros((2, 48, 48, 3), dtype=np.uint8),
+    }
+    skipped = stage(batch)
+    batch["skip_stage"] = np.array(["", ""], dtype=object)
+    embedded = stage(batch)
+    for name in ("emb_probe", "emb_reference"):
+        assert skipped.column(name).null_count == 2
+        assert skipped.schema.field(name).type == embedded.schema.field(name).type
+    pa.concat_tables([skipped, embedded])  # parts of one shard concatenate

@@ -41,6 +41,7 @@ ROW_SCHEMA = pa.schema(
         ("row", pa.int32()),  # row within its shard
     ]
 )
+READ_BLOCK_ROWS = 1024  # rows per Ray block of the corpus rows; shards (data.rows_per_block) hold many blocks
 MANIFEST_NAMES = ("manifest.parquet", "manifest.jsonl", "manifest.csv")
 FLICKR_CAPTIONS = ("captions.txt", "Flickr8k.token.txt")
 FLICKR_IMAGE_DIRS = ("Images", "images", "Flicker8k_Dataset", "Flickr8k_Dataset")
@@ -288,12 +289,21 @@ def rows_to_table(rows: list[RawRow], caption: str, rows_per_block: int | None =
     return pa.table(cols, schema=ROW_SCHEMA)
 
 
+def corpus_path(cfg: DataConfig) -> str:
+    """``data.path``, which a job that reads images needs (only an all-``emb:`` DAF run leaves it out)."""
+    if cfg.path is None:
+        raise CorpusError("data.path is not set: this job reads the corpus (only DAF with both models emb: "
+                          "runs without one)")
+    return cfg.path
+
+
 def read_table(cfg: DataConfig) -> tuple[pa.Table, dict[str, Any]]:
     """Parse a Flickr8k, COCO or manifest corpus into the row table (driver side, metadata only)."""
-    fmt = cfg.format if cfg.format != "auto" else detect_format(cfg.path)
+    path = corpus_path(cfg)
+    fmt = cfg.format if cfg.format != "auto" else detect_format(path)
     if fmt not in READERS:
         raise CorpusError(f"format {fmt!r} is not read into a table; use read_corpus")
-    rows, counts = READERS[fmt](cfg.path, cfg.images)
+    rows, counts = READERS[fmt](path, cfg.images)
     if cfg.limit is not None:
         rows = rows[: cfg.limit]
     return rows_to_table(rows, cfg.caption, cfg.rows_per_block), {"format": fmt, **counts}
@@ -368,9 +378,10 @@ def read_corpus(
     """
     import ray.data
 
-    fmt = cfg.format if cfg.format != "auto" else detect_format(cfg.path)
+    path = corpus_path(cfg)
+    fmt = cfg.format if cfg.format != "auto" else detect_format(path)
     if fmt == "webdataset":
-        shards = expand_shards(cfg.path)
+        shards = expand_shards(path)
         fsys = cfs.resolve(shards[0])[0]
         # short I/O tasks: the encoder actors hold all but a sliver of each CPU node
         ds = ray.data.read_webdataset([cfs.resolve(s)[1] for s in shards], filesystem=fsys, decoder=None,
@@ -390,4 +401,6 @@ def read_corpus(
     done = done_shards(shard_rows) if done_shards is not None else set()
     todo = [table.slice(s * step, n) for s, n in shard_rows.items() if s not in done]
     info.update(shard_rows=shard_rows, todo_shards=len(todo))
-    return ray.data.from_arrow(todo or [table.slice(0, 0)]), info
+    # a shard (the resume unit) is large; its Ray blocks are not, so decode spreads over tasks
+    blocks = [t.slice(i, READ_BLOCK_ROWS) for t in todo for i in range(0, t.num_rows, READ_BLOCK_ROWS)]
+    return ray.data.from_arrow(blocks or [table.slice(0, 0)]), info

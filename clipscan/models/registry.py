@@ -8,6 +8,9 @@ Specs:
   ``hf:tiny-dinov2``                   a config shipped in ``clipscan/models/configs``
   ``py:module:factory``                ``factory()`` returns an object with ``embed_images``
                                        (list[PIL.Image] -> (n, d)) and optionally ``embed_texts``
+  ``emb:PATH``                         precomputed embeddings (clip-retrieval's ``img_emb/`` +
+                                       ``metadata/`` layout, or Parquet with ``id``, ``embedding``);
+                                       no encoder: ``clipscan.data.precomputed`` reads them
 """
 
 from __future__ import annotations
@@ -36,8 +39,8 @@ class ModelLoadError(RuntimeError):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    kind: str  # open_clip | hf | py
-    name: str  # model name, config path, hub id / dir, or module:factory
+    kind: str  # open_clip | hf | py | emb
+    name: str  # model name, config path, hub id / dir, module:factory, or the embeddings' path
     weights: str | None = None  # pretrained tag or weights path (open_clip only)
 
     def __str__(self) -> str:
@@ -47,17 +50,24 @@ class ModelSpec:
 def parse_spec(spec: str) -> ModelSpec:
     """``"open_clip:ViT-B-32@laion2b_s34b_b79k"`` -> ``ModelSpec("open_clip", "ViT-B-32", "laion2b_s34b_b79k")``."""
     kind, sep, rest = spec.partition(":")
-    if not sep or not rest or kind not in ("open_clip", "hf", "py"):
+    if not sep or not rest or kind not in ("open_clip", "hf", "py", "emb"):
         raise ModelLoadError(
             f"model spec {spec!r} is not one of open_clip:NAME@PRETRAINED, "
-            "open_clip:CONFIG.json[@WEIGHTS], hf:ID_OR_DIR, py:module:factory"
+            "open_clip:CONFIG.json[@WEIGHTS], hf:ID_OR_DIR, py:module:factory, emb:PATH"
         )
+    if kind == "emb":
+        return ModelSpec(kind, rest)  # a path or URI; "@" and ":" are part of it
     if kind == "open_clip" and "@" in rest:
         name, weights = rest.split("@", 1)
         return ModelSpec(kind, name, weights or None)
     if kind == "py" and ":" not in rest:
         raise ModelLoadError(f"model spec {spec!r}: py: needs module:factory")
     return ModelSpec(kind, rest)
+
+
+def is_precomputed(spec: str | None) -> bool:
+    """True for an ``emb:PATH`` spec: embeddings read from PATH, no encoder to load or run."""
+    return spec is not None and spec.startswith("emb:") and len(spec) > len("emb:")
 
 
 def shipped_config(name: str) -> Path | None:
@@ -348,6 +358,9 @@ def load_encoder(spec: str, device: str = "cpu", precision: str = "auto") -> Enc
     seed, so every actor of a job, and every run, holds the same random weights.
     """
     parsed = parse_spec(spec)
+    if parsed.kind == "emb":
+        raise ModelLoadError(f"model spec {spec!r}: emb: names precomputed embeddings; there is no encoder "
+                             "to load (images and texts cannot be embedded with it)")
     if parsed.kind == "py":
         return PyEncoder(parsed)
     import torch

@@ -64,7 +64,16 @@ class Embed:
         if device == "cpu":
             torch.set_num_threads(threads or os.cpu_count() or 1)
         self.encoders = {name: load_encoder(spec, device, precision) for name, spec in models.items()}
+        self.dims: dict[str, int] = {}  # embedding width per model, learnt from the first batch it embeds
         self.node = _node_id()
+
+    def dim(self, name: str, pixels: np.ndarray) -> int:
+        """Model ``name``'s embedding width: known from an earlier batch, else from one blank image."""
+        if name not in self.dims:
+            side = pixels.shape[1:3] if pixels.ndim == 4 else (32, 32)
+            blank = np.zeros((1, *side, 3), dtype=np.uint8)
+            self.dims[name] = int(self.encoders[name].embed_images(blank).shape[1])
+        return self.dims[name]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         require(batch, self.needs, "embed")
@@ -74,7 +83,9 @@ class Embed:
         columns["embed_node"] = pa.array([self.node] * len(ok), pa.string())
         for name, encoder in self.encoders.items():
             emb = encoder.embed_images(batch["pixels"][keep]) if len(keep) else None
-            d = emb.shape[1] if emb is not None else 1
+            if emb is not None:
+                self.dims[name] = emb.shape[1]
+            d = emb.shape[1] if emb is not None else self.dim(name, batch["pixels"])
             full = np.zeros((len(ok), d), dtype=np.float32)
             if emb is not None:
                 full[keep] = emb
@@ -353,70 +364,107 @@ def finished_shards(out_dir: str, shard_rows: dict[int, int], models: list[str])
 
 
 def collect(raw_dir: str, out_dir: str, models: list[str], shard_rows: dict[int, int]) -> dict[str, Any]:
-    """Turn the sink's pieces into per-shard outputs; reuse shards an earlier run collected.
+    """Turn the sink's pieces into per-shard outputs, one Ray task per shard; reuse shards an earlier run collected.
 
-    For every shard writes ``embeddings/<model>/part-NNNNN.parquet`` (``id``, ``embedding``),
-    ``corpus/part-NNNNN.parquet`` (``id``, ``uri``, ``caption``, ``captions``) and
-    ``skipped/part-NNNNN.parquet``, then ``skipped.parquet`` (``id``, ``uri``, ``stage``,
-    ``reason``) over all shards. A later row whose id was already seen is skipped as a
-    duplicate. Raises if a shard's rows are incomplete. Returns row counts.
+    For every shard ``collect_shard`` writes ``embeddings/<model>/part-NNNNN.parquet``
+    (``id``, ``embedding``), ``corpus/part-NNNNN.parquet`` (``id``, ``uri``, ``caption``,
+    ``captions``) and ``skipped/part-NNNNN.parquet``; then ``skipped.parquet`` (``id``,
+    ``uri``, ``stage``, ``reason``) is streamed from those parts. The driver holds the
+    listing and per-shard counts only. Raises if a shard's rows are incomplete. Returns
+    row counts.
     """
+    import ray
+
     pieces = shard_pieces(raw_dir)
     done = finished_shards(out_dir, shard_rows, models)
     names = sorted(set(pieces) | {f"shard-{s:05d}" for s in shard_rows})
-    seen: set[str] = set()
-    skipped: list[pa.Table] = []
     counts: dict[str, Any] = {"read": 0, "embedded": 0, "skipped": 0, "converted": {}, "nodes": {},
                               "shards": len(names), "shards_reused": 0}
+    units: list[tuple[str, list[str], int | None]] = []
     for name in names:
-        shard = int(name.split("-")[1]) if name != "shard-unnumbered" else None
-        out_name = f"part-{shard:05d}.parquet" if shard is not None else "part-unnumbered.parquet"
-        if shard is not None and shard in done:
-            corpus = cfs.read_parquet(cfs.join(out_dir, "corpus", out_name))
-            skip = cfs.read_parquet(cfs.join(out_dir, "skipped", out_name))
-            seen.update(corpus.column("id").to_pylist())
-            skipped.append(skip)
-            counts["read"] += corpus.num_rows + skip.num_rows
-            counts["embedded"] += corpus.num_rows
+        if name == "shard-unnumbered":  # WebDataset rows: one unit per piece the sink wrote
+            units += [(f"part-u{i:05d}.parquet", [p], None) for i, p in enumerate(pieces[name])]
+            continue
+        shard = int(name.split("-")[1])
+        out_name = f"part-{shard:05d}.parquet"
+        if shard in done:
+            embedded, skipped = (_num_rows(cfs.join(out_dir, d, out_name)) for d in ("corpus", "skipped"))
+            counts["read"] += embedded + skipped
+            counts["embedded"] += embedded
             counts["shards_reused"] += 1
             continue
         paths = pieces.get(name, [])
-        if shard is not None and len(rows_covered(paths)) != shard_rows.get(shard, -1):
+        if len(rows_covered(paths)) != shard_rows.get(shard, -1):
             raise RuntimeError(f"{name}: {len(rows_covered(paths))} of {shard_rows.get(shard)} rows were written")
-        if not paths:
-            continue
-        table = pa.concat_tables([_read_piece(p) for p in paths])
-        if shard is not None:
-            _, first = np.unique(np.asarray(table.column("row")), return_index=True)
-            table = table.take(pa.array(first))  # a piece written twice by a retried task counts once
-        table, skip = _split(table, seen)
-        counts["read"] += table.num_rows + skip.num_rows
-        counts["embedded"] += table.num_rows
-        for note in table.column("notes").to_pylist():
-            for item in (note or "").split(","):
-                if item:
-                    counts["converted"][item] = counts["converted"].get(item, 0) + 1
-        for node in ("decode_node", "embed_node"):
-            for value in set(table.column(node).to_pylist()) if node in table.column_names else ():
-                counts["nodes"].setdefault(node.split("_")[0], set()).add(value)
-        for model in models:
-            cfs.write_parquet_atomic(
-                cfs.join(out_dir, "embeddings", model, out_name),
-                pa.table({"id": table.column("id"), "embedding": table.column(f"emb_{model}")}),
-            )
-        cfs.write_parquet_atomic(
-            cfs.join(out_dir, "corpus", out_name),
-            table.select([c for c in ("id", "uri", "caption", "captions") if c in table.column_names]),
-        )
-        cfs.write_parquet_atomic(cfs.join(out_dir, "skipped", out_name), skip)
-        skipped.append(skip)
-    all_skipped = pa.concat_tables(skipped).cast(SKIPPED_SCHEMA) if skipped else SKIPPED_SCHEMA.empty_table()
-    counts["skipped"] = all_skipped.num_rows
-    stages = all_skipped.column("stage").to_pylist()
-    counts["skipped_by_stage"] = {s: stages.count(s) for s in sorted(set(stages))}
-    counts["nodes"] = {k: len(v) for k, v in counts["nodes"].items()}
-    cfs.write_parquet_atomic(cfs.join(out_dir, "skipped.parquet"), all_skipped)
+        units.append((out_name, paths, shard))
+    task = ray.remote(num_cpus=0.5, max_retries=3)(collect_shard) if ray.is_initialized() else None
+    if task is not None:
+        refs = [task.remote(paths, out_dir, out_name, models) for out_name, paths, _ in units]
+        results = _gather(refs)
+    else:
+        results = [collect_shard(paths, out_dir, out_name, models) for out_name, paths, _ in units]
+    nodes: dict[str, set[str]] = {}
+    for got in results:
+        counts["read"] += got["read"]
+        counts["embedded"] += got["embedded"]
+        for item, n in got["converted"].items():
+            counts["converted"][item] = counts["converted"].get(item, 0) + n
+        for kind, values in got["nodes"].items():
+            nodes.setdefault(kind, set()).update(values)
+    by_stage = write_skipped(cfs.join(out_dir, "skipped.parquet"), [cfs.join(out_dir, "skipped")])
+    counts["skipped"] = sum(by_stage.values())
+    counts["skipped_by_stage"] = by_stage
+    counts["nodes"] = {k: len(v) for k, v in nodes.items()}
     return counts
+
+
+def _gather(refs: list[Any], window: int = 64) -> list[dict[str, Any]]:
+    """Results of the tasks in order, at most ``window`` awaited at once (each result is a few counts)."""
+    import ray
+
+    return [r for i in range(0, len(refs), window) for r in ray.get(refs[i : i + window])]
+
+
+def _num_rows(path: str) -> int:
+    import pyarrow.parquet as pq
+
+    fsys, inner = cfs.resolve(path)
+    with cfs.named(path):
+        return int(pq.ParquetFile(fsys.open_input_file(inner)).metadata.num_rows)
+
+
+def collect_shard(paths: list[str], out_dir: str, out_name: str, models: list[str]) -> dict[str, Any]:
+    """One shard's sink pieces -> its ``embeddings/<model>/``, ``corpus/``, ``skipped/`` parts named out_name.
+
+    A row the sink wrote twice (a retried task) counts once; a later row with an id seen
+    earlier in the shard is skipped as a duplicate. Returns the shard's counts.
+    """
+    if not paths:
+        return {"read": 0, "embedded": 0, "converted": {}, "nodes": {}}
+    table = pa.concat_tables([_read_piece(p) for p in paths])
+    if int(table.column("shard")[0].as_py()) >= 0:
+        _, first = np.unique(np.asarray(table.column("row")), return_index=True)
+        table = table.take(pa.array(first))  # a piece written twice by a retried task counts once
+    table, skip = _split(table, set())
+    converted: dict[str, int] = {}
+    for note in table.column("notes").to_pylist():
+        for item in (note or "").split(","):
+            if item:
+                converted[item] = converted.get(item, 0) + 1
+    nodes = {node.split("_")[0]: sorted(set(table.column(node).to_pylist()))
+             for node in ("decode_node", "embed_node") if node in table.column_names}
+    for model in models:
+        cfs.write_parquet_atomic(
+            cfs.join(out_dir, "embeddings", model, out_name),
+            pa.table({"id": table.column("id"), "embedding": table.column(f"emb_{model}")}),
+        )
+    cfs.write_parquet_atomic(
+        cfs.join(out_dir, "corpus", out_name),
+        table.select([c for c in ("id", "uri", "caption", "captions") if c in table.column_names]),
+    )
+    cfs.write_parquet_atomic(cfs.join(out_dir, "skipped", out_name), skip)
+    return {"read": table.num_rows + skip.num_rows, "embedded": table.num_rows, "converted": converted,
+            "nodes": nodes}
 
 
 def _read_piece(path: str) -> pa.Table:
@@ -458,3 +506,86 @@ def load_corpus(run_dir: str) -> pa.Table:
     """The embedded rows' ``id``, ``uri``, ``caption``, ``captions``, sorted by id."""
     table = cfs.read_parquet(cfs.join(run_dir, "corpus"))
     return table.sort_by("id")
+
+
+class PairSink:
+    """Ray Data sink: settled rows of ``stages.vectors.paired_vectors`` in, the run's parts out.
+
+    Each write task writes ``embeddings/<model>/part-jNNNNNN.parquet`` (``id``, ``embedding``)
+    for every model, ``corpus/part-jNNNNNN.parquet`` (``id``, ``uri``, ``caption``,
+    ``captions``, ``url``) for the rows both models have, and ``skipped/part-jNNNNNN.parquet``
+    for the rest, named by its task index so a retried task rewrites its own files. The
+    driver keeps only the per-task counts (``counts`` after the write).
+    """
+
+    def __new__(cls, root: str, names: tuple[str, str]) -> Any:
+        from ray.data import Datasink
+
+        class _Sink(Datasink):  # type: ignore[misc,type-arg]
+            def __init__(self) -> None:
+                self.counts: dict[str, Any] = {"embedded": 0, "skipped": 0, "renormalised": dict.fromkeys(names, 0)}
+
+            def write(self, blocks: Any, ctx: Any) -> dict[str, Any]:
+                from ray.data.block import BlockAccessor
+
+                from clipscan.stages.vectors import skips, usable
+
+                tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
+                tables = [t for t in tables if t.num_rows]
+                if not tables:
+                    return {"embedded": 0, "skipped": 0, "renormalised": {}}
+                table = pa.concat_tables(tables)
+                name = f"part-j{ctx.task_idx:06d}.parquet"
+                ok = usable(table, names)
+                bad = skips(table)
+                for model in names:
+                    cfs.write_parquet_atomic(cfs.join(root, "embeddings", model, name),
+                                             pa.table({"id": ok.column("id"), "embedding": ok.column(model)}))
+                captions = pa.array([[c] for c in ok.column("caption").to_pylist()], pa.list_(pa.string()))
+                cfs.write_parquet_atomic(cfs.join(root, "corpus", name), pa.table({
+                    "id": ok.column("id"), "uri": ok.column("uri"), "caption": ok.column("caption"),
+                    "captions": captions, "url": ok.column("url")}))
+                cfs.write_parquet_atomic(cfs.join(root, "skipped", name), bad)
+                renorm = {m: int(np.asarray(table.column(f"renormalised_{m}")).sum()) for m in names}
+                return {"embedded": ok.num_rows, "skipped": bad.num_rows, "renormalised": renorm}
+
+            def on_write_complete(self, write_result: Any) -> None:
+                for got in write_result.write_returns:
+                    self.counts["embedded"] += got["embedded"]
+                    self.counts["skipped"] += got["skipped"]
+                    for m, n in got["renormalised"].items():
+                        self.counts["renormalised"][m] += n
+
+            def get_name(self) -> str:
+                return "ClipscanPairs"
+
+        return _Sink()
+
+
+def write_skipped(path: str, part_dirs: list[str]) -> dict[str, int]:
+    """Stream every ``skipped/part-*.parquet`` under ``part_dirs`` into one ``skipped.parquet`` at path.
+
+    One part in memory at a time. Returns the count per stage.
+    """
+    import uuid
+
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    by_stage: dict[str, int] = {}
+    fsys, inner = cfs.resolve(path)
+    tmp = inner if cfs.is_uri(path) else f"{inner}.tmp-{uuid.uuid4().hex[:8]}"  # object stores: one upload
+    if not cfs.is_uri(path):
+        os.makedirs(os.path.dirname(inner), exist_ok=True)
+    with cfs.named(path), fsys.open_output_stream(tmp) as out, \
+            pq.ParquetWriter(out, SKIPPED_SCHEMA, compression="zstd") as writer:
+        for part_dir in part_dirs:
+            for part in cfs.list_files(part_dir, ".parquet", recursive=False):
+                table = _read_piece(part).cast(SKIPPED_SCHEMA)
+                for stage in table.column("stage").unique().to_pylist():
+                    n = int(pc.sum(pc.equal(table.column("stage"), stage)).as_py() or 0)
+                    by_stage[stage] = by_stage.get(stage, 0) + n
+                writer.write_table(table)
+    if tmp != inner:
+        os.replace(tmp, inner)
+    return dict(sorted(by_stage.items()))
