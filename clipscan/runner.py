@@ -76,26 +76,38 @@ def embed_corpus(run: Run, cfg: JobConfig, models: dict[str, str]) -> dict[str, 
     Resumes: input shards whose outputs an earlier run of the same config finished, or
     whose rows the killed run had all written, are not computed again.
     """
-    from clipscan.data.read import read_corpus
+    from clipscan.data.read import read_corpus, recorded_shard_rows
     from clipscan.stages import embed
 
     raw = run.path("_rows")
+    records = run.path("inputs")
     names = list(models)
 
     def done_shards(shard_rows: dict[int, int]) -> set[int]:
         collected = embed.finished_shards(run.output, shard_rows, names)
         return collected | embed.complete_shards(raw, shard_rows, keep=collected)
 
+    def forget(shard: int) -> None:  # the input of this shard changed since an earlier run wrote it
+        part = f"part-{shard:05d}.parquet"
+        for path in [cfs.join(run.output, "embeddings", m, part) for m in names] + [
+                cfs.join(run.output, d, part) for d in ("corpus", "skipped")]:
+            if cfs.exists(path):
+                fsys, inner = cfs.resolve(path)
+                fsys.delete_file(inner)
+        cfs.remove_tree(cfs.join(raw, f"shard-{shard:05d}"))
+
     with run.stage("read") as facts:
-        ds, info = read_corpus(cfg.data, done_shards)
-        facts.update({k: v for k, v in info.items() if k != "shard_rows"}, shards=len(info["shard_rows"]))
-    total = sum(info["shard_rows"].values()) or None
+        ds, info = read_corpus(cfg.data, done_shards, records=records, forget=forget)
+        facts.update({k: v for k, v in info.items() if k not in ("shard_rows", "sources")})
+    total = None if info["format"] == "webdataset" else sum(info["shard_rows"].values()) or None
     with run.stage("embed") as facts:
         if info["todo_shards"]:
             configure_data_context()
             built = embed.build_embed(ds, models, cfg.data, cfg.embed)
             with Progress("embed", lambda: embed.rows_written(raw), total):
                 built.write_datasink(embed.ShardSink(raw))
+        if info.get("numbered"):  # WebDataset: the readers recorded each shard's row count as they read it
+            info["shard_rows"] = recorded_shard_rows(records, info["sources"])[0]
         counts = embed.collect(raw, run.output, names, info["shard_rows"])
         cfs.remove_tree(raw)
         facts.update(rows_read=counts["read"], rows_embedded=counts["embedded"], rows_skipped=counts["skipped"],
@@ -170,5 +182,9 @@ def ensure_corpus(cfg: JobConfig) -> None:
 
 
 def fail(message: str) -> int:
+    """Print the one-line error and record it in any run of this process still marked running."""
+    from clipscan.rundir import fail_open_runs
+
+    fail_open_runs(message)
     print(f"error: {message}", file=sys.stderr)
     return 1

@@ -21,7 +21,7 @@ def test_flickr8k(tmp_path: Path, token_format: bool) -> None:
     table, info = read_table(DataConfig(path=str(root)))
     assert table.num_rows == 6 and info["format"] == "flickr8k"
     row = table.to_pylist()[0]
-    assert row["id"] == "1000_abc" and len(row["captions"]) == 5
+    assert row["id"] == "1000_abc.jpg" and len(row["captions"]) == 5  # ids keep the extension
     assert "longer" in row["caption"]
     assert row["uri"].endswith("Images/1000_abc.jpg") and Path(row["uri"]).is_file()
 

@@ -158,7 +158,7 @@ def build_embed(
     plan = plan_resources(cluster_resources(), cfg)
     decoded = ds.map_batches(
         _decode_batch,  # type: ignore[arg-type]
-        fn_kwargs={"size": cfg.image_size, "max_pixels": data.max_pixels},
+        fn_kwargs={"size": cfg.image_size, "data": data},
         num_cpus=cfg.decode_cpus,
         batch_size=cfg.batch_size,
         batch_format="numpy",
@@ -174,8 +174,8 @@ def build_embed(
     )
 
 
-def _decode_batch(batch: dict[str, np.ndarray], size: int, max_pixels: int) -> dict[str, np.ndarray]:
-    out = Decode(size, max_pixels)(batch)
+def _decode_batch(batch: dict[str, np.ndarray], size: int, data: DataConfig) -> dict[str, np.ndarray]:
+    out = Decode.for_data(size, data)(batch)
     out["decode_node"] = np.array([_node_id()] * len(out["id"]), dtype=object)
     return out
 
