@@ -167,6 +167,8 @@ def ensure_corpus(cfg: JobConfig) -> None:
     """Generate the scene corpus at ``data.path`` when ``data.generate`` asks and it is missing."""
     if cfg.data.generate is None or cfg.data.format not in ("auto", "manifest") or cfs.exists(cfg.data.path):
         return
+    if cfg.data.format == "auto" and not cfg.data.path.endswith((".parquet", "/")) and "." in cfg.data.path.rsplit("/", 1)[-1]:
+        return  # a missing shard pattern, JSON or CSV is not where scenes go: the reader says it is missing
     from clipscan.data.scenes import write_corpus
 
     root = cfg.data.path
