@@ -330,3 +330,41 @@ def test_thumbnail_reads_a_tar_member(tmp_path: Path) -> None:
     assert Image.open(io.BytesIO(data)).size == (40, 40)
     with pytest.raises(SkipImage, match="missing file: no member"):
         read_image_bytes(f"{tmp_path}/00000.tar#nope.jpg")
+
+
+def test_resume_notices_an_edited_manifest_and_a_replaced_image(tmp_path: Path, ray_local: None) -> None:
+    import os
+
+    from clipscan.config import DafConfig, load_config
+    from clipscan.rundir import Run
+    from clipscan.runner import embed_corpus
+    from clipscan.stages.embed import load_corpus, load_embeddings
+
+    root = tmp_path / "corpus"
+    root.mkdir()
+    for i in range(12):
+        (root / f"{i:02d}.jpg").write_bytes(corpora.jpeg(i, size=40))
+    lines = ["image,caption", *[f"{i:02d}.jpg,caption {i}" for i in range(12)]]
+    (root / "manifest.csv").write_text("\n".join(lines) + "\n")
+    cfg = load_config(DafConfig, None, [f"data.path={root / 'manifest.csv'}", f"output={tmp_path / 'run'}",
+                                        f"models.probe={TINY_PROBE}", f"models.reference={TINY_REFERENCE}",
+                                        "embed.image_size=32", "data.rows_per_block=4"])
+    models = {"probe": TINY_PROBE, "reference": TINY_REFERENCE}
+
+    def embed() -> dict[str, object]:
+        return embed_corpus(Run(cfg.output, "test", cfg), cfg, models)
+
+    assert embed()["shards_reused"] == 0
+    _, before = load_embeddings(cfg.output, "probe")
+    assert embed()["shards_reused"] == 3  # nothing changed
+    lines[2] = "01.jpg,an edited caption"  # shard 0
+    (root / "manifest.csv").write_text("\n".join(lines) + "\n")
+    (root / "10.jpg").write_bytes(corpora.jpeg(99, size=40))  # shard 2: same name, other pixels
+    os.utime(root / "10.jpg", ns=(10**18, 10**18))
+    counts = embed()
+    assert counts["shards_reused"] == 1 and counts["embedded"] == 12
+    captions = dict(zip(*(load_corpus(cfg.output).column(c).to_pylist() for c in ("id", "caption")), strict=True))
+    assert captions["01.jpg"] == "an edited caption"
+    ids, after = load_embeddings(cfg.output, "probe")
+    changed = {str(i) for i, a, b in zip(ids, before, after, strict=True) if not np.allclose(a, b)}
+    assert changed == {"10.jpg"}

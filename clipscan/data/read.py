@@ -544,10 +544,81 @@ def read_corpus(
     table, info = read_table(cfg)
     step = cfg.rows_per_block
     shard_rows = {i // step: min(step, table.num_rows - i) for i in range(0, table.num_rows, step)}
+    if records is not None:
+        changed = changed_table_shards(records, table, step)
+        for shard in sorted(changed):
+            if forget is not None:
+                forget(shard)
+        info["changed_shards"] = len(changed)
     done = done_shards(shard_rows) if done_shards is not None else set()
     todo = [table.slice(s * step, n) for s, n in shard_rows.items() if s not in done]
     info.update(shard_rows=shard_rows, shards=len(shard_rows), todo_shards=len(todo))
     return ray.data.from_arrow(todo or [table.slice(0, 0)]), info
+
+
+def shard_digest(rows: pa.Table) -> str:
+    """A digest of one shard's input: its rows (id, uri, captions, skip reason) and each image file's size and mtime.
+
+    Runs where the files are (a Ray task per group of shards): one stat per image.
+    """
+    import hashlib
+    import os
+
+    h = hashlib.blake2b(digest_size=16)
+    cols = rows.select(["id", "uri", "captions", "skip_reason"]).to_pydict()
+    uris = cols["uri"]
+    stats: list[tuple[int, int]] = []
+    remote = [u for u in uris if u and cfs.is_uri(u)]
+    found: dict[str, tuple[int, int]] = {}
+    if remote:
+        fsys = cfs.resolve(remote[0])[0]
+        for uri, finfo in zip(remote, fsys.get_file_info([cfs.resolve(u)[1] for u in remote]), strict=True):
+            found[uri] = (int(finfo.size or -1), int(finfo.mtime_ns or 0))
+    for uri in uris:
+        if uri in found:
+            stats.append(found[uri])
+            continue
+        try:
+            st = os.stat(uri) if uri else None
+            stats.append((st.st_size, st.st_mtime_ns) if st is not None else (-1, 0))
+        except OSError:
+            stats.append((-1, 0))
+    h.update(json.dumps([cols["id"], uris, cols["captions"], cols["skip_reason"], stats]).encode())
+    return h.hexdigest()
+
+
+def _digest_group(pieces: list[tuple[int, pa.Table]]) -> list[tuple[int, str]]:
+    return [(shard, shard_digest(rows)) for shard, rows in pieces]
+
+
+def table_digests(table: pa.Table, step: int, group: int = 64) -> dict[int, str]:
+    """``shard_digest`` of every shard of the row table, computed in Ray tasks of ``group`` shards each."""
+    import ray
+
+    task = ray.remote(num_cpus=0.25)(_digest_group)
+    starts = list(range(0, table.num_rows, step))
+    refs = [task.remote([(i // step, table.slice(i, step)) for i in starts[g : g + group]])
+            for g in range(0, len(starts), group)]
+    return {shard: digest for ref in refs for shard, digest in ray.get(ref)}
+
+
+def changed_table_shards(records: str, table: pa.Table, step: int) -> set[int]:
+    """Shards whose input differs from what ``records/table.json`` says an earlier run read; records the new digests.
+
+    An edited manifest (a caption, a path) or a replaced image file (another size or
+    modification time) changes its shard's digest.
+    """
+    path = cfs.join(records, "table.json")
+    now = table_digests(table, step)
+    before: dict[str, str] = {}
+    if cfs.exists(path):
+        try:
+            before = dict(json.loads(cfs.read_bytes(path)).get("shards", {}))
+        except (ValueError, OSError, AttributeError):
+            before = {}
+    changed = {s for s, d in now.items() if str(s) in before and before[str(s)] != d}
+    cfs.write_json_atomic(path, {"rows_per_block": step, "shards": {str(s): d for s, d in sorted(now.items())}})
+    return changed
 
 
 def _unnumbered(table: pa.Table) -> pa.Table:
