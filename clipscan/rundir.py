@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime as dt
 import json
@@ -139,6 +140,12 @@ class Run:
 
 
 _OPEN: weakref.WeakSet[Run] = weakref.WeakSet()
+
+
+@atexit.register
+def _fail_unfinished() -> None:
+    """A process that ends with a run neither finished nor failed (SystemExit from SIGTERM) records why."""
+    fail_open_runs("the job process exited before the run finished")
 
 
 def fail_open_runs(reason: str) -> None:

@@ -131,6 +131,7 @@ class Progress:
         self.stage, self.done, self.total, self.interval_s = stage, done, total, interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+        self._logged = False
 
     def __enter__(self) -> Progress:
         import time
@@ -142,6 +143,13 @@ class Progress:
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        if exc[0] is None and not sys.stderr.isatty() and not self._logged:
+            try:  # a stage shorter than the interval still says how much it did and how fast
+                log.info(self.line())
+            except Exception:
+                pass
 
     def line(self) -> str:
         import time
@@ -159,6 +167,7 @@ class Progress:
         while not self._stop.wait(self.interval_s):
             try:
                 log.info(self.line())
+                self._logged = True
             except Exception:  # progress is best effort; the stage's own errors surface elsewhere
                 continue
 

@@ -108,3 +108,13 @@ def test_pipeline_matches_direct_embedding(tmp_path: Path, scene_corpus: str, ra
     pixels = np.stack([decode_image(Path(u).read_bytes(), 48, 10**8)[0] for u in uris[:6]])
     want = load_encoder(TINY_REFERENCE).embed_images(pixels)
     np.testing.assert_allclose(x[:6], want, atol=1e-4)
+
+
+def test_progress_logs_a_line_for_a_stage_shorter_than_its_interval(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from clipscan.runner import Progress
+
+    with caplog.at_level(logging.INFO, logger="clipscan"), Progress("embed", lambda: 5, 10, interval_s=60):
+        pass
+    assert [r.getMessage().split(",")[0] for r in caplog.records] == ["embed: 5/10 rows (50%)"]

@@ -458,6 +458,11 @@ class Decode:
             except SkipImage as e:
                 stage[i], reason[i] = "decode", str(e)
         out = {k: v for k, v in batch.items() if k != "image_bytes"}
+        if "captions" in out:  # lists, not ragged string arrays: Ray then writes list<string>, not pickles
+            captions = np.empty(n, dtype=object)
+            for i, c in enumerate(out["captions"]):
+                captions[i] = [] if c is None else [str(x) for x in c]
+            out["captions"] = captions
         out.update(
             pixels=pixels,
             skip_stage=np.array(stage, dtype=object),
