@@ -110,11 +110,22 @@ def test_pipeline_matches_direct_embedding(tmp_path: Path, scene_corpus: str, ra
     np.testing.assert_allclose(x[:6], want, atol=1e-4)
 
 
-def test_progress_logs_a_line_for_a_stage_shorter_than_its_interval(caplog: pytest.LogCaptureFixture) -> None:
+def test_progress_logs_a_line_for_a_stage_shorter_than_its_interval() -> None:
     import logging
 
     from clipscan.runner import Progress
 
-    with caplog.at_level(logging.INFO, logger="clipscan"), Progress("embed", lambda: 5, 10, interval_s=60):
-        pass
-    assert [r.getMessage().split(",")[0] for r in caplog.records] == ["embed: 5/10 rows (50%)"]
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("clipscan")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        with Progress("embed", lambda: 5, 10, interval_s=60):
+            pass
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert [line.split(",")[0] for line in lines] == ["embed: 5/10 rows (50%)"]
