@@ -368,3 +368,24 @@ def test_resume_notices_an_edited_manifest_and_a_replaced_image(tmp_path: Path, 
     ids, after = load_embeddings(cfg.output, "probe")
     changed = {str(i) for i, a, b in zip(ids, before, after, strict=True) if not np.allclose(a, b)}
     assert changed == {"10.jpg"}
+
+
+def test_files_larger_than_the_decoder_may_hold_are_not_read(tmp_path: Path) -> None:
+    from clipscan.data.read import _wds_samples, wds_sample_row
+
+    big = tmp_path / "big.jpg"
+    big.write_bytes(corpora.jpeg(0) + bytes(300 * MiB))
+    stage = Decode(16, 10**8, memory_mb=256)
+    out = stage({"id": np.array(["big"], dtype=object), "uri": np.array([str(big)], dtype=object),
+                 "skip_stage": np.array([""], dtype=object), "skip_reason": np.array([""], dtype=object)})
+    assert out["skip_reason"][0] == "file is 300 MiB, more than the decoder's 256 MiB (data.decode_memory_mb)"
+    import tarfile
+
+    with tarfile.open(tmp_path / "s.tar", "w") as tar:
+        for name, data in (("a.jpg", corpora.jpeg(1)), ("a.txt", b"fine"), ("b.jpg", big.read_bytes()), ("b.txt", b"x")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    rows = [wds_sample_row(k, m, "s.tar")[0] for k, m in _wds_samples(str(tmp_path / "s.tar"), 256 * MiB)]
+    assert [(r.id, r.skip) for r in rows] == [
+        ("a", ""), ("b", "member b.jpg is 300 MiB, more than the decoder's 256 MiB (data.decode_memory_mb)")]

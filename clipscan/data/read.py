@@ -325,6 +325,7 @@ def read_table(cfg: DataConfig) -> tuple[pa.Table, dict[str, Any]]:
 
 WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm")
 WDS_SCHEMA = ROW_SCHEMA.append(pa.field("image_bytes", pa.binary()))
+OVERSIZE = " oversize"  # not an extension: marks a sample with a member too large to read
 
 
 def _unique(items: Iterable[str]) -> list[str]:
@@ -338,6 +339,8 @@ def wds_sample_row(key: str, members: dict[str, bytes], shard_uri: str) -> tuple
     (``clipscan.stages.decode.read_image_bytes``). Captions come from ``txt`` and from
     ``json`` (``caption`` or ``captions``), each text once.
     """
+    if OVERSIZE in members:
+        return RawRow(key, f"{shard_uri}#{key}", [], skip=members[OVERSIZE].decode()), None
     ext = next((e for e in WDS_IMAGE_EXTS if e in members), None)
     captions: list[str] = []
     if "txt" in members:
@@ -358,7 +361,7 @@ def wds_sample_row(key: str, members: dict[str, bytes], shard_uri: str) -> tuple
     return RawRow(key, f"{shard_uri}#{key}.{ext}", captions), members[ext]
 
 
-def _wds_samples(shard_uri: str) -> Iterable[tuple[str, dict[str, bytes]]]:
+def _wds_samples(shard_uri: str, max_member_bytes: int | None = None) -> Iterable[tuple[str, dict[str, bytes]]]:
     """``(key, {ext: bytes})`` of each sample of a tar, in member order (WebDataset: ``dir/key.ext``)."""
     import tarfile
 
@@ -378,6 +381,10 @@ def _wds_samples(shard_uri: str) -> Iterable[tuple[str, dict[str, bytes]]]:
                 if key is not None:
                     yield key, members
                 key, members = this, {}
+            if max_member_bytes is not None and member.size > max_member_bytes:  # not read: the stream skips it
+                members[OVERSIZE] = (f"member {member.name} is {member.size / 2**20:.0f} MiB, more than the decoder's "
+                                     f"{max_member_bytes / 2**20:.0f} MiB (data.decode_memory_mb)").encode()
+                continue
             handle = tar.extractfile(member)
             members[ext.lower()] = handle.read() if handle is not None else b""
         if key is not None:
@@ -385,7 +392,7 @@ def _wds_samples(shard_uri: str) -> Iterable[tuple[str, dict[str, bytes]]]:
 
 
 def read_wds_shards(batch: dict[str, Any], caption: str, records: str | None,
-                    rows_per_block: int) -> Iterable[pa.Table]:
+                    rows_per_block: int, max_member_bytes: int | None = None) -> Iterable[pa.Table]:
     """WebDataset shards (``shard``, ``uri``, ``size``, ``mtime`` per row) -> ``WDS_SCHEMA`` rows.
 
     A sample is numbered by its shard and its place in the tar, before decoding, so a
@@ -409,7 +416,7 @@ def read_wds_shards(batch: dict[str, Any], caption: str, records: str | None,
             return table.append_column("image_bytes", pa.array(blobs, pa.binary()))
 
         try:
-            for key, members in _wds_samples(str(uri)):
+            for key, members in _wds_samples(str(uri), max_member_bytes):
                 row, data = wds_sample_row(key, members, str(uri))
                 rows.append(row)
                 blobs.append(data)
@@ -529,7 +536,8 @@ def read_corpus(
         ds = ds.map_batches(
             read_wds_shards,  # type: ignore[arg-type]
             fn_kwargs={"caption": cfg.caption, "records": records if numbered else None,
-                       "rows_per_block": cfg.rows_per_block},
+                       "rows_per_block": cfg.rows_per_block,
+                       "max_member_bytes": cfg.decode_memory_mb * 2**20 if cfg.decode_memory_mb else None},
             batch_size=1,
             batch_format="numpy",
         )

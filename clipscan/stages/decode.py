@@ -179,14 +179,21 @@ def read_tar_member(tar_uri: str, member: str) -> bytes:
         return bytes(f.read_at(size, offset))
 
 
-def read_image_bytes(uri: str) -> bytes:
-    """Bytes of the image at a local path, an object-storage URI or ``shard.tar#member``; ``SkipImage`` if missing."""
+def read_image_bytes(uri: str, max_bytes: int | None = None) -> bytes:
+    """Bytes of the image at a local path, an object-storage URI or ``shard.tar#member``.
+
+    ``SkipImage`` if it is missing, or larger than ``max_bytes`` (a file the decoder could
+    not hold is not read into this process either).
+    """
     try:
         match = TAR_MEMBER.match(uri)
         if match and not os.path.exists(uri):
             return read_tar_member(match.group("tar"), match.group("member"))
         fsys, inner = _open(uri)
         with fsys.open_input_file(inner) as f:
+            if max_bytes is not None and f.size() > max_bytes:
+                raise SkipImage(f"file is {f.size() / 2**20:.0f} MiB, more than the decoder's "
+                                f"{max_bytes / 2**20:.0f} MiB (data.decode_memory_mb)")
             return bytes(f.read())
     except SkipImage:
         raise
@@ -424,6 +431,7 @@ class Decode:
                  isolate: bool = True) -> None:
         self.size = size
         self.max_pixels = max_pixels
+        self.max_bytes = memory_mb * 2**20 if memory_mb else None
         self.decoder = guarded_decoder(timeout_s, memory_mb, tuple(plugins)) if isolate else None
         if not isolate:
             load_plugins(plugins)
@@ -451,7 +459,7 @@ class Decode:
             if stage[i]:
                 continue
             try:
-                data = blobs[i] if blobs is not None and blobs[i] is not None else read_image_bytes(str(batch["uri"][i]))
+                data = blobs[i] if blobs is not None and blobs[i] is not None else read_image_bytes(str(batch["uri"][i]), self.max_bytes)
                 pixels[i], note = self.decode(bytes(data))
                 if note:
                     notes[i] = f"{notes[i]},{note}" if notes[i] else note
