@@ -29,6 +29,9 @@ class DataConfig(Section):
     limit: int | None = Field(default=None, ge=1)  # read at most this many images (rows), None = all
     rows_per_block: int = Field(default=100_000, ge=1)  # rows per input shard, the resume unit (read in Ray blocks of at most 1,024 rows); also rows per block read from emb: files
     max_pixels: int = Field(default=89_478_485, ge=1)  # larger images are skipped (decompression bombs), pixels
+    decode_timeout_s: float = Field(default=60.0, gt=0)  # an image whose decoder runs longer is skipped and the decoder restarted, seconds
+    decode_memory_mb: int | None = Field(default=2048, ge=256)  # address space of the decoder process; an image that needs more is skipped, MiB; None = no limit
+    image_plugins: list[str] = Field(default_factory=list)  # Pillow plugins for the decoder: `module` (imported) or `module:function` (called), e.g. pillow_heif:register_heif_opener
     generate: int | None = Field(default=None, ge=2)  # if data.path is missing, generate this many scenes there first
     generate_max_objects: int = Field(default=5, ge=1, le=5)  # objects per generated scene at most (data.generate)
 
@@ -177,6 +180,25 @@ class TcacConfig(JobConfig):
 C = TypeVar("C", bound=BaseModel)
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key repeated in one mapping is an error, not the last one winning."""
+
+
+def _mapping_without_repeats(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: dict[Any, Any] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                "while reading a mapping", node.start_mark, f"key {key!r} is given twice", key_node.start_mark
+            )
+        seen[key] = True
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_repeats)
+
+
 def _set_dotted(tree: dict[str, Any], key: str, value: Any, source: str) -> None:
     node = tree
     parts = key.split(".")
@@ -191,10 +213,18 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any, source: str) -> None
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     """``["knn.k=5", "output=/x"]`` -> ``[("knn.k", 5), ("output", "/x")]``; values parsed as YAML scalars."""
     parsed = []
+    given: dict[str, str] = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         key, raw = item.split("=", 1)
+        if key.strip() in given:
+            raise ConfigError(
+                f"override {key.strip()!r} is given more than once ({given[key.strip()]!r}, then {item!r}); "
+                "give each key once. A brace pattern such as data.path=shard-{00000..00099}.tar is expanded "
+                "by the shell into one argument per shard: quote it ('data.path=shard-{00000..00099}.tar')"
+            )
+        given[key.strip()] = item
         value = yaml.safe_load(raw) if raw else ""
         if key in ("output", "data.path", "data.images") or key.startswith("models."):
             value = raw  # paths and model specs stay strings even when they look like numbers
@@ -236,7 +266,7 @@ def load_config(cls: type[C], path: str | None, overrides: list[str] | None = No
         except OSError as e:
             raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from e
         try:
-            loaded = yaml.safe_load(text)
+            loaded = yaml.load(text, Loader=_StrictLoader)  # noqa: S506  # a SafeLoader that refuses repeated keys
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from e
         if loaded is None:

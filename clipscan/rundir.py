@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime as dt
 import json
 import logging
 import time
+import weakref
 from collections.abc import Iterator
 from importlib import metadata
 from typing import Any
@@ -66,7 +68,10 @@ class Run:
             "counts": {},
             "stages": {},
         }
+        self.current_stage: str | None = None
+        self.last_stage: str | None = None
         self.save()
+        _OPEN.add(self)
 
     def _previous_config(self) -> dict[str, Any] | None:
         path = cfs.join(self.output, "run.json")
@@ -98,25 +103,62 @@ class Run:
         facts: dict[str, Any] = {}
         log.info("stage %s: started", name)
         start = time.perf_counter()
+        self.current_stage = name
         try:
             yield facts
-        except Exception as e:
+        except BaseException as e:  # KeyboardInterrupt and SystemExit (SIGTERM) are recorded too
             facts["wall_s"] = round(time.perf_counter() - start, 3)
             facts["error"] = f"{type(e).__name__}: {e}"
             self.info["stages"][name] = facts
-            self.info["status"] = f"failed in stage {name}"
-            self.save()
+            self.current_stage = None
+            self.fail(f"{type(e).__name__}: {e}", stage=name)
+            if not isinstance(e, Exception):
+                raise
             raise StageFailed(f"stage {name!r} failed: {type(e).__name__}: {e}") from e
+        self.current_stage, self.last_stage = None, name
         facts["wall_s"] = round(time.perf_counter() - start, 3)
         self.info["stages"][name] = facts
         self.save()
         log.info("stage %s: done in %.1f s %s", name, facts["wall_s"],
                  {k: v for k, v in facts.items() if k != "wall_s"})
 
+    def fail(self, reason: str, stage: str | None = None) -> None:
+        """Record the run as failed: ``status`` names the stage (or the last one done), ``error`` the reason."""
+        where = stage or self.current_stage
+        self.info["status"] = f"failed in stage {where}" if where else (
+            f"failed after stage {self.last_stage}" if self.last_stage else "failed before the first stage")
+        self.info["error"] = reason
+        self.info["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        self.save()
+        _OPEN.discard(self)
+
     def finish(self) -> None:
         self.info["status"] = "done"
         self.info["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         self.save()
+        _OPEN.discard(self)
+
+
+_OPEN: weakref.WeakSet[Run] = weakref.WeakSet()
+
+
+@atexit.register
+def _fail_unfinished() -> None:
+    """A process that ends with a run neither finished nor failed (SystemExit from SIGTERM) records why."""
+    fail_open_runs("the job process exited before the run finished")
+
+
+def fail_open_runs(reason: str) -> None:
+    """Record ``reason`` in every run of this process that neither finished nor failed yet.
+
+    Job scripts call it for an error raised between stages (``only 0 images could be
+    embedded``), so that no failed run stays ``running`` in ``run.json``.
+    """
+    for run in list(_OPEN):
+        try:
+            run.fail(reason)
+        except OSError:  # the run directory itself is gone or unwritable: the error still reaches the user
+            log.warning("could not record the failure in %s", run.output)
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:

@@ -120,26 +120,38 @@ def _join_vectors(run: Run, cfg: JobConfig, models: dict[str, str], staging: str
 
 def _embed_computed(run: Run, cfg: JobConfig, models: dict[str, str], out_dir: str) -> dict[str, Any]:
     """Embed the corpus with models that have an encoder; parts go under ``out_dir``."""
-    from clipscan.data.read import read_corpus
+    from clipscan.data.read import read_corpus, recorded_shard_rows
     from clipscan.stages import embed
 
     raw = run.path("_rows")
+    records = run.path("inputs")
     names = list(models)
 
     def done_shards(shard_rows: dict[int, int]) -> set[int]:
         collected = embed.finished_shards(out_dir, shard_rows, names)
         return collected | embed.complete_shards(raw, shard_rows, keep=collected)
 
+    def forget(shard: int) -> None:  # the input of this shard changed since an earlier run wrote it
+        part = f"part-{shard:05d}.parquet"
+        for path in [cfs.join(run.output, "embeddings", m, part) for m in names] + [
+                cfs.join(run.output, d, part) for d in ("corpus", "skipped")]:
+            if cfs.exists(path):
+                fsys, inner = cfs.resolve(path)
+                fsys.delete_file(inner)
+        cfs.remove_tree(cfs.join(raw, f"shard-{shard:05d}"))
+
     with run.stage("read") as facts:
-        ds, info = read_corpus(cfg.data, done_shards)
-        facts.update({k: v for k, v in info.items() if k != "shard_rows"}, shards=len(info["shard_rows"]))
-    total = sum(info["shard_rows"].values()) or None
+        ds, info = read_corpus(cfg.data, done_shards, records=records, forget=forget)
+        facts.update({k: v for k, v in info.items() if k not in ("shard_rows", "sources")})
+    total = None if info["format"] == "webdataset" else sum(info["shard_rows"].values()) or None
     with run.stage("embed") as facts:
         if info["todo_shards"]:
             configure_data_context()
             built = embed.build_embed(ds, models, cfg.data, cfg.embed)
             with Progress("embed", lambda: embed.rows_written(raw), total):
                 built.write_datasink(embed.ShardSink(raw), ray_remote_args={"num_cpus": embed.IO_CPUS})
+        if info.get("numbered"):  # WebDataset: the readers recorded each shard's row count as they read it
+            info["shard_rows"] = recorded_shard_rows(records, info["sources"])[0]
         counts = embed.collect(raw, out_dir, names, info["shard_rows"])
         cfs.remove_tree(raw)
         facts.update(rows_read=counts["read"], rows_embedded=counts["embedded"], rows_skipped=counts["skipped"],
@@ -163,6 +175,7 @@ class Progress:
         self.stage, self.done, self.total, self.interval_s = stage, done, total, interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+        self._logged = False
 
     def __enter__(self) -> Progress:
         import time
@@ -174,6 +187,13 @@ class Progress:
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        if exc[0] is None and not sys.stderr.isatty() and not self._logged:
+            try:  # a stage shorter than the interval still says how much it did and how fast
+                log.info(self.line())
+            except Exception:
+                pass
 
     def line(self) -> str:
         import time
@@ -191,6 +211,7 @@ class Progress:
         while not self._stop.wait(self.interval_s):
             try:
                 log.info(self.line())
+                self._logged = True
             except Exception:  # progress is best effort; the stage's own errors surface elsewhere
                 continue
 
@@ -200,6 +221,8 @@ def ensure_corpus(cfg: JobConfig) -> None:
     root = cfg.data.path
     if root is None or cfg.data.generate is None or cfg.data.format not in ("auto", "manifest") or cfs.exists(root):
         return
+    if cfg.data.format == "auto" and not root.endswith((".parquet", "/")) and "." in root.rsplit("/", 1)[-1]:
+        return  # a missing shard pattern, JSON or CSV is not where scenes go: the reader says it is missing
     from clipscan.data.scenes import write_corpus
 
     if cfs.is_uri(root):
@@ -215,5 +238,9 @@ def ensure_corpus(cfg: JobConfig) -> None:
 
 
 def fail(message: str) -> int:
+    """Print the one-line error and record it in any run of this process still marked running."""
+    from clipscan.rundir import fail_open_runs
+
+    fail_open_runs(message)
     print(f"error: {message}", file=sys.stderr)
     return 1

@@ -36,6 +36,17 @@ def load_job(name: str) -> ModuleType:
     return module
 
 
+def overrides(*items: str) -> list[str]:
+    """``key=value`` overrides with later ones replacing earlier ones of the same key.
+
+    Jobs refuse a key given twice; tests that lay their own values over defaults merge here.
+    """
+    merged: dict[str, str] = {}
+    for item in items:
+        merged[item.split("=", 1)[0]] = item
+    return list(merged.values())
+
+
 def has_gpu() -> bool:
     try:
         import torch

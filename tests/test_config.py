@@ -84,3 +84,24 @@ def test_attributes_section_and_demo_config() -> None:
         load_config(DafConfig, str(ROOT / "configs" / "daf-demo.yaml"), ["attributes.control=best"])
     with pytest.raises(ConfigError, match="unknown key 'attributes.lexicon'"):
         load_config(DafConfig, str(ROOT / "configs" / "daf-demo.yaml"), ["attributes.lexicon=x"])
+def test_repeated_override_is_refused_with_the_brace_hint(tmp_path: Path) -> None:
+    # what bash makes of an unquoted data.path=shard-{00000..00002}.tar
+    expanded = [f"data.path=shard-{i:05d}.tar" for i in range(3)]
+    with pytest.raises(ConfigError, match="'data.path' is given more than once") as err:
+        load_config(DafConfig, write(tmp_path, GOOD), expanded)
+    assert "quote it" in str(err.value) and "shard-00000.tar" in str(err.value)
+    with pytest.raises(ConfigError, match="'knn.k' is given more than once"):
+        load_config(DafConfig, write(tmp_path, GOOD), ["knn.k=3", "knn.k=4"])
+
+
+def test_repeated_key_in_the_file_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="key 'k' is given twice") as err:
+        load_config(DafConfig, write(tmp_path, GOOD + "  k: 7\n"))
+    assert "job.yaml" in str(err.value)
+
+
+def test_decoder_limits_and_plugins(tmp_path: Path) -> None:
+    cfg = load_config(DafConfig, write(tmp_path, GOOD),
+                      ["data.image_plugins=[pillow_heif:register_heif_opener]", "data.decode_memory_mb=null"])
+    assert cfg.data.image_plugins == ["pillow_heif:register_heif_opener"] and cfg.data.decode_memory_mb is None
+    assert cfg.data.decode_timeout_s == 60.0

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import ROOT, TINY_PROBE, TINY_REFERENCE, load_job
+from tests.conftest import ROOT, TINY_PROBE, TINY_REFERENCE, load_job, overrides
 
 daf = load_job("daf")  # the job script itself, run in-process
 
@@ -15,9 +15,9 @@ daf = load_job("daf")  # the job script itself, run in-process
 def _args(manifest: str, out: Path, *extra: str) -> list[str]:
     return [
         "--config", str(ROOT / "configs" / "daf-tiny.yaml"),
-        f"data.path={manifest}", f"output={out}", f"models.probe={TINY_PROBE}",
-        f"models.reference={TINY_REFERENCE}", "embed.image_size=48", "mining.cases=10", "report.rows=5",
-        *extra,
+        *overrides(f"data.path={manifest}", f"output={out}", f"models.probe={TINY_PROBE}",
+                   f"models.reference={TINY_REFERENCE}", "embed.image_size=48", "mining.cases=10", "report.rows=5",
+                   *extra),
     ]
 
 

@@ -118,3 +118,22 @@ def test_all_skipped_batch_keeps_the_embedding_width() -> None:
         assert skipped.column(name).null_count == 2
         assert skipped.schema.field(name).type == embedded.schema.field(name).type
     pa.concat_tables([skipped, embedded])  # parts of one shard concatenate
+def test_progress_logs_a_line_for_a_stage_shorter_than_its_interval() -> None:
+    import logging
+
+    from clipscan.runner import Progress
+
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("clipscan")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        with Progress("embed", lambda: 5, 10, interval_s=60):
+            pass
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert [line.split(",")[0] for line in lines] == ["embed: 5/10 rows (50%)"]

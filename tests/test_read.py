@@ -21,7 +21,7 @@ def test_flickr8k(tmp_path: Path, token_format: bool) -> None:
     table, info = read_table(DataConfig(path=str(root)))
     assert table.num_rows == 6 and info["format"] == "flickr8k"
     row = table.to_pylist()[0]
-    assert row["id"] == "1000_abc" and len(row["captions"]) == 5
+    assert row["id"] == "1000_abc.jpg" and len(row["captions"]) == 5  # ids keep the extension
     assert "longer" in row["caption"]
     assert row["uri"].endswith("Images/1000_abc.jpg") and Path(row["uri"]).is_file()
 
@@ -81,3 +81,26 @@ def test_webdataset(tmp_path: Path, ray_local: None) -> None:
     assert len(rows) == 8 and rows[0]["id"] == "sample00000"
     assert rows[0]["captions"] == ["wds caption 0", "extra caption 0"]
     assert rows[0]["caption"] == "extra caption 0" and rows[0]["image_bytes"][:2] == b"\xff\xd8"
+
+
+def test_coco_images_found_beside_the_annotations_folder(tmp_path: Path) -> None:
+    flat = corpora.coco(tmp_path / "coco")  # coco/captions_val2017.json, coco/val2017/
+    (tmp_path / "coco" / "annotations").mkdir()
+    path = flat.rename(tmp_path / "coco" / "annotations" / flat.name)  # as COCO ships it
+    table, info = read_table(DataConfig(path=str(path)))
+    assert all(Path(u).is_file() for u in table.column("uri").to_pylist())
+    assert info["annotations_without_image"] == 0
+    (tmp_path / "coco" / "val2017").rename(tmp_path / "coco" / "elsewhere")
+    with pytest.raises(CorpusError, match="no image folder 'val2017'.*set data.images"):
+        read_table(DataConfig(path=str(path)))
+
+
+def test_default_ids_keep_extension_and_folder(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    for name in ("hopper.jpg", "hopper.png", "a/hopper.png"):
+        (tmp_path / name).write_bytes(corpora.jpeg(0))
+    (tmp_path / "m.csv").write_text("image,caption\nhopper.jpg,x\nhopper.png,y\na/hopper.png,z\n./hopper.jpg,again\n")
+    table, _ = read_table(DataConfig(path=str(tmp_path / "m.csv")))
+    assert table.column("id").to_pylist() == ["hopper.jpg", "hopper.png", "a/hopper.png", "hopper.jpg"]
+    assert table.column("skip_reason").to_pylist()[:3] == ["", "", ""]
+    assert table.column("skip_reason").to_pylist()[3].startswith("duplicate id")

@@ -60,6 +60,7 @@ class RawRow:
     uri: str
     captions: list[str]
     notes: list[str] = field(default_factory=list)
+    skip: str = ""  # a reason the reader already knows (recorded at stage "read")
 
 
 def _decode_text(data: bytes, where: str) -> tuple[str, int]:
@@ -156,7 +157,7 @@ def read_flickr8k(path: str, images: str | None = None) -> tuple[list[RawRow], d
         if caption:
             by_image[image].append(caption)
     rows = [
-        RawRow(id=image.rsplit(".", 1)[0], uri=cfs.join(image_dir, image), captions=by_image[image])
+        RawRow(id=image, uri=cfs.join(image_dir, image), captions=by_image[image])
         for image in order
     ]
     return rows, {"caption_lines_utf8_repaired": bad}
@@ -171,19 +172,42 @@ def read_coco(path: str, images: str | None = None) -> tuple[list[RawRow], dict[
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise CorpusError(f"{path}: not a COCO captions file ({type(e).__name__}: {e})") from e
     if images is None:
-        stem = posixpath.basename(path).rsplit(".", 1)[0]
-        split = stem.split("_")[-1]
-        images = _find_images_dir(cfs.dirname(path), None, (split, "images"))
+        images = coco_images_dir(path, str(entries[0]["file_name"]) if entries else "")
     caps: dict[Any, list[str]] = {}
     for ann in annotations:
         text = ann.get("caption")
         if isinstance(text, str) and text.strip():
             caps.setdefault(ann.get("image_id"), []).append(text.strip())
     rows = [
-        RawRow(id=str(e["id"]), uri=cfs.join(images, e["file_name"]), captions=caps.get(e["id"], []))
+        RawRow(id=str(e["id"]), uri=cfs.join(images, e["file_name"]), captions=caps.pop(e["id"], []))
         for e in entries
     ]
-    return rows, {"caption_lines_utf8_repaired": bad}
+    # what is left names images the file does not list: one skipped row per such image id
+    for image_id, texts in caps.items():
+        rows.append(RawRow(id=str(image_id), uri="", captions=texts,
+                           skip=f"{len(texts)} caption annotation(s) for image_id {image_id}, which is not in 'images'"))
+    return rows, {"caption_lines_utf8_repaired": bad, "annotations_without_image": sum(len(t) for t in caps.values())}
+
+
+def coco_images_dir(path: str, first_file: str = "") -> str:
+    """The image folder of a COCO captions file: the split's folder beside it or beside its folder.
+
+    COCO ships ``annotations/captions_val2017.json`` with ``val2017/`` next to
+    ``annotations/``; a flat copy has ``val2017/`` next to the JSON file.
+    """
+    split = posixpath.basename(path).rsplit(".", 1)[0].split("_")[-1]
+    here = cfs.dirname(path)
+    for base in (here, cfs.dirname(here)):
+        for name in (split, "images"):
+            cand = cfs.join(base, name)
+            fsys, inner = cfs.resolve(cand)
+            if fsys.get_file_info(inner).type == pafs.FileType.Directory:
+                return cand
+    if first_file and cfs.exists(cfs.join(here, first_file)):
+        return here  # file names that carry their folder
+    raise CorpusError(
+        f"{path}: no image folder {split!r} or 'images' beside it or beside {here}; set data.images"
+    )
 
 
 def _read_manifest_table(path: str) -> tuple[pa.Table, int]:
@@ -246,7 +270,7 @@ def read_manifest(path: str, images: str | None = None) -> tuple[list[RawRow], d
                 bad += n
             if c is not None and str(c).strip():
                 clean.append(str(c).strip())
-        row_id = str(ids[i]) if ids is not None and ids[i] is not None else posixpath.splitext(image)[0]
+        row_id = str(ids[i]) if ids is not None and ids[i] is not None else (posixpath.normpath(image) if image else "")
         rows.append(RawRow(id=row_id, uri=uri, captions=clean))
     return rows, {"caption_lines_utf8_repaired": bad}
 
@@ -272,11 +296,14 @@ def rows_to_table(rows: list[RawRow], caption: str, rows_per_block: int | None =
     cols: dict[str, list[Any]] = {name: [] for name in ROW_SCHEMA.names}
     for n, row in enumerate(rows):
         stage = reason = ""  # empty, never null: Ray turns all-null string columns into floats
-        if row.id in first_seen:
+        if row.skip:
+            stage, reason = "read", row.skip
+        elif row.id in first_seen:
             stage, reason = "read", f"duplicate id (first seen at row {first_seen[row.id]})"
         elif not row.captions:
             stage, reason = "read", "no caption"
-        first_seen.setdefault(row.id, n)
+        if not row.skip:
+            first_seen.setdefault(row.id, n)
         cols["id"].append(row.id)
         cols["uri"].append(row.uri)
         cols["captions"].append(row.captions)
@@ -309,37 +336,154 @@ def read_table(cfg: DataConfig) -> tuple[pa.Table, dict[str, Any]]:
     return rows_to_table(rows, cfg.caption, cfg.rows_per_block), {"format": fmt, **counts}
 
 
-def _wds_rows(samples: pa.Table, caption: str) -> pa.Table:
-    """Normalise WebDataset samples (``__key__``, ``__url__``, ``jpg``/``png``/..., ``txt``/``json``)."""
-    batch = {name: samples.column(name).to_pylist() for name in samples.column_names}
-    keys = [str(k) for k in batch["__key__"]]
-    urls = [str(u) for u in batch.get("__url__", [""] * len(keys))]
-    image_bytes: list[bytes | None] = [None] * len(keys)
-    for ext in ("jpg", "jpeg", "png", "webp", "bmp"):
-        if ext in batch:
-            for i, v in enumerate(batch[ext]):
-                if image_bytes[i] is None and v is not None:
-                    image_bytes[i] = bytes(v)
-    captions: list[list[str]] = [[] for _ in keys]
-    for i in range(len(keys)):
-        txt = batch["txt"][i] if "txt" in batch else None
-        meta = batch["json"][i] if "json" in batch else None
-        if isinstance(txt, bytes):
-            txt = txt.decode("utf-8", errors="replace")
-        if isinstance(meta, bytes):
-            try:
-                meta = json.loads(meta)
-            except json.JSONDecodeError:
-                meta = None
-        if isinstance(txt, str) and txt.strip():
-            captions[i].append(txt.strip())
+WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm")
+WDS_SCHEMA = ROW_SCHEMA.append(pa.field("image_bytes", pa.binary()))
+OVERSIZE = " oversize"  # not an extension: marks a sample with a member too large to read
+
+
+def _unique(items: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+def wds_sample_row(key: str, members: dict[str, bytes], shard_uri: str) -> tuple[RawRow, bytes | None]:
+    """One WebDataset sample (``{ext: bytes}``) -> its row and image bytes.
+
+    The uri ``shard.tar#member`` names the image member, so the report reads it back
+    (``clipscan.stages.decode.read_image_bytes``). Captions come from ``txt`` and from
+    ``json`` (``caption`` or ``captions``), each text once.
+    """
+    if OVERSIZE in members:
+        return RawRow(key, f"{shard_uri}#{key}", [], skip=members[OVERSIZE].decode()), None
+    ext = next((e for e in WDS_IMAGE_EXTS if e in members), None)
+    captions: list[str] = []
+    if "txt" in members:
+        captions.append(members["txt"].decode("utf-8", errors="replace").strip())
+    if "json" in members:
+        try:
+            meta = json.loads(members["json"])
+        except (ValueError, UnicodeDecodeError):
+            meta = None
         if isinstance(meta, dict):
             extra = meta.get("captions") or meta.get("caption") or []
-            captions[i].extend([extra] if isinstance(extra, str) else [str(c) for c in extra])
-    table = rows_to_table(
-        [RawRow(k, f"{u}#{k}", c) for k, u, c in zip(keys, urls, captions, strict=True)], caption
-    )
-    return table.append_column("image_bytes", pa.array(image_bytes, type=pa.binary()))
+            captions.extend([extra] if isinstance(extra, str) else [str(c) for c in extra if c is not None])
+    captions = _unique(c.strip() for c in captions if c and c.strip())
+    if ext is None:
+        row = RawRow(key, f"{shard_uri}#{key}", captions,
+                     skip=f"no image in the sample (members: {', '.join(sorted(members)) or 'none'})")
+        return row, None
+    return RawRow(key, f"{shard_uri}#{key}.{ext}", captions), members[ext]
+
+
+def _wds_samples(shard_uri: str, max_member_bytes: int | None = None) -> Iterable[tuple[str, dict[str, bytes]]]:
+    """``(key, {ext: bytes})`` of each sample of a tar, in member order (WebDataset: ``dir/key.ext``)."""
+    import tarfile
+
+    fsys, inner = cfs.resolve(shard_uri)
+    with fsys.open_input_stream(inner) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        key: str | None = None
+        members: dict[str, bytes] = {}
+        for member in tar:
+            if not member.isfile():
+                continue
+            folder, _, base = member.name.rpartition("/")
+            stem, dot, ext = base.partition(".")
+            if not dot or base.startswith("."):
+                continue  # not a sample member (no extension): WebDataset ignores these too
+            this = f"{folder}/{stem}" if folder else stem
+            if this != key or ext.lower() in members:
+                if key is not None:
+                    yield key, members
+                key, members = this, {}
+            if max_member_bytes is not None and member.size > max_member_bytes:  # not read: the stream skips it
+                members[OVERSIZE] = (f"member {member.name} is {member.size / 2**20:.0f} MiB, more than the decoder's "
+                                     f"{max_member_bytes / 2**20:.0f} MiB (data.decode_memory_mb)").encode()
+                continue
+            handle = tar.extractfile(member)
+            members[ext.lower()] = handle.read() if handle is not None else b""
+        if key is not None:
+            yield key, members
+
+
+def read_wds_shards(batch: dict[str, Any], caption: str, records: str | None,
+                    rows_per_block: int, max_member_bytes: int | None = None) -> Iterable[pa.Table]:
+    """WebDataset shards (``shard``, ``uri``, ``size``, ``mtime`` per row) -> ``WDS_SCHEMA`` rows.
+
+    A sample is numbered by its shard and its place in the tar, before decoding, so a
+    retried task rewrites the same rows. A tar that cannot be read or breaks part-way ends
+    its shard with one skipped row that names the shard and the error. With ``records``,
+    each finished shard's row count and source (size, mtime) go to
+    ``records/shard-NNNNN.json`` (see ``recorded_shard_rows``).
+    """
+    for shard, uri, size, mtime in zip(batch["shard"], batch["uri"], batch["size"], batch["mtime"], strict=True):
+        shard, n = int(shard), 0
+        rows: list[RawRow] = []
+        blobs: list[bytes | None] = []
+
+        def block(rows: list[RawRow], blobs: list[bytes | None], first: int, shard: int = shard) -> pa.Table:
+            table = rows_to_table(rows, caption)
+            n_rows = len(rows)
+            table = table.set_column(table.schema.get_field_index("shard"), "shard",
+                                     pa.array([shard] * n_rows, pa.int32()))
+            table = table.set_column(table.schema.get_field_index("row"), "row",
+                                     pa.array(range(first, first + n_rows), pa.int32()))
+            return table.append_column("image_bytes", pa.array(blobs, pa.binary()))
+
+        try:
+            for key, members in _wds_samples(str(uri), max_member_bytes):
+                row, data = wds_sample_row(key, members, str(uri))
+                rows.append(row)
+                blobs.append(data)
+                if len(rows) == rows_per_block:
+                    yield block(rows, blobs, n)
+                    n += len(rows)
+                    rows, blobs = [], []
+        except Exception as e:  # a broken shard is one skipped row; the other shards go on
+            rows.append(RawRow(f"{uri}#{n + len(rows)}", str(uri), [],
+                               skip=f"cannot read WebDataset shard {uri} after {n + len(rows)} samples: "
+                                    f"{type(e).__name__}: {e}"))
+            blobs.append(None)
+        if rows:
+            yield block(rows, blobs, n)
+            n += len(rows)
+        if records is not None:
+            cfs.write_json_atomic(cfs.join(records, f"shard-{shard:05d}.json"),
+                                  {"source": str(uri), "size": int(size), "mtime": int(mtime), "rows": n})
+
+
+def shard_sources(shards: list[str]) -> list[dict[str, Any]]:
+    """Size and modification time of every shard file (one stat each, on the driver): what resume compares."""
+    out = []
+    for i, uri in enumerate(shards):
+        fsys, inner = cfs.resolve(uri)
+        info = fsys.get_file_info(inner)
+        mtime = info.mtime_ns if info.mtime_ns is not None else 0
+        out.append({"shard": i, "uri": uri, "size": int(info.size or 0), "mtime": int(mtime)})
+    return out
+
+
+def recorded_shard_rows(records: str, sources: list[dict[str, Any]]) -> tuple[dict[int, int], set[int]]:
+    """Row counts of the shards whose record matches the shard file now, and the shards whose file changed.
+
+    A record whose shard file has another size or modification time is removed: that
+    shard is read again.
+    """
+    rows: dict[int, int] = {}
+    changed: set[int] = set()
+    for src in sources:
+        path = cfs.join(records, f"shard-{src['shard']:05d}.json")
+        if not cfs.exists(path):
+            continue
+        try:
+            rec = json.loads(cfs.read_bytes(path))
+        except (ValueError, OSError):
+            rec = {}
+        if all(rec.get(k) == src[k] for k in ("size", "mtime")) and rec.get("source") == src["uri"]:
+            rows[src["shard"]] = int(rec["rows"])
+        else:
+            changed.add(src["shard"])
+            fsys, inner = cfs.resolve(path)
+            fsys.delete_file(inner)
+    return rows, changed
 
 
 def expand_shards(path: str) -> list[str]:
@@ -366,14 +510,24 @@ def expand_shards(path: str) -> list[str]:
 
 
 def read_corpus(
-    cfg: DataConfig, done_shards: Callable[[dict[int, int]], set[int]] | None = None
+    cfg: DataConfig,
+    done_shards: Callable[[dict[int, int]], set[int]] | None = None,
+    records: str | None = None,
+    forget: Callable[[int], None] | None = None,
 ) -> tuple[ray.data.Dataset, dict[str, Any]]:
     """The corpus as a Ray Dataset of rows (see ``ROW_SCHEMA``), one block per input shard.
 
     ``done_shards(shard_rows)`` names the shards an earlier, interrupted run finished; they
-    are left out (``info["todo_shards"]`` counts the rest).
-    ``info["shard_rows"]`` maps every shard to its row count (empty for WebDataset, whose
-    rows are not numbered before they are read: those runs do not resume).
+    are left out (``info["todo_shards"]`` counts the rest). ``info["shard_rows"]`` maps
+    every shard to its row count, ``info["shards"]`` counts the shards.
+
+    WebDataset: each tar is a shard, numbered by its place in the shard list, its rows by
+    their place in the tar. Row counts are known once a tar has been read: with
+    ``records`` (a folder of the run), the reader records them there and
+    ``info["shard_rows"]`` holds those of earlier runs whose tar is unchanged (same size
+    and modification time); ``forget(shard)`` is called for each shard whose tar changed,
+    so the caller drops what it kept of it. Without ``records``, or with ``data.limit``,
+    WebDataset rows are not numbered (shard -1) and do not resume.
     Builds the dataset; executes nothing beyond parsing caption metadata on the driver.
     """
     import ray.data
@@ -381,26 +535,118 @@ def read_corpus(
     path = corpus_path(cfg)
     fmt = cfg.format if cfg.format != "auto" else detect_format(path)
     if fmt == "webdataset":
-        shards = expand_shards(path)
-        fsys = cfs.resolve(shards[0])[0]
-        # short I/O tasks: the encoder actors hold all but a sliver of each CPU node
-        ds = ray.data.read_webdataset([cfs.resolve(s)[1] for s in shards], filesystem=fsys, decoder=None,
-                                      num_cpus=READ_CPUS)
-        if cfg.limit is not None:
-            ds = ds.limit(cfg.limit)
+        sources = shard_sources(expand_shards(path))
+        numbered = records is not None and cfg.limit is None
+        known: dict[int, int] = {}
+        if numbered:
+            assert records is not None
+            known, changed = recorded_shard_rows(records, sources)
+            for shard in sorted(changed):
+                if forget is not None:
+                    forget(shard)
+        done = done_shards(known) if (done_shards is not None and known) else set()
+        todo = [s for s in sources if s["shard"] not in done]
+        ds: ray.data.Dataset = ray.data.from_items(todo or sources[:1], override_num_blocks=max(1, len(todo)))
         ds = ds.map_batches(
-            _wds_rows,  # type: ignore[arg-type]
-            fn_kwargs={"caption": cfg.caption},
-            num_cpus=READ_CPUS,
-            batch_format="pyarrow",
+            read_wds_shards,  # type: ignore[arg-type]
+            fn_kwargs={"caption": cfg.caption, "records": records if numbered else None,
+                       "rows_per_block": cfg.rows_per_block,
+                       "max_member_bytes": cfg.decode_memory_mb * 2**20 if cfg.decode_memory_mb else None},
+            batch_size=1,
+            num_cpus=READ_CPUS,  # short I/O tasks: the encoder actors hold all but a sliver of each CPU node
+            batch_format="numpy",
         )
-        return ds, {"format": fmt, "shard_rows": {}, "todo_shards": len(shards)}
+        if not todo:
+            ds = ds.limit(0)
+        if not numbered:
+            ds = ds.map_batches(_unnumbered, num_cpus=READ_CPUS, batch_format="pyarrow")  # type: ignore[arg-type]
+            if cfg.limit is not None:
+                ds = ds.limit(cfg.limit)
+        return ds, {"format": fmt, "shard_rows": known, "shards": len(sources), "todo_shards": len(todo),
+                    "numbered": numbered, **({"sources": sources} if numbered else {})}
     table, info = read_table(cfg)
     step = cfg.rows_per_block
     shard_rows = {i // step: min(step, table.num_rows - i) for i in range(0, table.num_rows, step)}
+    if records is not None:
+        changed = changed_table_shards(records, table, step)
+        for shard in sorted(changed):
+            if forget is not None:
+                forget(shard)
+        info["changed_shards"] = len(changed)
     done = done_shards(shard_rows) if done_shards is not None else set()
-    todo = [table.slice(s * step, n) for s, n in shard_rows.items() if s not in done]
-    info.update(shard_rows=shard_rows, todo_shards=len(todo))
+    pieces = [table.slice(s * step, n) for s, n in shard_rows.items() if s not in done]
+    info.update(shard_rows=shard_rows, shards=len(shard_rows), todo_shards=len(pieces))
     # a shard (the resume unit) is large; its Ray blocks are not, so decode spreads over tasks
-    blocks = [t.slice(i, READ_BLOCK_ROWS) for t in todo for i in range(0, t.num_rows, READ_BLOCK_ROWS)]
+    blocks = [t.slice(i, READ_BLOCK_ROWS) for t in pieces for i in range(0, t.num_rows, READ_BLOCK_ROWS)]
     return ray.data.from_arrow(blocks or [table.slice(0, 0)]), info
+
+
+def shard_digest(rows: pa.Table) -> str:
+    """A digest of one shard's input: its rows (id, uri, captions, skip reason) and each image file's size and mtime.
+
+    Runs where the files are (a Ray task per group of shards): one stat per image.
+    """
+    import hashlib
+    import os
+
+    h = hashlib.blake2b(digest_size=16)
+    cols = rows.select(["id", "uri", "captions", "skip_reason"]).to_pydict()
+    uris = cols["uri"]
+    stats: list[tuple[int, int]] = []
+    remote = [u for u in uris if u and cfs.is_uri(u)]
+    found: dict[str, tuple[int, int]] = {}
+    if remote:
+        fsys = cfs.resolve(remote[0])[0]
+        for uri, finfo in zip(remote, fsys.get_file_info([cfs.resolve(u)[1] for u in remote]), strict=True):
+            found[uri] = (int(finfo.size or -1), int(finfo.mtime_ns or 0))
+    for uri in uris:
+        if uri in found:
+            stats.append(found[uri])
+            continue
+        try:
+            st = os.stat(uri) if uri else None
+            stats.append((st.st_size, st.st_mtime_ns) if st is not None else (-1, 0))
+        except OSError:
+            stats.append((-1, 0))
+    h.update(json.dumps([cols["id"], uris, cols["captions"], cols["skip_reason"], stats]).encode())
+    return h.hexdigest()
+
+
+def _digest_group(pieces: list[tuple[int, pa.Table]]) -> list[tuple[int, str]]:
+    return [(shard, shard_digest(rows)) for shard, rows in pieces]
+
+
+def table_digests(table: pa.Table, step: int, group: int = 64) -> dict[int, str]:
+    """``shard_digest`` of every shard of the row table, computed in Ray tasks of ``group`` shards each."""
+    import ray
+
+    task = ray.remote(num_cpus=0.25)(_digest_group)
+    starts = list(range(0, table.num_rows, step))
+    refs = [task.remote([(i // step, table.slice(i, step)) for i in starts[g : g + group]])
+            for g in range(0, len(starts), group)]
+    return {shard: digest for ref in refs for shard, digest in ray.get(ref)}
+
+
+def changed_table_shards(records: str, table: pa.Table, step: int) -> set[int]:
+    """Shards whose input differs from what ``records/table.json`` says an earlier run read; records the new digests.
+
+    An edited manifest (a caption, a path) or a replaced image file (another size or
+    modification time) changes its shard's digest.
+    """
+    path = cfs.join(records, "table.json")
+    now = table_digests(table, step)
+    before: dict[str, str] = {}
+    if cfs.exists(path):
+        try:
+            before = dict(json.loads(cfs.read_bytes(path)).get("shards", {}))
+        except (ValueError, OSError, AttributeError):
+            before = {}
+    changed = {s for s, d in now.items() if str(s) in before and before[str(s)] != d}
+    cfs.write_json_atomic(path, {"rows_per_block": step, "shards": {str(s): d for s, d in sorted(now.items())}})
+    return changed
+
+
+def _unnumbered(table: pa.Table) -> pa.Table:
+    for name in ("shard", "row"):
+        table = table.set_column(table.schema.get_field_index(name), name, pa.array([-1] * table.num_rows, pa.int32()))
+    return table

@@ -194,11 +194,11 @@ def build_embed(
     import ray.data
 
     plan = plan_resources(cluster_resources(), cfg, node_cpus())
-    kwargs = {"models": models, "precision": cfg.precision, "threads": plan.threads}
+    kwargs: dict[str, Any] = {"models": models, "precision": cfg.precision, "threads": plan.threads}
     if plan.decode == "tasks":
         ds = ds.map_batches(
             _decode_batch,  # type: ignore[arg-type]
-            fn_kwargs={"size": cfg.image_size, "max_pixels": data.max_pixels},
+            fn_kwargs={"size": cfg.image_size, "data": data},
             num_cpus=cfg.decode_cpus,
             batch_size=plan.batch_size,
             batch_format="numpy",
@@ -206,7 +206,7 @@ def build_embed(
         stage: type = Embed
     else:
         stage = DecodeEmbed
-        kwargs.update(size=cfg.image_size, max_pixels=data.max_pixels, gpu_decode=plan.decode == "gpu")
+        kwargs.update(size=cfg.image_size, data=data, gpu_decode=plan.decode == "gpu")
     return ds.map_batches(
         stage,
         fn_constructor_kwargs=kwargs,
@@ -227,14 +227,14 @@ class DecodeEmbed:
     ``Decode`` on the CPU, with the same skips and reasons.
     """
 
-    def __init__(self, models: dict[str, str], precision: str, threads: int | None, size: int, max_pixels: int,
+    def __init__(self, models: dict[str, str], precision: str, threads: int | None, size: int, data: DataConfig,
                  gpu_decode: bool = False) -> None:
         self.embed = Embed(models, precision, threads)
-        self.decode: Any = Decode(size, max_pixels)
+        self.decode: Any = Decode.for_data(size, data)
         if gpu_decode:
             from clipscan.stages.gpu_decode import GpuDecode
 
-            self.decode = GpuDecode(size, max_pixels, fallback=self.decode)
+            self.decode = GpuDecode(size, data.max_pixels, fallback=self.decode)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         out = self.decode(batch)
@@ -242,8 +242,8 @@ class DecodeEmbed:
         return self.embed(out)
 
 
-def _decode_batch(batch: dict[str, np.ndarray], size: int, max_pixels: int) -> dict[str, np.ndarray]:
-    out = Decode(size, max_pixels)(batch)
+def _decode_batch(batch: dict[str, np.ndarray], size: int, data: DataConfig) -> dict[str, np.ndarray]:
+    out = Decode.for_data(size, data)(batch)
     out["decode_node"] = np.array([_node_id()] * len(out["id"]), dtype=object)
     return out
 
