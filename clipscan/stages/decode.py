@@ -243,6 +243,25 @@ def load_plugins(plugins: tuple[str, ...] | list[str]) -> None:
             getattr(loaded, func)()
 
 
+def peak_rss_kb() -> int:
+    """This process's own peak resident set, KiB.
+
+    VmHWM belongs to the process's memory map, which starts afresh at exec. ``getrusage``'s
+    ``ru_maxrss`` does not: Linux carries the parent's peak over the fork and exec, so a
+    decoder started by a 900 MB parent would report 900 MB it never used.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
 def serve(memory_mb: int | None, plugins: tuple[str, ...] = ()) -> None:
     """The child's loop: ``(data, size, max_pixels)`` requests on stdin, one reply each on stdout.
 
@@ -259,7 +278,7 @@ def serve(memory_mb: int | None, plugins: tuple[str, ...] = ()) -> None:
     sys.stdout = sys.stderr  # a plugin that prints must not corrupt the replies
     try:
         load_plugins(plugins)
-        _send(stdout, ("ready", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+        _send(stdout, ("ready", peak_rss_kb()))
     except BaseException as e:  # noqa: BLE001  # the parent reports it
         _send(stdout, ("error", f"{type(e).__name__}: {e}"))
         return
@@ -276,7 +295,7 @@ def serve(memory_mb: int | None, plugins: tuple[str, ...] = ()) -> None:
             reply = ("skip", str(e))
         except BaseException as e:  # noqa: BLE001  # SystemExit from a plugin, a KeyboardInterrupt: still one row
             reply = ("skip", f"decoder error: {type(e).__name__}: {e}")
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        rss = peak_rss_kb()
         try:
             _send(stdout, (*reply, rss))
         except MemoryError:
