@@ -22,7 +22,7 @@ demo: install
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q -m "not vllm"
+	$(BIN)/python -m pytest -q -m "not vllm" --durations=15
 	bash scripts/vllm_env.sh > /dev/null
 	$(BIN)/python -m pytest -q -m vllm
 
