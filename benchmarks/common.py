@@ -3,6 +3,30 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
+
+DINOV2_SMALL = {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6,
+                "intermediate_size": 1536, "patch_size": 14, "image_size": 518}
+
+
+def dinov2_small_dir(root: Path, image_size: int = 518) -> str:
+    """A DINOv2-S-sized model with random weights saved with save_pretrained; its ``hf:`` spec.
+
+    Needs only torch and transformers, so the GPU check can use it on a bare CUDA machine.
+    """
+    import json
+
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    path = root / "dinov2-small-random"
+    config = transformers.Dinov2Config(**{**DINOV2_SMALL, "image_size": image_size})
+    transformers.Dinov2Model(config).save_pretrained(path)
+    (path / "preprocessor_config.json").write_text(json.dumps({
+        "crop_size": {"height": 224, "width": 224}, "image_mean": [0.485, 0.456, 0.406],
+        "image_std": [0.229, 0.224, 0.225], "image_processor_type": "BitImageProcessor"}))
+    return f"hf:{path}"
 
 
 class Sampler:

@@ -20,7 +20,6 @@ Measured side by side in one run:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -31,24 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Sampler  # noqa: E402
-
-DINOV2_SMALL = {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6,
-                "intermediate_size": 1536, "patch_size": 14, "image_size": 518}
-
-
-def dinov2_small_dir(root: Path) -> str:
-    """A DINOv2-S-sized model with random weights saved with save_pretrained."""
-    import torch
-    import transformers
-
-    torch.manual_seed(0)
-    path = root / "dinov2-small-random"
-    transformers.Dinov2Model(transformers.Dinov2Config(**DINOV2_SMALL)).save_pretrained(path)
-    (path / "preprocessor_config.json").write_text(json.dumps({
-        "crop_size": {"height": 224, "width": 224}, "image_mean": [0.485, 0.456, 0.406],
-        "image_std": [0.229, 0.224, 0.225], "image_processor_type": "BitImageProcessor"}))
-    return f"hf:{path}"
+from common import Sampler, dinov2_small_dir  # noqa: E402
 
 
 def model_only(models: dict[str, str], manifest: str, n: int, size: int, batch: int) -> float:

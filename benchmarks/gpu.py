@@ -31,9 +31,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-DINOV2_SMALL = {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6,
-                "intermediate_size": 1536, "patch_size": 14, "image_size": 224}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import dinov2_small_dir  # noqa: E402
 
 
 def jpegs(n: int, size: int) -> list[bytes]:
@@ -104,16 +103,7 @@ def decode_rates(blobs: list[bytes], size: int, batch: int) -> dict[str, float]:
 
 
 def load_models(root: Path) -> dict[str, str]:
-    import torch
-    import transformers
-
-    torch.manual_seed(0)
-    path = root / "dinov2-small-random"
-    transformers.Dinov2Model(transformers.Dinov2Config(**DINOV2_SMALL)).save_pretrained(path)
-    (path / "preprocessor_config.json").write_text(json.dumps({
-        "crop_size": {"height": 224, "width": 224}, "image_mean": [0.485, 0.456, 0.406],
-        "image_std": [0.229, 0.224, 0.225], "image_processor_type": "BitImageProcessor"}))
-    return {"ViT-B-32": "open_clip:ViT-B-32", "DINOv2-S/14": f"hf:{path}"}
+    return {"ViT-B-32": "open_clip:ViT-B-32", "DINOv2-S/14": dinov2_small_dir(root, image_size=224)}
 
 
 def encoder_rates(models: dict[str, str], pixels: np.ndarray, batches: list[int], images: int) -> dict[str, dict[str, float]]:
