@@ -16,6 +16,7 @@ first, self excluded, missing entries I = -1 (an approximate index that found fe
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -130,65 +131,124 @@ def mine(
 
     P, PD = probe_I[:, :k], probe_D[:, :k].astype(np.float32)
     R, RD = ref_I[:, :k], ref_D[:, :k].astype(np.float32)
+    rows = np.broadcast_to(np.arange(n, dtype=np.int64)[:, None], (n, k))
+    s = score(P, PD, ref_I, RD, pair_cos(x_ref, rows, P), pair_cos(x_probe, rows, R))
+
+    id_key = _id_key(ids_pa)
+    if rank_by == "overlap":
+        order = np.lexsort((id_key, -s.gap, s.overlap))
+    elif rank_by == "jaccard":
+        order = np.lexsort((id_key, -s.gap, s.jaccard))
+    elif rank_by == "max_gap":
+        order = np.lexsort((id_key, -s.gap, -s.max_gap))
+    else:
+        order = np.lexsort((id_key, -s.gap))
+    names_p = ids_pa.take(pa.array(np.maximum(P[order], 0).reshape(-1)))
+    names_r = ids_pa.take(pa.array(np.maximum(R[order], 0).reshape(-1)))
+    columns = {"rank": pa.array(np.arange(1, n + 1, dtype=np.int32))}
+    columns.update(row_columns(ids_pa.take(pa.array(order)), names_p, names_r, s.take(order)))
+    return pa.Table.from_pydict(columns, schema=DISCREPANCY_SCHEMA)
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Per-image discrepancy arrays for m images (the fields of ``DISCREPANCY_SCHEMA`` but
+    rank and ids); (m, k) arrays are row-aligned with the probe / reference top-k."""
+
+    overlap: np.ndarray  # (m,) float32
+    jaccard: np.ndarray  # (m,) float32
+    gap: np.ndarray  # (m,) float32
+    max_gap: np.ndarray  # (m,) float32
+    probe_cos: np.ndarray  # (m, k) float32, the probe top-k's probe cosine
+    probe_ref_cos: np.ndarray  # (m, k) float32, their reference cosine
+    ref_cos: np.ndarray  # (m, k) float32, the reference top-k's reference cosine
+    ref_probe_cos: np.ndarray  # (m, k) float32, their probe cosine
+    ref_rank: np.ndarray  # (m, k) int32, 1-based reference rank of each probe neighbour, 0 beyond depth
+    valid_p: np.ndarray  # (m, k) bool, a probe neighbour is there
+    valid_r: np.ndarray  # (m, k) bool
+    p_only: np.ndarray  # (m, k) bool, probe neighbour not in the reference top-k
+    r_only: np.ndarray  # (m, k) bool, reference neighbour not in the probe top-k
+
+    def take(self, order: np.ndarray) -> Scores:
+        """The same images in ``order`` ((m,) int64 positions)."""
+        return Scores(**{f: getattr(self, f)[order] for f in self.__dataclass_fields__})
+
+
+def score(
+    P: np.ndarray,
+    PD: np.ndarray,
+    ref_I: np.ndarray,
+    RD: np.ndarray,
+    probe_ref_cos: np.ndarray,
+    ref_probe_cos: np.ndarray,
+) -> Scores:
+    """Overlap@k, Jaccard, probe-only / reference-only masks, reference ranks and gaps of m images.
+
+    P, PD: (m, k) int64 / float32, the probe top-k (ids of any global numbering, -1 where
+    missing) and their probe cosine. ref_I: (m, depth) int64, depth >= k, the reference
+    list in the same numbering (its first k columns are the reference top-k R; all of it
+    gives the rank of a probe-only neighbour); RD: (m, k) float32 the top-k's reference
+    cosine. probe_ref_cos: (m, k) the reference cosine of each P entry; ref_probe_cos:
+    (m, k) the probe cosine of each R entry. Row-wise and pure: a block of rows gives the
+    same values as the whole table.
+    """
+    k = P.shape[1]
+    R = ref_I[:, :k]
     valid_p, valid_r = P >= 0, R >= 0
-    ref_rank = reference_rank(P, ref_I)  # (n, k), 0 = not within depth
+    ref_rank = reference_rank(P, ref_I)  # (m, k), 0 = not within depth
     p_in_r = valid_p & (ref_rank >= 1) & (ref_rank <= k)
     r_in_p = valid_r & _member(R, P)
     inter = p_in_r.sum(axis=1)
     union = valid_p.sum(axis=1) + valid_r.sum(axis=1) - inter
     overlap = (inter / k).astype(np.float32)
     jaccard = np.where(union > 0, inter / np.maximum(union, 1), 0.0).astype(np.float32)
-
-    rows = np.broadcast_to(np.arange(n, dtype=np.int64)[:, None], (n, k))
-    p_ref_cos = pair_cos(x_ref, rows, P)  # reference cosine of every probe neighbour
-    r_probe_cos = pair_cos(x_probe, rows, R)  # probe cosine of every reference neighbour
     p_only = valid_p & ~p_in_r
     r_only = valid_r & ~r_in_p
-    diff = np.where(p_only, PD.astype(np.float64) - p_ref_cos, 0.0)
+    PD = np.asarray(PD, dtype=np.float32)
+    diff = np.where(p_only, PD.astype(np.float64) - probe_ref_cos, 0.0)
     count = p_only.sum(axis=1)
     gap = np.where(count > 0, diff.sum(axis=1) / np.maximum(count, 1), 0.0).astype(np.float32)
     max_gap = np.where(count > 0, np.where(p_only, diff, -np.inf).max(axis=1), 0.0).astype(np.float32)
+    return Scores(
+        overlap=overlap, jaccard=jaccard, gap=gap, max_gap=max_gap,
+        probe_cos=PD, probe_ref_cos=np.asarray(probe_ref_cos, dtype=np.float32),
+        ref_cos=np.asarray(RD, dtype=np.float32), ref_probe_cos=np.asarray(ref_probe_cos, dtype=np.float32),
+        ref_rank=ref_rank, valid_p=valid_p, valid_r=valid_r, p_only=p_only, r_only=r_only,
+    )  # fmt: skip
 
-    id_key = _id_key(ids_pa)
-    if rank_by == "overlap":
-        order = np.lexsort((id_key, -gap, overlap))
-    elif rank_by == "jaccard":
-        order = np.lexsort((id_key, -gap, jaccard))
-    elif rank_by == "max_gap":
-        order = np.lexsort((id_key, -gap, -max_gap))
-    else:
-        order = np.lexsort((id_key, -gap))
 
-    def o(a: np.ndarray) -> np.ndarray:
-        return a[order]
+def row_columns(
+    ids: pa.Array, probe_names: pa.Array, reference_names: pa.Array, s: Scores
+) -> dict[str, pa.Array]:
+    """The ``DISCREPANCY_SCHEMA`` columns but ``rank`` for m images, in the order of ``s``.
 
-    P_o, R_o, rank_o = o(P), o(R), o(ref_rank)
-    vp, vr, po, ro = o(valid_p), o(valid_r), o(p_only), o(r_only)
-    PD_o, RD_o, p_ref_o, r_probe_o = o(PD), o(RD), o(p_ref_cos), o(r_probe_cos)
-    columns = {
-        "rank": pa.array(np.arange(1, n + 1, dtype=np.int32)),
-        "id": ids_pa.take(pa.array(order)),
-        "overlap": pa.array(o(overlap)),
-        "jaccard": pa.array(o(jaccard)),
-        "probe_neighbours": _id_lists(ids_pa, P_o, vp),
-        "probe_cos": _float_lists(PD_o, vp),
-        "probe_neighbours_reference_cos": _float_lists(p_ref_o, vp),
-        "reference_neighbours": _id_lists(ids_pa, R_o, vr),
-        "reference_cos": _float_lists(RD_o, vr),
-        "reference_neighbours_probe_cos": _float_lists(r_probe_o, vr),
-        "probe_only": _id_lists(ids_pa, P_o, po),
-        "probe_only_probe_cos": _float_lists(PD_o, po),
-        "probe_only_reference_cos": _float_lists(p_ref_o, po),
+    ids: (m,) string. probe_names, reference_names: (m * k,) string, row-major, the ids
+    of the probe / reference top-k (any value where the entry is missing).
+    """
+    vp, vr, po, ro = s.valid_p, s.valid_r, s.p_only, s.r_only
+    rank = s.ref_rank
+    return {
+        "id": ids,
+        "overlap": pa.array(s.overlap),
+        "jaccard": pa.array(s.jaccard),
+        "probe_neighbours": _name_lists(probe_names, vp),
+        "probe_cos": _float_lists(s.probe_cos, vp),
+        "probe_neighbours_reference_cos": _float_lists(s.probe_ref_cos, vp),
+        "reference_neighbours": _name_lists(reference_names, vr),
+        "reference_cos": _float_lists(s.ref_cos, vr),
+        "reference_neighbours_probe_cos": _float_lists(s.ref_probe_cos, vr),
+        "probe_only": _name_lists(probe_names, po),
+        "probe_only_probe_cos": _float_lists(s.probe_cos, po),
+        "probe_only_reference_cos": _float_lists(s.probe_ref_cos, po),
         "probe_only_reference_rank": _lists(
-            pa.array(rank_o[po].astype(np.int32), mask=rank_o[po] == 0), po
+            pa.array(rank[po].astype(np.int32), mask=rank[po] == 0), po
         ),
-        "reference_only": _id_lists(ids_pa, R_o, ro),
-        "reference_only_probe_cos": _float_lists(r_probe_o, ro),
-        "reference_only_reference_cos": _float_lists(RD_o, ro),
-        "gap": pa.array(o(gap)),
-        "max_gap": pa.array(o(max_gap)),
+        "reference_only": _name_lists(reference_names, ro),
+        "reference_only_probe_cos": _float_lists(s.ref_probe_cos, ro),
+        "reference_only_reference_cos": _float_lists(s.ref_cos, ro),
+        "gap": pa.array(s.gap),
+        "max_gap": pa.array(s.max_gap),
     }
-    return pa.Table.from_pydict(columns, schema=DISCREPANCY_SCHEMA)
 
 
 def pairs(
@@ -347,10 +407,14 @@ def pair_cos(x: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     step = max(1, _BLOCK_ELEMENTS // 2 // max(1, x.shape[1]))
     for s in range(0, ok.size, step):
         sel = ok[s : s + step]
-        a = x[r[sel]].astype(np.float64)
-        b = x[c[sel]].astype(np.float64)
-        out[sel] = np.einsum("ij,ij->i", a, b)
+        out[sel] = dot_rows(x[r[sel]], x[c[sel]])
     return out.reshape(shape)
+
+
+def dot_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(m,) float32: row-wise dot products of two (m, d) float32 arrays, float64 rounded to
+    float32, the same bits for a row whoever computes it (``pair_cos``, a search shard)."""
+    return np.einsum("ij,ij->i", a.astype(np.float64), b.astype(np.float64)).astype(np.float32)
 
 
 def corpus_lookup(corpus: pa.Table, wanted: list[str]) -> dict[str, tuple[str, str]]:
@@ -461,8 +525,8 @@ def _lists(values: pa.Array, mask: np.ndarray) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), values)
 
 
-def _id_lists(ids_pa: pa.Array, index: np.ndarray, mask: np.ndarray) -> pa.Array:
-    return _lists(ids_pa.take(pa.array(index[mask])), mask)
+def _name_lists(names: pa.Array, mask: np.ndarray) -> pa.Array:
+    return _lists(names.filter(pa.array(mask.reshape(-1))), mask)
 
 
 def _float_lists(values: np.ndarray, mask: np.ndarray) -> pa.Array:
