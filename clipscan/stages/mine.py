@@ -101,7 +101,7 @@ def write_ranked(
         for entry, piece in zip(bundle.blocks, bundle.slices, strict=True):
             start, end = (0, entry.metadata.num_rows) if piece is None else (piece.start_offset, piece.end_offset)
             if end is None:
-                end = ray.get(_num_rows.remote(entry.ref))
+                end = ray.get(ray.remote(_num_rows).remote(entry.ref))
             if end <= start:
                 continue
             path = cfs.join(out_dir, f"part-{part:05d}.parquet")
@@ -199,7 +199,7 @@ def write_pairs(rows: ray.data.Dataset, out_dir: str) -> int:
         for entry, piece in zip(bundle.blocks, bundle.slices, strict=True):
             start, end = (0, entry.metadata.num_rows) if piece is None else (piece.start_offset, piece.end_offset)
             if end is None:
-                end = ray.get(_num_rows.remote(entry.ref))
+                end = ray.get(ray.remote(_num_rows).remote(entry.ref))
             if end <= start:
                 continue
             pending.append(task.remote(entry.ref, start, end, cfs.join(out_dir, f"part-{part:05d}.parquet")))
@@ -234,6 +234,7 @@ def recall(rows: ray.data.Dataset) -> dict[str, float]:
     sums = rows.select_columns(list(RECALL_COLUMNS)).map_batches(_recall_sums, batch_format="pyarrow")
     total = {"probe": [0.0, 0], "reference": [0.0, 0]}
     for batch in sums.iter_batches(batch_format="pyarrow", batch_size=None):
+        assert isinstance(batch, pa.Table)
         for model in total:
             total[model][0] += float(pc.sum(batch.column(f"{model}_sum")).as_py() or 0.0)
             total[model][1] += int(pc.sum(batch.column(f"{model}_n")).as_py() or 0)
@@ -262,5 +263,5 @@ def corpus_rows(corpus: ray.data.Dataset, wanted: set[str]) -> pa.Table:
         return batch.filter(pc.is_in(batch.column("id"), value_set=value_set))
 
     found = corpus.select_columns(["id", "uri", "caption"]).map_batches(keep, batch_format="pyarrow")
-    tables = [b for b in found.iter_batches(batch_format="pyarrow", batch_size=None) if b.num_rows]
+    tables = [b for b in found.iter_batches(batch_format="pyarrow", batch_size=None) if isinstance(b, pa.Table) and b.num_rows]
     return pa.concat_tables(tables).cast(schema) if tables else schema.empty_table()

@@ -85,30 +85,26 @@ def vectors_from_run(run_dir: str) -> ray.data.Dataset:
     if not names:
         raise FileNotFoundError(f"search: no corpus parts under {cfs.join(run_dir, 'corpus')}")
     parts = ray.data.from_items([{"part": name} for name in names], override_num_blocks=len(names))
-    return parts.map_batches(_ZipPart, fn_constructor_kwargs={"run_dir": run_dir}, batch_size=1,
+    fn: Any = _zip_parts
+    return parts.map_batches(fn, fn_kwargs={"run_dir": run_dir}, batch_size=1,
                              batch_format="pyarrow", num_cpus=0.5)
 
 
-class _ZipPart:
-    """``part`` names -> that part's rows with both models' vectors and the caption."""
+def _zip_parts(batch: pa.Table, run_dir: str) -> pa.Table:
+    """``part`` names -> those parts' rows with both models' vectors and the caption."""
+    from clipscan import fs as cfs
 
-    def __init__(self, run_dir: str) -> None:
-        self.run_dir = run_dir
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        from clipscan import fs as cfs
-
-        out = []
-        for name in batch.column("part").to_pylist():
-            corpus = cfs.read_parquet(cfs.join(self.run_dir, "corpus", name))
-            table = corpus.select(["id", "uri", "caption"])
-            for model in MODELS:
-                emb = cfs.read_parquet(cfs.join(self.run_dir, "embeddings", model, name))
-                if not emb.column("id").equals(corpus.column("id")):
-                    raise RuntimeError(f"search: embeddings/{model}/{name} and corpus/{name} list different ids")
-                table = table.append_column(model, emb.column("embedding"))
-            out.append(table.select(["id", *MODELS, "caption", "uri"]))
-        return pa.concat_tables(out)
+    out = []
+    for name in batch.column("part").to_pylist():
+        corpus = cfs.read_parquet(cfs.join(run_dir, "corpus", name))
+        table = corpus.select(["id", "uri", "caption"])
+        for model in MODELS:
+            emb = cfs.read_parquet(cfs.join(run_dir, "embeddings", model, name))
+            if not emb.column("id").equals(corpus.column("id")):
+                raise RuntimeError(f"search: embeddings/{model}/{name} and corpus/{name} list different ids")
+            table = table.append_column(model, emb.column("embedding"))
+        out.append(table.select(["id", *MODELS, "caption", "uri"]))
+    return pa.concat_tables(out)
 
 
 # ---------------------------------------------------------------------------------------
@@ -445,6 +441,9 @@ class ShardedSearch:
     seed: int = 0
     facts: dict[str, Any] = field(default_factory=dict)
     ordered: Any = None
+    k_used: int = 0
+    depth: int = 0
+    recall_rows: np.ndarray | None = None
     _actors: list[Any] = field(default_factory=list)
 
     def __enter__(self) -> ShardedSearch:
@@ -475,17 +474,15 @@ class ShardedSearch:
                 part.to_arrow_refs(), lo, self.index, self.nprobe, self.train_sample, self.seed, plan.threads))
         nodes = ray.get([a.node.remote() for a in self._actors])
         approximate = self.index.strip().lower() != "flat"
-        self.recall_rows = None
-        if approximate:
-            rng = np.random.default_rng(self.seed)
-            self.recall_rows = np.sort(rng.choice(n, min(self.recall_queries, n), replace=False))
+        sample = np.sort(np.random.default_rng(self.seed).choice(n, min(self.recall_queries, n), replace=False))
+        self.recall_rows = sample if approximate else None
         self.facts = {
             "images": n, "k": self.k_used, "depth": self.depth, "shards": len(plans),
             "nodes": len(set(nodes)), "index": self.index if approximate else "exact",
             "shard_rows": [hi - lo for lo, hi in bounds][:8],
         }
         if approximate:
-            self.facts.update(nprobe=self.nprobe, recall_queries=len(self.recall_rows))
+            self.facts.update(nprobe=self.nprobe, recall_queries=len(sample))
         log.info("search: %s", self.facts)
         return self
 
