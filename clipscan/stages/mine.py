@@ -122,13 +122,18 @@ def write_ranked(
 
 
 def _num_rows(block: Any) -> int:
-    return int(block.num_rows)
+    return int(_arrow(block).num_rows)
+
+
+def _arrow(block: Any) -> pa.Table:
+    """A Ray Data block as a pyarrow Table (blocks are Arrow here; pandas ones are converted)."""
+    return block if isinstance(block, pa.Table) else pa.Table.from_pandas(block, preserve_index=False)
 
 
 def _write_ranked_part(
     block: pa.Table, start: int, end: int, offset: int, path: str, k: int, sample: np.ndarray, cases: int,
 ) -> dict[str, Any]:
-    table = block.slice(start, end - start)
+    table = _arrow(block).slice(start, end - start)
     rank = np.arange(offset + 1, offset + 1 + table.num_rows, dtype=np.int32)
     table = table.add_column(0, "rank", pa.array(rank)).select(dc.DISCREPANCY_SCHEMA.names).cast(dc.DISCREPANCY_SCHEMA)
     cfs.write_parquet_atomic(path, table)
@@ -218,7 +223,7 @@ def _with_spread(batch: pa.Table) -> pa.Table:
 
 
 def _write_pair_part(block: pa.Table, start: int, end: int, path: str) -> int:
-    table = block.slice(start, end - start).select(dc.PAIRS_SCHEMA.names).cast(dc.PAIRS_SCHEMA)
+    table = _arrow(block).slice(start, end - start).select(dc.PAIRS_SCHEMA.names).cast(dc.PAIRS_SCHEMA)
     cfs.write_parquet_atomic(path, table)
     return table.num_rows
 
