@@ -3,7 +3,9 @@
 Compares, in one run: (a) `sharded_self_knn` over a local Ray with every core, (b) one
 FAISS IndexFlatIP search in this process with every thread, (c) numpy brute force in row
 blocks (matmul + argpartition), timed on at most --numpy-max rows and extrapolated
-quadratically, and (d) FAISS on GPU when FAISS sees one. Memory is the peak, sampled
+quadratically, (d) FAISS on GPU when FAISS sees one, and (e) the DAF search stage
+(``clipscan.stages.search``: shard actors, streamed query blocks, discrepancy rows
+written), whose speed per model is compared with (b). Memory is the peak, sampled
 every 0.2 s, over this process and all its descendants (the Ray processes included).
 
     python benchmarks/knn.py --n 100000 --d 512 --k 10
@@ -83,6 +85,30 @@ def faiss_gpu(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return index.search(x, k + 1)
 
 
+def stage_search(x: np.ndarray, k: int, shards: int | None, query_block: int) -> str:
+    """(e): the DAF search stage (``clipscan.stages.search``): id sort, shard actors, the
+    query stream and its discrepancy rows written as Parquet parts. Both models are given
+    x, with reference depth k, so it does the work of two (b) searches."""
+    import pyarrow as pa
+    import ray.data
+
+    from clipscan.stages.embed import embedding_array
+    from clipscan.stages.search import ShardedSearch
+
+    column = embedding_array(x)
+    table = pa.table({"id": [f"{i:09d}" for i in range(len(x))], "probe": column, "reference": column,
+                      "uri": pa.nulls(len(x), pa.string()), "caption": pa.nulls(len(x), pa.string())})
+    step = max(1, min(len(x), query_block))
+    vectors = ray.data.from_arrow([table.slice(i, step) for i in range(0, len(x), step)])
+    out = tempfile.mkdtemp(prefix="knn-stage-")
+    with ShardedSearch(vectors, k=k, rank_depth=k, shards=shards, query_block=query_block,
+                       search_actors=2) as stage:
+        stage.write(out)
+        facts = stage.facts
+    shutil.rmtree(out, ignore_errors=True)
+    return f"{facts['shards']} shard actor(s), {facts['nodes']} node(s)"
+
+
 def numpy_brute(x: np.ndarray, k: int, block_values: int = 1 << 25) -> np.ndarray:
     """(c): (n, k) int64 neighbours (self excluded) by blocked matmul and argpartition."""
     n = x.shape[0]
@@ -135,6 +161,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--k", type=int, default=10, help="neighbours per vector, self excluded")
     parser.add_argument("--shards", type=int, default=None, help="database shards for (a)")
     parser.add_argument("--query-block", type=int, default=16384, help="queries per search")
+    parser.add_argument("--stage-shards", type=int, default=None, help="shard actors for (e); default one per node")
     parser.add_argument("--cpus", type=int, default=os.cpu_count(), help="Ray CPUs for (a)")
     parser.add_argument(
         "--numpy-max", type=int, default=20_000, help="rows timed for (c); more are extrapolated"
@@ -175,6 +202,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     time.sleep(2)  # let Ray's idle workers finish starting so the baseline is idle
     best_a: Row | None = None
     best_b: Row | None = None
+    best_e: Row | None = None
     try:
         for _ in range(args.repeat):
             # Alternate (b) and (a) so that load from other jobs hits both alike.
@@ -188,12 +216,19 @@ def main(argv: list[str] | None = None) -> list[Row]:
                 lambda: sharded_self_knn(x, k, shards=shards, query_block=args.query_block),
             )
             print(f"(a) {row_a.seconds:.1f} s, load {row_a.load}", flush=True)
+            row_e, note_e = measure(
+                "(e) search stage, both models", n,
+                lambda: stage_search(x, k, args.stage_shards, args.query_block),
+            )
+            row_e.note = note_e
+            print(f"(e) {row_e.seconds:.1f} s, load {row_e.load}", flush=True)
             best_b = min(best_b or row_b, row_b, key=lambda r: r.seconds or 0.0)
             best_a = min(best_a or row_a, row_a, key=lambda r: r.seconds or 0.0)
+            best_e = min(best_e or row_e, row_e, key=lambda r: r.seconds or 0.0)
     finally:
         ray.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)
-    assert best_a is not None and best_b is not None
+    assert best_a is not None and best_b is not None and best_e is not None
     _, exact_b = drop_self(sims_b, ids_b, np.arange(n), k)
     best_a.note = (
         f"ray.init {init_s:.1f} s not counted; recall@{k} vs (b) {recall_at_k(ids_a, exact_b):.5f}"
@@ -209,7 +244,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     else:
         row_d = Row("(d) faiss GPU IndexFlatIP", n, None, "skipped: faiss sees no GPU")
 
-    rows = [best_a, best_b, row_c, row_d]
+    rows = [best_a, best_b, row_c, row_d, best_e]
     print()
     print(format_table(rows, n * n * 4))
     print(
@@ -217,6 +252,11 @@ def main(argv: list[str] | None = None) -> list[Row]:
         f"{(best_b.cpu_seconds or 0) / (best_a.cpu_seconds or 1):.2f} CPU (target >= 0.9); "
         f"(a) peak PSS {(best_a.peak_pss or 0) / GiB:.2f} GiB "
         f"vs N x N float32 {n * n * 4 / GiB:.2f} GiB"
+    )
+    # (e) searches two models: its fair one-process baseline is two (b) searches.
+    print(
+        f"(e)/(b) speed per model: {2 * (best_b.seconds or 0) / (best_e.seconds or 1):.2f} wall "
+        f"(target >= 0.9); (e) {best_e.seconds:.1f} s for two models, (b) {best_b.seconds:.1f} s for one"
     )
     return rows
 

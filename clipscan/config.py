@@ -55,10 +55,11 @@ class EmbedConfig(Section):
 
 class KnnConfig(Section):
     k: int = Field(default=10, ge=1)  # neighbours per image, self excluded
-    index: str = "Flat"  # FAISS factory string; "Flat" = exact sharded search, e.g. "IVF4096,Flat" approximate
+    index: str = "Flat"  # FAISS factory string; "Flat" = exact sharded search, e.g. "IVF4096,Flat" approximate (one index per shard; "IVF,Flat" = 4*sqrt(shard rows) lists)
     nprobe: int = Field(default=16, ge=1)  # IVF lists visited per query (approximate index only)
-    shards: int | None = Field(default=None, ge=1)  # database shards for exact search; None = from cluster CPUs
-    query_block: int = Field(default=16384, ge=1)  # queries per search call, rows
+    shards: int | None = Field(default=None, ge=1)  # database shards, one actor each holding both models' vectors of its rows; None = one per GPU, or one per CPU node
+    query_block: int = Field(default=16384, ge=1)  # queries per search call (rows per block of the query stream)
+    search_actors: int = Field(default=2, ge=1)  # query-stream actors (each sends its block to every shard and merges the answers)
     train_sample: int = Field(default=100_000, ge=1)  # vectors used to train an approximate index
     recall_queries: int = Field(default=1000, ge=1)  # queries checked against exact search for recall@k
     device: Literal["auto", "cpu"] = "auto"  # auto = GPUs where the cluster has them (FAISS must see them), cpu = never

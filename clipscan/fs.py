@@ -167,6 +167,19 @@ def write_parquet_atomic(path: str, table: pa.Table) -> None:
     write_bytes_atomic(path, buf.getvalue())
 
 
+def list_parquet(path: str) -> list[str]:
+    """The ``.parquet`` files directly under a directory, sorted by name ([] if it is missing)."""
+    fs, inner = resolve(path)
+    with named(path):
+        if fs.get_file_info(inner).type != pafs.FileType.Directory:
+            return []
+        return sorted(
+            f.path
+            for f in fs.get_file_info(pafs.FileSelector(inner, recursive=False))
+            if f.type == pafs.FileType.File and f.path.endswith(".parquet")
+        )
+
+
 def read_parquet(path: str) -> pa.Table:
     """Read one Parquet file or a directory of part files (sorted by name)."""
     import pyarrow.parquet as pq

@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 
 from clipscan import __version__
 from clipscan import fs as cfs
+from clipscan.stages.mine import Figures
 
 # Thumbnails refuse images above this many pixels before decoding (decompression bombs).
 THUMB_MAX_PIXELS = 1 << 27
@@ -253,27 +254,46 @@ def card(
 # DAF
 
 
+def daf_figures(discrepancies: pa.Table, seed: int = 0) -> Figures:
+    """The plots' aggregates of a whole ``mine`` table (the pipeline computes the same in
+    the stream, ``clipscan.stages.mine.write_ranked``): overlap counts, the mean, and the
+    cosines of a seeded sample of at most ``PLOT_POINTS`` probe neighbours."""
+    from clipscan.stages.mine import sample_ranks
+
+    k = _k_of(discrepancies)
+    n = discrepancies.num_rows
+    overlap = np.asarray(discrepancies.column("overlap").to_numpy(zero_copy_only=False), float)
+    counts = np.bincount(np.rint(overlap * k).astype(np.int64), minlength=k + 1) if n else np.zeros(k + 1, np.int64)
+    rank = discrepancies.column("rank").to_numpy() if "rank" in discrepancies.column_names else np.arange(1, n + 1)
+    shown = discrepancies.filter(pa.array(np.isin(rank, sample_ranks(n, k, seed)))) if n else discrepancies
+    points = {
+        "px": _flat(shown, "probe_cos"), "py": _flat(shown, "probe_neighbours_reference_cos"),
+        "ox": _flat(shown, "probe_only_probe_cos"), "oy": _flat(shown, "probe_only_reference_cos"),
+    }
+    return Figures(images=n, k=k, overlap_counts=counts[: k + 1], overlap_sum=float(overlap.sum()),
+                   points=points, sampled_images=shown.num_rows)
+
+
 def daf_plots(
-    discrepancies: pa.Table, labels: tuple[str, str] = ("probe", "reference")
+    data: pa.Table | Figures, labels: tuple[str, str] = ("probe", "reference")
 ) -> dict[str, bytes]:
     """PNG bytes of ``overlap_hist.png`` (overlap@k over images) and ``cosines.png`` (probe
-    vs reference cosine of every probe neighbour, probe-only ones highlighted).
+    vs reference cosine of every probe neighbour of the sampled images, probe-only ones
+    highlighted).
 
-    discrepancies: the table of ``clipscan.stages.discrepancy.mine``. labels: model names
-    for the axes.
+    data: the streaming aggregates (``clipscan.stages.mine.Figures``) or a whole table of
+    ``clipscan.stages.discrepancy.mine``. labels: model names for the axes.
     """
+    figures = data if isinstance(data, Figures) else daf_figures(data)
     probe_name, ref_name = labels
-    n = discrepancies.num_rows
-    k = _k_of(discrepancies)
-    overlap = np.asarray(discrepancies.column("overlap").to_numpy(zero_copy_only=False), float)
+    n, k = figures.images, figures.k
 
     fig = new_figure(5.6, 4.6)
     ax = fig.add_subplot()
-    shared = np.rint(overlap * k).astype(np.int64) if k else np.zeros(0, np.int64)
-    counts = np.bincount(shared, minlength=k + 1) if n else np.zeros(k + 1, np.int64)
+    counts = np.asarray(figures.overlap_counts)
     ax.bar(np.arange(k + 1) / max(k, 1), counts, width=0.8 / max(k, 1), color="#1f6feb")
     if n:
-        mean = float(overlap.mean())
+        mean = figures.mean_overlap
         ax.axvline(mean, color="#cf222e", linestyle="--", linewidth=1.2, label=f"mean {mean:.3f}")
         ax.legend(loc="upper left", frameon=False)
     ax.set_xlabel(f"overlap@{k}: shared top-{k} neighbours / {k}")
@@ -284,12 +304,11 @@ def daf_plots(
 
     fig = new_figure(5.6, 4.6)
     ax = fig.add_subplot()
-    px = _flat(discrepancies, "probe_cos")
-    py = _flat(discrepancies, "probe_neighbours_reference_cos")
+    pts = {c: np.asarray(figures.points.get(c, np.zeros(0)), dtype=np.float64) for c in ("px", "py", "ox", "oy")}
+    px, py, ox, oy = pts["px"], pts["py"], pts["ox"], pts["oy"]
     if py.size != px.size:  # a table without the column: only the probe-only points
         px, py = px[:0], py[:0]
-    ox = _flat(discrepancies, "probe_only_probe_cos")
-    oy = _flat(discrepancies, "probe_only_reference_cos")
+    sampled = f" of {figures.sampled_images:,} sampled images" if figures.sampled_images < n else ""
     keep = np.isfinite(px) & np.isfinite(py)
     px, py = px[keep], py[keep]
     both = np.concatenate([px, py, ox, oy])
@@ -297,12 +316,12 @@ def daf_plots(
     lo = min(lo - 0.02, 0.9)
     if px.size > 20_000:
         ax.hexbin(px, py, gridsize=70, bins="log", cmap="Blues", extent=(lo, 1, lo, 1), mincnt=1)
-        ax.set_title(f"Cosine of each probe neighbour ({px.size:,}; log density)")
+        ax.set_title(f"Cosine of each probe neighbour ({px.size:,}{sampled}; log density)")
     else:
         ax.scatter(px, py, s=6, alpha=0.35, color="#8c959f", label="in both top-k", lw=0)
         ax.scatter(ox, oy, s=8, alpha=0.6, color="#cf222e", label="probe-only", lw=0)
         ax.legend(loc="lower right", frameon=False)
-        ax.set_title(f"Cosine of each probe neighbour ({px.size:,})")
+        ax.set_title(f"Cosine of each probe neighbour ({px.size:,}{sampled})")
     ax.plot([lo, 1], [lo, 1], color="#1f2328", linewidth=1, linestyle=":")
     ax.set_xlim(lo, 1)
     ax.set_ylim(lo, 1)
@@ -323,14 +342,18 @@ def write_daf_report(
     thumb: int = 128,
     corpus: pa.Table | None = None,
     attributes: Mapping[str, Any] | None = None,
+    figures: Figures | None = None,
 ) -> str:
     """Write ``plots/overlap_hist.png``, ``plots/cosines.png`` and ``report.html`` under
     ``run_dir`` (atomically, local or object storage); return the report's path.
 
     summary: figures of the run (any keys; ``images``, ``skipped``, ``mean_overlap``,
     ``k``, ``models``/``probe``/``reference``, ``recall``, ``wall_s`` get readable labels;
-    overlap and k are computed from the table when absent). discrepancies: ``mine``'s
-    table. cases: ``clipscan.stages.discrepancy.cases``'s table, the top ``rows`` shown.
+    overlap and k are computed from the aggregates when absent). discrepancies: rows of
+    ``mine``'s table holding at least the shown cases (their reference lists): the whole
+    table, or only those rows when ``figures`` is given. figures: the plots' streaming
+    aggregates (``clipscan.stages.mine.Figures``); None = computed from the whole table
+    ``discrepancies``. cases: ``clipscan.stages.discrepancy.cases``'s table, the top ``rows`` shown.
     failures: the summary's failures.json (a mapping whose ``failure_types`` (or
     ``types``/``failures``) list holds {type, description, prompts, cases, examples}),
     or that list itself; None or ``backend: "off"`` says the LLM summary was not run.
@@ -364,24 +387,26 @@ def write_daf_report(
         lookup.update(corpus_lookup(corpus, sorted(wanted - set(lookup))))
 
     labels = _model_labels(summary)
-    plots = daf_plots(discrepancies, labels)
+    if figures is None:
+        figures = daf_figures(discrepancies)
+    plots = daf_plots(figures, labels)
     for name, data in plots.items():
         cfs.write_bytes_atomic(cfs.join(run_dir, "plots", name), data)
 
-    k = _k_of(discrepancies)
-    figures: dict[str, Any] = {}
-    if not any("overlap" in key for key in summary) and discrepancies.num_rows:
-        figures["mean_overlap"] = float(pc.mean(discrepancies.column("overlap")).as_py())
+    k = figures.k
+    values: dict[str, Any] = {}
+    if not any("overlap" in key for key in summary) and figures.images:
+        values["mean_overlap"] = figures.mean_overlap
     if "k" not in summary:
-        figures["k"] = k
-    figures.update(summary)
-    known = [key for key in _LABELS if key in figures]
-    figures = {
-        _LABELS.get(key, key.replace("_", " ")): figures[key]
-        for key in known + [key for key in figures if key not in _LABELS]
+        values["k"] = k
+    values.update(summary)
+    known = [key for key in _LABELS if key in values]
+    values = {
+        _LABELS.get(key, key.replace("_", " ")): values[key]
+        for key in known + [key for key in values if key not in _LABELS]
     }
 
-    sections = [section("Run", summary_table(figures), "run")]
+    sections = [section("Run", summary_table(values), "run")]
     if attributes is not None:
         sections.insert(0, section("What the probe fails to see", attributes_html(attributes), "attributes"))
     sections.append(

@@ -46,7 +46,10 @@ def test_daf_main_end_to_end(tmp_path: Path, scene_corpus: str, ray_local: None,
     html = (out / "report.html").read_text()
     assert html.index('id="attributes"') < html.index('id="run"')
     assert "data:image/png;base64" in html and (out / "plots" / "overlap_hist.png").is_file()
-    assert (out / "pairs.parquet").is_file() and (out / "skipped.parquet").is_file()
+    assert (out / "skipped.parquet").is_file() and not (out / "_search").exists()  # the search's scratch parts are gone
+    for name in ("discrepancies.parquet", "pairs.parquet"):  # written in parts by the pipeline
+        assert sorted(p.name for p in (out / name).iterdir())[0] == "part-00000.parquet", name
+    assert info["stages"]["index"]["shards"] >= 1 and info["stages"]["mine"]["images"] == 120
 
     # a rerun with the same config reproduces the run; another config is refused without --overwrite
     first_table = table

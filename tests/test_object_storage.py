@@ -116,12 +116,12 @@ def test_daf_reads_and_writes_s3_and_matches_local(
     assert daf.main(_args(s3_corpus, out)) == 0
 
     keys = _keys("runs/x/")
-    for name in ("run.json", "report.html", "discrepancies.parquet", "pairs.parquet", "cases.parquet",
-                 "skipped.parquet", "failures.json"):
+    for name in ("run.json", "report.html", "cases.parquet", "skipped.parquet", "failures.json",
+                 "discrepancies.parquet/part-00000.parquet", "pairs.parquet/part-00000.parquet"):
         assert name in keys, f"{name} missing from {out}: {sorted(keys)}"
     for model in ("probe", "reference"):
         assert any(k.startswith(f"embeddings/{model}/part-") and k.endswith(".parquet") for k in keys)
-    assert not any(k.startswith("_rows/") for k in keys), "scratch rows left behind"
+    assert not any(k.startswith(("_rows/", "_search/")) for k in keys), "scratch rows left behind"
 
     fs, root = pafs.FileSystem.from_uri(out)
     info = json.loads(fs.open_input_stream(f"{root}/run.json").read())

@@ -18,6 +18,7 @@ from PIL import Image
 
 from clipscan.data.scenes import write_corpus
 from clipscan.report import (
+    daf_figures,
     daf_plots,
     esc,
     figure_to_png,
@@ -223,3 +224,19 @@ def test_renders_in_headless_chromium(run, tmp_path):
     assert image.shape == (2000, 1400, 3)
     # a rendered page, not a blank one: many distinct colours from thumbnails and plots
     assert len(np.unique(image.reshape(-1, 3), axis=0)) > 500
+
+
+def test_report_from_streaming_aggregates_equals_whole_table(run, tmp_path):
+    """The pipeline hands the report its aggregates and only the shown rows: the same page."""
+    shown = run["table"].filter(
+        pa.compute.is_in(run["table"].column("id"), value_set=run["cases"].column("id").combine_chunks())
+    )
+    assert shown.num_rows < run["table"].num_rows
+    figures = daf_figures(run["table"])
+    assert figures.images == N and figures.k == K and int(figures.overlap_counts.sum()) == N
+    assert figures.points["px"].size == N * K  # 40 x 5 points: all of them, below the sample bound
+    path = write_daf_report(str(tmp_path), run["summary"], shown, run["cases"], None, rows=N, thumb=96,
+                            corpus=run["corpus"], figures=figures)
+    whole = write_daf_report(str(tmp_path / "whole"), run["summary"], run["table"], run["cases"], None,
+                             rows=N, thumb=96, corpus=run["corpus"])
+    assert Path(path).read_text() == Path(whole).read_text()

@@ -388,7 +388,7 @@ def contrast_rows(
     deep_reference: Callable[[list[str]], Mapping[str, Sequence[str]]] | None = None,
 ) -> pa.Table:
     """``ROWS_SCHEMA`` rows for the top ``cases`` images of ``mine``'s table that have a
-    probe-only neighbour.
+    probe-only neighbour (the whole table in memory; ``build_rows`` is the streaming form).
 
     Each row: the image's caption, its probe-only neighbours' captions, its reference
     neighbours' captions (control) and ``matched_captions``: agreeing pairs (j in both top-k
@@ -405,19 +405,40 @@ def contrast_rows(
     """
     from clipscan.stages.discrepancy import corpus_lookup
 
-    needs = ("rank", "id", "probe_neighbours", "probe_cos", "probe_only", "probe_only_probe_cos",
-             "reference_neighbours")
-    missing = [c for c in needs if c not in discrepancies.column_names]
+    missing = [c for c in CASE_COLUMNS + ("probe_cos",) if c not in discrepancies.column_names]
     if missing:
         raise KeyError(f"stage 'attributes' needs columns {missing}; the table has {discrepancies.column_names}")
     has_only = pc.greater(pc.list_value_length(discrepancies.column("probe_only")), 0)
     top = discrepancies.filter(has_only).sort_by("rank").slice(0, max(0, cases))
-    top = top.select(["rank", "id", "probe_neighbours", "probe_only", "probe_only_probe_cos",
-                      "probe_only_reference_rank", "reference_neighbours"])
-    cos = np.asarray(pc.list_flatten(top.column("probe_only_probe_cos")).to_numpy(zero_copy_only=False), dtype=np.float64)
-    matched = matched_pairs(discrepancies, cos, seed, bins)
+    matched = matched_pairs(discrepancies, probe_only_cosines(top), seed, bins)
+    return build_rows(top, matched, lambda ids: _ranks(discrepancies, ids),
+                      lambda wanted: corpus_lookup(corpus, wanted), deep_reference)
 
-    case_rows = top.to_pylist()
+
+# The discrepancy columns a case row of the contrast is made from.
+CASE_COLUMNS = ("rank", "id", "probe_neighbours", "probe_only", "probe_only_probe_cos",
+                "probe_only_reference_rank", "reference_neighbours")
+
+
+def probe_only_cosines(top: pa.Table) -> np.ndarray:
+    """The probe cosines of the probe-only pairs of the case rows ``top``: what the matched
+    control's agreeing pairs are sampled to."""
+    return np.asarray(pc.list_flatten(top.column("probe_only_probe_cos")).to_numpy(zero_copy_only=False),
+                      dtype=np.float64)
+
+
+def build_rows(
+    top: pa.Table,
+    matched: list[tuple[str, str]],
+    ranks: Callable[[list[str]], Mapping[str, int]],
+    captions: Callable[[list[str]], Mapping[str, tuple[str, str]]],
+    deep_reference: Callable[[list[str]], Mapping[str, Sequence[str]]] | None = None,
+) -> pa.Table:
+    """``ROWS_SCHEMA`` rows from the case rows ``top`` (``CASE_COLUMNS``, rank order), the
+    ``matched`` agreeing pairs, and look-ups that touch only the ids asked for: ``ranks``
+    (ids -> rank), ``captions`` (ids -> (uri, caption)) and ``deep_reference`` (see
+    ``contrast_rows``). Memory: the cases and their pairs, never the corpus."""
+    case_rows = top.select(list(CASE_COLUMNS)).to_pylist()
     deep = deep_reference([r["id"] for r in case_rows]) if deep_reference is not None else {}
     wanted = {r["id"] for r in case_rows}
     for r in case_rows:
@@ -430,7 +451,7 @@ def contrast_rows(
         wanted.update(r["rank_matched"])
     for i, j in matched:
         wanted.update((i, j))
-    lookup = corpus_lookup(corpus, sorted(wanted))
+    lookup = captions(sorted(wanted))
     absent = sorted(wanted - set(lookup))
     if absent:
         raise ValueError(f"attributes: {len(absent)} ids of the discrepancies are not in the corpus, e.g. {absent[:5]}")
@@ -452,7 +473,7 @@ def contrast_rows(
         }
         for r in case_rows
     ]
-    rank_of = _ranks(discrepancies, sorted(by_id))
+    rank_of = ranks(sorted(by_id))
     rows += [
         {"rank": rank_of[i], "id": i, "caption": cap(i), "neighbour_ids": [], "neighbour_captions": [],
          "reference_captions": [], "matched_captions": caps, "rank_matched_captions": []}
@@ -485,28 +506,83 @@ def matched_pairs(discrepancies: pa.Table, target_cos: np.ndarray, seed: int, bi
     ``target_cos`` (the probe cosines of the probe-only pairs) over ``bins`` quantile bins.
 
     Two passes over the table's record batches (counting, then sampling), so the memory is
-    one batch plus the chosen pairs.
+    one batch plus the chosen pairs; ``matched_pairs_dataset`` runs the same passes as Ray
+    Data stages.
     """
-    target_cos = target_cos[np.isfinite(target_cos)]
-    if target_cos.size == 0:
+    plan = _MatchPlan.of(target_cos, bins)
+    if plan is None:
         return []
-    edges = np.unique(np.quantile(target_cos, np.linspace(0, 1, bins + 1)))
-    if edges.size < 2:
-        edges = np.array([edges[0] - 1e-6, edges[0] + 1e-6])
-    want = np.histogram(target_cos, edges)[0].astype(np.float64)
-    have = np.zeros_like(want)
     for batch in discrepancies.to_batches():
-        _, _, _, b = _agreeing(batch, edges)
-        have += np.bincount(b[b >= 0], minlength=len(want))[: len(want)]
-    keep_p = np.where(have > 0, np.minimum(1.0, want / np.maximum(have, 1)), 0.0)
+        plan.have += plan.count(batch)
     out: list[tuple[str, str]] = []
     for batch in discrepancies.to_batches():
-        ids, nbr, key, b = _agreeing(batch, edges)
-        ok = b >= 0
-        u = _uniform(seed, key)
-        chosen = ok & (u < keep_p[np.maximum(b, 0)])
-        out += list(zip(ids[chosen].tolist(), nbr[chosen].tolist(), strict=True))
+        ids, nbr = plan.choose(batch, seed)
+        out += list(zip(ids.tolist(), nbr.tolist(), strict=True))
     return out
+
+
+def matched_pairs_dataset(ds: Any, target_cos: np.ndarray, seed: int, bins: int = 10) -> list[tuple[str, str]]:
+    """``matched_pairs`` over a Ray Dataset of discrepancy rows: both passes run in the
+    stream; the driver receives per-block bin counts, then only the chosen pairs."""
+    plan = _MatchPlan.of(target_cos, bins)
+    if plan is None:
+        return []
+    cols = ["rank", "id", "probe_neighbours", "probe_cos", "probe_only"]
+    rows = ds.select_columns(cols)
+
+    def count(batch: pa.Table) -> dict[str, np.ndarray]:
+        return {"have": plan.count(batch)[None]}
+
+    for b in rows.map_batches(count, batch_format="pyarrow").iter_batches(batch_format="numpy", batch_size=None):
+        plan.have += np.asarray(b["have"]).reshape(-1, len(plan.want)).sum(axis=0)
+
+    def choose(batch: pa.Table) -> pa.Table:
+        ids, nbr = plan.choose(batch, seed)
+        return pa.table({"i": pa.array(ids.tolist(), pa.string()), "j": pa.array(nbr.tolist(), pa.string())})
+
+    out: list[tuple[str, str]] = []
+    for b in rows.map_batches(choose, batch_format="pyarrow").iter_batches(batch_format="pyarrow", batch_size=None):
+        out += list(zip(b.column("i").to_pylist(), b.column("j").to_pylist(), strict=True))
+    return out
+
+
+@dataclass
+class _MatchPlan:
+    """The matched control's bins: edges over the target cosines, how many pairs each bin
+    wants and (after the counting pass) how many agreeing pairs it has."""
+
+    edges: np.ndarray
+    want: np.ndarray
+    have: np.ndarray
+
+    @classmethod
+    def of(cls, target_cos: np.ndarray, bins: int) -> _MatchPlan | None:
+        target_cos = np.asarray(target_cos, dtype=np.float64)
+        target_cos = target_cos[np.isfinite(target_cos)]
+        if target_cos.size == 0:
+            return None
+        edges = np.unique(np.quantile(target_cos, np.linspace(0, 1, bins + 1)))
+        if edges.size < 2:
+            edges = np.array([edges[0] - 1e-6, edges[0] + 1e-6])
+        want = np.histogram(target_cos, edges)[0].astype(np.float64)
+        return cls(edges, want, np.zeros_like(want))
+
+    def count(self, batch: Any) -> np.ndarray:
+        _, _, _, b = _agreeing(_record_batch(batch), self.edges)
+        return np.bincount(b[b >= 0], minlength=len(self.want))[: len(self.want)].astype(np.float64)
+
+    def choose(self, batch: Any, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        keep_p = np.where(self.have > 0, np.minimum(1.0, self.want / np.maximum(self.have, 1)), 0.0)
+        ids, nbr, key, b = _agreeing(_record_batch(batch), self.edges)
+        chosen = (b >= 0) & (_uniform(seed, key) < keep_p[np.maximum(b, 0)])
+        return ids[chosen], nbr[chosen]
+
+
+def _record_batch(batch: Any) -> pa.RecordBatch:
+    if isinstance(batch, pa.RecordBatch):
+        return batch
+    table = batch.combine_chunks()
+    return table.to_batches()[0] if table.num_rows else pa.RecordBatch.from_pylist([], schema=table.schema)
 
 
 def _agreeing(batch: pa.RecordBatch, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -16,6 +16,7 @@ first, self excluded, missing entries I = -1 (an approximate index that found fe
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -135,68 +136,127 @@ def mine(
 
     P, PD = probe_I[:, :k], probe_D[:, :k].astype(np.float32)
     R, RD = ref_I[:, :k], ref_D[:, :k].astype(np.float32)
+    rows = np.broadcast_to(np.arange(n, dtype=np.int64)[:, None], (n, k))
+    s = score(P, PD, ref_I, RD, pair_cos(x_ref, rows, P), pair_cos(x_probe, rows, R))
+    scales = scale_of(cosine_moments(PD, s.valid_p)), scale_of(cosine_moments(RD, s.valid_r))
+    gap_z, max_gap_z = calibrated_gaps(s.probe_cos, s.probe_ref_cos, s.p_only, *scales)
+
+    id_key = _id_key(ids_pa)
+    if rank_by == "overlap":
+        order = np.lexsort((id_key, -s.gap, s.overlap))
+    elif rank_by == "jaccard":
+        order = np.lexsort((id_key, -s.gap, s.jaccard))
+    elif rank_by == "max_gap":
+        order = np.lexsort((id_key, -gap_z, -max_gap_z))
+    else:
+        order = np.lexsort((id_key, -gap_z))
+    names_p = ids_pa.take(pa.array(np.maximum(P[order], 0).reshape(-1)))
+    names_r = ids_pa.take(pa.array(np.maximum(R[order], 0).reshape(-1)))
+    columns = {"rank": pa.array(np.arange(1, n + 1, dtype=np.int32))}
+    columns.update(row_columns(ids_pa.take(pa.array(order)), names_p, names_r, s.take(order)))
+    columns.update(gap_z=pa.array(gap_z[order]), max_gap_z=pa.array(max_gap_z[order]))
+    return pa.Table.from_pydict(columns, schema=DISCREPANCY_SCHEMA)
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Per-image discrepancy arrays for m images (the fields of ``DISCREPANCY_SCHEMA`` but
+    rank and ids); (m, k) arrays are row-aligned with the probe / reference top-k."""
+
+    overlap: np.ndarray  # (m,) float32
+    jaccard: np.ndarray  # (m,) float32
+    gap: np.ndarray  # (m,) float32
+    max_gap: np.ndarray  # (m,) float32
+    probe_cos: np.ndarray  # (m, k) float32, the probe top-k's probe cosine
+    probe_ref_cos: np.ndarray  # (m, k) float32, their reference cosine
+    ref_cos: np.ndarray  # (m, k) float32, the reference top-k's reference cosine
+    ref_probe_cos: np.ndarray  # (m, k) float32, their probe cosine
+    ref_rank: np.ndarray  # (m, k) int32, 1-based reference rank of each probe neighbour, 0 beyond depth
+    valid_p: np.ndarray  # (m, k) bool, a probe neighbour is there
+    valid_r: np.ndarray  # (m, k) bool
+    p_only: np.ndarray  # (m, k) bool, probe neighbour not in the reference top-k
+    r_only: np.ndarray  # (m, k) bool, reference neighbour not in the probe top-k
+
+    def take(self, order: np.ndarray) -> Scores:
+        """The same images in ``order`` ((m,) int64 positions)."""
+        return Scores(**{f: getattr(self, f)[order] for f in self.__dataclass_fields__})
+
+
+def score(
+    P: np.ndarray,
+    PD: np.ndarray,
+    ref_I: np.ndarray,
+    RD: np.ndarray,
+    probe_ref_cos: np.ndarray,
+    ref_probe_cos: np.ndarray,
+) -> Scores:
+    """Overlap@k, Jaccard, probe-only / reference-only masks, reference ranks and gaps of m images.
+
+    P, PD: (m, k) int64 / float32, the probe top-k (ids of any global numbering, -1 where
+    missing) and their probe cosine. ref_I: (m, depth) int64, depth >= k, the reference
+    list in the same numbering (its first k columns are the reference top-k R; all of it
+    gives the rank of a probe-only neighbour); RD: (m, k) float32 the top-k's reference
+    cosine. probe_ref_cos: (m, k) the reference cosine of each P entry; ref_probe_cos:
+    (m, k) the probe cosine of each R entry. Row-wise and pure: a block of rows gives the
+    same values as the whole table.
+    """
+    k = P.shape[1]
+    R = ref_I[:, :k]
     valid_p, valid_r = P >= 0, R >= 0
-    ref_rank = reference_rank(P, ref_I)  # (n, k), 0 = not within depth
+    ref_rank = reference_rank(P, ref_I)  # (m, k), 0 = not within depth
     p_in_r = valid_p & (ref_rank >= 1) & (ref_rank <= k)
     r_in_p = valid_r & _member(R, P)
     inter = p_in_r.sum(axis=1)
     union = valid_p.sum(axis=1) + valid_r.sum(axis=1) - inter
     overlap = (inter / k).astype(np.float32)
     jaccard = np.where(union > 0, inter / np.maximum(union, 1), 0.0).astype(np.float32)
-
-    rows = np.broadcast_to(np.arange(n, dtype=np.int64)[:, None], (n, k))
-    p_ref_cos = pair_cos(x_ref, rows, P)  # reference cosine of every probe neighbour
-    r_probe_cos = pair_cos(x_probe, rows, R)  # probe cosine of every reference neighbour
     p_only = valid_p & ~p_in_r
     r_only = valid_r & ~r_in_p
-    diff = np.where(p_only, PD.astype(np.float64) - p_ref_cos, 0.0)
+    PD = np.asarray(PD, dtype=np.float32)
+    diff = np.where(p_only, PD.astype(np.float64) - probe_ref_cos, 0.0)
     count = p_only.sum(axis=1)
     gap = np.where(count > 0, diff.sum(axis=1) / np.maximum(count, 1), 0.0).astype(np.float32)
     max_gap = np.where(count > 0, np.where(p_only, diff, -np.inf).max(axis=1), 0.0).astype(np.float32)
-    gap_z, max_gap_z = calibrated_gaps(PD, p_ref_cos, p_only, cosine_scale(PD, valid_p), cosine_scale(RD, valid_r))
+    return Scores(
+        overlap=overlap, jaccard=jaccard, gap=gap, max_gap=max_gap,
+        probe_cos=PD, probe_ref_cos=np.asarray(probe_ref_cos, dtype=np.float32),
+        ref_cos=np.asarray(RD, dtype=np.float32), ref_probe_cos=np.asarray(ref_probe_cos, dtype=np.float32),
+        ref_rank=ref_rank, valid_p=valid_p, valid_r=valid_r, p_only=p_only, r_only=r_only,
+    )  # fmt: skip
 
-    id_key = _id_key(ids_pa)
-    if rank_by == "overlap":
-        order = np.lexsort((id_key, -gap, overlap))
-    elif rank_by == "jaccard":
-        order = np.lexsort((id_key, -gap, jaccard))
-    elif rank_by == "max_gap":
-        order = np.lexsort((id_key, -gap_z, -max_gap_z))
-    else:
-        order = np.lexsort((id_key, -gap_z))
 
-    def o(a: np.ndarray) -> np.ndarray:
-        return a[order]
+def row_columns(
+    ids: pa.Array, probe_names: pa.Array, reference_names: pa.Array, s: Scores
+) -> dict[str, pa.Array]:
+    """The ``DISCREPANCY_SCHEMA`` columns but ``rank`` for m images, in the order of ``s``.
 
-    P_o, R_o, rank_o = o(P), o(R), o(ref_rank)
-    vp, vr, po, ro = o(valid_p), o(valid_r), o(p_only), o(r_only)
-    PD_o, RD_o, p_ref_o, r_probe_o = o(PD), o(RD), o(p_ref_cos), o(r_probe_cos)
-    columns = {
-        "rank": pa.array(np.arange(1, n + 1, dtype=np.int32)),
-        "id": ids_pa.take(pa.array(order)),
-        "overlap": pa.array(o(overlap)),
-        "jaccard": pa.array(o(jaccard)),
-        "probe_neighbours": _id_lists(ids_pa, P_o, vp),
-        "probe_cos": _float_lists(PD_o, vp),
-        "probe_neighbours_reference_cos": _float_lists(p_ref_o, vp),
-        "reference_neighbours": _id_lists(ids_pa, R_o, vr),
-        "reference_cos": _float_lists(RD_o, vr),
-        "reference_neighbours_probe_cos": _float_lists(r_probe_o, vr),
-        "probe_only": _id_lists(ids_pa, P_o, po),
-        "probe_only_probe_cos": _float_lists(PD_o, po),
-        "probe_only_reference_cos": _float_lists(p_ref_o, po),
+    ids: (m,) string. probe_names, reference_names: (m * k,) string, row-major, the ids
+    of the probe / reference top-k (any value where the entry is missing).
+    """
+    vp, vr, po, ro = s.valid_p, s.valid_r, s.p_only, s.r_only
+    rank = s.ref_rank
+    return {
+        "id": ids,
+        "overlap": pa.array(s.overlap),
+        "jaccard": pa.array(s.jaccard),
+        "probe_neighbours": _name_lists(probe_names, vp),
+        "probe_cos": _float_lists(s.probe_cos, vp),
+        "probe_neighbours_reference_cos": _float_lists(s.probe_ref_cos, vp),
+        "reference_neighbours": _name_lists(reference_names, vr),
+        "reference_cos": _float_lists(s.ref_cos, vr),
+        "reference_neighbours_probe_cos": _float_lists(s.ref_probe_cos, vr),
+        "probe_only": _name_lists(probe_names, po),
+        "probe_only_probe_cos": _float_lists(s.probe_cos, po),
+        "probe_only_reference_cos": _float_lists(s.probe_ref_cos, po),
         "probe_only_reference_rank": _lists(
-            pa.array(rank_o[po].astype(np.int32), mask=rank_o[po] == 0), po
+            pa.array(rank[po].astype(np.int32), mask=rank[po] == 0), po
         ),
-        "reference_only": _id_lists(ids_pa, R_o, ro),
-        "reference_only_probe_cos": _float_lists(r_probe_o, ro),
-        "reference_only_reference_cos": _float_lists(RD_o, ro),
-        "gap": pa.array(o(gap)),
-        "max_gap": pa.array(o(max_gap)),
-        "gap_z": pa.array(o(gap_z)),
-        "max_gap_z": pa.array(o(max_gap_z)),
+        "reference_only": _name_lists(reference_names, ro),
+        "reference_only_probe_cos": _float_lists(s.ref_probe_cos, ro),
+        "reference_only_reference_cos": _float_lists(s.ref_cos, ro),
+        "gap": pa.array(s.gap),
+        "max_gap": pa.array(s.max_gap),
     }
-    return pa.Table.from_pydict(columns, schema=DISCREPANCY_SCHEMA)
 
 
 def pairs(
@@ -320,19 +380,35 @@ def cases(discrepancies: pa.Table, corpus: pa.Table, n: int) -> pa.Table:
 # Array helpers, public because the tests and the report use them
 
 
-def cosine_scale(D: np.ndarray, valid: np.ndarray) -> tuple[float, float]:
-    """(mean, std) of one model's neighbour cosines D (n, k) where ``valid``; float64.
-
-    The scale its cosines live on: a CLIP's neighbours sit near 0.9, a DINOv2's near 0.6,
-    so raw differences between the two measure scale as much as disagreement. std is 1
-    when there are fewer than two values or they are all equal.
-    """
-    values = np.asarray(D, dtype=np.float64)[valid]
+def cosine_moments(D: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """(3,) float64 count, sum and sum of squares of one model's neighbour cosines D (n, k)
+    where ``valid`` and finite; blocks' moments add up to the whole table's (``scale_of``)."""
+    values = np.asarray(D, dtype=np.float64)[np.asarray(valid, dtype=bool)]
     values = values[np.isfinite(values)]
-    if values.size < 2:
-        return (float(values.mean()) if values.size else 0.0), 1.0
-    std = float(values.std())
-    return float(values.mean()), std if std > 0 else 1.0
+    return np.array([values.size, values.sum(), np.square(values).sum()], dtype=np.float64)
+
+
+def scale_of(moments: np.ndarray) -> tuple[float, float]:
+    """(mean, std) of the cosines summarised by ``cosine_moments`` (summed over blocks).
+
+    The scale one model's cosines live on: a CLIP's neighbours sit near 0.9, a DINOv2's
+    near 0.6, so raw differences between the two measure scale as much as disagreement.
+    Both are rounded to float32, so a table mined whole and one mined block by block
+    (whose sums differ in the last float64 bits) standardise with the same numbers. std is
+    1 when there are fewer than two values or they are all equal.
+    """
+    count, total, squares = (float(v) for v in moments)
+    if count < 1:
+        return 0.0, 1.0
+    mean = total / count
+    var = max(0.0, squares / count - mean * mean) if count >= 2 else 0.0
+    std = float(np.float32(np.sqrt(var)))
+    return float(np.float32(mean)), std if std > 0 else 1.0
+
+
+def cosine_scale(D: np.ndarray, valid: np.ndarray) -> tuple[float, float]:
+    """(mean, std) of one model's neighbour cosines D (n, k) where ``valid`` (``scale_of``)."""
+    return scale_of(cosine_moments(D, valid))
 
 
 def calibrated_gaps(
@@ -345,17 +421,49 @@ def calibrated_gaps(
     """Per row, the mean and the largest (z_probe - z_reference) over the entries in ``mask``.
 
     probe_cos, reference_cos: (n, k) cosines of the same pairs under each model; mask (n, k)
-    bool (the probe-only neighbours); each scale the (mean, std) from ``cosine_scale``, z =
+    bool (the probe-only neighbours); each scale the (mean, std) from ``scale_of``, z =
     (cos - mean) / std. Returns two (n,) float32 arrays, 0 for rows without an entry.
     Unchanged when either model's cosines (and its scale) go through any increasing affine
     map, which raw gaps are not.
     """
-    zp = (np.asarray(probe_cos, dtype=np.float64) - probe_scale[0]) / probe_scale[1]
-    zr = (np.asarray(reference_cos, dtype=np.float64) - reference_scale[0]) / reference_scale[1]
-    diff = np.where(mask, zp - zr, 0.0)
-    count = mask.sum(axis=1)
-    mean = np.where(count > 0, diff.sum(axis=1) / np.maximum(count, 1), 0.0)
-    top = np.where(count > 0, np.where(mask, diff, -np.inf).max(axis=1), 0.0)
+    mask = np.asarray(mask, dtype=bool)
+    rows = np.broadcast_to(np.arange(mask.shape[0])[:, None], mask.shape)[mask]
+    return _gaps_z(np.asarray(probe_cos)[mask], np.asarray(reference_cos)[mask], rows, mask.shape[0],
+                   probe_scale, reference_scale)
+
+
+def add_calibrated_gaps(
+    table: pa.Table, probe_scale: tuple[float, float], reference_scale: tuple[float, float]
+) -> pa.Table:
+    """``table`` (discrepancy rows) with ``gap_z`` and ``max_gap_z`` computed from its
+    ``probe_only_probe_cos`` / ``probe_only_reference_cos`` lists: the same bits as
+    ``calibrated_gaps`` on the arrays those lists were made from, whatever the block."""
+    p_lists, r_lists = table.column("probe_only_probe_cos"), table.column("probe_only_reference_cos")
+    if isinstance(p_lists, pa.ChunkedArray):
+        p_lists, r_lists = p_lists.combine_chunks(), r_lists.combine_chunks()
+    rows = np.asarray(pc.list_parent_indices(p_lists).to_numpy(), dtype=np.int64)
+    flat = [np.asarray(pc.list_flatten(c).to_numpy(zero_copy_only=False), dtype=np.float32) for c in (p_lists, r_lists)]
+    gap_z, max_gap_z = _gaps_z(flat[0], flat[1], rows, table.num_rows, probe_scale, reference_scale)
+    for name, values in (("gap_z", gap_z), ("max_gap_z", max_gap_z)):
+        if name in table.column_names:
+            table = table.drop_columns([name])
+        table = table.append_column(name, pa.array(values))
+    return table
+
+
+def _gaps_z(
+    probe_cos: np.ndarray, reference_cos: np.ndarray, rows: np.ndarray, n: int,
+    probe_scale: tuple[float, float], reference_scale: tuple[float, float],
+) -> tuple[np.ndarray, np.ndarray]:
+    # entries in row order, then column order: bincount sums each row's entries in that order
+    zp = (np.asarray(probe_cos, dtype=np.float32).astype(np.float64) - probe_scale[0]) / probe_scale[1]
+    zr = (np.asarray(reference_cos, dtype=np.float32).astype(np.float64) - reference_scale[0]) / reference_scale[1]
+    diff = zp - zr
+    count = np.bincount(rows, minlength=n)
+    mean = np.where(count > 0, np.bincount(rows, weights=diff, minlength=n) / np.maximum(count, 1), 0.0)
+    top = np.full(n, -np.inf)
+    np.maximum.at(top, rows, diff)
+    top = np.where(count > 0, top, 0.0)
     return mean.astype(np.float32), top.astype(np.float32)
 
 
@@ -394,10 +502,14 @@ def pair_cos(x: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     step = max(1, _BLOCK_ELEMENTS // 2 // max(1, x.shape[1]))
     for s in range(0, ok.size, step):
         sel = ok[s : s + step]
-        a = x[r[sel]].astype(np.float64)
-        b = x[c[sel]].astype(np.float64)
-        out[sel] = np.einsum("ij,ij->i", a, b)
+        out[sel] = dot_rows(x[r[sel]], x[c[sel]])
     return out.reshape(shape)
+
+
+def dot_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(m,) float32: row-wise dot products of two (m, d) float32 arrays, float64 rounded to
+    float32, the same bits for a row whoever computes it (``pair_cos``, a search shard)."""
+    return np.einsum("ij,ij->i", a.astype(np.float64), b.astype(np.float64)).astype(np.float32)
 
 
 def corpus_lookup(corpus: pa.Table, wanted: list[str]) -> dict[str, tuple[str, str]]:
@@ -508,8 +620,8 @@ def _lists(values: pa.Array, mask: np.ndarray) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), values)
 
 
-def _id_lists(ids_pa: pa.Array, index: np.ndarray, mask: np.ndarray) -> pa.Array:
-    return _lists(ids_pa.take(pa.array(index[mask])), mask)
+def _name_lists(names: pa.Array, mask: np.ndarray) -> pa.Array:
+    return _lists(names.filter(pa.array(mask.reshape(-1))), mask)
 
 
 def _float_lists(values: np.ndarray, mask: np.ndarray) -> pa.Array:

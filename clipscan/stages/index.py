@@ -111,11 +111,25 @@ def drop_self(
     row is absent (more than k exact duplicates of it rank first, or an approximate index
     missed it), the last neighbour is dropped instead.
     """
+    keep = self_mask(ids, rows)
+    m = sims.shape[0]
+    return sims[keep].reshape(m, k), ids[keep].reshape(m, k)
+
+
+def self_mask(ids: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """(m, k + 1) bool: the entries `drop_self` keeps, so that values carried beside the
+    neighbour lists (cosines under another model, names) are dropped in the same places."""
     keep = ids != np.asarray(rows, dtype=np.int64)[:, None]
     no_self = keep.all(axis=1)
     keep[no_self, -1] = False
-    m = sims.shape[0]
-    return sims[keep].reshape(m, k), ids[keep].reshape(m, k)
+    return keep
+
+
+def merge_order(sims: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
+    """(m, k) column positions of the top-k of each row of (m, c) candidates under the total
+    order (-D, I): the candidates of several shards side by side merge to the same result
+    whatever the order of the shards, as `_merge_into` does two at a time."""
+    return np.lexsort((ids, -sims), axis=1)[:, :k]
 
 
 # ---------------------------------------------------------------------------------------
@@ -399,7 +413,7 @@ def _merge_into(
         r1 = min(sims.shape[0], r0 + _MERGE_ROWS)
         all_sims = np.concatenate([sims[r0:r1], part_sims[r0:r1]], axis=1)
         all_ids = np.concatenate([ids[r0:r1], part_ids[r0:r1]], axis=1)
-        order = np.lexsort((all_ids, -all_sims), axis=1)[:, :k]
+        order = merge_order(all_sims, all_ids, k)
         sims[r0:r1] = np.take_along_axis(all_sims, order, axis=1)
         ids[r0:r1] = np.take_along_axis(all_ids, order, axis=1)
 

@@ -6,8 +6,8 @@ Runs the real embedding stage (``clipscan.runner.embed_corpus``) on a
 ``ray.cluster_utils.Cluster`` (a head and two workers, separate raylets on this
 machine). A watcher thread removes the worker node that hosts an encoder actor once
 the sink has written some rows and before it has written them all; then a fresh worker
-joins, as the autoscaler would add one, and the exact neighbour search runs over the
-embeddings (its facts say on how many nodes). Prints one JSON
+joins, as the autoscaler would add one, and the search stage runs over the embeddings
+(its facts say on how many nodes its shard actors ran). Prints one JSON
 object on the last line of stdout: the input ids, the ids found in
 ``embeddings/<model>/*.parquet`` and ``skipped.parquet``, the nodes that ran decode
 tasks and encoder actors, and what happened when. tests/test_lost_node.py checks it.
@@ -46,12 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     from ray.cluster_utils import Cluster
 
     from clipscan import fs as cfs
-    from clipscan.config import DafConfig, KnnConfig, load_config
-    from clipscan.daf import neighbours
+    from clipscan.config import DafConfig, load_config
     from clipscan.data.scenes import write_corpus
     from clipscan.rundir import Run
     from clipscan.runner import embed_corpus
     from clipscan.stages import embed
+    from clipscan.stages.search import ShardedSearch, vectors_from_run
 
     work = Path(args.work)
     manifest = write_corpus(str(work / "corpus"), args.images, seed=5, size=64)
@@ -137,9 +137,10 @@ def main(argv: list[str] | None = None) -> int:
         workers.append(cluster.add_node(num_cpus=3, **node_args))
         cluster.wait_for_nodes()
         try:
-            _, x = embed.load_embeddings(str(out), "probe")
-            _, _, search = neighbours(x, KnnConfig(), 10, 0)
-            events["search"] = search
+            # the search stage's shard actors over the run's embeddings, one per CPU node
+            with ShardedSearch(vectors_from_run(str(out)), k=10) as stage:
+                stage.write(str(work / "search"))
+                events["search"] = stage.facts
         except Exception as e:
             error = f"search: {type(e).__name__}: {e}"
     events["worker_nodes"] = [w.node_id for w in workers]

@@ -1,0 +1,570 @@
+"""Both models' vectors per image (a Ray Dataset) in; per image its neighbours under each model and its discrepancy fields out.
+
+The database is split into contiguous shards of the id-sorted corpus, each held by one
+actor (``Shard``) with both models' vectors of its rows. Query blocks carrying both
+vectors stream through a Ray Data stage (``SearchBlock``); every block is searched
+against every shard; a shard returns per query its best candidates under each model,
+and for each candidate the cosine under both models, computed where the vectors are.
+The stage merges the shard results per query and computes that row's discrepancy
+fields (``clipscan.stages.discrepancy.score``) on the spot; no process but a shard
+holds anything that grows with the corpus.
+
+Exact results are those of ``clipscan.stages.index.self_knn`` over the id-sorted rows
+with the same shard bounds: FAISS proposes, float64 re-scoring decides, ties go by id
+(row index in id order), the query itself is excluded. An approximate FAISS factory
+string builds one index per shard; its recall@k against exact search is measured on
+``recall_queries`` seeded rows, searched both ways by the same shards.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+
+from clipscan.stages import discrepancy as dc
+from clipscan.stages import index as ix
+from clipscan.stages.decode import require
+
+if TYPE_CHECKING:
+    import ray.data
+
+log = logging.getLogger(__name__)
+
+MODELS = ("probe", "reference")
+
+# Discrepancy fields that need the whole corpus's cosine scales: added by the mine step.
+CALIBRATED = ("gap_z", "max_gap_z")
+
+# Hidden columns of the search rows, dropped from discrepancies.parquet: the MMVP pair
+# candidates found from this row (the other image, both cosines, the direction) and the
+# row's recall@k of an approximate index (null unless the row is in the recall sample).
+_PAIR_COLUMNS = ("_pair_with", "_pair_probe_cos", "_pair_reference_cos", "_pair_direction")
+RECALL_COLUMNS = ("_recall_probe", "_recall_reference")
+
+SEARCH_SCHEMA = pa.schema(
+    [f for f in dc.DISCREPANCY_SCHEMA if f.name not in ("rank", *CALIBRATED)]
+    + [
+        pa.field("_pair_with", pa.list_(pa.string())),
+        pa.field("_pair_probe_cos", pa.list_(pa.float32())),
+        pa.field("_pair_reference_cos", pa.list_(pa.float32())),
+        pa.field("_pair_direction", pa.list_(pa.string())),
+        pa.field("_recall_probe", pa.float32()),
+        pa.field("_recall_reference", pa.float32()),
+    ]
+)
+
+# CPUs of each query-stream actor and write task: they mostly wait on the shards, and
+# the shards leave one CPU of their node for them (``plan_shards``).
+STREAM_CPUS = 0.25
+
+# Gathered candidate vectors per step when computing cosines: (rows, candidates, d) float64.
+_COS_VALUES = 1 << 19
+
+
+# ---------------------------------------------------------------------------------------
+# The input: both models' vectors per image
+
+
+def vectors_from_run(run_dir: str) -> ray.data.Dataset:
+    """Stand-in for the vectors stage: ``id``, ``probe``, ``reference`` (FixedSizeList
+    float32, L2-normalised), ``caption``, ``uri``, one row per image embedded by both models.
+
+    Reads the embed stage's parts of the run: ``embeddings/probe``, ``embeddings/reference``
+    and ``corpus`` hold one ``part-NNNNN.parquet`` each per input shard, written from the
+    same rows in the same order, so one task zips the three files of a part (checking the
+    ids agree) and nothing is shuffled.
+    """
+    import ray.data
+
+    from clipscan import fs as cfs
+
+    names = [p.rsplit("/", 1)[-1] for p in cfs.list_parquet(cfs.join(run_dir, "corpus"))]
+    if not names:
+        raise FileNotFoundError(f"search: no corpus parts under {cfs.join(run_dir, 'corpus')}")
+    parts = ray.data.from_items([{"part": name} for name in names], override_num_blocks=len(names))
+    fn: Any = _zip_parts
+    return parts.map_batches(fn, fn_kwargs={"run_dir": run_dir}, batch_size=1,
+                             batch_format="pyarrow", num_cpus=0.5)
+
+
+def _zip_parts(batch: pa.Table, run_dir: str) -> pa.Table:
+    """``part`` names -> those parts' rows with both models' vectors and the caption."""
+    from clipscan import fs as cfs
+
+    out = []
+    for name in batch.column("part").to_pylist():
+        corpus = cfs.read_parquet(cfs.join(run_dir, "corpus", name))
+        table = corpus.select(["id", "uri", "caption"])
+        for model in MODELS:
+            emb = cfs.read_parquet(cfs.join(run_dir, "embeddings", model, name))
+            if not emb.column("id").equals(corpus.column("id")):
+                raise RuntimeError(f"search: embeddings/{model}/{name} and corpus/{name} list different ids")
+            table = table.append_column(model, emb.column("embedding"))
+        out.append(table.select(["id", *MODELS, "caption", "uri"]))
+    return pa.concat_tables(out)
+
+
+# ---------------------------------------------------------------------------------------
+# Where the shards run
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """One shard actor: the node it is placed on and what it reserves there."""
+
+    node_id: str
+    num_cpus: float  # CPUs reserved for the actor
+    num_gpus: int  # 1 on GPU nodes (FAISS GPU), else 0
+    threads: int  # FAISS threads of the actor
+
+
+def plan_shards(nodes: list[tuple[str, float, float]], shards: int | None = None) -> list[ShardPlan]:
+    """Shard actors over ``nodes`` [(node id, CPUs, GPUs)], each node sized from its own resources.
+
+    GPU nodes: one shard per GPU (one GPU each, the node's CPUs shared among them). CPU
+    nodes: by default one shard per node, reserving the node's CPUs but one (left for the
+    query stream and the writes) and running FAISS on all of them. ``shards`` fixes the
+    count: shards go to the nodes with the most capacity per shard (GPUs if the cluster
+    has any, else CPUs), and a node's CPUs are split among its shards. Nodes with no CPU
+    and no GPU (a head that takes no tasks) get none.
+    """
+    usable = [(nid, float(c), int(g)) for nid, c, g in nodes if c >= 1 or g >= 1]
+    if not usable:
+        raise RuntimeError(f"search: no node has a CPU or a GPU to hold a shard (nodes: {nodes})")
+    gpu_nodes = [u for u in usable if u[2] > 0]
+    pool = gpu_nodes or usable
+    capacity = {nid: (g if gpu_nodes else max(1.0, c - 1 if c >= 2 else c)) for nid, c, g in pool}
+    if shards is None:
+        counts = {nid: (g if gpu_nodes else 1) for nid, _, g in pool}
+    else:
+        counts = dict.fromkeys(capacity, 0)
+        for _ in range(shards):
+            best = max(capacity, key=lambda nid: (capacity[nid] / (counts[nid] + 1), nid))
+            counts[best] += 1
+    plans = []
+    for nid, cpus, gpus in pool:
+        m = counts[nid]
+        if not m:
+            continue
+        budget = max(1.0, cpus - 1 if cpus >= 2 else cpus)
+        per = budget / m if not gpu_nodes else max(1.0, math.floor(budget / m))
+        threads = max(1, int(cpus // m))
+        use_gpu = 1 if gpu_nodes and m <= gpus else 0
+        plans += [ShardPlan(nid, round(per, 4), use_gpu, threads)] * m
+    return plans
+
+
+def cluster_nodes() -> list[tuple[str, float, float]]:
+    """(node id, CPUs, GPUs) of every live node of the running Ray cluster."""
+    import ray
+
+    return [
+        (n["NodeID"], float(n["Resources"].get("CPU", 0)), float(n["Resources"].get("GPU", 0)))
+        for n in ray.nodes()
+        if n.get("Alive")
+    ]
+
+
+# ---------------------------------------------------------------------------------------
+# A shard
+
+
+class Shard:
+    """Rows [lo, lo + n) of the id-sorted corpus with both models' vectors; answers query blocks.
+
+    table: ``id`` (sorted ascending), ``probe``, ``reference`` (FixedSizeList float32,
+    L2-normalised). index: "Flat" (exact) or a FAISS factory string, one index per model
+    built from these rows (an IVF with no list count gets 4 * sqrt(rows) lists).
+    """
+
+    def __init__(
+        self,
+        table: pa.Table,
+        lo: int,
+        index: str = "Flat",
+        nprobe: int = 16,
+        train_sample: int = 100_000,
+        seed: int = 0,
+        threads: int | None = None,
+    ) -> None:
+        import faiss
+
+        from clipscan.stages.embed import embedding_matrix
+
+        require({c: None for c in table.column_names}, ("id", *MODELS), "search")
+        if threads is not None:
+            faiss.omp_set_num_threads(max(1, int(threads)))
+        self.lo = int(lo)
+        self.ids = np.asarray(table.column("id").to_pylist(), dtype=object)
+        if len(self.ids) == 0:
+            raise ValueError(f"search: shard at row {lo} is empty")
+        if len(self.ids) > 1 and not (self.ids[1:] > self.ids[:-1]).all():
+            raise ValueError(f"search: shard at row {lo} has ids out of order or repeated")
+        self.x = {m: np.ascontiguousarray(embedding_matrix(table.column(m))) for m in MODELS}
+        self.exact = {m: ix._FlatSearcher(self.x[m]) for m in MODELS}
+        self.approx = None
+        self.index = index
+        if index.strip().lower() != "flat":
+            self.approx = {m: _build_index(self.x[m], index, nprobe, train_sample, seed) for m in MODELS}
+
+    def node(self) -> str:
+        import ray
+
+        return str(ray.get_runtime_context().get_node_id())
+
+    def rows(self) -> int:
+        return len(self.ids)
+
+    def search(
+        self, ids: np.ndarray, queries: dict[str, np.ndarray], depth: dict[str, int], carry: int,
+        exact: bool = False,
+    ) -> dict[str, Any]:
+        """Each query's best ``depth[model]`` rows of this shard under each model.
+
+        ids: (m,) str query ids; queries: {model: (m, d) float32}. Returns ``self``
+        (m,) int64, the query's global row when it is in this shard, else -1, and per
+        model: ``sims`` (m, depth) float32, ``ids`` (m, depth) int64 global rows (-1
+        missing), ``names`` (m, depth) their ids, and for the first ``carry`` columns
+        ``cos_probe``, ``cos_reference`` (m, carry) float32, the candidate's cosine to the
+        query under each model (float64 dot rounded to float32; NaN where missing).
+        """
+        ids = np.asarray(ids, dtype=object)
+        pos = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
+        found = self.ids[pos] == ids
+        out: dict[str, Any] = {"self": np.where(found, pos + self.lo, -1).astype(np.int64)}
+        for model in MODELS:
+            kk = depth[model]
+            xq = np.ascontiguousarray(queries[model], dtype=np.float32)
+            if exact or self.approx is None:
+                sims, local = self.exact[model].search(xq, kk)
+            else:
+                sims, local = ix._canonical(*self.approx[model].search(xq, kk))
+            c = min(kk, carry)
+            out[model] = {
+                "sims": sims,
+                "ids": ix._offset(local, self.lo),
+                "names": self.ids[np.maximum(local, 0)],
+                **{f"cos_{m}": self._cos(m, queries[m], local[:, :c]) for m in MODELS},
+            }
+        return out
+
+    def _cos(self, model: str, q: np.ndarray, local: np.ndarray) -> np.ndarray:
+        m, c = local.shape
+        x = self.x[model]
+        out = np.full((m, c), np.nan, dtype=np.float32)
+        q = np.asarray(q, dtype=np.float32)
+        step = max(1, _COS_VALUES // max(1, c * x.shape[1]))
+        for r0 in range(0, m, step):
+            r1 = min(m, r0 + step)
+            cand = x[np.maximum(local[r0:r1], 0)].reshape(-1, x.shape[1])
+            qq = np.repeat(q[r0:r1], c, axis=0)
+            out[r0:r1] = dc.dot_rows(cand, qq).reshape(r1 - r0, c)
+        out[local < 0] = np.nan
+        return out
+
+
+def _build_index(x: np.ndarray, spec: str, nprobe: int, train_sample: int, seed: int) -> Any:
+    import faiss
+
+    n = x.shape[0]
+    spec = sized_index(spec, n)
+    n_train = min(train_sample, n)
+    rng = np.random.default_rng(seed)
+    train = x if n_train == n else x[np.sort(rng.choice(n, n_train, replace=False))]
+    spec = ix._clamp_nlist(spec, n_train)
+    try:
+        idx = faiss.index_factory(x.shape[1], spec, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise ValueError(f"search: FAISS cannot build index {spec!r}") from e
+    ivf = ix._ivf_or_none(idx)
+    if ivf is not None:
+        ivf.cp.seed = seed
+    idx.train(train)
+    idx.add(x)
+    if ivf is not None:
+        ivf.nprobe = min(nprobe, ivf.nlist)
+    return idx
+
+
+def sized_index(spec: str, rows: int) -> str:
+    """``spec`` with an IVF list count filled in where it has none: "IVF,Flat" over
+    ``rows`` rows becomes "IVF{4 * sqrt(rows)},Flat"; other strings are unchanged."""
+    nlist = max(1, int(round(4 * math.sqrt(max(rows, 1)))))
+    return re.sub(r"IVF(?=[,_]|$)", f"IVF{nlist}", spec)
+
+
+# ---------------------------------------------------------------------------------------
+# The query stage
+
+
+class SearchBlock:
+    """Batch stage: ``id``, ``probe``, ``reference`` of query rows -> their ``SEARCH_SCHEMA`` rows.
+
+    shards: ``Shard`` objects, or Ray actor handles of them; together they hold every row.
+    k: neighbours compared; depth (>= k): the reference list's length for ranks.
+    probe_min / reference_max: the MMVP pair thresholds. recall_rows: global rows
+    (int64) whose recall@k is measured against exact search (approximate index only).
+    """
+
+    needs = ("id", *MODELS)
+
+    def __init__(
+        self, shards: list[Any], k: int, depth: int, probe_min: float = 0.95,
+        reference_max: float = 0.6, recall_rows: np.ndarray | None = None,
+    ) -> None:
+        if not 1 <= k <= depth:
+            raise ValueError(f"search: need 1 <= k <= depth, got k={k}, depth={depth}")
+        self.shards, self.k, self.depth = list(shards), k, depth
+        self.probe_min, self.reference_max = probe_min, reference_max
+        self.recall_rows = None if recall_rows is None else np.asarray(recall_rows, dtype=np.int64)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from clipscan.stages.embed import embedding_matrix
+
+        require({c: None for c in batch.column_names}, self.needs, "search")
+        ids = np.asarray(batch.column("id").to_pylist(), dtype=object)
+        queries = {m: embedding_matrix(batch.column(m)) for m in MODELS}
+        k, depth = self.k, self.depth
+        lists = {"probe": k + 1, "reference": depth + 1}
+        answers = self._ask(ids, queries, lists, k + 1, exact=False)
+        rows = np.max([a["self"] for a in answers], axis=0)
+        if (rows < 0).any():
+            missing = ids[rows < 0][:5].tolist()
+            raise RuntimeError(f"search: {int((rows < 0).sum())} query ids are in no shard, e.g. {missing}")
+        p = _merge(answers, "probe", lists["probe"], rows)
+        r = _merge(answers, "reference", lists["reference"], rows)
+
+        s = dc.score(p["ids"][:, :k], p["sims"][:, :k], r["ids"], r["sims"][:, :k],
+                     p["cos_reference"][:, :k], r["cos_probe"][:, :k])
+        p_names = pa.array(p["names"][:, :k].reshape(-1), type=pa.string())
+        r_names = pa.array(r["names"][:, :k].reshape(-1), type=pa.string())
+        columns = dc.row_columns(pa.array(ids, type=pa.string()), p_names, r_names, s)
+        columns.update(self._pairs(p, r, s))
+        columns.update(self._recall(ids, queries, rows, p, r))
+        return pa.Table.from_pydict(columns, schema=SEARCH_SCHEMA)
+
+    def _ask(
+        self, ids: np.ndarray, queries: dict[str, np.ndarray], lists: dict[str, int], carry: int,
+        exact: bool,
+    ) -> list[dict[str, Any]]:
+        if self.shards and hasattr(self.shards[0].search, "remote"):
+            import ray
+
+            # put once: every shard reads the block from the object store by itself
+            ids_ref, queries_ref = ray.put(ids), ray.put(queries)
+            futures = [s.search.remote(ids_ref, queries_ref, lists, carry, exact) for s in self.shards]
+            return list(ray.get(futures))
+        return [s.search(ids, queries, lists, carry, exact) for s in self.shards]
+
+    def _pairs(self, p: dict[str, np.ndarray], r: dict[str, np.ndarray], s: dc.Scores) -> dict[str, pa.Array]:
+        k = self.k
+        hit_p = s.valid_p & (p["cos_probe"][:, :k] >= self.probe_min) & (p["cos_reference"][:, :k] <= self.reference_max)
+        hit_r = s.valid_r & (r["cos_reference"][:, :k] >= self.probe_min) & (r["cos_probe"][:, :k] <= self.reference_max)
+        mask = np.concatenate([hit_p, hit_r], axis=1)
+        names = np.concatenate([p["names"][:, :k], r["names"][:, :k]], axis=1)
+        p_cos = np.concatenate([p["cos_probe"][:, :k], r["cos_probe"][:, :k]], axis=1)
+        r_cos = np.concatenate([p["cos_reference"][:, :k], r["cos_reference"][:, :k]], axis=1)
+        direction = np.repeat(np.array(["probe_close", "reference_close"], dtype=object), k)
+        direction = np.broadcast_to(direction, mask.shape)
+        return {
+            "_pair_with": dc._lists(pa.array(names[mask], type=pa.string()), mask),
+            "_pair_probe_cos": dc._float_lists(p_cos, mask),
+            "_pair_reference_cos": dc._float_lists(r_cos, mask),
+            "_pair_direction": dc._lists(pa.array(direction[mask], type=pa.string()), mask),
+        }
+
+    def _recall(
+        self, ids: np.ndarray, queries: dict[str, np.ndarray], rows: np.ndarray,
+        p: dict[str, np.ndarray], r: dict[str, np.ndarray],
+    ) -> dict[str, pa.Array]:
+        m, k = len(ids), self.k
+        values = {c: np.full(m, np.nan, dtype=np.float32) for c in RECALL_COLUMNS}
+        sel = np.zeros(m, dtype=bool) if self.recall_rows is None else np.isin(rows, self.recall_rows)
+        if sel.any():
+            lists = {"probe": k + 1, "reference": k + 1}
+            answers = self._ask(ids[sel], {mm: q[sel] for mm, q in queries.items()}, lists, 0, exact=True)
+            for model, approx, col in (("probe", p, "_recall_probe"), ("reference", r, "_recall_reference")):
+                exact = _merge(answers, model, k + 1, rows[sel])
+                overlap, _ = ix.neighbour_overlap(approx["ids"][sel, :k], exact["ids"][:, :k])
+                values[col][sel] = overlap
+        return {c: pa.array(v, mask=~sel) for c, v in values.items()}
+
+
+def _merge(answers: list[dict[str, Any]], model: str, kk: int, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """The shards' candidates of one model side by side, merged to each query's top kk - 1
+    under (-D, row) with the query itself removed; carried values follow their candidate."""
+    parts = [a[model] for a in answers]
+    sims = np.concatenate([q["sims"] for q in parts], axis=1)
+    ids = np.concatenate([q["ids"] for q in parts], axis=1)
+    order = ix.merge_order(sims, ids, kk)
+    merged = {"sims": np.take_along_axis(sims, order, axis=1), "ids": np.take_along_axis(ids, order, axis=1)}
+    names = np.concatenate([q["names"] for q in parts], axis=1)
+    merged["names"] = np.take_along_axis(names, order, axis=1)
+    for col in ("cos_probe", "cos_reference"):
+        width = parts[0]["sims"].shape[1]
+        padded = [np.pad(q[col], ((0, 0), (0, width - q[col].shape[1])), constant_values=np.nan) for q in parts]
+        merged[col] = np.take_along_axis(np.concatenate(padded, axis=1), order, axis=1)
+    keep = ix.self_mask(merged["ids"], rows)
+    m, w = merged["ids"].shape
+    return {c: v[keep].reshape(m, w - 1) for c, v in merged.items()}
+
+
+# ---------------------------------------------------------------------------------------
+# Ray wiring
+
+
+@dataclass
+class ShardedSearch:
+    """The search stage over a cluster: sorts the vectors by id, starts the shard actors,
+    and gives the query stream as a lazy Dataset of ``SEARCH_SCHEMA`` rows (``rows``).
+
+    Use as a context manager: the shard actors live until it closes. ``facts`` says how
+    it ran (for run.json); ``ordered`` is the id-sorted input, materialised in the object
+    store (its ``id``, ``uri``, ``caption`` serve the caption look-ups of the cases).
+    """
+
+    vectors: ray.data.Dataset
+    k: int = 10
+    rank_depth: int = 100
+    index: str = "Flat"
+    nprobe: int = 16
+    shards: int | None = None
+    query_block: int = 16384
+    train_sample: int = 100_000
+    recall_queries: int = 1000
+    probe_min: float = 0.95
+    reference_max: float = 0.6
+    search_actors: int = 2
+    seed: int = 0
+    device: str = "auto"  # "cpu": shards reserve no GPU
+    facts: dict[str, Any] = field(default_factory=dict)
+    ordered: Any = None
+    k_used: int = 0
+    depth: int = 0
+    recall_rows: np.ndarray | None = None
+    _actors: list[Any] = field(default_factory=list)
+
+    def __enter__(self) -> ShardedSearch:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> ShardedSearch:
+        """Sort the vectors by id and start the shard actors (waits until they hold their rows)."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        self.ordered = self.vectors.sort("id").materialize()
+        n = self.ordered.count()
+        if n < 2:
+            raise ValueError(f"search: {n} images have both embeddings; DAF needs at least 2")
+        self.k_used = min(self.k, n - 1)
+        self.depth = min(max(self.k_used, self.rank_depth), n - 1)
+        nodes = cluster_nodes()
+        if self.device == "cpu":  # knn.device=cpu: FAISS on the CPUs even where the nodes have GPUs
+            nodes = [(nid, cpus, 0.0) for nid, cpus, _ in nodes]
+        plans = plan_shards(nodes, None if self.shards is None else min(self.shards, n))
+        bounds = ix.shard_bounds(n, len(plans))
+        # split the materialised blocks in their sorted order (no re-execution, which could reorder them)
+        ordered = self.ordered
+        parts = ordered.split_at_indices([hi for _, hi in bounds[:-1]]) if len(bounds) > 1 else [ordered]
+        actor = ray.remote(_ShardActor)
+        for plan, (lo, _), part in zip(plans, bounds, parts, strict=True):
+            options: dict[str, Any] = {
+                "num_cpus": plan.num_cpus,
+                "num_gpus": plan.num_gpus,
+                "scheduling_strategy": NodeAffinitySchedulingStrategy(plan.node_id, soft=True),
+                "max_restarts": 2,
+                "max_task_retries": 3,
+            }
+            self._actors.append(actor.options(**options).remote(
+                part.to_arrow_refs(), lo, self.index, self.nprobe, self.train_sample, self.seed, plan.threads))
+        nodes = ray.get([a.node.remote() for a in self._actors])
+        approximate = self.index.strip().lower() != "flat"
+        sample = np.sort(np.random.default_rng(self.seed).choice(n, min(self.recall_queries, n), replace=False))
+        self.recall_rows = sample if approximate else None
+        self.facts = {
+            "images": n, "k": self.k_used, "depth": self.depth, "shards": len(plans),
+            "nodes": len(set(nodes)), "index": self.index if approximate else "exact",
+            "shard_rows": [hi - lo for lo, hi in bounds][:8],
+        }
+        if approximate:
+            self.facts.update(nprobe=self.nprobe, recall_queries=len(sample))
+        log.info("search: %s", self.facts)
+        return self
+
+    def rows(self) -> ray.data.Dataset:
+        """The query stream: one ``SEARCH_SCHEMA`` row per image (lazy)."""
+        from ray.data import ActorPoolStrategy
+
+        # No projection before the stage: it would be a task wanting a whole CPU beside the shards.
+        return self.ordered.map_batches(
+            SearchBlock,
+            fn_constructor_kwargs={
+                "shards": self._actors, "k": self.k_used, "depth": self.depth,
+                "probe_min": self.probe_min, "reference_max": self.reference_max,
+                "recall_rows": self.recall_rows,
+            },
+            batch_size=self.query_block,
+            batch_format="pyarrow",
+            compute=ActorPoolStrategy(size=max(1, self.search_actors)),
+            num_cpus=STREAM_CPUS,
+        )
+
+    def reference_lists(self, ids: list[str]) -> dict[str, list[str]]:
+        """id -> that image's reference list to the mining depth (ids, best first, itself
+        excluded), for the ``ids`` asked: the same lists the search merged, asked again of the
+        shards for these rows only (the attribute contrast's rank-matched control)."""
+        from clipscan.stages.embed import embedding_matrix
+        from clipscan.stages.mine import filter_ids
+
+        found = filter_ids(self.ordered, set(ids), ["id", *MODELS])
+        if not found.num_rows:
+            return {}
+        block = SearchBlock(self._actors, self.k_used, self.depth)
+        out: dict[str, list[str]] = {}
+        for start in range(0, found.num_rows, self.query_block):
+            part = found.slice(start, self.query_block)
+            names = np.asarray(part.column("id").to_pylist(), dtype=object)
+            queries = {m: embedding_matrix(part.column(m)) for m in MODELS}
+            answers = block._ask(names, queries, {"probe": 2, "reference": self.depth + 1}, 0, exact=False)
+            rows = np.max([a["self"] for a in answers], axis=0)
+            r = _merge(answers, "reference", self.depth + 1, rows)
+            for name, row_ids, row_names in zip(names, r["ids"], r["names"], strict=True):
+                out[str(name)] = [str(v) for v in row_names[row_ids >= 0]]
+        return out
+
+    def write(self, path: str) -> None:
+        """Run the query stream into Parquet parts under ``path`` (local or object storage)."""
+        from clipscan import fs as cfs
+
+        cfs.remove_tree(path)
+        fsys, inner = cfs.resolve(path)
+        self.rows().write_parquet(inner, filesystem=fsys, ray_remote_args={"num_cpus": STREAM_CPUS})
+
+    def close(self) -> None:
+        """Stop the shard actors."""
+        import ray
+
+        for a in self._actors:
+            ray.kill(a)
+        self._actors.clear()
+
+
+class _ShardActor(Shard):
+    """A ``Shard`` built inside its actor from the object-store blocks of its rows."""
+
+    def __init__(self, blocks: list[Any], lo: int, *args: Any) -> None:
+        import ray
+
+        ix.require_faiss_gpu(len(ray.get_gpu_ids()))
+        tables = [pa.table(b) if not isinstance(b, pa.Table) else b for b in ray.get(blocks)]
+        table = pa.concat_tables([t.select(["id", *MODELS]) for t in tables])
+        super().__init__(table, lo, *args)

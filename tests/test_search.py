@@ -1,0 +1,270 @@
+"""Tests for clipscan.stages.search and clipscan.stages.mine: the sharded search stage and the
+streaming rank, pairs and cases against numpy brute force and the whole-table ``mine``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from clipscan.report import daf_figures
+from clipscan.stages import discrepancy as dc
+from clipscan.stages import index as ix
+from clipscan.stages import mine as mn
+from clipscan.stages import search as sr
+from clipscan.stages.embed import embedding_array
+
+K, DEPTH = 10, 40
+
+
+def normalise(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def random_pair(n: int = 240, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A probe (d 16) and a reference (d 24) that agree in part, so overlaps spread."""
+    rng = np.random.default_rng(seed)
+    x_probe = normalise(rng.normal(size=(n, 16)))
+    x_ref = normalise(np.concatenate([x_probe, 0.45 * rng.normal(size=(n, 8))], axis=1))
+    return x_probe, normalise(x_ref + 0.08 * rng.normal(size=x_ref.shape))
+
+
+def duplicate_pair(n: int = 240, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Many exact duplicates under both models (groups larger than k + 1), and rows that are
+    duplicates under the probe only: massive ties at every cut."""
+    rng = np.random.default_rng(seed)
+    patterns = rng.choice([-0.25, 0.25], size=(20, 16)).astype(np.float32)
+    group = rng.integers(0, 20, n)
+    group[:30] = 0  # 30 copies of one image
+    x_probe = patterns[group]
+    ref_patterns = normalise(rng.normal(size=(40, 12)))
+    x_ref = ref_patterns[np.where(rng.random(n) < 0.5, group, group + 20)]
+    return x_probe, x_ref
+
+
+def clustered_pair(n: int = 240, seed: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Generated scenes' stand-in: clusters the probe merges in pairs and the reference keeps
+    apart, so MMVP pairs exist in both directions."""
+    rng = np.random.default_rng(seed)
+    centres = normalise(rng.normal(size=(12, 24)))
+    c = rng.integers(0, 12, n)
+    x_ref = normalise(centres[c] + 0.05 * rng.normal(size=(n, 24)))
+    merged = normalise(centres[c // 2 * 2][:, :16] + 0.02 * rng.normal(size=(n, 16)))
+    x_probe = merged.copy()
+    x_probe[: n // 4] = normalise(rng.normal(size=(n // 4, 16)))  # probe-far, reference-close
+    return x_probe, x_ref
+
+
+DATA = {"random": random_pair, "duplicates": duplicate_pair, "generated": clustered_pair}
+
+
+def ids_for(n: int, seed: int = 0) -> np.ndarray:
+    """Ids whose sorted order is not the row order (so sorting by id matters)."""
+    perm = np.random.default_rng(seed + 100).permutation(n)
+    return np.array([f"img-{i:05d}" for i in perm], dtype=object)
+
+
+def brute_knn(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k, self excluded, ties by row: float64 scores rounded to float32."""
+    s = (x.astype(np.float64) @ x.astype(np.float64).T).astype(np.float32)
+    np.fill_diagonal(s, -np.inf)
+    order = np.lexsort((np.broadcast_to(np.arange(len(x)), s.shape), -s), axis=1)[:, :k]
+    return np.take_along_axis(s, order, axis=1), order.astype(np.int64)
+
+
+def sorted_inputs(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ids sorted ascending with their vectors (the order the search numbers rows in)."""
+    x_probe, x_ref = DATA[name]()
+    ids = ids_for(len(x_probe))
+    order = np.argsort(ids)
+    return ids[order], x_probe[order], x_ref[order]
+
+
+def vectors_table(ids: np.ndarray, x_probe: np.ndarray, x_ref: np.ndarray) -> pa.Table:
+    return pa.table({"id": pa.array(list(ids), pa.string()), "probe": embedding_array(x_probe),
+                     "reference": embedding_array(x_ref),
+                     "uri": [f"mem://{i}" for i in ids], "caption": [f"a photo of {i}" for i in ids]})
+
+
+def search_blocks(table: pa.Table, shards: int, block: int, **kwargs) -> pa.Table:
+    """The search stage without Ray: Shard objects over contiguous id-sorted row ranges."""
+    n = table.num_rows
+    held = [sr.Shard(table.slice(lo, hi - lo), lo) for lo, hi in ix.shard_bounds(n, shards)]
+    stage = sr.SearchBlock(held, K, DEPTH, **kwargs)
+    shuffled = table.take(pa.array(np.random.default_rng(shards * 7 + block).permutation(n)))
+    return pa.concat_tables([stage(shuffled.slice(s, block)) for s in range(0, n, block)])
+
+
+def today(ids: np.ndarray, x_probe: np.ndarray, x_ref: np.ndarray, shards: int,
+          rank_by: str = "overlap") -> tuple[pa.Table, pa.Table]:
+    """Today's exact path: self_knn per model, then the whole-table mine and pairs."""
+    probe_D, probe_I = ix.self_knn(x_probe, K, shards=shards, query_block=64)
+    ref_D, ref_I = ix.self_knn(x_ref, DEPTH, shards=shards, query_block=64)
+    table = dc.mine(ids, probe_D, probe_I, ref_D, ref_I, x_probe, x_ref, K, rank_by=rank_by)
+    pairs = dc.pairs(ids, probe_D, probe_I, ref_D, ref_I, x_probe, x_ref, probe_min=0.9, reference_max=0.6, k=K)
+    return table, pairs
+
+
+def local_pairs(rows: pa.Table) -> pa.Table:
+    """The stream's pair candidates, de-duplicated and ordered as ``write_pairs`` does."""
+    flat = mn.pair_rows(rows).to_pylist()
+    unique = {(p["direction"], p["id_a"], p["id_b"]): p for p in flat}
+    out = sorted(unique.values(), key=lambda p: (p["direction"], -abs(np.float64(p["probe_cos"]) - np.float64(p["reference_cos"])), p["id_a"], p["id_b"]))
+    return pa.Table.from_pylist(out, schema=dc.PAIRS_SCHEMA)
+
+
+def assert_same_rows(got: pa.Table, want: pa.Table) -> None:
+    """Ids and lists identical, cosines within 1e-6 (in practice the same bits)."""
+    assert got.num_rows == want.num_rows
+    for name in want.column_names:
+        a, b = got.column(name).to_pylist(), want.column(name).to_pylist()
+        if pa.types.is_list(want.schema.field(name).type) and pa.types.is_floating(want.schema.field(name).type.value_type):
+            assert [len(r) for r in a] == [len(r) for r in b], name
+            np.testing.assert_allclose(np.concatenate([np.asarray(r, float) for r in a] or [np.zeros(0)]),
+                                       np.concatenate([np.asarray(r, float) for r in b] or [np.zeros(0)]),
+                                       atol=1e-6, err_msg=name)
+        elif pa.types.is_floating(want.schema.field(name).type):
+            np.testing.assert_allclose(np.asarray(a, float), np.asarray(b, float), atol=1e-6, err_msg=name)
+        else:
+            assert a == b, name
+
+
+# --- the stage without Ray, against today's path and numpy ------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(DATA))
+@pytest.mark.parametrize("shards,block", [(1, 240), (2, 64), (3, 37), (3, 1000)])
+def test_block_search_equals_today_and_brute_force(name: str, shards: int, block: int) -> None:
+    ids, x_probe, x_ref = sorted_inputs(name)
+    rows = search_blocks(vectors_table(ids, x_probe, x_ref), shards, block, probe_min=0.9)
+    assert rows.schema == sr.SEARCH_SCHEMA
+    want, want_pairs = today(ids, x_probe, x_ref, shards)
+    got = rows.sort_by("id")
+    want_by_id = want.sort_by("id").drop_columns(["rank", *sr.CALIBRATED])
+    assert got.select(want_by_id.column_names).equals(want_by_id)  # the same bits as today
+    # gap_z from the rows' lists and block-summed scales: the whole-table values, bit for bit
+    scales = [dc.scale_of(sum(dc.cosine_moments(*_flat_valid(b, col)) for b in got.to_batches(max_chunksize=block)))
+              for col in ("probe_cos", "reference_cos")]
+    calibrated = dc.add_calibrated_gaps(got, *scales).select(["id", *sr.CALIBRATED])
+    assert calibrated.equals(want.sort_by("id").select(["id", *sr.CALIBRATED]))
+    # and today's exact lists are numpy's
+    _, probe_I = brute_knn(x_probe, K)
+    _, ref_I = brute_knn(x_ref, K)
+    assert got.column("probe_neighbours").to_pylist() == [list(ids[r]) for r in probe_I]
+    assert got.column("reference_neighbours").to_pylist() == [list(ids[r]) for r in ref_I]
+    assert_same_rows(local_pairs(rows), want_pairs)
+    if name == "generated":
+        directions = set(want_pairs.column("direction").to_pylist())
+        assert directions == {"probe_close", "reference_close"}, directions
+
+
+def _flat_valid(batch: pa.RecordBatch, column: str) -> tuple[np.ndarray, np.ndarray]:
+    import pyarrow.compute as pc
+
+    values = pc.list_flatten(batch.column(column)).to_numpy(zero_copy_only=False)
+    return values, np.ones(values.shape, dtype=bool)
+
+
+def test_brute_force_cosines_and_ranks() -> None:
+    ids, x_probe, x_ref = sorted_inputs("random")
+    rows = search_blocks(vectors_table(ids, x_probe, x_ref), 2, 50).sort_by("id")
+    s_ref = x_ref.astype(np.float64) @ x_ref.astype(np.float64).T
+    np.fill_diagonal(s_ref, -np.inf)
+    row_of = {v: i for i, v in enumerate(ids)}
+    for r in rows.to_pylist()[:60]:
+        i = row_of[r["id"]]
+        only = [row_of[j] for j in r["probe_only"]]
+        np.testing.assert_allclose(r["probe_only_reference_cos"], s_ref[i, only], atol=1e-6)
+        full = np.argsort(-s_ref[i], kind="stable")
+        ranks = [int(np.flatnonzero(full == j)[0]) + 1 for j in only]
+        assert r["probe_only_reference_rank"] == [rk if rk <= DEPTH else None for rk in ranks]
+
+
+def test_approximate_shards_measure_recall() -> None:
+    ids, x_probe, x_ref = sorted_inputs("random")
+    table = vectors_table(ids, x_probe, x_ref)
+    shards = [sr.Shard(table.slice(lo, hi - lo), lo, index="IVF,Flat", nprobe=1) for lo, hi in ix.shard_bounds(240, 2)]
+    everything = [sr.Shard(table.slice(lo, hi - lo), lo, index="IVF4,Flat", nprobe=4) for lo, hi in ix.shard_bounds(240, 2)]
+    sample = np.arange(0, 240, 3)
+    low = sr.SearchBlock(shards, K, DEPTH, recall_rows=sample)(table)
+    full = sr.SearchBlock(everything, K, DEPTH, recall_rows=sample)(table)
+    for col in sr.RECALL_COLUMNS:
+        assert low.column(col).null_count == full.column(col).null_count == 240 - len(sample)
+        assert np.nanmean(full.column(col).to_numpy(zero_copy_only=False)) == 1.0  # every list probed: exact
+        assert 0.2 < np.nanmean(low.column(col).to_numpy(zero_copy_only=False)) < 1.0
+
+
+def test_sized_index_and_missing_ids() -> None:
+    assert sr.sized_index("IVF,Flat", 10_000) == "IVF400,Flat"
+    assert sr.sized_index("IVF4096,Flat", 10) == "IVF4096,Flat"
+    assert sr.sized_index("OPQ16,IVF,PQ16", 100) == "OPQ16,IVF40,PQ16"
+    ids, x_probe, x_ref = sorted_inputs("random")
+    table = vectors_table(ids, x_probe, x_ref)
+    stage = sr.SearchBlock([sr.Shard(table.slice(0, 100), 0)], K, DEPTH)
+    with pytest.raises(RuntimeError, match="in no shard"):
+        stage(table.slice(150, 10))
+    with pytest.raises(KeyError, match=r"stage .search. needs columns \[.reference.\]"):
+        stage(table.select(["id", "probe"]))
+
+
+def test_plan_shards_per_node() -> None:
+    cpu = [("head", 0.0, 0.0), ("a", 16.0, 0.0), ("b", 8.0, 0.0)]
+    plans = sr.plan_shards(cpu)
+    assert [(p.node_id, p.num_cpus, p.threads, p.num_gpus) for p in plans] == [("a", 15.0, 16, 0), ("b", 7.0, 8, 0)]
+    plans = sr.plan_shards(cpu, shards=3)
+    assert sorted(p.node_id for p in plans) == ["a", "a", "b"]
+    assert {p.num_cpus for p in plans if p.node_id == "a"} == {7.5}
+    gpu = [("head", 8.0, 0.0), ("g1", 32.0, 4.0), ("g2", 16.0, 2.0)]
+    plans = sr.plan_shards(gpu)
+    assert len(plans) == 6 and all(p.num_gpus == 1 for p in plans) and "head" not in {p.node_id for p in plans}
+    assert sr.plan_shards([("local", 2.0, 0.0)], shards=3)[0].num_cpus == pytest.approx(1 / 3, abs=1e-3)
+    with pytest.raises(RuntimeError, match="no node"):
+        sr.plan_shards([("head", 0.0, 0.0)])
+
+
+# --- the pipeline on Ray -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shards,block,rank_by", [(1, 240, "overlap"), (2, 50, "gap"), (3, 97, "max_gap")])
+def test_pipeline_ranks_pairs_and_cases_equal_today(ray_local: None, tmp_path, shards: int, block: int,
+                                                    rank_by: str) -> None:
+    import ray.data
+
+    name = {1: "random", 2: "duplicates", 3: "generated"}[shards]
+    ids, x_probe, x_ref = sorted_inputs(name)
+    table = vectors_table(ids, x_probe, x_ref)
+    shuffled = table.take(pa.array(np.random.default_rng(shards).permutation(len(ids))))
+    vectors = ray.data.from_arrow([shuffled.slice(i, 60) for i in range(0, len(ids), 60)])
+    with sr.ShardedSearch(vectors, k=K, rank_depth=DEPTH, shards=shards, query_block=block, probe_min=0.9) as stage:
+        assert stage.facts["shards"] == shards and stage.facts["nodes"] == 1 and stage.facts["index"] == "exact"
+        stage.write(str(tmp_path / "search"))
+    rows = ray.data.read_parquet(str(tmp_path / "search"))
+    figures, candidates = mn.write_ranked(rows, str(tmp_path / "d.parquet"), rank_by, K, cases=25)
+    pair_count = mn.write_pairs(rows, str(tmp_path / "p.parquet"))
+    wanted = set(candidates.column("id").to_pylist()) | {j for r in candidates.column("probe_only").to_pylist() for j in r}
+    corpus = mn.corpus_rows(stage.ordered, wanted)
+    want, want_pairs = today(ids, x_probe, x_ref, shards, rank_by)
+    got = pq.read_table(tmp_path / "d.parquet")
+    assert got.schema == dc.DISCREPANCY_SCHEMA
+    assert got.equals(want)  # rank order, ids and every cosine: the same bits
+    assert len(list((tmp_path / "d.parquet").glob("part-*.parquet"))) >= 1
+    got_pairs = pq.read_table(tmp_path / "p.parquet")
+    assert pair_count == got_pairs.num_rows == want_pairs.num_rows
+    assert_same_rows(got_pairs, want_pairs)
+    assert set(corpus.column("id").to_pylist()) == wanted
+    assert dc.cases(candidates, corpus, 25).equals(dc.cases(want, table.select(["id", "uri", "caption"]), 25))
+    expected = daf_figures(want)
+    assert figures.images == len(ids) and figures.k == K
+    np.testing.assert_array_equal(figures.overlap_counts, expected.overlap_counts)
+    assert figures.mean_overlap == pytest.approx(float(want.column("overlap").to_numpy().astype(np.float64).mean()))
+    for c in ("px", "py", "ox", "oy"):
+        np.testing.assert_array_equal(figures.points[c], expected.points[c])
+
+
+def test_plot_sample_is_bounded_and_seeded() -> None:
+    ranks = mn.sample_ranks(10**8, 10, seed=3)
+    assert len(ranks) == mn.PLOT_POINTS // 10 and ranks.min() >= 1 and ranks.max() <= 10**8
+    np.testing.assert_array_equal(ranks, mn.sample_ranks(10**8, 10, seed=3))
+    np.testing.assert_array_equal(mn.sample_ranks(50, 10, seed=0), np.arange(1, 51))
