@@ -63,6 +63,7 @@ class KnnConfig(Section):
     train_sample: int = Field(default=100_000, ge=1)  # vectors used to train an approximate index
     recall_queries: int = Field(default=1000, ge=1)  # queries checked against exact search for recall@k
     device: Literal["auto", "cpu"] = "auto"  # auto = GPUs where the cluster has them (FAISS must see them), cpu = never
+    stage_min_rows: int = Field(default=100_000, ge=2)  # corpora of at least this many images are searched and mined by the sharded Ray stage; smaller ones in the job's own process (same results, no per-stage start-up cost; memory ~ images x both widths)
 
 
 class MiningConfig(Section):

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from clipscan import fs as cfs
 from clipscan.config import DafConfig, KnnConfig
@@ -66,12 +68,15 @@ def run_daf(cfg: DafConfig, overwrite: bool = False) -> Run:
     if counts["embedded"] < 2:
         raise ValueError(f"only {counts['embedded']} images could be embedded; DAF needs at least 2 (see skipped.parquet)")
 
-    mined = search_and_mine(run, cfg)
+    if counts["embedded"] < cfg.knn.stage_min_rows:
+        mined = mine_in_driver(run, cfg)  # small: Ray's fixed cost per stage would be most of the time
+    else:
+        mined = search_and_mine(run, cfg)
 
     contrast, rows = None, None
     if cfg.attributes.enabled:
         with run.stage("attributes") as facts:
-            rows = contrast_rows(mined, cfg)
+            rows = mined.contrast()
             contrast = attributes.run_contrast(rows, cfg.attributes)
             cfs.write_json_atomic(run.path("attributes.json"), contrast)
             top = contrast["attributes"][0] if contrast["attributes"] else {}
@@ -99,7 +104,7 @@ def run_daf(cfg: DafConfig, overwrite: bool = False) -> Run:
         }
         if mined.recall is not None:
             summary["recall"] = mined.recall
-        corpus = report_corpus(mined, cfg.report.rows, failures)
+        corpus = mined.lookup(report_ids(mined, cfg.report.rows, failures))
         path = report.write_daf_report(run.output, summary, mined.shown, mined.cases, failures,
                                        rows=cfg.report.rows, thumb=cfg.report.thumb, corpus=corpus,
                                        attributes=contrast, figures=mined.figures)
@@ -110,18 +115,69 @@ def run_daf(cfg: DafConfig, overwrite: bool = False) -> Run:
 
 @dataclass
 class Mined:
-    """What the ``index`` and ``mine`` stages leave for the later stages (all small but the
-    lazy datasets, which stay where Ray keeps them)."""
+    """What the ``index`` and ``mine`` stages leave for the later stages: small tables and
+    look-ups that fetch only the ids they are asked for."""
 
     k: int  # neighbours compared
-    figures: Figures  # the report's streaming aggregates
+    figures: Figures  # the report's aggregates
     pairs: int  # MMVP pairs written
     cases: pa.Table  # cases.parquet
     shown: pa.Table  # the discrepancy rows of the case candidates, in rank order
     recall: dict[str, float] | None  # recall@k per model; None for exact search
-    corpus: Any  # the id-sorted vectors (object store): id, uri, caption for look-ups
-    ranked: Any  # discrepancies.parquet as a lazy Dataset (rank, lists) for streaming passes
-    deep: dict[str, list[str]]  # the attribute cases' reference lists to the mining depth
+    lookup: Callable[[set[str]], pa.Table]  # ids -> their id, uri, caption
+    contrast: Callable[[], pa.Table]  # the attribute contrast's rows (``attributes.build_rows``)
+
+
+def mine_in_driver(run: Run, cfg: DafConfig) -> Mined:
+    """The ``index`` and ``mine`` stages in this process, for corpora below
+    ``knn.stage_min_rows``: the same results as ``search_and_mine`` (the tests hold them
+    to the same bits), without the seconds each Ray Data stage costs to start."""
+    from clipscan.report import daf_figures
+    from clipscan.stages import attributes, discrepancy
+    from clipscan.stages.embed import load_corpus, load_embeddings
+    from clipscan.stages.index import faiss_facts
+
+    with run.stage("index") as facts:
+        build = faiss_facts()
+        ids, x_probe = load_embeddings(cfg.output, "probe")
+        ref_ids, x_ref = load_embeddings(cfg.output, "reference")
+        if not np.array_equal(ids, ref_ids):
+            raise RuntimeError("probe and reference embeddings cover different ids")
+        k = min(cfg.knn.k, len(ids) - 1)
+        probe_D, probe_I, pf = neighbours(x_probe, cfg.knn, k, cfg.seed)
+        ref_D, ref_I, rf = neighbours(x_ref, cfg.knn, max(k, cfg.mining.rank_depth), cfg.seed)
+        facts.update(where="driver", faiss=build, images=len(ids), k=k, probe=pf, reference=rf)
+    recall = None
+    if "recall_at_k" in pf:
+        recall = {"probe": pf["recall_at_k"], "reference": rf["recall_at_k"]}
+        run.record("recall", recall)
+
+    with run.stage("mine") as facts:
+        table = discrepancy.mine(ids, probe_D, probe_I, ref_D, ref_I, x_probe, x_ref, k, rank_by=cfg.mining.rank_by)
+        pair_table = discrepancy.pairs(ids, probe_D, probe_I, ref_D, ref_I, x_probe, x_ref,
+                                       probe_min=cfg.mining.pair_probe_min,
+                                       reference_max=cfg.mining.pair_reference_max, k=k)
+        corpus = load_corpus(cfg.output)
+        case_table = discrepancy.cases(table, corpus, cfg.mining.cases)
+        for name, part in (("discrepancies.parquet", table), ("pairs.parquet", pair_table)):
+            cfs.remove_tree(run.path(name))  # the same layout as the stage's: a folder of parts
+            cfs.write_parquet_atomic(cfs.join(run.path(name), "part-00000.parquet"), part)
+        cfs.write_parquet_atomic(run.path("cases.parquet"), case_table)
+        figures = daf_figures(table, cfg.seed)
+        facts.update(images=table.num_rows, pairs=pair_table.num_rows, cases=case_table.num_rows,
+                     mean_overlap=round(figures.mean_overlap, 4))
+    has_only = pc.greater(pc.list_value_length(table.column("probe_only")), 0)
+    shown = table.filter(has_only).slice(0, cfg.mining.cases)
+
+    def lookup(wanted: set[str]) -> pa.Table:
+        found = corpus.filter(pc.is_in(corpus.column("id"), value_set=pa.array(sorted(wanted), pa.string())))
+        return found.select(["id", "uri", "caption"])
+
+    def contrast() -> pa.Table:
+        return attributes.contrast_rows(table, corpus, cfg.attributes.cases, cfg.seed, cfg.attributes.bins,
+                                        deep_reference=attributes.deep_lookup(ids, ref_I))
+
+    return Mined(k, figures, pair_table.num_rows, case_table, shown, recall, lookup, contrast)
 
 
 def search_and_mine(run: Run, cfg: DafConfig) -> Mined:
@@ -129,7 +185,6 @@ def search_and_mine(run: Run, cfg: DafConfig) -> Mined:
     ``_search/`` parts, then ``discrepancies.parquet/`` and ``pairs.parquet/`` (parts) and
     ``cases.parquet``. The shard actors live until the attribute cases' reference lists
     are read back from them."""
-    import ray.data
 
     from clipscan.stages import discrepancy, mine, search
     from clipscan.stages.index import faiss_facts
@@ -149,10 +204,9 @@ def search_and_mine(run: Run, cfg: DafConfig) -> Mined:
             log.info("FAISS %s (%s build) sees %d GPU(s) in the driver", build["version"], build["build"], build["gpus"])
             stage.start()
             stage.write(scratch)
-            fsys, inner = cfs.resolve(scratch)
             model_facts = {key: stage.facts[key] for key in ("index", "nodes") if key in stage.facts}
             facts.update(stage.facts, faiss=build, probe=dict(model_facts), reference=dict(model_facts))
-            rows = ray.data.read_parquet(inner, filesystem=fsys)
+            rows = mine.read_parts(scratch)
             recall = None
             if stage.facts["index"] != "exact":
                 recall = {m: round(v, 4) for m, v in mine.recall(rows).items()}
@@ -181,43 +235,41 @@ def search_and_mine(run: Run, cfg: DafConfig) -> Mined:
                          mean_overlap=round(figures.mean_overlap, 4))
     finally:
         stage.close()
-    fsys, inner = cfs.resolve(run.path("discrepancies.parquet"))
-    ranked = ray.data.read_parquet(inner, filesystem=fsys)
-    return Mined(k, figures, pair_count, case_table, candidates, recall, stage.ordered, ranked, deep)
+    ranked = mine.read_parts(run.path("discrepancies.parquet"))
+    ordered = stage.ordered
+
+    def lookup(wanted: set[str]) -> pa.Table:
+        return mine.corpus_rows(ordered, wanted)
+
+    def contrast() -> pa.Table:
+        # the top attributes.cases candidates; agreeing pairs sampled in two streaming passes
+        # over the ranked parts; captions and ranks looked up for the ids they name only
+        from clipscan.stages import attributes
+        from clipscan.stages.discrepancy import corpus_lookup
+
+        top = candidates.slice(0, cfg.attributes.cases)
+        matched = attributes.matched_pairs_dataset(ranked, attributes.probe_only_cosines(top), cfg.seed,
+                                                   cfg.attributes.bins)
+        return attributes.build_rows(
+            top, matched,
+            ranks=lambda ids: mine.ranks_of(ranked, set(ids)),
+            captions=lambda ids: corpus_lookup(mine.corpus_rows(ordered, set(ids)), ids),
+            deep_reference=lambda ids: {i: deep[i] for i in ids if i in deep},
+        )
+
+    return Mined(k, figures, pair_count, case_table, candidates.slice(0, mining.cases), recall, lookup, contrast)
 
 
-def contrast_rows(mined: Mined, cfg: DafConfig) -> pa.Table:
-    """The attribute contrast's rows (``attributes.build_rows``) from the mined stream: the
-    top ``attributes.cases`` candidates, agreeing pairs sampled in two streaming passes over
-    the ranked parts, captions and ranks looked up for the ids they name only."""
-    from clipscan.stages import attributes, mine
-    from clipscan.stages.discrepancy import corpus_lookup
-
-    top = mined.shown.slice(0, cfg.attributes.cases)
-    matched = attributes.matched_pairs_dataset(mined.ranked, attributes.probe_only_cosines(top), cfg.seed,
-                                               cfg.attributes.bins)
-    return attributes.build_rows(
-        top, matched,
-        ranks=lambda ids: mine.ranks_of(mined.ranked, set(ids)),
-        captions=lambda ids: corpus_lookup(mine.corpus_rows(mined.corpus, set(ids)), ids),
-        deep_reference=lambda ids: {i: mined.deep[i] for i in ids if i in mined.deep},
-    )
-
-
-def report_corpus(mined: Mined, rows: int, failures: dict[str, Any]) -> pa.Table:
-    """``id``, ``uri``, ``caption`` of the images the report shows and the cases do not carry:
-    the shown cases' reference neighbours and the failure types' examples."""
-    import pyarrow.compute as pc
-
-    from clipscan.stages import mine
-
+def report_ids(mined: Mined, rows: int, failures: dict[str, Any]) -> set[str]:
+    """The ids the report shows that the cases do not carry: the shown cases' reference
+    neighbours and the failure types' examples."""
     top = mined.cases.sort_by("rank").slice(0, rows).column("id")
     shown = mined.shown.filter(pc.is_in(mined.shown.column("id"), value_set=top.combine_chunks()))
     wanted = {i for lst in shown.column("reference_neighbours").to_pylist() for i in lst}
     for f in failures.get("failure_types") or failures.get("types") or []:
         if isinstance(f, dict):
             wanted.update(str(e) for e in (f.get("examples") or [])[:8])
-    return mine.corpus_rows(mined.corpus, wanted)
+    return wanted
 
 
 def summarise_cases(cases: Any, cfg: DafConfig, run: Run) -> dict[str, Any]:

@@ -23,7 +23,8 @@ def _args(manifest: str, out: Path, *extra: str) -> list[str]:
 
 def test_daf_main_end_to_end(tmp_path: Path, scene_corpus: str, ray_local: None, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
-    assert daf.main(_args(scene_corpus, out)) == 0
+    stage = "knn.stage_min_rows=2"  # the sharded search stage, as on a large corpus
+    assert daf.main(_args(scene_corpus, out, stage)) == 0
     assert f"report: {out / 'report.html'}" in capsys.readouterr().out
     info = json.loads((out / "run.json").read_text())
     assert info["status"] == "done" and info["job"] == "daf"
@@ -53,11 +54,11 @@ def test_daf_main_end_to_end(tmp_path: Path, scene_corpus: str, ray_local: None,
 
     # a rerun with the same config reproduces the run; another config is refused without --overwrite
     first_table = table
-    assert daf.main(_args(scene_corpus, out)) == 0
+    assert daf.main(_args(scene_corpus, out, stage)) == 0
     assert pq.read_table(out / "discrepancies.parquet").equals(first_table)
-    assert daf.main(_args(scene_corpus, out, "knn.k=5")) == 1
+    assert daf.main(_args(scene_corpus, out, stage, "knn.k=5")) == 1
     assert "different config (differs at: knn.k)" in capsys.readouterr().err
-    assert daf.main([*_args(scene_corpus, out, "knn.k=5"), "--overwrite"]) == 0
+    assert daf.main([*_args(scene_corpus, out, stage, "knn.k=5"), "--overwrite"]) == 0
 
 
 def test_daf_approximate_index_records_recall(tmp_path: Path, scene_corpus: str, ray_local: None) -> None:

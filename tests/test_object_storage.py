@@ -82,9 +82,9 @@ def s3_corpus(s3_server: str, local_corpus: str) -> str:
     return f"s3://{BUCKET}/corpus/manifest.parquet"
 
 
-def _args(corpus: str, out: str) -> list[str]:
+def _args(corpus: str, out: str, *extra: str) -> list[str]:
     return ["--config", str(ROOT / "configs" / "daf-tiny.yaml"), f"data.path={corpus}", f"output={out}",
-            "data.generate=null", "embed.image_size=48", "mining.cases=10", "report.rows=5"]
+            "data.generate=null", "embed.image_size=48", "mining.cases=10", "report.rows=5", *extra]
 
 
 def _keys(prefix: str) -> set[str]:
@@ -113,7 +113,8 @@ def test_daf_reads_and_writes_s3_and_matches_local(
     s3_corpus: str, local_corpus: str, tmp_path: Path, ray_local: None
 ) -> None:
     out = f"s3://{BUCKET}/runs/x"
-    assert daf.main(_args(s3_corpus, out)) == 0
+    stage = "knn.stage_min_rows=2"  # on s3:// the sharded search stage; locally the in-process path
+    assert daf.main(_args(s3_corpus, out, stage)) == 0
 
     keys = _keys("runs/x/")
     for name in ("run.json", "report.html", "cases.parquet", "skipped.parquet", "failures.json",
@@ -132,12 +133,14 @@ def test_daf_reads_and_writes_s3_and_matches_local(
 
     # the same command again finds the finished run on s3:// and reproduces it
     first = pq.read_table(f"{root}/discrepancies.parquet", filesystem=fs)
-    assert daf.main(_args(s3_corpus, out)) == 0
+    assert daf.main(_args(s3_corpus, out, stage)) == 0
     assert pq.read_table(f"{root}/discrepancies.parquet", filesystem=fs).equals(first)
 
     local = tmp_path / "local-run"
     assert daf.main(_args(local_corpus, str(local))) == 0
-    for name in ("discrepancies.parquet", "pairs.parquet", "skipped.parquet"):
+    assert info["stages"]["index"]["shards"] == 1 and json.loads((local / "run.json").read_text())[
+        "stages"]["index"]["where"] == "driver"
+    for name in ("discrepancies.parquet", "pairs.parquet", "skipped.parquet"):  # both paths: the same bits
         remote = pq.read_table(f"{root}/{name}", filesystem=fs)
         assert remote.equals(pq.read_table(local / name)), name
     for name in ("cases.parquet", "corpus"):  # equal but for where each image was read from

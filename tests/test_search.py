@@ -240,7 +240,7 @@ def test_pipeline_ranks_pairs_and_cases_equal_today(ray_local: None, tmp_path, s
     with sr.ShardedSearch(vectors, k=K, rank_depth=DEPTH, shards=shards, query_block=block, probe_min=0.9) as stage:
         assert stage.facts["shards"] == shards and stage.facts["nodes"] == 1 and stage.facts["index"] == "exact"
         stage.write(str(tmp_path / "search"))
-    rows = ray.data.read_parquet(str(tmp_path / "search"))
+    rows = mn.read_parts(str(tmp_path / "search"))
     figures, candidates = mn.write_ranked(rows, str(tmp_path / "d.parquet"), rank_by, K, cases=25)
     pair_count = mn.write_pairs(rows, str(tmp_path / "p.parquet"))
     wanted = set(candidates.column("id").to_pylist()) | {j for r in candidates.column("probe_only").to_pylist() for j in r}

@@ -9,6 +9,8 @@ and sorted; captions are looked up only for the top ``mining.cases`` images.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +51,42 @@ class Figures:
     @property
     def mean_overlap(self) -> float:
         return self.overlap_sum / self.images if self.images else 0.0
+
+
+# Rows per partition of the distributed sorts (and the group-by): one write task each.
+SORT_ROWS = 100_000
+
+
+@contextmanager
+def shuffle_partitions(ds: ray.data.Dataset, rows: int) -> Iterator[int]:
+    """Sorts and group-bys of ``ds`` (and what derives from it) run ``ceil(rows / SORT_ROWS)``
+    partitions while inside.
+
+    Ray Data sizes a sort from its input's estimated block count, and after a map that
+    estimate is unknown, so it falls back to the dataset's ``default_hash_shuffle_parallelism``
+    (200): 200 partitions, each a task, for a few hundred rows. A dataset shares its
+    context with those derived from it; the setting is restored on leaving.
+    """
+    ctx = ds.context
+    before = ctx.default_hash_shuffle_parallelism
+    ctx.default_hash_shuffle_parallelism = max(1, -(-rows // SORT_ROWS))
+    try:
+        yield ctx.default_hash_shuffle_parallelism
+    finally:
+        ctx.default_hash_shuffle_parallelism = before
+
+
+def read_parts(path: str) -> ray.data.Dataset:
+    """The ``part-*.parquet`` files under ``path`` (local or object storage) as a Dataset of
+    one block per file. Ray's default splits a read into 200 blocks whatever its size, and
+    a sort or group-by after it then runs 200 partitions: seconds of tasks for a few rows."""
+    import ray.data
+
+    files = cfs.list_parquet(path)
+    if not files:
+        raise FileNotFoundError(f"mine: no parquet parts under {path}")
+    fsys, _ = cfs.resolve(path)
+    return ray.data.read_parquet(files, filesystem=fsys, override_num_blocks=len(files))
 
 
 def sample_ranks(n: int, k: int, seed: int, points: int = PLOT_POINTS) -> np.ndarray:
@@ -102,7 +140,6 @@ def write_ranked(
     calibrate: Any = dc.add_calibrated_gaps
     ranked = ranked.map_batches(calibrate, batch_format="pyarrow",
                                 fn_kwargs={"probe_scale": probe_scale, "reference_scale": reference_scale})
-    ranked = ranked.sort(keys, descending=descending)
     task = ray.remote(num_cpus=0.5)(_write_ranked_part)
     figures = Figures(images=0, k=k, overlap_counts=np.zeros(k + 1, np.int64))
     points: dict[str, list[np.ndarray]] = {c: [] for c in ("px", "py", "ox", "oy")}
@@ -122,15 +159,10 @@ def write_ranked(
             have += top[-1].num_rows
 
     offset, part, pending = 0, 0, []
-    for bundle in ranked.iter_internal_ref_bundles():
-        for entry, piece in zip(bundle.blocks, bundle.slices, strict=True):
-            start, end = (0, entry.metadata.num_rows) if piece is None else (piece.start_offset, piece.end_offset)
-            if end is None:
-                end = ray.get(ray.remote(_num_rows).remote(entry.ref))
-            if end <= start:
-                continue
+    with shuffle_partitions(ranked, n):
+        for ref, start, end in _sorted_blocks(ranked.sort(keys, descending=descending)):
             path = cfs.join(out_dir, f"part-{part:05d}.parquet")
-            pending.append(task.remote(entry.ref, start, end, offset, path, k, sample, cases))
+            pending.append(task.remote(ref, start, end, offset, path, k, sample, cases))
             offset += end - start
             part += 1
             while len(pending) > 8:  # bounded in flight; results taken in rank order
@@ -144,6 +176,19 @@ def write_ranked(
     figures.points = {c: np.concatenate(v) if v else np.zeros(0, np.float32) for c, v in points.items()}
     candidates = pa.concat_tables(top) if top else dc.DISCREPANCY_SCHEMA.empty_table()
     return figures, candidates
+
+
+def _sorted_blocks(ds: ray.data.Dataset) -> Iterator[tuple[Any, int, int]]:
+    """(block ref, first row, end row) of the non-empty blocks of a sorted Dataset, in order."""
+    import ray
+
+    for bundle in ds.iter_internal_ref_bundles():
+        for entry, piece in zip(bundle.blocks, bundle.slices, strict=True):
+            start, end = (0, entry.metadata.num_rows) if piece is None else (piece.start_offset, piece.end_offset)
+            if end is None:
+                end = ray.get(ray.remote(_num_rows).remote(entry.ref))
+            if end > start:
+                yield entry.ref, start, end
 
 
 def _num_rows(block: Any) -> int:
@@ -219,20 +264,16 @@ def write_pairs(rows: ray.data.Dataset, out_dir: str) -> int:
         return 0
     # Both ends of a pair compute the same cosines (the same float64 products, summed in
     # the same order), so a group holds one value of each.
-    unique = found.groupby(["direction", "id_a", "id_b"]).aggregate(Max("probe_cos"), Max("reference_cos"))
-    ordered = unique.map_batches(_with_spread, batch_format="pyarrow").sort(
-        ["direction", "spread", "id_a", "id_b"], descending=[False, True, False, False]
-    )
     task = ray.remote(num_cpus=0.5)(_write_pair_part)
     part, total, pending = 0, 0, []
-    for bundle in ordered.iter_internal_ref_bundles():
-        for entry, piece in zip(bundle.blocks, bundle.slices, strict=True):
-            start, end = (0, entry.metadata.num_rows) if piece is None else (piece.start_offset, piece.end_offset)
-            if end is None:
-                end = ray.get(ray.remote(_num_rows).remote(entry.ref))
-            if end <= start:
-                continue
-            pending.append(task.remote(entry.ref, start, end, cfs.join(out_dir, f"part-{part:05d}.parquet")))
+    with shuffle_partitions(found, found.count()) as partitions:
+        unique = found.groupby(["direction", "id_a", "id_b"], num_partitions=partitions).aggregate(
+            Max("probe_cos"), Max("reference_cos"))
+        ordered = unique.map_batches(_with_spread, batch_format="pyarrow").sort(
+            ["direction", "spread", "id_a", "id_b"], descending=[False, True, False, False]
+        )
+        for ref, start, end in _sorted_blocks(ordered):
+            pending.append(task.remote(ref, start, end, cfs.join(out_dir, f"part-{part:05d}.parquet")))
             part += 1
             while len(pending) > 8:  # bounded in flight
                 total += ray.get(pending.pop(0))
