@@ -247,6 +247,8 @@ def precomputed_table(results: list[dict[str, Any]]) -> str:
     for stage in results[0]["stages"]:
         lines.append(f"{'  ' + stage + ' s':<28}"
                      + "".join(f"{(r['stages'].get(stage) or 0):>14.1f}" for r in results))
+    for r in results:
+        lines.append(f"largest worker at {r['n']:,}: {r['worker'][:100]}")
     if len(results) > 1 and results[0]["driver_hwm"]:
         lines.append(f"driver peak ratio {results[-1]['n']:,} / {results[0]['n']:,}: "
                      f"{results[-1]['driver_hwm'] / results[0]['driver_hwm']:.2f} (target <= 1.2)")

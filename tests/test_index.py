@@ -235,3 +235,24 @@ def test_neighbour_overlap_matches_sets():
 def test_neighbour_overlap_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match=r"\(3, 4\) and \(3, 5\)"):
         ix.neighbour_overlap(np.zeros((3, 4), np.int64), np.zeros((3, 5), np.int64))
+
+
+def test_a_5000_copy_group_is_searched_once_and_expanded():
+    """A placeholder image copied 5,000 times (and a second group of 7): neighbour lists equal
+    numpy's (ties by row), searching one row per group, not widening until the group fits."""
+    rng = np.random.default_rng(7)
+    base = _normalise(rng.normal(size=(600, 16)))
+    x = np.concatenate([base, np.repeat(base[:1], 5000, axis=0), np.repeat(base[5:6], 7, axis=0)])
+    x = np.ascontiguousarray(x[rng.permutation(len(x))])
+    want_D, want_I = _brute_knn(x, x, 10, exclude_self=True)
+    searcher = ix._FlatSearcher(x)
+    assert searcher._nb == 600  # the database FAISS sees: one row per group
+    for shards, block in ((1, 6000), (3, 997)):
+        D, I = ix.self_knn(x, 10, shards=shards, query_block=block)
+        np.testing.assert_array_equal(I, want_I)
+        np.testing.assert_array_equal(D, want_D)
+    # identical queries are searched once: the 5,007 copies of a block cost two searches
+    copies = np.repeat(base[:2], 3, axis=0)
+    groups = ix._DuplicateGroups.of(copies)
+    assert groups is not None and groups.first.tolist() == [0, 3] and groups.inverse.tolist() == [0, 0, 0, 1, 1, 1]
+    assert ix._DuplicateGroups.of(base) is None

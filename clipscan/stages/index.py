@@ -342,6 +342,10 @@ class _FlatSearcher:
     def __init__(self, xb: np.ndarray):
         import faiss
 
+        self._rows = xb.shape[0]  # database rows, duplicates included
+        self._groups = _DuplicateGroups.of(xb)
+        if self._groups is not None:  # search one row per group of identical vectors, expand after
+            xb = np.ascontiguousarray(xb[self._groups.first])
         self._xb = xb
         self._nb, self._d = xb.shape
         self._max_norm = _max_norm(xb)
@@ -351,6 +355,25 @@ class _FlatSearcher:
             self._gpu_index.add(xb)
 
     def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k rows of the database for each row of xq (m, d): (m, k) float32 scores and
+        int64 rows, ordered by (-score, row), -1 / -inf padding where the database is short.
+
+        Identical database vectors are searched once per group and expanded to their rows
+        (the first k of each group suffice: a group's later rows lose every tie to its
+        first); identical queries in a block are searched once. So a placeholder image
+        copied thousands of times costs one row, not a re-search that widens until the
+        whole tie group fits.
+        """
+        qgroups = _DuplicateGroups.of(xq)
+        if qgroups is not None:
+            sims, ids = self.search(np.ascontiguousarray(xq[qgroups.first]), k)
+            return sims[qgroups.inverse], ids[qgroups.inverse]
+        if self._groups is None:
+            return self._search_unique(xq, k)
+        sims, ids = self._search_unique(xq, min(k, self._nb))
+        return self._groups.expand(sims, ids, k)
+
+    def _search_unique(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         m = xq.shape[0]
         sims, ids = _empty_result(m, k)
         # FAISS's float32 dot products are off by at most about d * 2**-24 * |q| * |b|;
@@ -393,6 +416,56 @@ class _FlatSearcher:
             prod = np.multiply(cand, xq[r0:r1, None, :], dtype=np.float64)
             sims[r0:r1] = prod.sum(axis=-1)
         return _canonical(sims, ids)
+
+
+class _DuplicateGroups:
+    """Rows of a (n, d) array grouped by identical bytes: ``first`` (g,) the lowest row of
+    each group, ascending; ``inverse`` (n,) each row's group; the member rows of each group
+    in ascending order (``members``, from ``starts``)."""
+
+    def __init__(self, first: np.ndarray, inverse: np.ndarray, counts: np.ndarray) -> None:
+        self.first, self.inverse = first, inverse
+        self.members = np.argsort(inverse, kind="stable").astype(np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+    @classmethod
+    def of(cls, x: np.ndarray) -> _DuplicateGroups | None:
+        """The groups of x's rows, or None when every row is distinct (the common case)."""
+        if x.shape[0] < 2:
+            return None
+        x = np.ascontiguousarray(x)
+        keys = x.view(np.dtype((np.void, x.dtype.itemsize * x.shape[1]))).reshape(-1)
+        _, first, inverse, counts = np.unique(keys, return_index=True, return_inverse=True, return_counts=True)
+        if len(first) == x.shape[0]:
+            return None
+        # number the groups by their lowest row, so group order is row order
+        order = np.argsort(first, kind="stable")
+        rank = np.empty_like(order)
+        rank[order] = np.arange(len(order))
+        return cls(first[order].astype(np.int64), rank[inverse.reshape(-1)], counts[order])
+
+    def expand(self, sims: np.ndarray, groups: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per query, groups (m, c) (best first, -1 padding) with their scores -> the top-k
+        member rows under (-score, row)."""
+        m, c = groups.shape
+        sizes = np.where(groups >= 0, np.diff(self.starts)[np.maximum(groups, 0)], 0)
+        take = np.minimum(sizes, k)  # a group's later rows lose every tie to its first k
+        width = max(1, int(take.sum(axis=1).max(initial=0)))
+        rows = np.full((m, width), -1, dtype=np.int64)
+        vals = np.full((m, width), -np.inf, dtype=np.float32)
+        flat_q = np.repeat(np.arange(m), take.sum(axis=1))
+        per = take.reshape(-1)
+        grp = np.repeat(groups.reshape(-1), per)
+        within = np.arange(per.sum()) - np.repeat(np.cumsum(per) - per, per)
+        col = np.arange(per.sum()) - np.repeat(np.concatenate([[0], np.cumsum(take.sum(axis=1))[:-1]]), take.sum(axis=1))
+        rows[flat_q, col] = self.members[self.starts[grp] + within]
+        vals[flat_q, col] = np.repeat(sims.reshape(-1), per)
+        out_s, out_i = _canonical(vals, rows)
+        if out_s.shape[1] < k:
+            pad = k - out_s.shape[1]
+            out_s = np.pad(out_s, ((0, 0), (0, pad)), constant_values=-np.inf)
+            out_i = np.pad(out_i, ((0, 0), (0, pad)), constant_values=-1)
+        return out_s[:, :k], out_i[:, :k]
 
 
 def _canonical(sims: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
