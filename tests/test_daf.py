@@ -58,7 +58,7 @@ def test_daf_main_end_to_end(tmp_path: Path, scene_corpus: str, ray_local: None,
     assert pq.read_table(out / "discrepancies.parquet").equals(first_table)
     assert daf.main(_args(scene_corpus, out, stage, "knn.k=5")) == 1
     assert "different config (differs at: knn.k)" in capsys.readouterr().err
-    assert daf.main([*_args(scene_corpus, out, stage, "knn.k=5"), "--overwrite"]) == 0
+    assert daf.main([*_args(scene_corpus, out, "knn.k=5"), "--overwrite"]) == 0
 
 
 def test_daf_approximate_index_records_recall(tmp_path: Path, scene_corpus: str, ray_local: None) -> None:

@@ -91,7 +91,7 @@ def vectors_table(ids: np.ndarray, x_probe: np.ndarray, x_ref: np.ndarray) -> pa
 def search_blocks(table: pa.Table, shards: int, block: int, **kwargs) -> pa.Table:
     """The search stage without Ray: Shard objects over contiguous id-sorted row ranges."""
     n = table.num_rows
-    held = [sr.Shard(table.slice(lo, hi - lo), lo) for lo, hi in ix.shard_bounds(n, shards)]
+    held = [sr.Shard.from_table(table.slice(lo, hi - lo), lo) for lo, hi in ix.shard_bounds(n, shards)]
     stage = sr.SearchBlock(held, K, DEPTH, **kwargs)
     shuffled = table.take(pa.array(np.random.default_rng(shards * 7 + block).permutation(n)))
     return pa.concat_tables([stage(shuffled.slice(s, block)) for s in range(0, n, block)])
@@ -185,8 +185,8 @@ def test_brute_force_cosines_and_ranks() -> None:
 def test_approximate_shards_measure_recall() -> None:
     ids, x_probe, x_ref = sorted_inputs("random")
     table = vectors_table(ids, x_probe, x_ref)
-    shards = [sr.Shard(table.slice(lo, hi - lo), lo, index="IVF,Flat", nprobe=1) for lo, hi in ix.shard_bounds(240, 2)]
-    everything = [sr.Shard(table.slice(lo, hi - lo), lo, index="IVF4,Flat", nprobe=4) for lo, hi in ix.shard_bounds(240, 2)]
+    shards = [sr.Shard.from_table(table.slice(lo, hi - lo), lo, index="IVF,Flat", nprobe=1) for lo, hi in ix.shard_bounds(240, 2)]
+    everything = [sr.Shard.from_table(table.slice(lo, hi - lo), lo, index="IVF4,Flat", nprobe=4) for lo, hi in ix.shard_bounds(240, 2)]
     sample = np.arange(0, 240, 3)
     low = sr.SearchBlock(shards, K, DEPTH, recall_rows=sample)(table)
     full = sr.SearchBlock(everything, K, DEPTH, recall_rows=sample)(table)
@@ -202,7 +202,7 @@ def test_sized_index_and_missing_ids() -> None:
     assert sr.sized_index("OPQ16,IVF,PQ16", 100) == "OPQ16,IVF40,PQ16"
     ids, x_probe, x_ref = sorted_inputs("random")
     table = vectors_table(ids, x_probe, x_ref)
-    stage = sr.SearchBlock([sr.Shard(table.slice(0, 100), 0)], K, DEPTH)
+    stage = sr.SearchBlock([sr.Shard.from_table(table.slice(0, 100), 0)], K, DEPTH)
     with pytest.raises(RuntimeError, match="in no shard"):
         stage(table.slice(150, 10))
     with pytest.raises(KeyError, match=r"stage .search. needs columns \[.reference.\]"):
@@ -227,7 +227,8 @@ def test_plan_shards_per_node() -> None:
 # --- the pipeline on Ray -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shards,block,rank_by", [(1, 240, "overlap"), (2, 50, "gap"), (3, 97, "max_gap")])
+# one shard and rank_by overlap run end to end in tests/test_daf.py and tests/test_object_storage.py
+@pytest.mark.parametrize("shards,block,rank_by", [(2, 50, "gap"), (3, 97, "max_gap")])
 def test_pipeline_ranks_pairs_and_cases_equal_today(ray_local: None, tmp_path, shards: int, block: int,
                                                     rank_by: str) -> None:
     import ray.data

@@ -434,15 +434,23 @@ class _DuplicateGroups:
         if x.shape[0] < 2:
             return None
         x = np.ascontiguousarray(x)
-        keys = x.view(np.dtype((np.void, x.dtype.itemsize * x.shape[1]))).reshape(-1)
-        _, first, inverse, counts = np.unique(keys, return_index=True, return_inverse=True, return_counts=True)
+        # a 64-bit hash per row first (n x 8 bytes, not a sorted copy of x); rows whose
+        # hashes agree are then compared whole, and a collision falls back to the bytes
+        _, first, inverse, counts = np.unique(_row_hashes(x), return_index=True, return_inverse=True,
+                                              return_counts=True)
         if len(first) == x.shape[0]:
             return None
+        inverse = inverse.reshape(-1)
+        dup = counts[inverse] > 1
+        if not np.array_equal(x[dup], x[first[inverse[dup]]]):
+            keys = x.view(np.dtype((np.void, x.dtype.itemsize * x.shape[1]))).reshape(-1)
+            _, first, inverse, counts = np.unique(keys, return_index=True, return_inverse=True, return_counts=True)
+            inverse = inverse.reshape(-1)
         # number the groups by their lowest row, so group order is row order
         order = np.argsort(first, kind="stable")
         rank = np.empty_like(order)
         rank[order] = np.arange(len(order))
-        return cls(first[order].astype(np.int64), rank[inverse.reshape(-1)], counts[order])
+        return cls(first[order].astype(np.int64), rank[inverse], counts[order])
 
     def expand(self, sims: np.ndarray, groups: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Per query, groups (m, c) (best first, -1 padding) with their scores -> the top-k
@@ -466,6 +474,19 @@ class _DuplicateGroups:
             out_s = np.pad(out_s, ((0, 0), (0, pad)), constant_values=-np.inf)
             out_i = np.pad(out_i, ((0, 0), (0, pad)), constant_values=-1)
         return out_s[:, :k], out_i[:, :k]
+
+
+def _row_hashes(x: np.ndarray, values: int = 1 << 22) -> np.ndarray:
+    """(n,) uint64 hash of each row's bytes (a polynomial over its 32-bit words), in blocks
+    of about ``values`` words."""
+    words = x.view(np.uint32).reshape(x.shape[0], -1)
+    rows = max(1, values // max(1, words.shape[1]))
+    powers = np.uint64(0x9E3779B97F4A7C15) ** np.arange(1, words.shape[1] + 1, dtype=np.uint64)
+    out = np.empty(x.shape[0], dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for r0 in range(0, x.shape[0], rows):
+            out[r0:r0 + rows] = (words[r0:r0 + rows].astype(np.uint64) * powers).sum(axis=1)
+    return out
 
 
 def _canonical(sims: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

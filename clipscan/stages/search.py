@@ -185,7 +185,8 @@ class Shard:
 
     def __init__(
         self,
-        table: pa.Table,
+        ids: np.ndarray,
+        x: dict[str, np.ndarray],
         lo: int,
         index: str = "Flat",
         nprobe: int = 16,
@@ -195,23 +196,32 @@ class Shard:
     ) -> None:
         import faiss
 
-        from clipscan.stages.embed import embedding_matrix
-
-        require({c: None for c in table.column_names}, ("id", *MODELS), "search")
+        missing = [m for m in MODELS if m not in x]
+        if missing:
+            raise KeyError(f"stage 'search' needs columns {missing}; the shard has {sorted(x)}")
         if threads is not None:
             faiss.omp_set_num_threads(max(1, int(threads)))
         self.lo = int(lo)
-        self.ids = np.asarray(table.column("id").to_pylist(), dtype=object)
+        self.ids = np.asarray(ids, dtype=object)
         if len(self.ids) == 0:
             raise ValueError(f"search: shard at row {lo} is empty")
         if len(self.ids) > 1 and not (self.ids[1:] > self.ids[:-1]).all():
             raise ValueError(f"search: shard at row {lo} has ids out of order or repeated")
-        self.x = {m: np.ascontiguousarray(embedding_matrix(table.column(m))) for m in MODELS}
+        self.x = {m: np.ascontiguousarray(x[m], dtype=np.float32) for m in MODELS}
         self.exact = {m: ix._FlatSearcher(self.x[m]) for m in MODELS}
         self.approx = None
         self.index = index
         if index.strip().lower() != "flat":
             self.approx = {m: _build_index(self.x[m], index, nprobe, train_sample, seed) for m in MODELS}
+
+    @classmethod
+    def from_table(cls, table: pa.Table, lo: int, **kwargs: Any) -> Shard:
+        """A shard of ``table``'s rows: ``id`` (sorted ascending), ``probe``, ``reference``."""
+        from clipscan.stages.embed import embedding_matrix
+
+        require({c: None for c in table.column_names}, ("id", *MODELS), "search")
+        x = {m: embedding_matrix(table.column(m)) for m in MODELS}
+        return cls(np.asarray(table.column("id").to_pylist(), dtype=object), x, lo, **kwargs)
 
     def node(self) -> str:
         import ray
@@ -564,7 +574,12 @@ class _ShardActor(Shard):
     def __init__(self, blocks: list[Any], lo: int, *args: Any) -> None:
         import ray
 
+        from clipscan.stages.embed import embedding_matrix
+
         ix.require_faiss_gpu(len(ray.get_gpu_ids()))
         tables = [pa.table(b) if not isinstance(b, pa.Table) else b for b in ray.get(blocks)]
-        table = pa.concat_tables([t.select(["id", *MODELS]) for t in tables])
-        super().__init__(table, lo, *args)
+        blocks.clear()
+        ids = np.concatenate([np.asarray(t.column("id").to_pylist(), dtype=object) for t in tables])
+        x = {m: np.concatenate([embedding_matrix(t.column(m)) for t in tables]) for m in MODELS}
+        del tables  # the object store's copy is let go before the indexes are built
+        super().__init__(ids, x, lo, *args)
