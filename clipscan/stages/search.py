@@ -203,6 +203,7 @@ class Shard:
             faiss.omp_set_num_threads(max(1, int(threads)))
         self.lo = int(lo)
         self.ids = np.asarray(ids, dtype=object)
+        self.ids_pa = pa.array(self.ids, type=pa.string())
         if len(self.ids) == 0:
             raise ValueError(f"search: shard at row {lo} is empty")
         if len(self.ids) > 1 and not (self.ids[1:] > self.ids[:-1]).all():
@@ -259,7 +260,8 @@ class Shard:
             out[model] = {
                 "sims": sims,
                 "ids": ix._offset(local, self.lo),
-                "names": self.ids[np.maximum(local, 0)],
+                # Arrow, not an object array: it crosses to the stream as buffers, not pickled strings
+                "names": self.ids_pa.take(pa.array(np.maximum(local, 0).reshape(-1))),
                 **{f"cos_{m}": self._cos(m, queries[m], local[:, :c]) for m in MODELS},
             }
         return out
@@ -414,15 +416,22 @@ def _merge(answers: list[dict[str, Any]], model: str, kk: int, rows: np.ndarray)
     ids = np.concatenate([q["ids"] for q in parts], axis=1)
     order = ix.merge_order(sims, ids, kk)
     merged = {"sims": np.take_along_axis(sims, order, axis=1), "ids": np.take_along_axis(ids, order, axis=1)}
-    names = np.concatenate([q["names"] for q in parts], axis=1)
-    merged["names"] = np.take_along_axis(names, order, axis=1)
+    # each shard's names arrive flat (m * width, row-major): merge positions, take names once
+    m = sims.shape[0]
+    bases = np.cumsum([0] + [q["sims"].size for q in parts])[:-1]
+    positions = np.concatenate([base + np.arange(q["sims"].size, dtype=np.int64).reshape(q["sims"].shape)
+                                for base, q in zip(bases, parts, strict=True)], axis=1)
+    merged["_positions"] = np.take_along_axis(positions, order, axis=1)
     for col in ("cos_probe", "cos_reference"):
         width = parts[0]["sims"].shape[1]
         padded = [np.pad(q[col], ((0, 0), (0, width - q[col].shape[1])), constant_values=np.nan) for q in parts]
         merged[col] = np.take_along_axis(np.concatenate(padded, axis=1), order, axis=1)
     keep = ix.self_mask(merged["ids"], rows)
-    m, w = merged["ids"].shape
-    return {c: v[keep].reshape(m, w - 1) for c, v in merged.items()}
+    w = merged["ids"].shape[1]
+    out = {c: v[keep].reshape(m, w - 1) for c, v in merged.items()}
+    taken = pa.concat_arrays([q["names"] for q in parts]).take(pa.array(out.pop("_positions").reshape(-1)))
+    out["names"] = taken.to_numpy(zero_copy_only=False).reshape(m, w - 1)
+    return out
 
 
 # ---------------------------------------------------------------------------------------
