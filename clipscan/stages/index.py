@@ -221,6 +221,34 @@ def _search_shard_task(
 # Approximate search
 
 
+def build_index(x: np.ndarray, spec: str, nprobe: int, train_sample: int, seed: int, who: str) -> Any:
+    """A trained FAISS index of factory string ``spec`` (inner product) holding x (n, d).
+
+    Trained on ``train_sample`` rows drawn with ``seed``; an IVF list count too large for
+    the training rows is clamped (``_clamp_nlist``); ``nprobe`` is set (at most nlist).
+    ``who`` names the caller in the error for a string FAISS cannot build.
+    """
+    import faiss
+
+    n = x.shape[0]
+    n_train = min(train_sample, n)
+    rng = np.random.default_rng(seed)
+    train = x if n_train == n else x[np.sort(rng.choice(n, n_train, replace=False))]
+    spec = _clamp_nlist(spec, n_train)
+    try:
+        idx = faiss.index_factory(x.shape[1], spec, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise ValueError(f"{who}: FAISS cannot build index {spec!r}") from e
+    ivf = _ivf_or_none(idx)
+    if ivf is not None:
+        ivf.cp.seed = seed
+    idx.train(train)
+    idx.add(x)
+    if ivf is not None:
+        ivf.nprobe = min(nprobe, ivf.nlist)
+    return idx
+
+
 def approx_self_knn(
     x: np.ndarray,
     k: int,
@@ -239,26 +267,11 @@ def approx_self_knn(
     Returns D (n, k) float32, I (n, k) int64, best first; I = -1, D = -inf where the
     probed lists held fewer than k other rows.
     """
-    import faiss
 
     x = _as_matrix(x, "x")
     n = _check_k(x, k)
     _check_block(query_block)
-    rng = np.random.default_rng(seed)
-    n_train = min(train_sample, n)
-    train = x if n_train == n else x[np.sort(rng.choice(n, n_train, replace=False))]
-    spec = _clamp_nlist(index, n_train)
-    try:
-        idx = faiss.index_factory(x.shape[1], spec, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as e:
-        raise ValueError(f"approx_self_knn: FAISS cannot build index {spec!r}") from e
-    ivf = _ivf_or_none(idx)
-    if ivf is not None:
-        ivf.cp.seed = seed
-    idx.train(train)
-    idx.add(x)
-    if ivf is not None:
-        ivf.nprobe = min(nprobe, ivf.nlist)
+    idx = build_index(x, index, nprobe, train_sample, seed, "approx_self_knn")
     out_sims = np.empty((n, k), dtype=np.float32)
     out_ids = np.empty((n, k), dtype=np.int64)
     for q0 in range(0, n, query_block):

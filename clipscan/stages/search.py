@@ -282,26 +282,7 @@ class Shard:
 
 
 def _build_index(x: np.ndarray, spec: str, nprobe: int, train_sample: int, seed: int) -> Any:
-    import faiss
-
-    n = x.shape[0]
-    spec = sized_index(spec, n)
-    n_train = min(train_sample, n)
-    rng = np.random.default_rng(seed)
-    train = x if n_train == n else x[np.sort(rng.choice(n, n_train, replace=False))]
-    spec = ix._clamp_nlist(spec, n_train)
-    try:
-        idx = faiss.index_factory(x.shape[1], spec, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as e:
-        raise ValueError(f"search: FAISS cannot build index {spec!r}") from e
-    ivf = ix._ivf_or_none(idx)
-    if ivf is not None:
-        ivf.cp.seed = seed
-    idx.train(train)
-    idx.add(x)
-    if ivf is not None:
-        ivf.nprobe = min(nprobe, ivf.nlist)
-    return idx
+    return ix.build_index(x, sized_index(spec, x.shape[0]), nprobe, train_sample, seed, "search")
 
 
 def sized_index(spec: str, rows: int) -> str:
