@@ -128,6 +128,15 @@ class Mined:
     contrast: Callable[[], pa.Table]  # the attribute contrast's rows (``attributes.build_rows``)
 
 
+def faiss_build() -> dict[str, Any]:
+    """The FAISS build the driver loaded (``index.faiss_facts``), logged for the job log."""
+    from clipscan.stages.index import faiss_facts
+
+    build = faiss_facts()
+    log.info("FAISS %s (%s build) sees %d GPU(s) in the driver", build["version"], build["build"], build["gpus"])
+    return build
+
+
 def mine_in_driver(run: Run, cfg: DafConfig) -> Mined:
     """The ``index`` and ``mine`` stages in this process, for corpora below
     ``knn.stage_min_rows``: the same results as ``search_and_mine`` (the tests hold them
@@ -135,10 +144,8 @@ def mine_in_driver(run: Run, cfg: DafConfig) -> Mined:
     from clipscan.report import daf_figures
     from clipscan.stages import attributes, discrepancy
     from clipscan.stages.embed import load_corpus, load_embeddings
-    from clipscan.stages.index import faiss_facts
-
     with run.stage("index") as facts:
-        build = faiss_facts()
+        build = faiss_build()
         ids, x_probe = load_embeddings(cfg.output, "probe")
         ref_ids, x_ref = load_embeddings(cfg.output, "reference")
         if not np.array_equal(ids, ref_ids):
@@ -187,7 +194,6 @@ def search_and_mine(run: Run, cfg: DafConfig) -> Mined:
     are read back from them."""
 
     from clipscan.stages import discrepancy, mine, search
-    from clipscan.stages.index import faiss_facts
 
     scratch = run.path("_search")
     knn, mining = cfg.knn, cfg.mining
@@ -200,8 +206,7 @@ def search_and_mine(run: Run, cfg: DafConfig) -> Mined:
     )
     try:
         with run.stage("index") as facts:
-            build = faiss_facts()
-            log.info("FAISS %s (%s build) sees %d GPU(s) in the driver", build["version"], build["build"], build["gpus"])
+            build = faiss_build()
             stage.start()
             stage.write(scratch)
             model_facts = {key: stage.facts[key] for key in ("index", "nodes") if key in stage.facts}
@@ -253,7 +258,7 @@ def search_and_mine(run: Run, cfg: DafConfig) -> Mined:
         return attributes.build_rows(
             top, matched,
             ranks=lambda ids: mine.ranks_of(ranked, set(ids)),
-            captions=lambda ids: corpus_lookup(mine.corpus_rows(ordered, set(ids)), ids),
+            captions=lambda ids: corpus_lookup(lookup(set(ids)), ids),
             deep_reference=lambda ids: {i: deep[i] for i in ids if i in deep},
         )
 
