@@ -617,11 +617,17 @@ def _digest_group(pieces: list[tuple[int, pa.Table]]) -> list[tuple[int, str]]:
 
 
 def table_digests(table: pa.Table, step: int, group: int = 64) -> dict[int, str]:
-    """``shard_digest`` of every shard of the row table, computed in Ray tasks of ``group`` shards each."""
+    """``shard_digest`` of every shard of the row table, computed in Ray tasks of ``group`` shards each.
+
+    Up to ``group`` shards are hashed in this process: a first task would wait about a
+    second and a half for a worker to start, longer than hashing them here.
+    """
     import ray
 
-    task = ray.remote(num_cpus=0.25)(_digest_group)
     starts = list(range(0, table.num_rows, step))
+    if len(starts) <= group:
+        return dict(_digest_group([(i // step, table.slice(i, step)) for i in starts]))
+    task = ray.remote(num_cpus=0.25)(_digest_group)
     refs = [task.remote([(i // step, table.slice(i, step)) for i in starts[g : g + group]])
             for g in range(0, len(starts), group)]
     return {shard: digest for ref in refs for shard, digest in ray.get(ref)}

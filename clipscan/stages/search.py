@@ -448,6 +448,7 @@ class ShardedSearch:
     k_used: int = 0
     depth: int = 0
     recall_rows: np.ndarray | None = None
+    shard_nodes: list[str] = field(default_factory=list)  # the node of each shard actor, once started
     _actors: list[Any] = field(default_factory=list)
 
     def __enter__(self) -> ShardedSearch:
@@ -486,7 +487,7 @@ class ShardedSearch:
             }
             self._actors.append(actor.options(**options).remote(
                 part.to_arrow_refs(), lo, self.index, self.nprobe, self.train_sample, self.seed, plan.threads))
-        nodes = ray.get([a.node.remote() for a in self._actors])
+        self.shard_nodes = nodes = ray.get([a.node.remote() for a in self._actors])
         approximate = self.index.strip().lower() != "flat"
         sample = np.sort(np.random.default_rng(self.seed).choice(n, min(self.recall_queries, n), replace=False))
         self.recall_rows = sample if approximate else None

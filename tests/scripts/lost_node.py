@@ -9,7 +9,7 @@ the sink has written some rows and before it has written them all; then a fresh 
 joins, as the autoscaler would add one, and the search stage runs over the embeddings
 (its facts say on how many nodes its shard actors ran). Prints one JSON
 object on the last line of stdout: the input ids, the ids found in
-``embeddings/<model>/*.parquet`` and ``skipped.parquet``, the nodes that ran decode
+``embeddings/<model>/*.parquet``, ``skipped.parquet`` and the search's parts, the nodes that ran decode
 tasks and encoder actors, and what happened when. tests/test_lost_node.py checks it.
 """
 
@@ -51,8 +51,6 @@ def main(argv: list[str] | None = None) -> int:
     from clipscan.rundir import Run
     from clipscan.runner import embed_corpus
     from clipscan.stages import embed
-    from clipscan.stages.search import ShardedSearch, vectors_from_run
-
     work = Path(args.work)
     manifest = write_corpus(str(work / "corpus"), args.images, seed=5, size=64)
     out = work / "run"
@@ -133,14 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     stop.set()
     watcher.join(timeout=5)
     if error is None:
-        # The autoscaler would replace the lost node; the exact search then spreads over both workers.
-        workers.append(cluster.add_node(num_cpus=3, **node_args))
+        # The autoscaler would replace the lost node, and here adds one more: three workers search.
+        workers += [cluster.add_node(num_cpus=3, **node_args) for _ in range(2)]
         cluster.wait_for_nodes()
         try:
-            # the search stage's shard actors over the run's embeddings, one per CPU node
-            with ShardedSearch(vectors_from_run(str(out)), k=10) as stage:
-                stage.write(str(work / "search"))
-                events["search"] = stage.facts
+            error = search_and_lose_a_node(cluster, workers, node_args, out, work / "search", events, args.no_kill)
         except Exception as e:
             error = f"search: {type(e).__name__}: {e}"
     events["worker_nodes"] = [w.node_id for w in workers]
@@ -158,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result = {
         "error": error,
+        "searched": ids_in(work / "search"),
         "counts": {k: v for k, v in counts.items() if isinstance(v, (int, float, str, dict))},
         "input_ids": pq.read_table(manifest, columns=["id"]).column("id").to_pylist()
         if "id" in pq.read_schema(manifest).names else None,
@@ -174,6 +170,62 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(os.environ["RAY_TMPDIR"], ignore_errors=True)
     print(json.dumps(result))
     return 0
+
+
+def search_and_lose_a_node(cluster: Any, workers: list[Any], node_args: dict[str, Any], run_dir: Path, out: Path,
+                           events: dict[str, Any], no_kill: bool) -> str | None:
+    """The search stage over the run's embeddings, one shard actor per worker; once the query
+    stream has written its first part, the worker of one shard actor is removed (no drain) and
+    a fresh one added, as the autoscaler would for the restarted actor's CPUs."""
+    from clipscan.stages.search import ShardedSearch, vectors_from_run
+
+    failed: list[str] = []
+
+    def write(stage: ShardedSearch) -> None:
+        try:
+            stage.write(str(out))
+        except Exception as e:  # reported by the caller
+            failed.append(f"search: {type(e).__name__}: {e}")
+
+    # small query blocks: the stream writes many parts, so the node goes while most are still to come
+    with ShardedSearch(vectors_from_run(str(run_dir)), k=10, query_block=16) as stage:
+        events["search"] = dict(stage.facts, shard_nodes=sorted(set(stage.shard_nodes)))
+        writer = threading.Thread(target=write, args=(stage,), daemon=True)
+        writer.start()
+        # Ray adds and removes nodes from the main thread only: the stream runs in the other one
+        while not no_kill and writer.is_alive():
+            parts = len(list(out.glob("*.parquet")))
+            if parts:
+                victim = next(w for w in workers if w.node_id in stage.shard_nodes)
+                events.update(search_killed_node=victim.node_id, search_killed_at_parts=parts)
+                cluster.remove_node(victim, allow_graceful=False)
+                workers.append(cluster.add_node(num_cpus=3, **node_args))
+                break
+            time.sleep(0.1)
+        writer.join()
+    events["search_parts"] = len(list(out.glob("*.parquet")))
+    if not failed:
+        events["search_equals_one_process"] = _equals_one_process(run_dir, out)
+    return failed[0] if failed else None
+
+
+def _equals_one_process(run_dir: Path, out: Path) -> bool:
+    """The stage's rows, sorted by id, against the same search in this process over one shard."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from clipscan.stages.search import SearchBlock, Shard
+
+    def read(path: Path) -> pa.Table:
+        return pa.concat_tables([pq.read_table(f) for f in sorted(path.glob("*.parquet"))])
+
+    table = read(run_dir / "embeddings" / "probe").select(["id"])
+    for model in ("probe", "reference"):
+        table = table.append_column(model, read(run_dir / "embeddings" / model).column("embedding"))
+    table = table.sort_by("id")
+    expected = SearchBlock([Shard.from_table(table, 0)], k=10, depth=100)(table)
+    got = read(out).sort_by("id").select(expected.column_names).cast(expected.schema)
+    return bool(got.equals(expected))
 
 
 if __name__ == "__main__":
