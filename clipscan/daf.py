@@ -18,38 +18,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from clipscan import fs as cfs
-from clipscan.config import DafConfig, KnnConfig
+from clipscan.config import DafConfig
 from clipscan.rundir import Run
 
 if TYPE_CHECKING:
     from clipscan.stages.mine import Figures
 
 log = logging.getLogger("clipscan")
-
-
-def neighbours(x: np.ndarray, cfg: KnnConfig, depth: int, seed: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Top-``depth`` neighbours of every row of x (n, d) float32 L2-normalised, self excluded.
-
-    Exact sharded search for ``knn.index: Flat``; otherwise the FAISS factory index, with
-    its recall@k against exact search measured on ``knn.recall_queries`` rows. Returns
-    D (n, depth) float32, I (n, depth) int64 and facts for run.json (index, wall_s; the
-    number of nodes that ran search tasks; the recall).
-    """
-    from clipscan.stages import index
-
-    depth = min(depth, len(x) - 1)
-    start = time.perf_counter()
-    if cfg.index.strip().lower() == "flat":
-        nodes: set[str] = set()
-        D, I = index.sharded_self_knn(x, depth, shards=cfg.shards, query_block=cfg.query_block, nodes=nodes,
-                                      device=cfg.device)
-        return D, I, {"index": "exact", "nodes": len(nodes), "wall_s": round(time.perf_counter() - start, 3)}
-    D, I = index.approx_self_knn(x, depth, index=cfg.index, nprobe=cfg.nprobe,
-                                 train_sample=cfg.train_sample, seed=seed, query_block=cfg.query_block)
-    k = min(cfg.k, depth)
-    recall = index.measure_recall(x, k, I[:, :k], n_queries=min(cfg.recall_queries, len(x)), seed=seed)
-    return D, I, {"index": cfg.index, "nprobe": cfg.nprobe, "recall_at_k": round(float(recall), 4),
-                  "wall_s": round(time.perf_counter() - start, 3)}
 
 
 def run_daf(cfg: DafConfig, overwrite: bool = False) -> Run:
@@ -142,7 +117,7 @@ def mine_in_driver(run: Run, cfg: DafConfig) -> Mined:
     ``knn.stage_min_rows``: the same results as ``search_and_mine`` (the tests hold them
     to the same bits), without the seconds each Ray Data stage costs to start."""
     from clipscan.report import daf_figures
-    from clipscan.stages import attributes, discrepancy
+    from clipscan.stages import attributes, discrepancy, index
     from clipscan.stages.embed import load_corpus, load_embeddings
     with run.stage("index") as facts:
         build = faiss_build()
@@ -151,8 +126,8 @@ def mine_in_driver(run: Run, cfg: DafConfig) -> Mined:
         if not np.array_equal(ids, ref_ids):
             raise RuntimeError("probe and reference embeddings cover different ids")
         k = min(cfg.knn.k, len(ids) - 1)
-        probe_D, probe_I, pf = neighbours(x_probe, cfg.knn, k, cfg.seed)
-        ref_D, ref_I, rf = neighbours(x_ref, cfg.knn, max(k, cfg.mining.rank_depth), cfg.seed)
+        probe_D, probe_I, pf = index.self_neighbours(x_probe, cfg.knn, k, cfg.seed)
+        ref_D, ref_I, rf = index.self_neighbours(x_ref, cfg.knn, max(k, cfg.mining.rank_depth), cfg.seed)
         facts.update(where="driver", faiss=build, images=len(ids), k=k, probe=pf, reference=rf)
     recall = None
     if "recall_at_k" in pf:

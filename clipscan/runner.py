@@ -148,8 +148,7 @@ def _embed_computed(run: Run, cfg: JobConfig, models: dict[str, str], out_dir: s
         if info["todo_shards"]:
             configure_data_context()
             built = embed.build_embed(ds, models, cfg.data, cfg.embed)
-            with Progress("embed", lambda: embed.rows_written(raw), total):
-                built.write_datasink(embed.ShardSink(raw), ray_remote_args={"num_cpus": embed.IO_CPUS})
+            write_shards(built, raw, "embed", total)
         if info.get("numbered"):  # WebDataset: the readers recorded each shard's row count as they read it
             info["shard_rows"] = recorded_shard_rows(records, info["sources"])[0]
         counts = embed.collect(raw, out_dir, names, info["shard_rows"])
@@ -160,6 +159,15 @@ def _embed_computed(run: Run, cfg: JobConfig, models: dict[str, str], out_dir: s
     if counts["read"] != counts["embedded"] + counts["skipped"]:
         raise RuntimeError(f"row accounting does not add up: {counts}")
     return counts
+
+
+def write_shards(ds: Any, raw: str, stage: str, total: int | None) -> None:
+    """Run a per-row pipeline into ``raw`` (``embed.ShardSink``: pieces per input shard, what
+    resume counts), logging its progress as ``stage``. DAF's embedding and TCAC's scoring."""
+    from clipscan.stages import embed
+
+    with Progress(stage, lambda: embed.rows_written(raw), total):
+        ds.write_datasink(embed.ShardSink(raw), ray_remote_args={"num_cpus": embed.IO_CPUS})
 
 
 class Progress:

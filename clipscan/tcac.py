@@ -49,11 +49,11 @@ def run_tcac(cfg: TcacConfig, overwrite: bool = False) -> Run:
     """
     import ray
 
-    from clipscan.daf import neighbours
     from clipscan.data.read import read_corpus
     from clipscan.report_tcac import write_tcac_report
-    from clipscan.runner import Progress, configure_data_context, init_ray
+    from clipscan.runner import configure_data_context, init_ray, write_shards
     from clipscan.stages import embed
+    from clipscan.stages.index import self_neighbours
     from clipscan.stages.transforms import SeededTransforms
 
     SeededTransforms(cfg.tcac.transforms, cfg.seed)  # a bad transform fails here, before any work
@@ -76,7 +76,7 @@ def run_tcac(cfg: TcacConfig, overwrite: bool = False) -> Run:
         text_emb, reused = embed_captions(run, texts, cfg)
         near = None
         if len(texts) > 1:
-            _, near, search = neighbours(text_emb, cfg.knn, cfg.tcac.pool_k, cfg.seed)
+            _, near, search = self_neighbours(text_emb, cfg.knn, cfg.tcac.pool_k, cfg.seed)
             facts.update(search=search)
         pool = CaptionPool.build(texts, text_emb, ids, own, near)
         sizes = pool.sizes()
@@ -87,8 +87,7 @@ def run_tcac(cfg: TcacConfig, overwrite: bool = False) -> Run:
         if info["todo_shards"]:
             pool_ref = ray.put(pool)  # once; every scoring actor reads this one copy
             built = build_tcac(ds, pool_ref, cfg.models.probe, cfg.data, cfg.embed, cfg.tcac, cfg.seed)
-            with Progress("score", lambda: embed.rows_written(raw), sum(info["shard_rows"].values()) or None):
-                built.write_datasink(embed.ShardSink(raw), ray_remote_args={"num_cpus": embed.IO_CPUS})
+            write_shards(built, raw, "score", sum(info["shard_rows"].values()) or None)
             del pool_ref
         counts = collect(raw, run.output, names, info["shard_rows"])
         facts.update(images_read=counts["read"], images_scored=counts["scored"],

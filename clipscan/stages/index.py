@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any
+import time
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from clipscan.config import KnnConfig
 
 logger = logging.getLogger(__name__)
 
@@ -617,3 +621,27 @@ def require_faiss_gpu(gpus_held: int) -> None:
             "sees none: install clipscan[gpu] (faiss-gpu-cu12) and remove faiss-cpu on GPU nodes, "
             "or set knn.device=cpu to search on CPUs"
         )
+
+
+def self_neighbours(x: np.ndarray, cfg: KnnConfig, depth: int, seed: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Top-``depth`` neighbours of every row of x (n, d) float32 L2-normalised, self excluded.
+
+    The in-process search of DAF's small corpora and of TCAC's caption pool. Exact sharded
+    search for ``knn.index: Flat``; otherwise the FAISS factory index, with
+    its recall@k against exact search measured on ``knn.recall_queries`` rows. Returns
+    D (n, depth) float32, I (n, depth) int64 and facts for run.json (index, wall_s; the
+    number of nodes that ran search tasks; the recall).
+    """
+    depth = min(depth, len(x) - 1)
+    start = time.perf_counter()
+    if cfg.index.strip().lower() == "flat":
+        nodes: set[str] = set()
+        D, I = sharded_self_knn(x, depth, shards=cfg.shards, query_block=cfg.query_block, nodes=nodes,
+                                device=cfg.device)
+        return D, I, {"index": "exact", "nodes": len(nodes), "wall_s": round(time.perf_counter() - start, 3)}
+    D, I = approx_self_knn(x, depth, index=cfg.index, nprobe=cfg.nprobe,
+                           train_sample=cfg.train_sample, seed=seed, query_block=cfg.query_block)
+    k = min(cfg.k, depth)
+    recall = measure_recall(x, k, I[:, :k], n_queries=min(cfg.recall_queries, len(x)), seed=seed)
+    return D, I, {"index": cfg.index, "nprobe": cfg.nprobe, "recall_at_k": round(float(recall), 4),
+                  "wall_s": round(time.perf_counter() - start, 3)}

@@ -5,7 +5,7 @@ Section 3.2 of "Unveiling Glitches". Four pieces, each usable without Ray:
 * Caption pool. Every distinct caption of the corpus is embedded once with the probe's
   text tower (``EmbedText``, an actor stage). An image's pool is its own captions plus
   the ``tcac.pool_k`` nearest other captions of each of them, deduplicated
-  (``pool_members``; the search is the DAF one, ``clipscan.daf.neighbours``). The pool
+  (``pool_members``; the search is ``clipscan.stages.index.self_neighbours``). The pool
   (texts, (m, d) text embeddings, per-image members) goes to the object store once and
   every scoring actor reads it from there: no text is embedded per image.
 * Transforms, in the decode tasks (``clipscan.stages.transforms.Transform``): each image
