@@ -209,6 +209,29 @@ def test_sized_index_and_missing_ids() -> None:
         stage(table.select(["id", "probe"]))
 
 
+def test_one_model_shards_search_and_hand_out_vectors() -> None:
+    """TCAC's captions: shards of one model (``text``) search like DAF's and give the vectors
+    of the ids asked, from whichever shard holds them."""
+    x = normalise(np.random.default_rng(7).normal(size=(90, 12)))
+    ids = np.array([f"caption {i:03d}" for i in range(90)], dtype=object)  # sorted: row = caption id
+    table = pa.table({"id": pa.array(ids, pa.string()), "text": embedding_array(x)})
+    bounds = ix.shard_bounds(len(ids), 3)
+    shards = [sr.Shard.from_table(table.slice(lo, hi - lo), lo, models=("text",)) for lo, hi in bounds]
+    sims, rows = brute_knn(x, 5)
+    answers = [s.search(ids, {"text": x}, {"text": 6}, 6) for s in shards]
+    merged = sr._merge(answers, "text", 6, np.max([a["self"] for a in answers], axis=0))
+    assert np.array_equal(merged["ids"], rows) and np.array_equal(merged["sims"], sims)
+    assert np.array_equal(merged["cos_text"], sims)
+    assert merged["names"].tolist() == ids[rows].tolist()
+
+    asked = np.array(["caption 004", "nope", "caption 089", "caption 045"], dtype=object)
+    parts = [s.vectors(asked) for s in shards]
+    got_rows = np.max([p["rows"] for p in parts], axis=0)
+    assert got_rows.tolist() == [4, -1, 89, 45]
+    got = sum(p["text"] for p in parts)  # each vector comes from one shard, zeros from the others
+    assert np.array_equal(got[[0, 2, 3]], x[[4, 89, 45]]) and not got[1].any()
+
+
 def test_plan_shards_per_node() -> None:
     cpu = [("head", 0.0, 0.0), ("a", 16.0, 0.0), ("b", 8.0, 0.0)]
     plans = sr.plan_shards(cpu)

@@ -176,10 +176,11 @@ def cluster_nodes() -> list[tuple[str, float, float]]:
 
 
 class Shard:
-    """Rows [lo, lo + n) of the id-sorted corpus with both models' vectors; answers query blocks.
+    """Rows [lo, lo + n) of the id-sorted corpus with every model's vectors; answers query blocks.
 
-    table: ``id`` (sorted ascending), ``probe``, ``reference`` (FixedSizeList float32,
-    L2-normalised). index: "Flat" (exact) or a FAISS factory string, one index per model
+    x: {model: (n, d) float32, L2-normalised} for each of ``models`` (DAF's probe and
+    reference; TCAC's captions have one, ``text``), rows in ``ids`` order (sorted
+    ascending). index: "Flat" (exact) or a FAISS factory string, one index per model
     built from these rows (an IVF with no list count gets 4 * sqrt(rows) lists).
     """
 
@@ -193,10 +194,12 @@ class Shard:
         train_sample: int = 100_000,
         seed: int = 0,
         threads: int | None = None,
+        models: tuple[str, ...] = MODELS,
     ) -> None:
         import faiss
 
-        missing = [m for m in MODELS if m not in x]
+        self.models = tuple(models)
+        missing = [m for m in self.models if m not in x]
         if missing:
             raise KeyError(f"stage 'search' needs columns {missing}; the shard has {sorted(x)}")
         if threads is not None:
@@ -208,21 +211,21 @@ class Shard:
             raise ValueError(f"search: shard at row {lo} is empty")
         if len(self.ids) > 1 and not (self.ids[1:] > self.ids[:-1]).all():
             raise ValueError(f"search: shard at row {lo} has ids out of order or repeated")
-        self.x = {m: np.ascontiguousarray(x[m], dtype=np.float32) for m in MODELS}
-        self.exact = {m: ix._FlatSearcher(self.x[m]) for m in MODELS}
+        self.x = {m: np.ascontiguousarray(x[m], dtype=np.float32) for m in self.models}
+        self.exact = {m: ix._FlatSearcher(self.x[m]) for m in self.models}
         self.approx = None
         self.index = index
         if index.strip().lower() != "flat":
-            self.approx = {m: _build_index(self.x[m], index, nprobe, train_sample, seed) for m in MODELS}
+            self.approx = {m: _build_index(self.x[m], index, nprobe, train_sample, seed) for m in self.models}
 
     @classmethod
-    def from_table(cls, table: pa.Table, lo: int, **kwargs: Any) -> Shard:
-        """A shard of ``table``'s rows: ``id`` (sorted ascending), ``probe``, ``reference``."""
+    def from_table(cls, table: pa.Table, lo: int, models: tuple[str, ...] = MODELS, **kwargs: Any) -> Shard:
+        """A shard of ``table``'s rows: ``id`` (sorted ascending) and a vector column per model."""
         from clipscan.stages.embed import embedding_matrix
 
-        require({c: None for c in table.column_names}, ("id", *MODELS), "search")
-        x = {m: embedding_matrix(table.column(m)) for m in MODELS}
-        return cls(np.asarray(table.column("id").to_pylist(), dtype=object), x, lo, **kwargs)
+        require({c: None for c in table.column_names}, ("id", *models), "search")
+        x = {m: embedding_matrix(table.column(m)) for m in models}
+        return cls(np.asarray(table.column("id").to_pylist(), dtype=object), x, lo, models=models, **kwargs)
 
     def node(self) -> str:
         import ray
@@ -232,13 +235,27 @@ class Shard:
     def rows(self) -> int:
         return len(self.ids)
 
+    def vectors(self, ids: np.ndarray) -> dict[str, Any]:
+        """The vectors of those ``ids`` this shard holds: ``rows`` (m,) int64 global rows (-1:
+        not here) and per model (m, d) float32, zeros where not here."""
+        ids = np.asarray(ids, dtype=object)
+        pos = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
+        found = self.ids[pos] == ids
+        out: dict[str, Any] = {"rows": np.where(found, pos + self.lo, -1).astype(np.int64)}
+        for m in self.models:
+            v = np.zeros((len(ids), self.x[m].shape[1]), dtype=np.float32)
+            v[found] = self.x[m][pos[found]]
+            out[m] = v
+        return out
+
     def search(
         self, ids: np.ndarray, queries: dict[str, np.ndarray], depth: dict[str, int], carry: int,
         exact: bool = False,
     ) -> dict[str, Any]:
         """Each query's best ``depth[model]`` rows of this shard under each model.
 
-        ids: (m,) str query ids; queries: {model: (m, d) float32}. Returns ``self``
+        ids: (m,) str query ids; queries: {model: (m, d) float32}, for the models in
+        ``depth`` and every model whose cosines are carried. Returns ``self``
         (m,) int64, the query's global row when it is in this shard, else -1, and per
         model: ``sims`` (m, depth) float32, ``ids`` (m, depth) int64 global rows (-1
         missing), ``names`` (m, depth) their ids, and for the first ``carry`` columns
@@ -249,7 +266,7 @@ class Shard:
         pos = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
         found = self.ids[pos] == ids
         out: dict[str, Any] = {"self": np.where(found, pos + self.lo, -1).astype(np.int64)}
-        for model in MODELS:
+        for model in depth:
             kk = depth[model]
             xq = np.ascontiguousarray(queries[model], dtype=np.float32)
             if exact or self.approx is None:
@@ -262,7 +279,7 @@ class Shard:
                 "ids": ix._offset(local, self.lo),
                 # Arrow, not an object array: it crosses to the stream as buffers, not pickled strings
                 "names": self.ids_pa.take(pa.array(np.maximum(local, 0).reshape(-1))),
-                **{f"cos_{m}": self._cos(m, queries[m], local[:, :c]) for m in MODELS},
+                **{f"cos_{m}": self._cos(m, queries[m], local[:, :c]) for m in self.models},
             }
         return out
 
@@ -403,7 +420,7 @@ def _merge(answers: list[dict[str, Any]], model: str, kk: int, rows: np.ndarray)
     positions = np.concatenate([base + np.arange(q["sims"].size, dtype=np.int64).reshape(q["sims"].shape)
                                 for base, q in zip(bases, parts, strict=True)], axis=1)
     merged["_positions"] = np.take_along_axis(positions, order, axis=1)
-    for col in ("cos_probe", "cos_reference"):
+    for col in (c for c in parts[0] if c.startswith("cos_")):  # every model's cosines of the candidates
         width = parts[0]["sims"].shape[1]
         padded = [np.pad(q[col], ((0, 0), (0, width - q[col].shape[1])), constant_values=np.nan) for q in parts]
         merged[col] = np.take_along_axis(np.concatenate(padded, axis=1), order, axis=1)
@@ -443,6 +460,7 @@ class ShardedSearch:
     search_actors: int = 2
     seed: int = 0
     device: str = "auto"  # "cpu": shards reserve no GPU
+    models: tuple[str, ...] = MODELS  # the vector columns each shard holds and searches
     facts: dict[str, Any] = field(default_factory=dict)
     ordered: Any = None
     k_used: int = 0
@@ -486,7 +504,8 @@ class ShardedSearch:
                 "max_task_retries": 3,
             }
             self._actors.append(actor.options(**options).remote(
-                part.to_arrow_refs(), lo, self.index, self.nprobe, self.train_sample, self.seed, plan.threads))
+                part.to_arrow_refs(), lo, self.index, self.nprobe, self.train_sample, self.seed, plan.threads,
+                models=self.models))
         self.shard_nodes = nodes = ray.get([a.node.remote() for a in self._actors])
         approximate = self.index.strip().lower() != "flat"
         sample = np.sort(np.random.default_rng(self.seed).choice(n, min(self.recall_queries, n), replace=False))
@@ -562,7 +581,8 @@ class ShardedSearch:
 class _ShardActor(Shard):
     """A ``Shard`` built inside its actor from the object-store blocks of its rows."""
 
-    def __init__(self, blocks: list[Any], lo: int, *args: Any) -> None:
+    def __init__(self, blocks: list[Any], lo: int, index: str, nprobe: int, train_sample: int, seed: int,
+                 threads: int | None, models: tuple[str, ...] = MODELS) -> None:
         import ray
 
         from clipscan.stages.embed import embedding_matrix
@@ -571,6 +591,6 @@ class _ShardActor(Shard):
         tables = [pa.table(b) if not isinstance(b, pa.Table) else b for b in ray.get(blocks)]
         blocks.clear()
         ids = np.concatenate([np.asarray(t.column("id").to_pylist(), dtype=object) for t in tables])
-        x = {m: np.concatenate([embedding_matrix(t.column(m)) for t in tables]) for m in MODELS}
+        x = {m: np.concatenate([embedding_matrix(t.column(m)) for t in tables]) for m in models}
         del tables  # the object store's copy is let go before the indexes are built
-        super().__init__(ids, x, lo, *args)
+        super().__init__(ids, x, lo, index, nprobe, train_sample, seed, threads, models)
