@@ -295,3 +295,34 @@ def test_report_escapes_captions(tmp_path: Path) -> None:
     html = Path(path).read_text()
     assert "<script>" not in html and "&lt;script&gt;" in html and "<i>new</i>" not in html
     assert 'class="left own"' in html and 'class="entered"' in html
+
+
+@pytest.mark.parametrize("shards", [1, 2, 3])
+def test_pools_from_caption_shards_equal_the_whole_pool(shards: int) -> None:
+    """An image's pool asked of caption shards, batch by batch, is the one ``CaptionPool``
+    builds from every caption at once: the same texts in the same order, the same vectors."""
+    from clipscan.stages import index as ix
+    from clipscan.stages.embed import embedding_array
+    from clipscan.stages.search import Shard
+
+    rng = np.random.default_rng(3)
+    texts = sorted({f"a {c} {s}" for c in ("red", "blue", "green", "grey") for s in ("cube", "ball", "cone", "ring",
+                                                                                     "star", "disc")})
+    emb = rng.normal(size=(len(texts), 8)).astype(np.float32)
+    emb[5] = emb[4]  # an exact tie
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    images = [f"img-{i:03d}" for i in range(40)]
+    own = [list(rng.choice(len(texts), size=int(rng.integers(1, 4)), replace=True)) for _ in images]
+    pool_k = 4
+    _, near = self_knn(emb, pool_k)
+    whole = tcac.pools_from(tcac.CaptionPool.build(texts, emb, images, own, near), images)
+
+    table = pa.table({"id": pa.array(texts, pa.string()), "text": embedding_array(emb)})
+    parts = [Shard.from_table(table.slice(lo, hi - lo), lo, models=("text",))
+             for lo, hi in ix.shard_bounds(len(texts), shards)]
+    asked = tcac.ShardPool(parts, pool_k).pools([[texts[c] for c in mine] + ["not a caption"] for mine in own])
+    for a, b in zip(whole, asked, strict=True):
+        assert a is not None and b is not None
+        assert a.texts.tolist() == b.texts.tolist() and a.n_own == b.n_own
+        assert np.array_equal(a.emb, b.emb)
+    assert tcac.ShardPool(parts, pool_k).pools([["not a caption"], []]) == [None, None]

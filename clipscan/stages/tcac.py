@@ -178,6 +178,87 @@ class CaptionPool:
         return np.diff(self.offsets)
 
 
+@dataclass(frozen=True)
+class Pool:
+    """One image's pool: ``texts`` (P,) its candidate captions, own first; ``emb`` (P, d)
+    float32 their text embeddings; ``n_own`` how many of the first are its own."""
+
+    texts: np.ndarray
+    emb: np.ndarray
+    n_own: int
+
+
+def pools_from(pool: CaptionPool, ids: Sequence[str]) -> list[Pool | None]:
+    """Each id's ``Pool`` from a whole ``CaptionPool`` (None: no pool for that id)."""
+    out: list[Pool | None] = []
+    for image_id in ids:
+        found = pool.lookup(image_id)
+        out.append(None if found is None else Pool(pool.texts[found[0]], pool.text_emb[found[0]], found[1]))
+    return out
+
+
+class ShardPool:
+    """Caption pools asked of caption shards, one batch of images at a time.
+
+    shards: ``clipscan.stages.search.Shard`` objects (or Ray actor handles of them) over
+    the corpus's distinct captions, sorted by text, model ``text``. For a batch, each
+    distinct own caption's vector is fetched from the shard that holds it, its
+    ``pool_k`` nearest other captions are searched on every shard and merged (exact, ties
+    by text, as ``CaptionPool`` over text-sorted captions with ``self_neighbours``), and
+    the vectors of the pool's members are fetched: an actor holds one batch's captions,
+    never the corpus's.
+    """
+
+    def __init__(self, shards: list[Any], pool_k: int) -> None:
+        self.shards, self.pool_k = list(shards), int(pool_k)
+
+    def _ask(self, method: str, *args: Any) -> list[dict[str, Any]]:
+        if self.shards and hasattr(getattr(self.shards[0], method), "remote"):
+            import ray
+
+            refs = [ray.put(a) for a in args]  # once: every shard reads them from the object store
+            return list(ray.get([getattr(s, method).remote(*refs) for s in self.shards]))
+        return [getattr(s, method)(*args) for s in self.shards]
+
+    def vectors(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(rows (m,) int64 global caption rows, -1 where no shard has it; (m, d) float32)."""
+        if not texts:
+            return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+        parts = self._ask("vectors", np.asarray(list(texts), dtype=object))
+        return np.max([p["rows"] for p in parts], axis=0), np.sum([p["text"] for p in parts], axis=0)
+
+    def pools(self, own: Sequence[Sequence[str]]) -> list[Pool | None]:
+        """Each image's ``Pool`` from its own captions (deduplicated, in its order); None where
+        it has none, or none of them is in the shards."""
+        from clipscan.stages.search import _merge
+
+        distinct = list(dict.fromkeys(t for texts in own for t in texts))
+        rows, vecs = self.vectors(distinct)
+        known = [t for t, r in zip(distinct, rows, strict=True) if r >= 0]
+        near: dict[str, list[str]] = {t: [] for t in known}
+        if known and self.pool_k > 0:
+            sel = rows >= 0
+            lists = {"text": self.pool_k + 1}
+            answers = self._ask("search", np.asarray(known, dtype=object), {"text": vecs[sel]}, lists, 0)
+            merged = _merge(answers, "text", self.pool_k + 1, rows[sel])
+            for t, ids, names in zip(known, merged["ids"], merged["names"], strict=True):
+                near[t] = [str(n) for n in names[ids >= 0]]
+        members: list[list[str]] = []
+        n_own: list[int] = []
+        for texts in own:
+            mine = [t for t in dict.fromkeys(texts) if t in near]
+            pool = dict.fromkeys(mine)
+            for t in mine:
+                pool.update(dict.fromkeys(near[t]))
+            members.append(list(pool))
+            n_own.append(len(mine))
+        wanted = list(dict.fromkeys(t for m in members for t in m))
+        _, emb = self.vectors(wanted)
+        where = {t: i for i, t in enumerate(wanted)}
+        return [Pool(np.asarray(m, dtype=object), emb[[where[t] for t in m]], k) if k else None
+                for m, k in zip(members, n_own, strict=True)]
+
+
 def forward_fixed(fn: Callable[[Any], np.ndarray], items: Any, rows: int, pad: Any) -> np.ndarray:
     """``fn`` over ``items`` in chunks of exactly ``rows`` (the last padded with ``pad``).
 
