@@ -180,6 +180,18 @@ def test_score_stage_identity_and_shared_pool(monkeypatch: pytest.MonkeyPatch) -
     halves = [stage({k: v[s] for k, v in batch.items()}) for s in (slice(0, 4), slice(4, 7))]
     assert pa.concat_tables(halves).equals(out)
 
+    # the same rows scored against caption shards (pools asked per batch) give the same table
+    from clipscan.stages.embed import embedding_array
+    from clipscan.stages.search import Shard
+
+    table = pa.table({"id": pa.array(pool.texts.tolist(), pa.string()), "text": embedding_array(pool.text_emb)})
+    shards = [Shard.from_table(table.slice(lo, 9), lo, models=("text",)) for lo in range(0, table.num_rows, 9)]
+    sharded = tcac.TcacScore(TINY_PROBE, tcac.ShardPool(shards, 4), list(TRANSFORMS), top=5, forward_rows=8)
+    with_captions = {**batch, "captions": np.array([caps[i] for i in ids] + [None], dtype=object)}
+    assert sharded(with_captions).equals(out)
+    with pytest.raises(KeyError, match="needs the rows' 'captions'"):
+        sharded(batch)
+
 
 # ---------------------------------------------------------------------------------------
 # With Ray

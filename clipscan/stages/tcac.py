@@ -86,9 +86,10 @@ OUTPUT_COLUMNS = [name for name in ROW_SCHEMA.names if name not in ("shard", "ro
 def caption_inputs(rows: pa.Table) -> tuple[list[str], list[str], list[list[int]]]:
     """Rows (``id``, ``captions``, ``skip_stage``) -> (texts, ids, own).
 
-    texts: every distinct caption of the usable rows (``skip_stage`` empty), in first-seen
-    order; ids: those rows' image ids (the first row of a repeated id wins); own[i]: the
-    indices into texts of image i's captions, deduplicated, in the image's order.
+    texts: every distinct caption of the usable rows (``skip_stage`` empty), sorted (the
+    order caption shards number them in, so that both break ties the same way); ids: those
+    rows' image ids (the first row of a repeated id wins); own[i]: the indices into texts of
+    image i's captions, deduplicated, in the image's order.
     """
     index: dict[str, int] = {}
     texts: list[str] = []
@@ -109,7 +110,9 @@ def caption_inputs(rows: pa.Table) -> tuple[list[str], list[str], list[list[int]
                 mine.append(index[text])
         ids.append(row_id)
         own.append(mine)
-    return texts, ids, own
+    order = sorted(range(len(texts)), key=texts.__getitem__)
+    position = {old: new for new, old in enumerate(order)}
+    return [texts[i] for i in order], ids, [[position[c] for c in mine] for mine in own]
 
 
 def pool_members(own: Sequence[Sequence[int]], neighbours: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -389,8 +392,9 @@ def score_versions(z: np.ndarray, text: np.ndarray, n_own: int, logit_scale: flo
 class TcacScore:
     """Batch stage: ``versions`` (n, 1 + T, S, S, 3) uint8 -> one ``ROW_SCHEMA`` row per (image, transform).
 
-    pool: a ``CaptionPool`` or an object-store reference to one (fetched once per actor).
-    All versions of the batch's images go through the image tower in chunks of exactly
+    pool: a ``CaptionPool`` or an object-store reference to one (fetched once per actor),
+    or a ``ShardPool`` that asks the caption shards for each batch's pools from the rows'
+    ``captions`` (the actor then holds one batch's captions only). All versions of the batch's images go through the image tower in chunks of exactly
     ``forward_rows``. Skipped rows, and images without a pool, give one row with the reason.
     """
 
@@ -398,11 +402,11 @@ class TcacScore:
 
     def __init__(self, probe: str, pool: Any, transforms: Sequence[str], top: int, forward_rows: int,
                  precision: str = "auto", threads: int | None = None, margin: float = 0.0) -> None:
-        if not isinstance(pool, CaptionPool):
+        if not isinstance(pool, (CaptionPool, ShardPool)):
             import ray
 
             pool = ray.get(pool)
-        self.pool: CaptionPool = pool
+        self.pool: CaptionPool | ShardPool = pool
         self.transforms = list(transforms)
         self.top = top
         self.margin = float(margin)
@@ -419,12 +423,10 @@ class TcacScore:
         ids = [str(i) for i in batch["id"]]
         stage = [str(s or "") for s in batch["skip_stage"]]
         reason = [str(r or "") for r in batch["skip_reason"]]
-        pools: list[tuple[np.ndarray, int] | None] = [None] * n
-        for i in range(n):
-            if not stage[i]:
-                pools[i] = self.pool.lookup(ids[i])
-                if pools[i] is None:
-                    stage[i], reason[i] = "tcac", "no caption pool for this id (it had no usable caption at read)"
+        pools = dict(zip([i for i in range(n) if not stage[i]], self._pools(batch, ids, stage), strict=True))
+        for i, pool in pools.items():
+            if pool is None:
+                stage[i], reason[i] = "tcac", "no caption pool for this id (it had no usable caption at read)"
         keep = [i for i in range(n) if not stage[i]]
         row_of = {i: r for r, i in enumerate(keep)}
         z = np.zeros((0, v, 1), np.float32)
@@ -444,15 +446,15 @@ class TcacScore:
             if stage[i]:
                 _append(cols, {**base, "own_captions": [], "transform": "", "skip_stage": stage[i], "skip_reason": reason[i]})
                 continue
-            members, n_own = pools[i]  # type: ignore[misc]
-            s = score_versions(z[row_of[i]], self.pool.text_emb[members], n_own, self.logit_scale, self.top,
-                               self.margin)
-            texts = self.pool.texts[members]
+            pool = pools[i]
+            assert pool is not None
+            s = score_versions(z[row_of[i]], pool.emb, pool.n_own, self.logit_scale, self.top, self.margin)
+            texts = pool.texts
             before = texts[s.top[0]].tolist()
-            own = texts[:n_own].tolist()
+            own = texts[:pool.n_own].tolist()
             for t, name in enumerate(self.transforms, start=1):
                 _append(cols, {
-                    **base, "own_captions": own, "transform": name, "pool_size": len(members),
+                    **base, "own_captions": own, "transform": name, "pool_size": len(texts),
                     "top_before": before, "p_before": s.p[0].tolist(),
                     "top_after": texts[s.top[t]].tolist(), "p_after": s.p[t].tolist(),
                     "changed": int(s.changed[t - 1]), "own_rank_before": int(s.own_rank[0]),
@@ -461,6 +463,17 @@ class TcacScore:
                     "skip_stage": "", "skip_reason": "",
                 })
         return pa.table(cols, schema=ROW_SCHEMA)
+
+    def _pools(self, batch: dict[str, np.ndarray], ids: list[str], stage: list[str]) -> list[Pool | None]:
+        """The pools of the batch's rows that are not skipped, in row order."""
+        usable = [i for i in range(len(ids)) if not stage[i]]
+        if isinstance(self.pool, CaptionPool):
+            return pools_from(self.pool, [ids[i] for i in usable])
+        captions = batch.get("captions")
+        if captions is None:
+            raise KeyError("stage 'tcac-score' asks caption shards for pools and needs the rows' 'captions'")
+        return self.pool.pools([[str(t) for t in (captions[i] if captions[i] is not None else [])]
+                                for i in usable])
 
 
 def _append(cols: dict[str, list[Any]], row: dict[str, Any]) -> None:
@@ -504,8 +517,7 @@ def prepare_batch(batch: dict[str, np.ndarray], size: int, max_pixels: int,
     from clipscan.stages.transforms import Transform
 
     torch.set_num_threads(1)  # many small ops per image; the tasks give the parallelism
-    decoded = Decode(size, max_pixels)(batch)
-    decoded.pop("captions", None)
+    decoded = Decode(size, max_pixels)(batch)  # keeps each row's captions: caption shards build pools from them
     return Transform(transforms, seed)(decoded)
 
 
