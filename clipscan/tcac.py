@@ -19,16 +19,21 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 
 from clipscan import fs as cfs
 from clipscan.config import DataConfig, TcacConfig
 from clipscan.rundir import Run
 from clipscan.stages.tcac import (
+    CAPTION_MODEL,
     CaptionPool,
+    ShardPool,
     build_caption_embed,
     build_tcac,
     caption_inputs,
     caption_shifts,
+    caption_texts,
+    caption_vectors,
     collect,
     load_results,
     summarise,
@@ -53,7 +58,6 @@ def run_tcac(cfg: TcacConfig, overwrite: bool = False) -> Run:
     from clipscan.report_tcac import write_tcac_report
     from clipscan.runner import configure_data_context, init_ray, write_shards
     from clipscan.stages import embed
-    from clipscan.stages.index import self_neighbours
     from clipscan.stages.transforms import SeededTransforms
 
     SeededTransforms(cfg.tcac.transforms, cfg.seed)  # a bad transform fails here, before any work
@@ -66,39 +70,48 @@ def run_tcac(cfg: TcacConfig, overwrite: bool = False) -> Run:
 
     with run.stage("read") as facts:
         ds, info = read_corpus(cfg.data, lambda shard_rows: embed.complete_shards(raw, shard_rows))
-        texts, ids, own = caption_inputs(caption_rows(cfg.data, ds))
-        facts.update({k: v for k, v in info.items() if k != "shard_rows"}, shards=len(info["shard_rows"]),
-                     images_with_captions=len(ids), captions=len(texts))
-    if not texts:
-        raise ValueError(f"no usable captions in {cfg.data.path}; TCAC needs captioned images")
-
-    with run.stage("caption_pool") as facts:
-        text_emb, reused = embed_captions(run, texts, cfg)
-        near = None
-        if len(texts) > 1:
-            _, near, search = self_neighbours(text_emb, cfg.knn, cfg.tcac.pool_k, cfg.seed)
-            facts.update(search=search)
-        pool = CaptionPool.build(texts, text_emb, ids, own, near)
-        sizes = pool.sizes()
-        facts.update(captions=len(texts), reused=reused, pool_k=min(cfg.tcac.pool_k, len(texts) - 1),
-                     mean_pool=round(float(sizes.mean()), 2), max_pool=int(sizes.max()))
-
-    with run.stage("score") as facts:
-        if info["todo_shards"]:
-            pool_ref = ray.put(pool)  # once; every scoring actor reads this one copy
-            built = build_tcac(ds, pool_ref, cfg.models.probe, cfg.data, cfg.embed, cfg.tcac, cfg.seed)
-            write_shards(built, raw, "score", sum(info["shard_rows"].values()) or None)
-            del pool_ref
-        counts = collect(raw, run.output, names, info["shard_rows"])
-        facts.update(images_read=counts["read"], images_scored=counts["scored"],
-                     images_skipped=counts["skipped"], rows=counts["rows"], transforms=len(names),
-                     shards=len(info["shard_rows"]), shards_reused=len(info["shard_rows"]) - info["todo_shards"])
+        images = None if info["format"] == "webdataset" else sum(info["shard_rows"].values())
+        facts.update({k: v for k, v in info.items() if k != "shard_rows"}, shards=len(info["shard_rows"]))
+    # Small corpora build the caption pool in this process; large ones (or WebDataset, whose
+    # size is not known before reading it) on caption shards, with the same results.
+    in_process = images is not None and images < cfg.knn.stage_min_rows
+    pool: CaptionPool | ShardPool | None = None
+    shards = None
+    try:
+        with run.stage("caption_pool") as facts:
+            if in_process:
+                pool, pool_facts = whole_pool(run, cfg, ds)
+            elif info["todo_shards"]:
+                shards = caption_shards(cfg, ds)
+                n_captions = shards.facts["images"]
+                pool = ShardPool(shards.actors, min(cfg.tcac.pool_k, n_captions - 1))
+                pool_facts = {"where": "shards", "captions": n_captions, "pool_k": pool.pool_k, "search": shards.facts}
+                write_captions(shards.ordered, run.path("captions.parquet"))
+            else:  # every input shard was scored by an earlier run: nothing asks for pools
+                pool_facts = {"where": "shards", "captions": captions_count(run.path("captions.parquet")),
+                              "reused": True}
+            facts.update(pool_facts)
+        with run.stage("score") as facts:
+            if info["todo_shards"]:
+                scored_with = ray.put(pool) if in_process else pool  # once; every scoring actor reads this one copy
+                built = build_tcac(ds, scored_with, cfg.models.probe, cfg.data, cfg.embed, cfg.tcac, cfg.seed)
+                write_shards(built, raw, "score", images or None)
+                del scored_with
+            counts = collect(raw, run.output, names, info["shard_rows"])
+            facts.update(images_read=counts["read"], images_scored=counts["scored"],
+                         images_skipped=counts["skipped"], rows=counts["rows"], transforms=len(names),
+                         shards=len(info["shard_rows"]),
+                         shards_reused=len(info["shard_rows"]) - info["todo_shards"])
+    finally:
+        if shards is not None:
+            shards.close()
     run.count(**counts)
     if counts["read"] != counts["scored"] + counts["skipped"]:
         raise RuntimeError(f"row accounting does not add up: {counts}")
 
     with run.stage("summary") as facts:
         table = load_results(run.output)
+        sizes = pool_sizes(table, names)
         summary = summarise(table, names, cfg.tcac.top)
         run.record("tcac_summary", summary)
         facts.update(transforms=len(summary))
@@ -121,7 +134,7 @@ def run_tcac(cfg: TcacConfig, overwrite: bool = False) -> Run:
     with run.stage("report") as facts:
         overview = {
             "images": counts["scored"], "skipped": counts["skipped"], "probe": cfg.models.probe,
-            "captions": len(texts), "mean_pool": round(float(sizes.mean()), 2),
+            "captions": pool_facts["captions"], "mean_pool": round(float(sizes.mean()), 2) if sizes.size else 0.0,
             "transforms": len(names), "top": cfg.tcac.top,
             "wall_s": round(time.perf_counter() - started, 1),
         }
@@ -133,6 +146,77 @@ def run_tcac(cfg: TcacConfig, overwrite: bool = False) -> Run:
     cfs.remove_tree(raw)  # kept until here so that a run killed in a later stage does not score again
     run.finish()
     return run
+
+
+def whole_pool(run: Run, cfg: TcacConfig, ds: ray.data.Dataset) -> tuple[CaptionPool, dict[str, Any]]:
+    """The caption pool of a small corpus, built in this process: every caption embedded once
+    (``captions.parquet``, reused when an earlier run wrote the same captions) and searched
+    with ``self_neighbours``. Returns the pool and its facts for run.json."""
+    from clipscan.stages.index import self_neighbours
+
+    texts, ids, own = caption_inputs(caption_rows(cfg.data, ds))
+    if not texts:
+        raise ValueError(f"no usable captions in {cfg.data.path}; TCAC needs captioned images")
+    text_emb, reused = embed_captions(run, texts, cfg)
+    near, facts = None, {"where": "driver", "images_with_captions": len(ids)}
+    if len(texts) > 1:
+        _, near, search = self_neighbours(text_emb, cfg.knn, cfg.tcac.pool_k, cfg.seed)
+        facts.update(search=search)
+    pool = CaptionPool.build(texts, text_emb, ids, own, near)
+    sizes = pool.sizes()
+    facts.update(captions=len(texts), reused=reused, pool_k=min(cfg.tcac.pool_k, len(texts) - 1),
+                 mean_pool=round(float(sizes.mean()), 2), max_pool=int(sizes.max()))
+    return pool, facts
+
+
+def caption_shards(cfg: TcacConfig, ds: ray.data.Dataset) -> Any:
+    """The corpus's distinct captions embedded once and held by caption shard actors (a
+    started ``ShardedSearch`` over ``id`` = text, model ``embedding``; close it when done).
+
+    They are asked for each scoring batch's pools, a light load beside the encoders, so
+    they reserve no CPU and no GPU and search with one thread.
+    """
+    from clipscan.stages.search import ShardedSearch
+
+    vectors = caption_vectors(caption_texts(ds), cfg.models.probe, cfg.embed, cfg.tcac.forward_rows)
+    try:
+        return ShardedSearch(vectors, k=cfg.tcac.pool_k, rank_depth=cfg.tcac.pool_k, index=cfg.knn.index,
+                             nprobe=cfg.knn.nprobe, shards=cfg.knn.shards, train_sample=cfg.knn.train_sample,
+                             seed=cfg.seed, device="cpu", models=(CAPTION_MODEL,), shard_cpus=0.0).start()
+    except ValueError as e:  # fewer than two captions
+        raise ValueError(f"{cfg.data.path}: {e}; TCAC needs captioned images") from None
+
+
+def write_captions(ordered: ray.data.Dataset, path: str) -> None:
+    """The caption shards' input as ``captions.parquet``: a folder of parts (``text``, ``embedding``), sorted by text."""
+    fsys, inner = cfs.resolve(path)
+    if fsys.get_file_info(inner).type == pafs.FileType.File:  # an earlier run below knn.stage_min_rows wrote one file
+        fsys.delete_file(inner)
+    cfs.remove_tree(path)
+    ordered.rename_columns({"id": "text"}).write_parquet(inner, filesystem=fsys)
+
+
+def captions_count(path: str) -> int:
+    """Rows of ``captions.parquet`` (a file or a folder of parts), from the Parquet footers."""
+    import pyarrow.parquet as pq
+
+    parts = [cfs.join(path, p.rsplit("/", 1)[-1]) for p in cfs.list_parquet(path)] or [path]
+    total = 0
+    for part in parts:
+        fsys, inner = cfs.resolve(part)
+        with cfs.named(part):
+            total += pq.ParquetFile(fsys.open_input_file(inner)).metadata.num_rows
+    return total
+
+
+def pool_sizes(table: pa.Table, transforms: Sequence[str]) -> np.ndarray:
+    """(images,) pool size of each scored image, from ``tcac.parquet`` (its first transform's rows)."""
+    import pyarrow.compute as pc
+
+    if not transforms or not table.num_rows:
+        return np.zeros(0, np.int64)
+    first = table.filter(pc.equal(table.column("transform"), transforms[0]))
+    return np.asarray(first.column("pool_size").to_numpy(zero_copy_only=False), dtype=np.int64)
 
 
 def caption_rows(data: DataConfig, ds: ray.data.Dataset) -> pa.Table:

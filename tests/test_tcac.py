@@ -184,8 +184,10 @@ def test_score_stage_identity_and_shared_pool(monkeypatch: pytest.MonkeyPatch) -
     from clipscan.stages.embed import embedding_array
     from clipscan.stages.search import Shard
 
-    table = pa.table({"id": pa.array(pool.texts.tolist(), pa.string()), "text": embedding_array(pool.text_emb)})
-    shards = [Shard.from_table(table.slice(lo, 9), lo, models=("text",)) for lo in range(0, table.num_rows, 9)]
+    table = pa.table({"id": pa.array(pool.texts.tolist(), pa.string()),
+                      "embedding": embedding_array(pool.text_emb)})
+    shards = [Shard.from_table(table.slice(lo, 9), lo, models=(tcac.CAPTION_MODEL,))
+              for lo in range(0, table.num_rows, 9)]
     sharded = tcac.TcacScore(TINY_PROBE, tcac.ShardPool(shards, 4), list(TRANSFORMS), top=5, forward_rows=8)
     with_captions = {**batch, "captions": np.array([caps[i] for i in ids] + [None], dtype=object)}
     assert sharded(with_captions).equals(out)
@@ -249,12 +251,19 @@ def test_job_end_to_end_and_deterministic(tmp_path: Path, ray_local: None) -> No
               "embed.image_size=48", f"tcac.transforms={json.dumps(TRANSFORMS)}", "tcac.pool_k=4",
               "tcac.report_top=3", "tcac.forward_rows=16", "report.thumb=48"]
     assert main([*common, f"output={tmp_path / 'a'}", "embed.batch_size=8"]) == 0
+    # b: other batches, and the caption pool on caption shards asked batch by batch, not in this process
     assert main([*common, f"output={tmp_path / 'b'}", "embed.batch_size=5", "embed.actors=2",
-                 "embed.cpus_per_actor=0.5", "data.rows_per_block=3"]) == 0
+                 "embed.cpus_per_actor=0.5", "data.rows_per_block=3", "knn.stage_min_rows=2", "knn.shards=2"]) == 0
     a, b = tmp_path / "a", tmp_path / "b"
     table = pq.read_table(a / "tcac.parquet")
     assert table.equals(pq.read_table(b / "tcac.parquet"))
     assert (a / "tcac.parquet").read_bytes() == (b / "tcac.parquet").read_bytes()
+    assert pq.read_table(a / "skipped.parquet").equals(pq.read_table(b / "skipped.parquet"))
+    pool_a, pool_b = (json.loads((d / "run.json").read_text())["stages"]["caption_pool"] for d in (a, b))
+    assert (pool_a["where"], pool_b["where"], pool_b["search"]["shards"]) == ("driver", "shards", 2)
+    assert pool_a["captions"] == pool_b["captions"] > 16
+    caps_a, caps_b = pq.read_table(a / "captions.parquet"), pq.read_table(b / "captions.parquet")  # a file; parts
+    assert caps_a.select(["text", "embedding"]).equals(caps_b.select(["text", "embedding"]))
     assert table.num_rows == 16 * 3 and table.column_names == tcac.OUTPUT_COLUMNS
 
     rows = table.to_pylist()
@@ -329,8 +338,8 @@ def test_pools_from_caption_shards_equal_the_whole_pool(shards: int) -> None:
     _, near = self_knn(emb, pool_k)
     whole = tcac.pools_from(tcac.CaptionPool.build(texts, emb, images, own, near), images)
 
-    table = pa.table({"id": pa.array(texts, pa.string()), "text": embedding_array(emb)})
-    parts = [Shard.from_table(table.slice(lo, hi - lo), lo, models=("text",))
+    table = pa.table({"id": pa.array(texts, pa.string()), "embedding": embedding_array(emb)})
+    parts = [Shard.from_table(table.slice(lo, hi - lo), lo, models=(tcac.CAPTION_MODEL,))
              for lo, hi in ix.shard_bounds(len(texts), shards)]
     asked = tcac.ShardPool(parts, pool_k).pools([[texts[c] for c in mine] + ["not a caption"] for mine in own])
     for a, b in zip(whole, asked, strict=True):

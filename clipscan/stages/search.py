@@ -461,6 +461,7 @@ class ShardedSearch:
     seed: int = 0
     device: str = "auto"  # "cpu": shards reserve no GPU
     models: tuple[str, ...] = MODELS  # the vector columns each shard holds and searches
+    shard_cpus: float | None = None  # CPUs each shard reserves (None: sized from its node, ``plan_shards``)
     facts: dict[str, Any] = field(default_factory=dict)
     ordered: Any = None
     k_used: int = 0
@@ -483,7 +484,7 @@ class ShardedSearch:
         self.ordered = self.vectors.sort("id").materialize()
         n = self.ordered.count()
         if n < 2:
-            raise ValueError(f"search: {n} images have both embeddings; DAF needs at least 2")
+            raise ValueError(f"search: {n} rows have every model's vectors; a search needs at least 2")
         self.k_used = min(self.k, n - 1)
         self.depth = min(max(self.k_used, self.rank_depth), n - 1)
         nodes = cluster_nodes()
@@ -497,7 +498,7 @@ class ShardedSearch:
         actor = ray.remote(_ShardActor)
         for plan, (lo, _), part in zip(plans, bounds, parts, strict=True):
             options: dict[str, Any] = {
-                "num_cpus": plan.num_cpus,
+                "num_cpus": plan.num_cpus if self.shard_cpus is None else self.shard_cpus,
                 "num_gpus": plan.num_gpus,
                 "scheduling_strategy": NodeAffinitySchedulingStrategy(plan.node_id, soft=True),
                 "max_restarts": 2,
@@ -519,6 +520,11 @@ class ShardedSearch:
             self.facts.update(nprobe=self.nprobe, recall_queries=len(sample))
         log.info("search: %s", self.facts)
         return self
+
+    @property
+    def actors(self) -> list[Any]:
+        """The shard actors (Ray handles of ``Shard``), while the stage is open."""
+        return list(self._actors)
 
     def rows(self) -> ray.data.Dataset:
         """The query stream: one ``SEARCH_SCHEMA`` row per image (lazy)."""

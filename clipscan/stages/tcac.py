@@ -181,6 +181,9 @@ class CaptionPool:
         return np.diff(self.offsets)
 
 
+CAPTION_MODEL = "embedding"  # the one model of the caption shards: ids are the texts
+
+
 @dataclass(frozen=True)
 class Pool:
     """One image's pool: ``texts`` (P,) its candidate captions, own first; ``emb`` (P, d)
@@ -204,7 +207,8 @@ class ShardPool:
     """Caption pools asked of caption shards, one batch of images at a time.
 
     shards: ``clipscan.stages.search.Shard`` objects (or Ray actor handles of them) over
-    the corpus's distinct captions, sorted by text, model ``text``. For a batch, each
+    the corpus's distinct captions: ``id`` the text, sorted, and one model, ``embedding``
+    (``CAPTION_MODEL``). For a batch, each
     distinct own caption's vector is fetched from the shard that holds it, its
     ``pool_k`` nearest other captions are searched on every shard and merged (exact, ties
     by text, as ``CaptionPool`` over text-sorted captions with ``self_neighbours``), and
@@ -228,7 +232,7 @@ class ShardPool:
         if not texts:
             return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
         parts = self._ask("vectors", np.asarray(list(texts), dtype=object))
-        return np.max([p["rows"] for p in parts], axis=0), np.sum([p["text"] for p in parts], axis=0)
+        return np.max([p["rows"] for p in parts], axis=0), np.sum([p[CAPTION_MODEL] for p in parts], axis=0)
 
     def pools(self, own: Sequence[Sequence[str]]) -> list[Pool | None]:
         """Each image's ``Pool`` from its own captions (deduplicated, in its order); None where
@@ -241,9 +245,9 @@ class ShardPool:
         near: dict[str, list[str]] = {t: [] for t in known}
         if known and self.pool_k > 0:
             sel = rows >= 0
-            lists = {"text": self.pool_k + 1}
-            answers = self._ask("search", np.asarray(known, dtype=object), {"text": vecs[sel]}, lists, 0)
-            merged = _merge(answers, "text", self.pool_k + 1, rows[sel])
+            lists = {CAPTION_MODEL: self.pool_k + 1}
+            answers = self._ask("search", np.asarray(known, dtype=object), {CAPTION_MODEL: vecs[sel]}, lists, 0)
+            merged = _merge(answers, CAPTION_MODEL, self.pool_k + 1, rows[sel])
             for t, ids, names in zip(known, merged["ids"], merged["names"], strict=True):
                 near[t] = [str(n) for n in names[ids >= 0]]
         members: list[list[str]] = []
@@ -286,21 +290,27 @@ def forward_fixed(fn: Callable[[Any], np.ndarray], items: Any, rows: int, pad: A
 
 
 class EmbedText:
-    """Batch stage: ``caption_id`` (n,) int64, ``text`` (n,) str -> ``caption_id``, ``embedding`` (n, d) float32."""
+    """Batch stage: ``text`` (n,) str -> ``key``, ``embedding`` (n, d) float32.
 
-    needs = ("caption_id", "text")
+    key: the input column passed through, ``caption_id`` (n,) int64 by default; with
+    ``key="id"`` the text itself is the ``id`` (the caption shards' input).
+    """
 
-    def __init__(self, probe: str, forward_rows: int, precision: str = "auto", threads: int | None = None) -> None:
+    def __init__(self, probe: str, forward_rows: int, precision: str = "auto", threads: int | None = None,
+                 key: str = "caption_id") -> None:
         self.encoder = _load_probe(probe, precision, threads)
         if not self.encoder.has_text:
             raise ValueError(f"TCAC needs a probe with a text encoder; {probe} has none")
         self.rows = forward_rows
+        self.key = key
+        self.needs = ("text",) if key == "id" else (key, "text")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         require(batch, self.needs, "caption-embed")
         texts = [str(t) for t in batch["text"]]
         emb = forward_fixed(self.encoder.embed_texts, texts, self.rows, "")
-        return pa.table({"caption_id": pa.array(batch["caption_id"], pa.int64()), "embedding": embedding_array(emb)})
+        keys = pa.array(texts, pa.string()) if self.key == "id" else pa.array(batch[self.key], pa.int64())
+        return pa.table({self.key: keys, "embedding": embedding_array(emb)})
 
 
 def _load_probe(probe: str, precision: str, threads: int | None) -> Any:
@@ -505,6 +515,42 @@ def build_caption_embed(texts: Sequence[str], probe: str, cfg: EmbedConfig, forw
         num_cpus=plan.num_cpus,
         num_gpus=plan.num_gpus or None,
         batch_size=max(plan.batch_size, forward_rows),
+        batch_format="numpy",
+    )
+
+
+def caption_texts(ds: ray.data.Dataset) -> ray.data.Dataset:
+    """Corpus rows -> one ``text`` row per distinct caption of the usable rows (a Ray Data
+    group-by: no process holds the corpus's captions). Builds; executes nothing."""
+    fn: Any = _texts_of
+    texts = ds.select_columns(["captions", "skip_stage"]).map_batches(fn, batch_format="pyarrow")
+    return texts.groupby("text").count().select_columns(["text"])
+
+
+def _texts_of(batch: pa.Table) -> pa.Table:
+    import pyarrow.compute as pc
+
+    usable = batch.filter(pc.equal(pc.fill_null(batch.column("skip_stage"), ""), ""))
+    flat = pc.list_flatten(usable.column("captions")) if usable.num_rows else pa.array([], pa.string())
+    return pa.table({"text": pc.unique(flat.cast(pa.string()))})
+
+
+def caption_vectors(texts: ray.data.Dataset, probe: str, cfg: EmbedConfig, forward_rows: int) -> ray.data.Dataset:
+    """``text`` rows -> the caption shards' input: ``id`` (the text), ``embedding`` (the
+    probe's text tower). Builds; executes nothing."""
+    import ray.data
+
+    from clipscan.stages.embed import cluster_resources, node_cpus, plan_resources
+
+    plan = plan_resources(cluster_resources(), cfg, node_cpus())
+    return texts.map_batches(
+        EmbedText,
+        fn_constructor_kwargs={"probe": probe, "forward_rows": forward_rows, "precision": cfg.precision,
+                               "threads": plan.threads, "key": "id"},
+        compute=ray.data.ActorPoolStrategy(size=plan.actors),
+        num_cpus=plan.num_cpus,
+        num_gpus=plan.num_gpus or None,
+        batch_size=max(plan.batch_size, forward_rows, 1024),
         batch_format="numpy",
     )
 
