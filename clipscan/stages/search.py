@@ -461,7 +461,7 @@ class ShardedSearch:
     seed: int = 0
     device: str = "auto"  # "cpu": shards reserve no GPU
     models: tuple[str, ...] = MODELS  # the vector columns each shard holds and searches
-    shard_cpus: float | None = None  # CPUs each shard reserves (None: sized from its node, ``plan_shards``)
+    shard_cpus: float | None = None  # CPUs each shard reserves and FAISS threads (>= 1) it uses (None: from its node)
     facts: dict[str, Any] = field(default_factory=dict)
     ordered: Any = None
     k_used: int = 0
@@ -497,6 +497,8 @@ class ShardedSearch:
         parts = ordered.split_at_indices([hi for _, hi in bounds[:-1]]) if len(bounds) > 1 else [ordered]
         actor = ray.remote(_ShardActor)
         for plan, (lo, _), part in zip(plans, bounds, parts, strict=True):
+            # a shard that reserves fewer CPUs than its node has searches with that many threads (at least one)
+            threads = plan.threads if self.shard_cpus is None else max(1, math.ceil(self.shard_cpus))
             options: dict[str, Any] = {
                 "num_cpus": plan.num_cpus if self.shard_cpus is None else self.shard_cpus,
                 "num_gpus": plan.num_gpus,
@@ -505,7 +507,7 @@ class ShardedSearch:
                 "max_task_retries": 3,
             }
             self._actors.append(actor.options(**options).remote(
-                part.to_arrow_refs(), lo, self.index, self.nprobe, self.train_sample, self.seed, plan.threads,
+                part.to_arrow_refs(), lo, self.index, self.nprobe, self.train_sample, self.seed, threads,
                 models=self.models))
         self.shard_nodes = nodes = ray.get([a.node.remote() for a in self._actors])
         approximate = self.index.strip().lower() != "flat"
