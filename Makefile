@@ -11,7 +11,7 @@ EXTRAS ?= cpu,dev
 
 $(BIN)/clipscan-installed: pyproject.toml requirements/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --no-compile -c requirements/constraints.txt $(TORCH) -e '.[$(EXTRAS)]'
+	$(BIN)/pip install -c requirements/constraints.txt $(TORCH) -e '.[$(EXTRAS)]'
 	touch $@
 
 install: $(BIN)/clipscan-installed

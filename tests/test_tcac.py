@@ -347,3 +347,4 @@ def test_pools_from_caption_shards_equal_the_whole_pool(shards: int) -> None:
         assert a.texts.tolist() == b.texts.tolist() and a.n_own == b.n_own
         assert np.array_equal(a.emb, b.emb)
     assert tcac.ShardPool(parts, pool_k).pools([["not a caption"], []]) == [None, None]
+
