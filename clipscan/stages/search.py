@@ -363,14 +363,7 @@ class SearchBlock:
         self, ids: np.ndarray, queries: dict[str, np.ndarray], lists: dict[str, int], carry: int,
         exact: bool,
     ) -> list[dict[str, Any]]:
-        if self.shards and hasattr(self.shards[0].search, "remote"):
-            import ray
-
-            # put once: every shard reads the block from the object store by itself
-            ids_ref, queries_ref = ray.put(ids), ray.put(queries)
-            futures = [s.search.remote(ids_ref, queries_ref, lists, carry, exact) for s in self.shards]
-            return list(ray.get(futures))
-        return [s.search(ids, queries, lists, carry, exact) for s in self.shards]
+        return ask_shards(self.shards, "search", ids, queries, lists, carry, exact)
 
     def _pairs(self, p: dict[str, np.ndarray], r: dict[str, np.ndarray], s: dc.Scores) -> dict[str, pa.Array]:
         k = self.k
@@ -404,6 +397,17 @@ class SearchBlock:
                 overlap, _ = ix.neighbour_overlap(approx["ids"][sel, :k], exact["ids"][:, :k])
                 values[col][sel] = overlap
         return {c: pa.array(v, mask=~sel) for c, v in values.items()}
+
+
+def ask_shards(shards: list[Any], method: str, *args: Any) -> list[dict[str, Any]]:
+    """Every shard's answer to ``method(*args)``, in shard order: ``Shard`` objects are called
+    here, actor handles remotely, with the arguments put in the object store once for all."""
+    if shards and hasattr(getattr(shards[0], method), "remote"):
+        import ray
+
+        refs = [ray.put(a) for a in args]
+        return list(ray.get([getattr(s, method).remote(*refs) for s in shards]))
+    return [getattr(s, method)(*args) for s in shards]
 
 
 def _merge(answers: list[dict[str, Any]], model: str, kk: int, rows: np.ndarray) -> dict[str, np.ndarray]:

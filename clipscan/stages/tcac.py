@@ -220,12 +220,9 @@ class ShardPool:
         self.shards, self.pool_k = list(shards), int(pool_k)
 
     def _ask(self, method: str, *args: Any) -> list[dict[str, Any]]:
-        if self.shards and hasattr(getattr(self.shards[0], method), "remote"):
-            import ray
+        from clipscan.stages.search import ask_shards
 
-            refs = [ray.put(a) for a in args]  # once: every shard reads them from the object store
-            return list(ray.get([getattr(s, method).remote(*refs) for s in self.shards]))
-        return [getattr(s, method)(*args) for s in self.shards]
+        return ask_shards(self.shards, method, *args)
 
     def vectors(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """(rows (m,) int64 global caption rows, -1 where no shard has it; (m, d) float32)."""
@@ -497,24 +494,31 @@ def _append(cols: dict[str, list[Any]], row: dict[str, Any]) -> None:
 
 def build_caption_embed(texts: Sequence[str], probe: str, cfg: EmbedConfig, forward_rows: int) -> ray.data.Dataset:
     """Captions -> rows of ``caption_id``, ``embedding`` from the probe's text tower. Builds; executes nothing."""
-    import ray
+    import ray.data
+
+    table = pa.table({"caption_id": pa.array(np.arange(len(texts)), pa.int64()), "text": pa.array(list(texts), pa.string())})
+    step = max(forward_rows, 1024)
+    blocks = [table.slice(i, step) for i in range(0, max(table.num_rows, 1), step)]
+    return _embed_texts(ray.data.from_arrow(blocks), probe, cfg, forward_rows, "caption_id", batch_size=forward_rows,
+                        max_actors=len(blocks))  # no idle model loads
+
+
+def _embed_texts(ds: ray.data.Dataset, probe: str, cfg: EmbedConfig, forward_rows: int, key: str,
+                 batch_size: int, max_actors: int | None = None) -> ray.data.Dataset:
+    """``EmbedText`` over ``ds`` in an actor pool sized from the cluster (no decoding)."""
     import ray.data
 
     from clipscan.stages.embed import cluster_resources, node_cpus, plan_resources
 
-    plan = plan_resources(cluster_resources(), cfg, node_cpus())  # no decoding: actor sizing
-    table = pa.table({"caption_id": pa.array(np.arange(len(texts)), pa.int64()), "text": pa.array(list(texts), pa.string())})
-    step = max(forward_rows, 1024)
-    blocks = [table.slice(i, step) for i in range(0, max(table.num_rows, 1), step)]
-    ds = ray.data.from_arrow(blocks)
+    plan = plan_resources(cluster_resources(), cfg, node_cpus())
     return ds.map_batches(
         EmbedText,
         fn_constructor_kwargs={"probe": probe, "forward_rows": forward_rows, "precision": cfg.precision,
-                               "threads": plan.threads},
-        compute=ray.data.ActorPoolStrategy(size=min(plan.actors, len(blocks))),  # no idle model loads
+                               "threads": plan.threads, "key": key},
+        compute=ray.data.ActorPoolStrategy(size=min(plan.actors, max_actors or plan.actors)),
         num_cpus=plan.num_cpus,
         num_gpus=plan.num_gpus or None,
-        batch_size=max(plan.batch_size, forward_rows),
+        batch_size=max(plan.batch_size, batch_size),
         batch_format="numpy",
     )
 
@@ -538,21 +542,7 @@ def _texts_of(batch: pa.Table) -> pa.Table:
 def caption_vectors(texts: ray.data.Dataset, probe: str, cfg: EmbedConfig, forward_rows: int) -> ray.data.Dataset:
     """``text`` rows -> the caption shards' input: ``id`` (the text), ``embedding`` (the
     probe's text tower). Builds; executes nothing."""
-    import ray.data
-
-    from clipscan.stages.embed import cluster_resources, node_cpus, plan_resources
-
-    plan = plan_resources(cluster_resources(), cfg, node_cpus())
-    return texts.map_batches(
-        EmbedText,
-        fn_constructor_kwargs={"probe": probe, "forward_rows": forward_rows, "precision": cfg.precision,
-                               "threads": plan.threads, "key": "id"},
-        compute=ray.data.ActorPoolStrategy(size=plan.actors),
-        num_cpus=plan.num_cpus,
-        num_gpus=plan.num_gpus or None,
-        batch_size=max(plan.batch_size, forward_rows, 1024),
-        batch_format="numpy",
-    )
+    return _embed_texts(texts, probe, cfg, forward_rows, "id", batch_size=max(forward_rows, 1024))
 
 
 def prepare_batch(batch: dict[str, np.ndarray], size: int, max_pixels: int,
