@@ -156,7 +156,7 @@ def scoring(cfg: Any, pool_ref: Any) -> None:
     ds, info = read_corpus(cfg.data)
     built = tcac.build_tcac(ds, pool_ref, cfg.models.probe, cfg.data, cfg.embed, cfg.tcac, cfg.seed)
     built.write_datasink(ShardSink(raw))
-    counts = tcac.collect(raw, cfg.output, list(cfg.tcac.transforms), info["shard_rows"])
+    counts, _ = tcac.collect(raw, cfg.output, list(cfg.tcac.transforms), info["shard_rows"])
     if counts["scored"] != cfg.data.limit:
         raise RuntimeError(f"scored {counts['scored']} of {cfg.data.limit} images: {counts}")
 

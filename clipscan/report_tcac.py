@@ -13,11 +13,9 @@ import base64
 import io
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from clipscan import fs as cfs
 from clipscan.report import (
@@ -33,6 +31,9 @@ from clipscan.report import (
     section,
     summary_table,
 )
+
+if TYPE_CHECKING:
+    from clipscan.stages.tcac import Figures
 
 TCAC_CSS = """
 .tcase { display: grid; grid-template-columns: calc(var(--thumb) * 2 + 12px) minmax(0, 1fr) minmax(0, 1fr);
@@ -69,21 +70,21 @@ _LABELS = {
 }
 
 
-def change_histogram(changed: np.ndarray, top: int, name: str) -> bytes:
-    """PNG of how many images had each change count 0..top under one transform."""
-    changed = np.asarray(changed, dtype=np.int64)
-    counts = np.bincount(np.clip(changed, 0, top), minlength=top + 1) if changed.size else np.zeros(top + 1, np.int64)
+def change_histogram(counts: np.ndarray, top: int, name: str) -> bytes:
+    """PNG of how many images had each change count 0..top under one transform (counts: (top + 1,))."""
+    counts = np.asarray(counts, dtype=np.int64)
+    images = int(counts.sum())
     fig = new_figure(5.2, 3.2)
     ax = fig.add_subplot()
     ax.bar(np.arange(top + 1), counts, width=0.8, color="#1f6feb")
-    if changed.size:
-        mean = float(changed.mean())
+    if images:
+        mean = float((counts * np.arange(top + 1)).sum() / images)
         ax.axvline(mean, color="#cf222e", linestyle="--", linewidth=1.2, label=f"mean {mean:.2f}")
         ax.legend(loc="upper right", frameon=False)
     ax.set_xticks(np.arange(top + 1))
     ax.set_xlabel(f"change count: captions new to the top {top}")
     ax.set_ylabel("images")
-    ax.set_title(f"{name}: change count per image ({changed.size:,} images)")
+    ax.set_title(f"{name}: change count per image ({images:,} images)")
     return figure_to_png(fig)
 
 
@@ -205,7 +206,7 @@ def write_tcac_report(
     run_dir: str,
     overview: Mapping[str, Any],
     summary: Mapping[str, Mapping[str, Any]],
-    table: pa.Table,
+    figures: Figures,
     transforms: Mapping[str, Mapping[str, Any]],
     seed: int,
     image_size: int,
@@ -218,8 +219,8 @@ def write_tcac_report(
     """Write ``plots/changes_<transform>.png`` and ``report.html`` under ``run_dir``; return the report's path.
 
     overview: figures of the run (``images``, ``skipped``, ``probe``, ... get labels);
-    summary: ``clipscan.stages.tcac.summarise``'s per-transform figures; table:
-    ``tcac.parquet``; transforms, seed, image_size, max_pixels: the job's, to re-render
+    summary: ``Figures.summary``'s per-transform figures; figures: ``tcac.parquet``'s
+    histograms and largest changes (``clipscan.stages.tcac.Figures``); transforms, seed, image_size, max_pixels: the job's, to re-render
     the transformed thumbnails; images: cases shown per transform.
     """
     from clipscan.stages.tcac import largest_changes
@@ -243,12 +244,11 @@ def write_tcac_report(
         '<span><span class="swatch" style="background:#1a7f37"></span>entered the top list</span>'
         "<span>\u2605 one of the image's own captions</span><span>numbers: zero-shot probability over the pool</span></p>"
     )
-    names = table.column("transform")
     for name in transforms:
-        changed = table.filter(pc.equal(names, name)).column("changed").to_numpy()
-        png = change_histogram(changed, top, name)
+        counts = figures.counts[figures.transforms.index(name)][: top + 1]
+        png = change_histogram(counts, top, name)
         cfs.write_bytes_atomic(cfs.join(run_dir, "plots", f"changes_{_safe_name(name)}.png"), png)
-        cases = largest_changes(table, name, images).to_pylist()
+        cases = largest_changes(figures.largest, name, images).to_pylist()
         body = (
             f'<div class="small-plot">{figure_html(png_data_uri(png), f"Change count per image under {name}.", f"{name} change counts")}</div>'
             + f'<h3 style="margin-top:16px">The {len(cases)} images whose top {top} changed most</h3>'

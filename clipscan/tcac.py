@@ -35,8 +35,6 @@ from clipscan.stages.tcac import (
     caption_texts,
     caption_vectors,
     collect,
-    load_results,
-    summarise,
 )
 
 if TYPE_CHECKING:
@@ -97,7 +95,8 @@ def run_tcac(cfg: TcacConfig, overwrite: bool = False) -> Run:
                 built = build_tcac(ds, scored_with, cfg.models.probe, cfg.data, cfg.embed, cfg.tcac, cfg.seed)
                 write_shards(built, raw, "score", images or None)
                 del scored_with
-            counts = collect(raw, run.output, names, info["shard_rows"])
+            keep = max(cfg.tcac.report_top, cfg.attributes.cases if cfg.attributes.enabled else 0)
+            counts, figures = collect(raw, run.output, names, info["shard_rows"], cfg.tcac.top, keep)
             facts.update(images_read=counts["read"], images_scored=counts["scored"],
                          images_skipped=counts["skipped"], rows=counts["rows"], transforms=len(names),
                          shards=len(info["shard_rows"]),
@@ -110,23 +109,21 @@ def run_tcac(cfg: TcacConfig, overwrite: bool = False) -> Run:
         raise RuntimeError(f"row accounting does not add up: {counts}")
 
     with run.stage("summary") as facts:
-        table = load_results(run.output)
-        sizes = pool_sizes(table, names)
-        summary = summarise(table, names, cfg.tcac.top)
+        summary = figures.summary()  # gathered part by part by collect: no stage reads tcac.parquet whole
         run.record("tcac_summary", summary)
-        facts.update(transforms=len(summary))
+        facts.update(transforms=len(summary), rows_kept=figures.largest.num_rows)
 
     if cfg.attributes.enabled:
         with run.stage("attributes") as facts:
             from clipscan.stages.attributes import tcac_contrast
 
-            contrast = tcac_contrast(table, names, cfg.attributes)
+            contrast = tcac_contrast(figures.largest, names, cfg.attributes)
             cfs.write_json_atomic(run.path("attributes.json"), contrast)
             facts.update(top={t: (v["attributes"][0]["name"] if v["attributes"] else None)
                               for t, v in contrast["transforms"].items()})
 
     with run.stage("summarise") as facts:
-        failures = name_failure_types(table, names, cfg, run)
+        failures = name_failure_types(figures.largest, names, cfg, run)
         facts.update(backend=cfg.llm.backend,
                      types={t: len(f.get("types", [])) for t, f in failures.get("transforms", {}).items()},
                      failed=[t for t, f in failures.get("transforms", {}).items() if f.get("status") == "failed"])
@@ -134,11 +131,11 @@ def run_tcac(cfg: TcacConfig, overwrite: bool = False) -> Run:
     with run.stage("report") as facts:
         overview = {
             "images": counts["scored"], "skipped": counts["skipped"], "probe": cfg.models.probe,
-            "captions": pool_facts["captions"], "mean_pool": round(float(sizes.mean()), 2) if sizes.size else 0.0,
+            "captions": pool_facts["captions"], "mean_pool": round(figures.mean_pool(), 2),
             "transforms": len(names), "top": cfg.tcac.top,
             "wall_s": round(time.perf_counter() - started, 1),
         }
-        path = write_tcac_report(run.output, overview, summary, table, cfg.tcac.transforms, seed=cfg.seed,
+        path = write_tcac_report(run.output, overview, summary, figures, cfg.tcac.transforms, seed=cfg.seed,
                                  image_size=cfg.embed.image_size, max_pixels=cfg.data.max_pixels,
                                  top=cfg.tcac.top, images=cfg.tcac.report_top, thumb=cfg.report.thumb,
                                  failures=failures)
@@ -209,16 +206,6 @@ def captions_count(path: str) -> int:
     return total
 
 
-def pool_sizes(table: pa.Table, transforms: Sequence[str]) -> np.ndarray:
-    """(images,) pool size of each scored image, from ``tcac.parquet`` (its first transform's rows)."""
-    import pyarrow.compute as pc
-
-    if not transforms or not table.num_rows:
-        return np.zeros(0, np.int64)
-    first = table.filter(pc.equal(table.column("transform"), transforms[0]))
-    return np.asarray(first.column("pool_size").to_numpy(zero_copy_only=False), dtype=np.int64)
-
-
 def caption_rows(data: DataConfig, ds: ray.data.Dataset) -> pa.Table:
     """``id``, ``captions``, ``skip_stage`` of every corpus row, on the driver.
 
@@ -276,6 +263,8 @@ def shift_cases(shifts: list[dict[str, Any]]) -> pa.Table:
 
 def name_failure_types(table: pa.Table, transforms: Sequence[str], cfg: TcacConfig, run: Run) -> dict[str, Any]:
     """Per transform, the LLM's failure types for the images whose captions moved most (``failures.json``).
+
+    table: at least the ``tcac.report_top`` largest changes of each transform (``Figures.largest``).
 
     Each transform's prompts and raw answers go to ``llm/<transform>/``; the cases are the
     ``tcac.report_top`` images with the largest change, each as its own caption followed

@@ -226,7 +226,8 @@ def test_bad_images_skipped_with_reasons(tmp_path: Path, ray_local: None) -> Non
     ds, info = read_corpus(cfg.data)
     built = tcac.build_tcac(ds, pool, TINY_PROBE, cfg.data, cfg.embed, cfg.tcac, cfg.seed)
     built.write_datasink(ShardSink(str(tmp_path / "raw")))
-    counts = tcac.collect(str(tmp_path / "raw"), str(tmp_path / "run"), list(TRANSFORMS), info["shard_rows"])
+    counts, figures = tcac.collect(str(tmp_path / "raw"), str(tmp_path / "run"), list(TRANSFORMS),
+                                   info["shard_rows"], top=5, keep=3)
     assert counts["read"] == len(expected) + 1 == counts["scored"] + counts["skipped"]
     assert counts["rows"] == counts["scored"] * len(TRANSFORMS)
     skipped = pq.read_table(tmp_path / "run" / "skipped.parquet").to_pylist()
@@ -242,6 +243,12 @@ def test_bad_images_skipped_with_reasons(tmp_path: Path, ray_local: None) -> Non
             assert name in scored, name
     assert any(r["id"] == "dup" and r["stage"] == "read" and "duplicate" in r["reason"] for r in skipped)
     assert counts["converted"].get("CMYK->RGB") == 1
+    # the figures gathered shard by shard are those of the whole table
+    whole = tcac.Figures.of(pq.read_table(tmp_path / "run" / "tcac.parquet"), list(TRANSFORMS), 5, 3)
+    np.testing.assert_array_equal(figures.sums, whole.sums)
+    np.testing.assert_array_equal(figures.counts, whole.counts)
+    assert figures.largest.equals(whole.largest) and figures.largest.num_rows == 3 * len(TRANSFORMS)
+    assert figures.summary() == tcac.summarise(pq.read_table(tmp_path / "run" / "tcac.parquet"), list(TRANSFORMS), 5)
 
 
 def test_job_end_to_end_and_deterministic(tmp_path: Path, ray_local: None) -> None:
@@ -255,9 +262,10 @@ def test_job_end_to_end_and_deterministic(tmp_path: Path, ray_local: None) -> No
     assert main([*common, f"output={tmp_path / 'b'}", "embed.batch_size=5", "embed.actors=2",
                  "embed.cpus_per_actor=0.5", "data.rows_per_block=3", "knn.stage_min_rows=2", "knn.shards=2"]) == 0
     a, b = tmp_path / "a", tmp_path / "b"
-    table = pq.read_table(a / "tcac.parquet")
+    table = pq.read_table(a / "tcac.parquet")  # parts: a writes one (one input shard), b six
     assert table.equals(pq.read_table(b / "tcac.parquet"))
-    assert (a / "tcac.parquet").read_bytes() == (b / "tcac.parquet").read_bytes()
+    assert [p.name for p in (a / "tcac.parquet").iterdir()] == ["part-00000.parquet"]
+    assert len(list((b / "tcac.parquet").iterdir())) == 6
     assert pq.read_table(a / "skipped.parquet").equals(pq.read_table(b / "skipped.parquet"))
     pool_a, pool_b = (json.loads((d / "run.json").read_text())["stages"]["caption_pool"] for d in (a, b))
     assert (pool_a["where"], pool_b["where"], pool_b["search"]["shards"]) == ("driver", "shards", 2)
@@ -311,7 +319,8 @@ def test_report_escapes_captions(tmp_path: Path) -> None:
     table = pa.Table.from_pylist([row], schema=pa.schema([tcac.ROW_SCHEMA.field(c) for c in tcac.OUTPUT_COLUMNS]))
     summary = tcac.summarise(table, ["hflip"], top=2)
     assert summary["hflip"]["own_left_top1"] == 1.0 and summary["hflip"]["own_left_top2"] == 1.0
-    path = write_tcac_report(str(tmp_path), {"images": 1}, summary, table, {"hflip": {}}, seed=0,
+    figures = tcac.Figures.of(table, ["hflip"], 2, 5)
+    path = write_tcac_report(str(tmp_path), {"images": 1}, summary, figures, {"hflip": {}}, seed=0,
                              image_size=32, max_pixels=10**6, top=2, images=5, thumb=32)
     html = Path(path).read_text()
     assert "<script>" not in html and "&lt;script&gt;" in html and "<i>new</i>" not in html

@@ -14,10 +14,11 @@ Section 3.2 of "Unveiling Glitches". Four pieces, each usable without Ray:
   go through the probe's image tower together; zero-shot probabilities over the image's
   pool are a softmax of the model's own logit scale times the cosines
   (``score_versions``).
-* ``collect`` writes ``tcac.parquet`` and ``skipped.parquet`` from the per-shard pieces
-  the pipeline wrote; ``summarise`` gives the per-transform figures of ``run.json``;
-  ``caption_shifts`` the before/after caption shifts of the top images, the input of the
-  LLM summary.
+* ``collect`` writes ``tcac.parquet`` (parts) and ``skipped.parquet`` from the per-shard
+  pieces the pipeline wrote, one task per shard, and adds up each shard's ``Figures``:
+  the per-transform figures of ``run.json`` and the rows with the largest change, from
+  which ``caption_shifts`` gives the before/after caption shifts of the top images, the
+  input of the LLM summary.
 
 Outputs do not depend on how Ray splits the work: encoder forwards always see exactly
 ``tcac.forward_rows`` inputs (the last chunk padded), because CPU and GPU kernels round
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -38,7 +39,7 @@ import pyarrow as pa
 
 from clipscan import fs as cfs
 from clipscan.stages.decode import Decode, require
-from clipscan.stages.embed import SKIPPED_SCHEMA, embedding_array
+from clipscan.stages.embed import SKIPPED_SCHEMA, embedding_array, write_skipped
 
 if TYPE_CHECKING:
     import ray.data
@@ -610,15 +611,19 @@ def build_tcac(ds: ray.data.Dataset, pool: Any, probe: str, data: DataConfig, em
 # Outputs
 
 
-def collect(raw_dir: str, out_dir: str, transforms: Sequence[str],
-            shard_rows: dict[int, int] | None = None) -> dict[str, Any]:
-    """Rows the pipeline wrote (``ShardSink`` pieces) -> ``tcac.parquet`` and ``skipped.parquet``.
+def collect(raw_dir: str, out_dir: str, transforms: Sequence[str], shard_rows: dict[int, int] | None = None,
+            top: int = 10, keep: int = 100) -> tuple[dict[str, Any], Figures]:
+    """Rows the pipeline wrote (``ShardSink`` pieces) -> ``tcac.parquet/`` and ``skipped/`` parts,
+    ``skipped.parquet``, and the ``Figures`` the later stages read; one Ray task per input shard.
 
-    ``tcac.parquet`` is sorted by id, then transform in config order. Pieces are read in
-    shard order; a row a retried task wrote twice counts once, and a later image with an
-    id already scored is skipped as a duplicate. With ``shard_rows`` ({shard: rows}), a
-    shard whose pieces do not cover all its rows raises. Returns counts: read (images),
-    scored (images), skipped (images), rows (of tcac.parquet), skipped_by_stage, converted.
+    ``tcac.parquet/part-NNNNN.parquet`` holds input shard NNNNN's rows in input order, each
+    image's rows in config transform order (WebDataset: one ``part-uNNNNN`` per sink piece).
+    A row a retried task wrote twice counts once; a later image of the shard with an id
+    already scored in it is skipped as a duplicate (the read stage marks ids repeated across
+    shards). With ``shard_rows`` ({shard: rows}), a shard whose pieces do not cover all its
+    rows raises. The driver holds the listing, the counts and one shard's ``Figures`` at a
+    time. Returns (counts: read, scored and skipped images, rows of tcac.parquet,
+    skipped_by_stage, converted; figures with ``keep`` rows per transform).
     """
     from clipscan.stages.embed import rows_covered, shard_pieces
 
@@ -627,114 +632,198 @@ def collect(raw_dir: str, out_dir: str, transforms: Sequence[str],
         covered = len(rows_covered(pieces.get(f"shard-{shard:05d}", [])))
         if covered != n:
             raise RuntimeError(f"shard {shard}: {covered} of {n} rows were scored")
-    duplicate = "duplicate id (an earlier row has it)"
-    seen: set[str] = set()
-    written: set[tuple[int, int, str]] = set()  # (shard, row, transform) taken from the current shard
-    scored: list[pa.Table] = []
-    skipped: list[pa.Table] = []
+    units: list[tuple[str, list[str]]] = []
+    for name in sorted(pieces):
+        if name == "shard-unnumbered":
+            units += [(f"part-u{i:05d}.parquet", [p]) for i, p in enumerate(pieces[name])]
+        else:
+            units.append((f"part-{int(name.split('-')[1]):05d}.parquet", pieces[name]))
+    for folder in ("tcac.parquet", "skipped"):
+        cfs.remove_tree(cfs.join(out_dir, folder))  # every shard is collected again from its pieces
+    args = [(paths, out_dir, out_name, list(transforms), top, keep) for out_name, paths in units]
+    figures = Figures.empty(transforms, top, keep)
+    counts: dict[str, Any] = {"read": 0, "scored": 0, "rows": 0, "converted": {}}
+    for got in _each(collect_shard, args):
+        figures = figures.add(got.pop("figures"))
+        for key in ("read", "scored", "rows"):
+            counts[key] += got[key]
+        for item, n in got["converted"].items():
+            counts["converted"][item] = counts["converted"].get(item, 0) + n
+    if not units:  # nothing scored: the layout is still a folder of parts
+        cfs.write_parquet_atomic(cfs.join(out_dir, "tcac.parquet", "part-00000.parquet"),
+                                 ROW_SCHEMA.empty_table().select(OUTPUT_COLUMNS))
+    by_stage = write_skipped(cfs.join(out_dir, "skipped.parquet"), [cfs.join(out_dir, "skipped")])
+    counts.update(skipped=sum(by_stage.values()), skipped_by_stage=by_stage)
+    counts["read"] += counts["skipped"]
+    return counts, figures
+
+
+def _each(fn: Callable[..., T], args: list[tuple[Any, ...]]) -> Iterator[T]:
+    """``fn(*a)`` for every ``a``, in order: Ray tasks when Ray is up, fetched one result at a time."""
+    import ray
+
+    if not ray.is_initialized():
+        yield from (fn(*a) for a in args)
+        return
+    task = ray.remote(num_cpus=0.5, max_retries=3)(fn)
+    refs = [task.remote(*a) for a in args]
+    for i in range(len(refs)):
+        ref, refs[i] = refs[i], None
+        yield ray.get(ref)
+        del ref
+
+
+def collect_shard(paths: list[str], out_dir: str, out_name: str, transforms: list[str], top: int,
+                  keep: int) -> dict[str, Any]:
+    """One input shard's sink pieces -> ``tcac.parquet/<out_name>`` and ``skipped/<out_name>``; returns its
+    counts and ``Figures``."""
+    import pyarrow.compute as pc
+
+    table = pa.concat_tables([cfs.read_parquet(p).select(ROW_SCHEMA.names).cast(ROW_SCHEMA) for p in paths])
+    n_t = len(transforms)
+    position = np.asarray(pc.fill_null(pc.index_in(table.column("transform"), value_set=pa.array(transforms,
+                                                                                                 pa.string())), n_t))
+    if table.num_rows and int(table.column("shard")[0].as_py()) >= 0:  # input order; a retried write counts once
+        _, first = np.unique(np.asarray(table.column("row"), np.int64) * (n_t + 1) + position, return_index=True)
+        table, position = table.take(pa.array(first)), position[first]
+    skipped = np.asarray(pc.not_equal(table.column("skip_stage"), ""))
+    starts = (position == 0) & ~skipped  # an image's rows start with its first transform's
+    image = np.cumsum(starts | skipped) - 1
+    ids = np.asarray(table.column("id").to_numpy(zero_copy_only=False), dtype=object)
+    _, first_of = np.unique(ids[starts], return_index=True)
+    repeated = np.ones(int(starts.sum()), dtype=bool)
+    repeated[first_of] = False
+    dup = np.isin(image, image[starts][repeated])
+    kept = table.filter(pa.array(~skipped & ~dup))
+    skip_rows = skipped | (starts & dup)
+    reasons = table.filter(pa.array(skip_rows))
+    skip = pa.table({
+        "id": reasons.column("id"), "uri": reasons.column("uri"),
+        "stage": pc.if_else(pc.equal(reasons.column("skip_stage"), ""), "tcac", reasons.column("skip_stage")),
+        "reason": pc.if_else(pc.equal(reasons.column("skip_stage"), ""), "duplicate id (an earlier row has it)",
+                             reasons.column("skip_reason")),
+    }).cast(SKIPPED_SCHEMA)
     converted: dict[str, int] = {}
-    current = ""
-    for shard_dir, path in [(d, p) for d in sorted(pieces) for p in pieces[d]]:
-        if shard_dir != current:  # a new shard: rows of earlier shards cannot recur in its pieces
-            current, written = shard_dir, set()
-        table = cfs.read_parquet(path).select(ROW_SCHEMA.names).cast(ROW_SCHEMA)
-        ids = table.column("id").to_pylist()
-        names = table.column("transform").to_pylist()
-        stage = table.column("skip_stage").to_pylist()
-        reason = table.column("skip_reason").to_pylist()
-        shards = table.column("shard").to_pylist()
-        rows = table.column("row").to_pylist()
-        keep = np.zeros(len(ids), dtype=bool)
-        skips: list[tuple[int, str, str]] = []
-        dup = False
-        for i, row_id in enumerate(ids):
-            if shards[i] >= 0:
-                key = (shards[i], rows[i], names[i])
-                if key in written:  # the same row from a retried write task
-                    continue
-                written.add(key)
-            if stage[i]:
-                skips.append((i, stage[i], reason[i]))
-                continue
-            if names[i] == transforms[0]:  # an image's T rows start with the first transform
-                dup = row_id in seen
-                if dup:
-                    skips.append((i, "tcac", duplicate))
-                else:
-                    seen.add(row_id)
-                    for item in (table.column("notes")[i].as_py() or "").split(","):
-                        if item:
-                            converted[item] = converted.get(item, 0) + 1
-            keep[i] = not dup
-        if skips:
-            taken = table.take(pa.array([i for i, _, _ in skips], pa.int64()))
-            skipped.append(pa.table({
-                "id": taken.column("id"), "uri": taken.column("uri"),
-                "stage": pa.array([s for _, s, _ in skips], pa.string()),
-                "reason": pa.array([r for _, _, r in skips], pa.string()),
-            }))
-        if keep.any():
-            scored.append(table.filter(pa.array(keep)))
-    table = pa.concat_tables(scored) if scored else ROW_SCHEMA.empty_table()
-    order = {name: i for i, name in enumerate(transforms)}
-    table = table.append_column("_order", pa.array([order[t] for t in table.column("transform").to_pylist()], pa.int32()))
-    table = table.sort_by([("id", "ascending"), ("_order", "ascending")]).select(OUTPUT_COLUMNS)
-    cfs.write_parquet_atomic(cfs.join(out_dir, "tcac.parquet"), table.combine_chunks())
-    skip_table = pa.concat_tables(skipped).cast(SKIPPED_SCHEMA) if skipped else SKIPPED_SCHEMA.empty_table()
-    skip_table = skip_table.sort_by([("id", "ascending")])
-    cfs.write_parquet_atomic(cfs.join(out_dir, "skipped.parquet"), skip_table)
-    n_scored = len(set(table.column("id").to_pylist()))
-    by_stage: dict[str, int] = {}
-    for s in skip_table.column("stage").to_pylist():
-        by_stage[s] = by_stage.get(s, 0) + 1
-    return {
-        "read": n_scored + skip_table.num_rows, "scored": n_scored, "skipped": skip_table.num_rows,
-        "rows": table.num_rows, "skipped_by_stage": by_stage, "converted": converted,
-    }
+    notes = table.filter(pa.array(starts & ~dup)).column("notes")
+    for note in notes.filter(pc.not_equal(notes, "")).to_pylist():
+        for item in note.split(","):
+            converted[item] = converted.get(item, 0) + 1
+    output = kept.select(OUTPUT_COLUMNS)
+    cfs.write_parquet_atomic(cfs.join(out_dir, "tcac.parquet", out_name), output)
+    cfs.write_parquet_atomic(cfs.join(out_dir, "skipped", out_name), skip)
+    scored = int((starts & ~dup).sum())
+    return {"read": scored, "scored": scored, "rows": output.num_rows, "converted": converted,
+            "figures": Figures.of(output, transforms, top, keep)}
 
 
 def load_results(run_dir: str) -> pa.Table:
-    """``tcac.parquet`` of a run."""
+    """``tcac.parquet`` of a run (a folder of parts, or one file), whole: for tests and small runs."""
     return cfs.read_parquet(cfs.join(run_dir, "tcac.parquet"))
 
 
-def summarise(table: pa.Table, transforms: Sequence[str], top: int) -> dict[str, dict[str, Any]]:
-    """Per transform: images, mean change count, share changed at all (also counting only the
-    changes beyond ``tcac.margin``: mean_changed_margin, share_changed_margin), own-caption
-    shares, mean KL.
+# The per-transform sums behind ``Figures.summary``, in this order.
+SUMS = ("images", "changed", "changed_any", "changed_margin", "changed_margin_any", "own_left_top1",
+        "own_left_top", "own_top1_before", "own_top1_after", "kl", "pool_size")
 
-    own_left_top1: share of images whose own caption is ranked 1 before the transform and
-    not after; own_left_top{top}: in the top ``top`` before and not after;
-    own_top1_before / own_top1_after: share with an own caption ranked 1.
+
+@dataclass(frozen=True)
+class Figures:
+    """What the summary, attribute and report stages read of ``tcac.parquet``, gathered part by part.
+
+    Per transform: the sums behind ``summary`` (``SUMS``), the change-count histogram
+    (0..top) and the ``keep`` rows with the largest change (``largest_changes`` order).
+    ``of`` one table, ``add`` two: a corpus's figures never hold more than ``keep`` rows
+    per transform.
     """
-    out: dict[str, dict[str, Any]] = {}
-    names = table.column("transform").to_numpy(zero_copy_only=False)
-    for name in transforms:
-        sel = names == name
-        changed = table.column("changed").to_numpy()[sel].astype(np.float64)
-        beyond = (table.column("changed_margin").to_numpy(zero_copy_only=False)[sel].astype(np.float64)
-                  if "changed_margin" in table.column_names else np.full(int(sel.sum()), np.nan))
-        rb = table.column("own_rank_before").to_numpy()[sel]
-        ra = table.column("own_rank_after").to_numpy()[sel]
-        kl = table.column("kl").to_numpy()[sel].astype(np.float64)
-        n = int(sel.sum())
 
-        def share(mask: np.ndarray, n: int = n) -> float:
-            return round(float(mask.mean()), 4) if n else 0.0
+    transforms: tuple[str, ...]
+    top: int
+    keep: int
+    sums: np.ndarray  # (T, len(SUMS)) float64
+    counts: np.ndarray  # (T, top + 1) int64
+    largest: pa.Table  # OUTPUT_COLUMNS
 
-        out[name] = {
-            "images": n,
-            "mean_changed": round(float(changed.mean()), 4) if n else 0.0,
-            "share_changed": share(changed > 0),
-            "mean_changed_margin": round(float(beyond.mean()), 4) if n else 0.0,
-            "share_changed_margin": share(beyond > 0),
-            "own_left_top1": share((rb == 1) & (ra > 1)),
-            f"own_left_top{top}": share((rb <= top) & (ra > top)),
-            "own_top1_before": share(rb == 1),
-            "own_top1_after": share(ra == 1),
-            "mean_kl": round(float(kl.mean()), 6) if n else 0.0,
-        }
-    return out
+    @classmethod
+    def empty(cls, transforms: Sequence[str], top: int, keep: int) -> Figures:
+        return cls(tuple(transforms), top, keep, np.zeros((len(transforms), len(SUMS))),
+                   np.zeros((len(transforms), top + 1), np.int64), ROW_SCHEMA.empty_table().select(OUTPUT_COLUMNS))
+
+    @classmethod
+    def of(cls, table: pa.Table, transforms: Sequence[str], top: int, keep: int) -> Figures:
+        import pyarrow.compute as pc
+
+        sums = np.zeros((len(transforms), len(SUMS)))
+        counts = np.zeros((len(transforms), top + 1), np.int64)
+        names = table.column("transform")
+        for t, name in enumerate(transforms):
+            rows = table.filter(pc.equal(names, name))
+
+            def col(column: str, rows: pa.Table = rows) -> np.ndarray:
+                return np.asarray(rows.column(column).to_numpy(zero_copy_only=False), dtype=np.float64)
+
+            changed, margin, rb, ra = (col(c) for c in ("changed", "changed_margin", "own_rank_before",
+                                                           "own_rank_after"))
+            sums[t] = [rows.num_rows, changed.sum(), (changed > 0).sum(), margin.sum(), (margin > 0).sum(),
+                       ((rb == 1) & (ra > 1)).sum(), ((rb <= top) & (ra > top)).sum(), (rb == 1).sum(),
+                       (ra == 1).sum(), col("kl").sum(), col("pool_size").sum()]
+            counts[t] = np.bincount(np.clip(changed.astype(np.int64), 0, top), minlength=top + 1)
+        return cls(tuple(transforms), top, keep, sums, counts, _largest(table, transforms, keep))
+
+    def add(self, other: Figures) -> Figures:
+        if (self.transforms, self.top, self.keep) != (other.transforms, other.top, other.keep):
+            raise ValueError("figures of different transforms, top or keep do not add up")
+        both = pa.concat_tables([self.largest, other.largest])
+        return Figures(self.transforms, self.top, self.keep, self.sums + other.sums, self.counts + other.counts,
+                       _largest(both, self.transforms, self.keep))
+
+    def summary(self) -> dict[str, dict[str, Any]]:
+        """Per transform: images, mean change count, share changed at all (also counting only the
+        changes beyond ``tcac.margin``: mean_changed_margin, share_changed_margin), own-caption
+        shares, mean KL.
+
+        own_left_top1: share of images whose own caption is ranked 1 before the transform and
+        not after; own_left_top{top}: in the top ``top`` before and not after;
+        own_top1_before / own_top1_after: share with an own caption ranked 1.
+        """
+        out: dict[str, dict[str, Any]] = {}
+        for name, row in zip(self.transforms, self.sums, strict=True):
+            s = dict(zip(SUMS, row, strict=True))
+            n = int(s["images"])
+
+            def mean(key: str, digits: int = 4, s: dict[str, float] = s, n: int = n) -> float:
+                return round(float(s[key] / n), digits) if n else 0.0
+
+            out[name] = {
+                "images": n,
+                "mean_changed": mean("changed"),
+                "share_changed": mean("changed_any"),
+                "mean_changed_margin": mean("changed_margin"),
+                "share_changed_margin": mean("changed_margin_any"),
+                "own_left_top1": mean("own_left_top1"),
+                f"own_left_top{self.top}": mean("own_left_top"),
+                "own_top1_before": mean("own_top1_before"),
+                "own_top1_after": mean("own_top1_after"),
+                "mean_kl": mean("kl", 6),
+            }
+        return out
+
+    def mean_changed(self, transform: str) -> float:
+        s = self.sums[self.transforms.index(transform)]
+        return float(s[1] / s[0]) if s[0] else 0.0
+
+    def mean_pool(self) -> float:
+        """Mean pool size over the scored images (each image's first transform row)."""
+        return float(self.sums[0, -1] / self.sums[0, 0]) if len(self.transforms) and self.sums[0, 0] else 0.0
+
+
+def _largest(table: pa.Table, transforms: Sequence[str], n: int) -> pa.Table:
+    parts = [largest_changes(table, name, n) for name in transforms]
+    return pa.concat_tables(parts) if parts else table.slice(0, 0)
+
+
+def summarise(table: pa.Table, transforms: Sequence[str], top: int) -> dict[str, dict[str, Any]]:
+    """``Figures.summary`` of a whole ``tcac.parquet`` table."""
+    return Figures.of(table, transforms, top, 0).summary()
 
 
 def largest_changes(table: pa.Table, transform: str, n: int) -> pa.Table:
