@@ -25,6 +25,14 @@ Ray worker's, side by side. --stop-after vectors measures the read+join stage on
 
     python benchmarks/scale.py --precomputed                 # 200,000 / 2,000,000 rows
     python benchmarks/scale.py --precomputed --sizes 20000,200000 --stop-after vectors
+
+With --tcac-outputs, TCAC's output stages alone: synthetic scoring rows (three transforms,
+top 10 captions per row, as the scoring stage's sink writes them, one piece per input
+shard) are collected into ``tcac.parquet`` parts and summed into the figures the summary,
+the attribute contrast, the LLM cases and the report read, each size in its own process;
+the same two peaks are printed.
+
+    python benchmarks/scale.py --tcac-outputs                # 20,000 / 200,000 images
 """
 
 from __future__ import annotations
@@ -233,6 +241,94 @@ def precomputed_one(work: Path, n: int, args: argparse.Namespace) -> dict[str, A
             "stages": {s: v.get("wall_s") for s, v in info["stages"].items()}}
 
 
+TCAC_TRANSFORMS = ("hflip", "rot15", "jpeg")
+
+
+def tcac_pieces(root: Path, n: int, shard_rows: int, seed: int = 0) -> str:
+    """Scoring rows of n images (``ROW_SCHEMA``, three transforms) as the sink writes them; written once, reused."""
+    import numpy as np
+    import pyarrow as pa
+
+    from clipscan import fs as cfs
+    from clipscan.stages.tcac import ROW_SCHEMA
+
+    raw = root / f"tcac-rows-{n}-{shard_rows}"
+    if (raw / "done").exists():
+        return str(raw)
+    shutil.rmtree(raw, ignore_errors=True)
+    rng = np.random.default_rng(seed)
+    words = np.array([f"a {c} {s} on a {b} table" for c in ("red", "blue", "green", "grey", "white")
+                      for s in ("cube", "ball", "cone", "ring", "star", "disc") for b in ("wooden", "glass", "stone")])
+    top, t = 10, len(TCAC_TRANSFORMS)
+    for shard, first in enumerate(range(0, n, shard_rows)):
+        m = min(shard_rows, n - first)
+        rows = m * t
+        image = np.repeat(np.arange(first, first + m), t)
+
+        def lists(values: np.ndarray, typ: pa.DataType, rows: int = rows) -> pa.ListArray:
+            flat = pa.array(values.reshape(-1), typ)
+            flat = flat.combine_chunks() if isinstance(flat, pa.ChunkedArray) else flat
+            return pa.ListArray.from_arrays(pa.array(np.arange(0, rows * top + 1, top, dtype=np.int32)), flat)
+
+        ids = np.char.add("img-", image.astype(str).astype(object)).astype(object)
+        caption = words[image % len(words)]
+        changed = rng.binomial(top, 0.2, rows).astype(np.int32)
+        cols = {
+            "id": pa.array(ids, pa.string()), "uri": pa.array(np.char.add("s3://corpus/", ids.astype(str)), pa.string()),
+            "caption": pa.array(caption, pa.string()),
+            "own_captions": pa.ListArray.from_arrays(pa.array(np.arange(rows + 1, dtype=np.int32)),
+                                                     pa.array(caption, pa.string())),
+            "transform": pa.array(np.tile(np.array(TCAC_TRANSFORMS, dtype=object), m), pa.string()),
+            "pool_size": pa.array(rng.integers(20, 60, rows), pa.int32()),
+            "top_before": lists(words[rng.integers(0, len(words), (rows, top))], pa.string()),
+            "p_before": lists(rng.random((rows, top)).astype(np.float32), pa.float32()),
+            "top_after": lists(words[rng.integers(0, len(words), (rows, top))], pa.string()),
+            "p_after": lists(rng.random((rows, top)).astype(np.float32), pa.float32()),
+            "changed": pa.array(changed), "changed_margin": pa.array(changed // 2),
+            "own_rank_before": pa.array(rng.integers(1, 30, rows), pa.int32()),
+            "own_rank_after": pa.array(rng.integers(1, 30, rows), pa.int32()),
+            "kl": pa.array(rng.random(rows).astype(np.float32)),
+            "shard": pa.array(np.full(rows, shard), pa.int32()), "row": pa.array(image - first, pa.int32()),
+            "notes": pa.array([""] * rows, pa.string()), "skip_stage": pa.array([""] * rows, pa.string()),
+            "skip_reason": pa.array([""] * rows, pa.string()),
+        }
+        cfs.write_parquet_atomic(str(raw / f"shard-{shard:05d}" / f"rows-000000-{m - 1:06d}.parquet"),
+                                 pa.table(cols, schema=ROW_SCHEMA))
+    (raw / "done").write_text("")
+    return str(raw)
+
+
+def tcac_one(work: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
+    """One size, in this process: collect the written rows into tcac.parquet parts and the figures, measure."""
+    import tempfile
+
+    import ray
+
+    from clipscan.stages.tcac import caption_shifts, collect
+
+    raw = tcac_pieces(work, n, args.rows_per_block)
+    out = work / f"run-tcac-{n}"
+    shutil.rmtree(out, ignore_errors=True)
+    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
+             _temp_dir=tempfile.mkdtemp(prefix="clipscan-bench-"))
+    shards = -(-n // args.rows_per_block)
+    driver_before = _vm_hwm()
+    with WorkerPeaks() as peaks:
+        start = time.perf_counter()
+        shard_rows = {s: min(args.rows_per_block, n - s * args.rows_per_block) for s in range(shards)}
+        counts, figures = collect(raw, str(out), list(TCAC_TRANSFORMS), shard_rows, top=10, keep=10_000)
+        figures.summary()
+        caption_shifts(figures.largest, list(TCAC_TRANSFORMS), 100)
+        wall = time.perf_counter() - start
+    ray.shutdown()
+    worker, worker_name = peaks.largest_worker()
+    if counts["scored"] != n:
+        raise RuntimeError(f"collected {counts['scored']} of {n} images")
+    return {"n": n, "wall_s": wall, "driver_hwm": _vm_hwm(), "driver_hwm_before": driver_before,
+            "worker_hwm": worker, "worker": worker_name, "embedded": counts["rows"], "skipped": counts["skipped"],
+            "stages": {"collect+figures": wall}}
+
+
 def precomputed_table(results: list[dict[str, Any]]) -> str:
     gib = 2**30
     head = f"{'':<28}" + "".join(f"{r['n']:>14,}" for r in results)
@@ -260,6 +356,21 @@ def precomputed(sizes: list[int], args: argparse.Namespace) -> int:
     import subprocess
 
     results = []
+    if args.tcac_outputs:
+        for n in sizes:
+            print(f"TCAC outputs of {n:,} images ...", file=sys.stderr, flush=True)
+            tcac_pieces(Path(args.work), n, args.rows_per_block)
+            child = [sys.executable, __file__, "--tcac-outputs", "--one", str(n), "--work", args.work,
+                     "--rows-per-block", str(args.rows_per_block), *(["--cpus", str(args.cpus)] if args.cpus else [])]
+            proc = subprocess.run(child, capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(proc.stderr[-4000:], file=sys.stderr)
+                return proc.returncode
+            results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(f"TCAC outputs ({len(TCAC_TRANSFORMS)} transforms, top 10, keep 10,000 rows per transform), "
+              f"{ray_cpus(args.cpus)} CPUs; 'rows joined' = tcac.parquet rows")
+        print(precomputed_table(results))
+        return 0
     for n in sizes:
         print(f"DAF on {n:,} precomputed rows (stop after: {args.stop_after}) ...", file=sys.stderr, flush=True)
         embeddings(Path(args.work), n, args.rows_per_file)  # here, so the measured process only runs the job
@@ -338,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default=None, help="comma-separated corpus sizes, images "
                         "(default 2000,20000,100000; with --precomputed 200000,2000000)")
     parser.add_argument("--precomputed", action="store_true", help="synthetic emb: embeddings instead of images")
+    parser.add_argument("--tcac-outputs", action="store_true", help="TCAC's collect and figures on synthetic rows")
     parser.add_argument("--stop-after", choices=("vectors", "report"), default="report",
                         help="with --precomputed: run the read+join stage only, or the whole job")
     parser.add_argument("--rows-per-file", type=int, default=100_000, help="rows per clip-retrieval file pair")
@@ -352,17 +464,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("override", nargs="*", help="extra DAF overrides, e.g. knn.index=IVF256,Flat")
     args = parser.parse_args(argv)
-    default = "200000,2000000" if args.precomputed else "2000,20000,100000"
+    default = "200000,2000000" if args.precomputed else "20000,200000" if args.tcac_outputs else "2000,20000,100000"
     sizes = sorted(int(s.replace("_", "")) for s in (args.sizes or default).split(","))
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    if args.precomputed and args.one is not None:
+    if (args.precomputed or args.tcac_outputs) and args.one is not None:
         import logging
 
         logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-        print(json.dumps(precomputed_one(work, args.one, args)))
+        one = tcac_one if args.tcac_outputs else precomputed_one
+        print(json.dumps(one(work, args.one, args)))
         return 0
-    if args.precomputed:
+    if args.precomputed or args.tcac_outputs:
         return precomputed(sizes, args)
 
     import logging

@@ -12,6 +12,7 @@ reuses ``captions.parquet`` when it holds the same captions.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -35,6 +36,7 @@ from clipscan.stages.tcac import (
     caption_texts,
     caption_vectors,
     collect,
+    text_digest,
 )
 
 if TYPE_CHECKING:
@@ -80,11 +82,11 @@ def run_tcac(cfg: TcacConfig, overwrite: bool = False) -> Run:
             if in_process:
                 pool, pool_facts = whole_pool(run, cfg, ds)
             elif info["todo_shards"]:
-                shards = caption_shards(cfg, ds)
+                shards, reused = caption_shards(cfg, ds, run.path("captions.parquet"))
                 n_captions = shards.facts["images"]
                 pool = ShardPool(shards.actors, min(cfg.tcac.pool_k, n_captions - 1))
-                pool_facts = {"where": "shards", "captions": n_captions, "pool_k": pool.pool_k, "search": shards.facts}
-                write_captions(shards.ordered, run.path("captions.parquet"))
+                pool_facts = {"where": "shards", "captions": n_captions, "pool_k": pool.pool_k, "reused": reused,
+                              "search": shards.facts}
             else:  # every input shard was scored by an earlier run: nothing asks for pools
                 pool_facts = {"where": "shards", "captions": captions_count(run.path("captions.parquet")),
                               "reused": True}
@@ -166,22 +168,43 @@ def whole_pool(run: Run, cfg: TcacConfig, ds: ray.data.Dataset) -> tuple[Caption
     return pool, facts
 
 
-def caption_shards(cfg: TcacConfig, ds: ray.data.Dataset) -> Any:
+def caption_shards(cfg: TcacConfig, ds: ray.data.Dataset, path: str) -> tuple[Any, bool]:
     """The corpus's distinct captions embedded once and held by caption shard actors (a
-    started ``ShardedSearch`` over ``id`` = text, model ``embedding``; close it when done).
+    started ``ShardedSearch`` over ``id`` = text, model ``embedding``; close it when done),
+    and whether they were reused.
 
-    They are asked for each scoring batch's pools, a light load beside the encoders, so
-    they reserve no CPU and no GPU and search with one thread.
+    ``captions.parquet`` at ``path`` (parts) with its ``captions.json`` (count and digest of
+    the texts, ``text_digest``) is reused when an earlier run of this directory wrote it for
+    the same distinct captions; otherwise the captions are embedded and both are written,
+    the digest last. The shards are asked for each scoring batch's pools, a light load
+    beside the encoders, so they reserve no CPU and no GPU and search with one thread.
     """
+    import ray.data
+
     from clipscan.stages.search import ShardedSearch
 
-    vectors = caption_vectors(caption_texts(ds), cfg.models.probe, cfg.embed, cfg.tcac.forward_rows)
+    texts = caption_texts(ds).materialize()
+    digest = text_digest(texts)
+    sidecar = cfs.join(cfs.dirname(path), "captions.json")
+    reused = cfs.exists(sidecar) and json.loads(cfs.read_bytes(sidecar)) == digest
+    if reused:
+        fsys, inner = cfs.resolve(path)
+        vectors = ray.data.read_parquet(inner, filesystem=fsys).rename_columns({"text": "id"})
+    else:
+        vectors = caption_vectors(texts, cfg.models.probe, cfg.embed, cfg.tcac.forward_rows)
     try:
-        return ShardedSearch(vectors, k=cfg.tcac.pool_k, rank_depth=cfg.tcac.pool_k, index=cfg.knn.index,
-                             nprobe=cfg.knn.nprobe, shards=cfg.knn.shards, train_sample=cfg.knn.train_sample,
-                             seed=cfg.seed, device="cpu", models=(CAPTION_MODEL,), shard_cpus=0.0).start()
+        shards = ShardedSearch(vectors, k=cfg.tcac.pool_k, rank_depth=cfg.tcac.pool_k, index=cfg.knn.index,
+                               nprobe=cfg.knn.nprobe, shards=cfg.knn.shards, train_sample=cfg.knn.train_sample,
+                               seed=cfg.seed, device="cpu", models=(CAPTION_MODEL,), shard_cpus=0.0).start()
     except ValueError as e:  # fewer than two captions
         raise ValueError(f"{cfg.data.path}: {e}; TCAC needs captioned images") from None
+    if not reused:
+        if cfs.exists(sidecar):  # the parts below are not the ones it describes until it is written again
+            sys_, inner_ = cfs.resolve(sidecar)
+            sys_.delete_file(inner_)
+        write_captions(shards.ordered, path)
+        cfs.write_json_atomic(sidecar, digest)
+    return shards, reused
 
 
 def write_captions(ordered: ray.data.Dataset, path: str) -> None:

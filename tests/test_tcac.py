@@ -357,3 +357,41 @@ def test_pools_from_caption_shards_equal_the_whole_pool(shards: int) -> None:
         assert np.array_equal(a.emb, b.emb)
     assert tcac.ShardPool(parts, pool_k).pools([["not a caption"], []]) == [None, None]
 
+
+
+def test_caption_shards_reuse_the_captions_an_earlier_run_embedded(tmp_path: Path, ray_local: None) -> None:
+    """On the caption shard path a rerun into the same directory reads ``captions.parquet``
+    back instead of embedding the captions again, when its ``captions.json`` digest matches
+    the corpus's distinct captions; the digest changes with any caption, not with order."""
+    import ray.data
+
+    from clipscan import tcac as job
+    from clipscan.data.read import read_corpus
+    from clipscan.data.scenes import write_corpus
+    from clipscan.runner import configure_data_context
+
+    configure_data_context()
+    texts = [f"caption {i}" for i in range(50)]
+    one = tcac.text_digest(ray.data.from_items([{"text": t} for t in texts], override_num_blocks=3))
+    other = tcac.text_digest(ray.data.from_items([{"text": t} for t in texts[::-1]], override_num_blocks=5))
+    changed = tcac.text_digest(ray.data.from_items([{"text": t} for t in [*texts[:-1], "caption x"]]))
+    assert one == other and one["captions"] == 50 and changed["digest"] != one["digest"]
+
+    path = tmp_path / "run" / "captions.parquet"
+    seen = []
+    manifest = write_corpus(str(tmp_path / "corpus"), 12, seed=3, size=48)
+    cfg = _cfg(manifest, tmp_path / "run", "knn.shards=2")
+    for _ in range(2):
+        ds, _ = read_corpus(cfg.data)
+        shards, reused = job.caption_shards(cfg, ds, str(path))
+        try:
+            first = pq.read_table(path).column("text")[0].as_py()
+            pools = tcac.ShardPool(shards.actors, 3).pools([[first], []])
+        finally:
+            shards.close()
+        seen.append((reused, pq.read_table(path), json.loads((tmp_path / "run" / "captions.json").read_text()), pools))
+    assert [r for r, *_ in seen] == [False, True]
+    assert seen[0][1].equals(seen[1][1]) and seen[0][2] == seen[1][2] and seen[0][2]["captions"] == seen[0][1].num_rows
+    assert seen[0][3][1] is None and seen[0][3][0] is not None
+    assert seen[0][3][0].texts.tolist() == seen[1][3][0].texts.tolist()
+    np.testing.assert_array_equal(seen[0][3][0].emb, seen[1][3][0].emb)

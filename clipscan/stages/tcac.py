@@ -540,6 +540,29 @@ def _texts_of(batch: pa.Table) -> pa.Table:
     return pa.table({"text": pc.unique(flat.cast(pa.string()))})
 
 
+def text_digest(texts: ray.data.Dataset, column: str = "text") -> dict[str, Any]:
+    """``{"captions": count, "digest": hex}`` of a dataset of distinct texts, whatever its
+    order or blocks: the sum of every text's 64-bit BLAKE2b, mod 2^64, per block in the
+    workers; the job adds one row per block."""
+    fn: Any = _digest_of
+    total, count = 0, 0
+    for batch in texts.map_batches(fn, fn_kwargs={"column": column}, batch_format="pyarrow",
+                                   batch_size=None).iter_batches(batch_format="numpy"):
+        for hi, lo, n in zip(*(batch[c].tolist() for c in ("hi", "lo", "count")), strict=True):
+            total = (total + (hi << 32) + lo) % 2**64
+            count += n
+    return {"captions": count, "digest": f"{total:016x}"}
+
+
+def _digest_of(batch: pa.Table, column: str) -> pa.Table:
+    import hashlib
+
+    total = sum(int.from_bytes(hashlib.blake2b(t.encode("utf-8"), digest_size=8).digest(), "little")
+                for t in batch.column(column).to_pylist()) % 2**64
+    return pa.table({"hi": pa.array([total >> 32], pa.int64()), "lo": pa.array([total & 0xFFFFFFFF], pa.int64()),
+                     "count": pa.array([batch.num_rows], pa.int64())})
+
+
 def caption_vectors(texts: ray.data.Dataset, probe: str, cfg: EmbedConfig, forward_rows: int) -> ray.data.Dataset:
     """``text`` rows -> the caption shards' input: ``id`` (the text), ``embedding`` (the
     probe's text tower). Builds; executes nothing."""
