@@ -73,14 +73,14 @@ def run_tcac(cfg: TcacConfig, overwrite: bool = False) -> Run:
         images = None if info["format"] == "webdataset" else sum(info["shard_rows"].values())
         facts.update({k: v for k, v in info.items() if k != "shard_rows"}, shards=len(info["shard_rows"]))
     # Small corpora build the caption pool in this process, large ones on caption shards, with
-    # the same results. WebDataset (its size is known only once read) stays in this process.
-    in_process = images is None or images < cfg.knn.stage_min_rows
+    # the same results. WebDataset, whose size is known only once read, goes to the shards.
+    in_process = images is not None and images < cfg.knn.stage_min_rows
     pool: CaptionPool | ShardPool | None = None
     shards = None
     try:
         with run.stage("caption_pool") as facts:
             if in_process:
-                pool, pool_facts = whole_pool(run, cfg, ds)
+                pool, pool_facts = whole_pool(run, cfg)
             elif info["todo_shards"]:
                 shards, reused = caption_shards(cfg, ds, run.path("captions.parquet"))
                 n_captions = shards.facts["images"]
@@ -147,13 +147,13 @@ def run_tcac(cfg: TcacConfig, overwrite: bool = False) -> Run:
     return run
 
 
-def whole_pool(run: Run, cfg: TcacConfig, ds: ray.data.Dataset) -> tuple[CaptionPool, dict[str, Any]]:
+def whole_pool(run: Run, cfg: TcacConfig) -> tuple[CaptionPool, dict[str, Any]]:
     """The caption pool of a small corpus, built in this process: every caption embedded once
     (``captions.parquet``, reused when an earlier run wrote the same captions) and searched
     with ``self_neighbours``. Returns the pool and its facts for run.json."""
     from clipscan.stages.index import self_neighbours
 
-    texts, ids, own = caption_inputs(caption_rows(cfg.data, ds))
+    texts, ids, own = caption_inputs(caption_rows(cfg.data))
     if not texts:
         raise ValueError(f"no usable captions in {cfg.data.path}; TCAC needs captioned images")
     text_emb, reused = embed_captions(run, texts, cfg)
@@ -229,21 +229,12 @@ def captions_count(path: str) -> int:
     return total
 
 
-def caption_rows(data: DataConfig, ds: ray.data.Dataset) -> pa.Table:
-    """``id``, ``captions``, ``skip_stage`` of every corpus row, on the driver.
+def caption_rows(data: DataConfig) -> pa.Table:
+    """``id``, ``captions``, ``skip_stage`` of every row of a corpus below ``knn.stage_min_rows``,
+    in this process (its captions side is parsed again, metadata only)."""
+    from clipscan.data.read import read_table
 
-    Flickr8k, COCO and manifests are parsed again (metadata only); WebDataset shards are
-    read once more through ``ds`` without their image bytes.
-    """
-    from clipscan.data.read import corpus_path, detect_format, read_table
-
-    fmt = data.format if data.format != "auto" else detect_format(corpus_path(data))
-    if fmt != "webdataset":
-        return read_table(data)[0].select(["id", "captions", "skip_stage"])
-    import ray
-
-    refs = ds.select_columns(["id", "captions", "skip_stage"]).to_arrow_refs()
-    return pa.concat_tables(ray.get(refs))
+    return read_table(data)[0].select(["id", "captions", "skip_stage"])
 
 
 def embed_captions(run: Run, texts: Sequence[str], cfg: TcacConfig) -> tuple[np.ndarray, bool]:

@@ -395,3 +395,42 @@ def test_caption_shards_reuse_the_captions_an_earlier_run_embedded(tmp_path: Pat
     assert seen[0][3][1] is None and seen[0][3][0] is not None
     assert seen[0][3][0].texts.tolist() == seen[1][3][0].texts.tolist()
     np.testing.assert_array_equal(seen[0][3][0].emb, seen[1][3][0].emb)
+
+
+def test_webdataset_corpus_scores_on_caption_shards(tmp_path: Path, ray_local: None) -> None:
+    """A WebDataset corpus (its size unknown until read) builds its pools on caption shards;
+    every sample is scored once, with the same rows as the same images in a manifest."""
+    import pyarrow as pa
+
+    from tests.test_bad_inputs import _img2dataset_shards
+
+    main = load_job("tcac").main
+    root = tmp_path / "wds"
+    _img2dataset_shards(root, shards=2, per=6)
+    common = ["--config", str(ROOT / "configs" / "tcac-tiny.yaml"), "data.generate=null", "embed.image_size=48",
+              f"tcac.transforms={json.dumps(TRANSFORMS)}", "tcac.pool_k=4", "tcac.report_top=3",
+              "tcac.forward_rows=16", "report.thumb=48", "embed.batch_size=4", "attributes.enabled=false"]
+    assert main([*common, f"data.path={root}/{{00000..00001}}.tar", f"output={tmp_path / 'w'}"]) == 0
+    info = json.loads((tmp_path / "w" / "run.json").read_text())
+    assert info["stages"]["caption_pool"]["where"] == "shards" and info["counts"]["scored"] == 12
+    got = pq.read_table(tmp_path / "w" / "tcac.parquet").sort_by([("id", "ascending"), ("transform", "ascending")])
+    assert got.num_rows == 12 * len(TRANSFORMS) and len(set(got.column("id").to_pylist())) == 12
+
+    # the same images and captions as a manifest, below the threshold: pools built in this process
+    import tarfile
+
+    images, rows = tmp_path / "images", []
+    images.mkdir()
+    for shard in ("00000", "00001"):
+        with tarfile.open(root / f"{shard}.tar") as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+        for name, data in members.items():
+            if name.endswith(".jpg"):
+                key = name[:-4]
+                (images / name).write_bytes(data)
+                rows.append({"id": key, "image": str(images / name), "caption": members[f"{key}.txt"].decode()})
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "manifest.parquet")
+    assert main([*common, f"data.path={tmp_path / 'manifest.parquet'}", f"output={tmp_path / 'm'}"]) == 0
+    want = pq.read_table(tmp_path / "m" / "tcac.parquet").sort_by([("id", "ascending"), ("transform", "ascending")])
+    keep = [c for c in tcac.OUTPUT_COLUMNS if c != "uri"]
+    assert got.select(keep).equals(want.select(keep))
