@@ -87,6 +87,9 @@ def run_tcac(cfg: TcacConfig, overwrite: bool = False) -> Run:
                 pool = ShardPool(shards.actors, min(cfg.tcac.pool_k, n_captions - 1))
                 pool_facts = {"where": "shards", "captions": n_captions, "pool_k": pool.pool_k, "reused": reused,
                               "search": shards.facts}
+                if shards.facts["index"] != "exact":  # an approximate caption index: its recall, on sampled captions
+                    pool_facts["search"]["recall_at_k"] = round(pool.recall(sample_texts(shards.ordered, cfg)), 4)
+                    run.record("recall", {"captions": pool_facts["search"]["recall_at_k"]})
             else:  # every input shard was scored by an earlier run: nothing asks for pools
                 pool_facts = {"where": "shards", "captions": captions_count(run.path("captions.parquet")),
                               "reused": True}
@@ -205,6 +208,14 @@ def caption_shards(cfg: TcacConfig, ds: ray.data.Dataset, path: str) -> tuple[An
         write_captions(shards.ordered, path)
         cfs.write_json_atomic(sidecar, digest)
     return shards, reused
+
+
+def sample_texts(ordered: ray.data.Dataset, cfg: TcacConfig) -> list[str]:
+    """At most ``knn.recall_queries`` captions of the caption shards' input, sampled with the seed."""
+    n = ordered.count()
+    want = min(cfg.knn.recall_queries, n)
+    fraction = min(1.0, 2.0 * want / max(n, 1))
+    return [str(r["id"]) for r in ordered.select_columns(["id"]).random_sample(fraction, seed=cfg.seed).take(want)]
 
 
 def write_captions(ordered: ray.data.Dataset, path: str) -> None:

@@ -356,6 +356,37 @@ def test_pools_from_caption_shards_equal_the_whole_pool(shards: int) -> None:
         assert a.texts.tolist() == b.texts.tolist() and a.n_own == b.n_own
         assert np.array_equal(a.emb, b.emb)
     assert tcac.ShardPool(parts, pool_k).pools([["not a caption"], []]) == [None, None]
+    assert tcac.ShardPool(parts, pool_k).recall(texts) == 1.0  # exact shards find every neighbour
+
+
+def test_caption_shards_recall_of_an_approximate_index() -> None:
+    """recall@pool_k of approximate caption shards: 1.0 when every IVF list is probed, below
+    it with one list, and equal to the share of numpy's exact neighbours the pools keep."""
+    from clipscan.stages import index as ix
+    from clipscan.stages.embed import embedding_array
+    from clipscan.stages.search import Shard
+
+    rng = np.random.default_rng(5)
+    texts = [f"caption {i:04d}" for i in range(600)]
+    emb = rng.normal(size=(len(texts), 16)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    table = pa.table({"id": pa.array(texts, pa.string()), "embedding": embedding_array(emb)})
+    pool_k, queries = 5, texts[::7]
+
+    def shards(nprobe: int) -> tcac.ShardPool:
+        return tcac.ShardPool([Shard.from_table(table.slice(lo, hi - lo), lo, models=(tcac.CAPTION_MODEL,),
+                                                index="IVF8,Flat", nprobe=nprobe)
+                               for lo, hi in ix.shard_bounds(len(texts), 2)], pool_k)
+
+    assert shards(8).recall(queries) == 1.0
+    low = shards(1)
+    got = low.recall(queries)
+    sims = emb[::7] @ emb.T
+    sims[np.arange(len(queries)), np.arange(0, len(texts), 7)] = -np.inf  # a caption is not its own neighbour
+    exact = np.argsort(-sims, axis=1)[:, :pool_k]
+    kept = [len({texts[j] for j in row} & set(p.texts[1:].tolist())) / pool_k
+            for row, p in zip(exact, low.pools([[q] for q in queries]), strict=True)]
+    assert got < 1.0 and got == pytest.approx(float(np.mean(kept)))
 
 
 
@@ -410,9 +441,12 @@ def test_webdataset_corpus_scores_on_caption_shards(tmp_path: Path, ray_local: N
     common = ["--config", str(ROOT / "configs" / "tcac-tiny.yaml"), "data.generate=null", "embed.image_size=48",
               f"tcac.transforms={json.dumps(TRANSFORMS)}", "tcac.pool_k=4", "tcac.report_top=3",
               "tcac.forward_rows=16", "report.thumb=48", "embed.batch_size=4", "attributes.enabled=false"]
-    assert main([*common, f"data.path={root}/{{00000..00001}}.tar", f"output={tmp_path / 'w'}"]) == 0
+    # an IVF caption index probing every list: its recall is measured, and it finds what exact search does
+    assert main([*common, f"data.path={root}/{{00000..00001}}.tar", f"output={tmp_path / 'w'}",
+                 "knn.index=IVF2,Flat", "knn.nprobe=2"]) == 0
     info = json.loads((tmp_path / "w" / "run.json").read_text())
     assert info["stages"]["caption_pool"]["where"] == "shards" and info["counts"]["scored"] == 12
+    assert info["recall"] == {"captions": 1.0} == {"captions": info["stages"]["caption_pool"]["search"]["recall_at_k"]}
     got = pq.read_table(tmp_path / "w" / "tcac.parquet").sort_by([("id", "ascending"), ("transform", "ascending")])
     assert got.num_rows == 12 * len(TRANSFORMS) and len(set(got.column("id").to_pylist())) == 12
 

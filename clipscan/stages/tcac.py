@@ -264,6 +264,24 @@ class ShardPool:
                 for m, k in zip(members, n_own, strict=True)]
 
 
+    def recall(self, texts: Sequence[str]) -> float:
+        """recall@pool_k of the shards' index for these captions as queries: the share of each
+        one's exact ``pool_k`` nearest other captions that the (approximate) search found."""
+        from clipscan.stages.search import _merge
+
+        rows, vecs = self.vectors(list(texts))
+        sel = rows >= 0
+        if not sel.any() or self.pool_k <= 0:
+            return 1.0
+        names = np.asarray([t for t, ok in zip(texts, sel, strict=True) if ok], dtype=object)
+        lists = {CAPTION_MODEL: self.pool_k + 1}
+        found, exact = (_merge(self._ask("search", names, {CAPTION_MODEL: vecs[sel]}, lists, 0, e), CAPTION_MODEL,
+                               self.pool_k + 1, rows[sel])["ids"] for e in (False, True))
+        hits = [len(set(f[f >= 0]) & set(x[x >= 0])) / max(1, int((x >= 0).sum())) for f, x in zip(found, exact,
+                                                                                                   strict=True)]
+        return float(np.mean(hits))
+
+
 def forward_fixed(fn: Callable[[Any], np.ndarray], items: Any, rows: int, pad: Any) -> np.ndarray:
     """``fn`` over ``items`` in chunks of exactly ``rows`` (the last padded with ``pad``).
 
