@@ -135,11 +135,12 @@ def write_clip_retrieval(root: Path, n: int, d: int, dtype: str, seed: int, rows
     return str(root)
 
 
-def _vm_hwm(pid: int | str = "self") -> int:
-    """Peak resident set of one process (VmHWM), bytes; 0 if it is gone."""
+def _vm_hwm(pid: int | str = "self", field: str = "VmHWM") -> int:
+    """One process's ``field`` of /proc/PID/status, bytes (VmHWM: its peak resident set,
+    counting the object-store pages it maps; RssAnon: its private memory now); 0 if it is gone."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
@@ -147,13 +148,16 @@ def _vm_hwm(pid: int | str = "self") -> int:
 
 
 class WorkerPeaks:
-    """Polls every descendant process's VmHWM (monotonic, so polling misses little); keeps the largest Ray worker's."""
+    """Polls every descendant process's VmHWM (monotonic, so polling misses little) and its
+    private memory (RssAnon, the largest value polled: the object store's shared pages that
+    VmHWM also counts are not in it); keeps the largest Ray worker's of each."""
 
     def __init__(self, interval_s: float = 0.5) -> None:
         import threading
 
         self.interval_s = interval_s
         self.peaks: dict[int, tuple[int, str]] = {}
+        self.private: dict[int, tuple[int, str]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -165,12 +169,15 @@ class WorkerPeaks:
                 name = " ".join(proc.cmdline()[:3])[:80]
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
-            peak = _vm_hwm(proc.pid)
+            peak, private = _vm_hwm(proc.pid), _vm_hwm(proc.pid, "RssAnon")
             if peak > self.peaks.get(proc.pid, (0, ""))[0]:
                 self.peaks[proc.pid] = (peak, name)
+            if private > self.private.get(proc.pid, (0, ""))[0]:
+                self.private[proc.pid] = (private, name)
 
-    def largest_worker(self) -> tuple[int, str]:
-        workers = [v for v in self.peaks.values() if "default_worker" in v[1] or "ray::" in v[1]]
+    def largest_worker(self, private: bool = False) -> tuple[int, str]:
+        peaks = self.private if private else self.peaks
+        workers = [v for v in peaks.values() if "default_worker" in v[1] or "ray::" in v[1]]
         return max(workers or [(0, "")])
 
     def _run(self) -> None:
@@ -235,8 +242,10 @@ def precomputed_one(work: Path, n: int, args: argparse.Namespace) -> dict[str, A
     ray.shutdown()
     info = json.loads((out / "run.json").read_text())
     worker, worker_name = peaks.largest_worker()
+    private, private_name = peaks.largest_worker(private=True)
     return {"n": n, "wall_s": wall, "driver_hwm": _vm_hwm(), "driver_hwm_before": driver_before,
-            "worker_hwm": worker, "worker": worker_name, "embedded": info["counts"].get("embedded"),
+            "worker_hwm": worker, "worker": worker_name, "worker_private": private, "worker_private_name": private_name,
+            "embedded": info["counts"].get("embedded"),
             "skipped": info["counts"].get("skipped"),
             "stages": {s: v.get("wall_s") for s, v in info["stages"].items()}}
 
@@ -322,10 +331,12 @@ def tcac_one(work: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
         wall = time.perf_counter() - start
     ray.shutdown()
     worker, worker_name = peaks.largest_worker()
+    private, private_name = peaks.largest_worker(private=True)
     if counts["scored"] != n:
         raise RuntimeError(f"collected {counts['scored']} of {n} images")
     return {"n": n, "wall_s": wall, "driver_hwm": _vm_hwm(), "driver_hwm_before": driver_before,
-            "worker_hwm": worker, "worker": worker_name, "embedded": counts["rows"], "skipped": counts["skipped"],
+            "worker_hwm": worker, "worker": worker_name, "worker_private": private,
+            "worker_private_name": private_name, "embedded": counts["rows"], "skipped": counts["skipped"],
             "stages": {"collect+figures": wall}}
 
 
@@ -337,6 +348,7 @@ def precomputed_table(results: list[dict[str, Any]]) -> str:
     lines.append(f"{'  of it before the job GiB':<28}"
                  + "".join(f"{r['driver_hwm_before'] / gib:>14.3f}" for r in results))
     lines.append(f"{'largest worker VmHWM GiB':<28}" + "".join(f"{r['worker_hwm'] / gib:>14.3f}" for r in results))
+    lines.append(f"{'  private (RssAnon) GiB':<28}" + "".join(f"{r['worker_private'] / gib:>14.3f}" for r in results))
     lines.append(f"{'rows joined':<28}" + "".join(f"{r['embedded']:>14,}" for r in results))
     lines.append(f"{'rows skipped':<28}" + "".join(f"{r['skipped']:>14,}" for r in results))
     lines.append(f"{'wall s':<28}" + "".join(f"{r['wall_s']:>14.1f}" for r in results))
@@ -344,7 +356,8 @@ def precomputed_table(results: list[dict[str, Any]]) -> str:
         lines.append(f"{'  ' + stage + ' s':<28}"
                      + "".join(f"{(r['stages'].get(stage) or 0):>14.1f}" for r in results))
     for r in results:
-        lines.append(f"largest worker at {r['n']:,}: {r['worker'][:100]}")
+        lines.append(f"largest worker at {r['n']:,}: {r['worker'][:100]}; "
+                     f"largest private: {r['worker_private_name'][:100]}")
     if len(results) > 1 and results[0]["driver_hwm"]:
         lines.append(f"driver peak ratio {results[-1]['n']:,} / {results[0]['n']:,}: "
                      f"{results[-1]['driver_hwm'] / results[0]['driver_hwm']:.2f} (target <= 1.2)")

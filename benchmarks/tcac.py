@@ -149,7 +149,7 @@ def scoring(cfg: Any, pool_ref: Any) -> None:
     """The job's scoring pipeline: read, decode, transform, score, write tcac.parquet."""
     from clipscan.data.read import read_corpus
     from clipscan.stages import tcac
-    from clipscan.stages.embed import ShardSink
+    from clipscan.stages.rows import ShardSink
 
     raw = os.path.join(cfg.output, "_rows")
     shutil.rmtree(cfg.output, ignore_errors=True)

@@ -93,9 +93,9 @@ def embed_corpus(run: Run, cfg: JobConfig, models: dict[str, str]) -> dict[str, 
     counts.update(embedded=joined["embedded"], skipped=skipped_before + joined["skipped"],
                   read=joined["embedded"] + skipped_before + joined["skipped"],
                   renormalised=joined["renormalised"])
-    from clipscan.stages import embed
+    from clipscan.stages import rows
 
-    counts["skipped_by_stage"] = embed.write_skipped(run.path("skipped.parquet"),
+    counts["skipped_by_stage"] = rows.write_skipped(run.path("skipped.parquet"),
                                                      [cfs.join(staging, "skipped"), run.path("skipped")])
     if computed:
         cfs.remove_tree(staging)
@@ -121,7 +121,7 @@ def _join_vectors(run: Run, cfg: JobConfig, models: dict[str, str], staging: str
 def _embed_computed(run: Run, cfg: JobConfig, models: dict[str, str], out_dir: str) -> dict[str, Any]:
     """Embed the corpus with models that have an encoder; parts go under ``out_dir``."""
     from clipscan.data.read import read_corpus, recorded_shard_rows
-    from clipscan.stages import embed
+    from clipscan.stages import embed, rows
 
     raw = run.path("_rows")
     records = run.path("inputs")
@@ -129,7 +129,7 @@ def _embed_computed(run: Run, cfg: JobConfig, models: dict[str, str], out_dir: s
 
     def done_shards(shard_rows: dict[int, int]) -> set[int]:
         collected = embed.finished_shards(out_dir, shard_rows, names)
-        return collected | embed.complete_shards(raw, shard_rows, keep=collected)
+        return collected | rows.complete_shards(raw, shard_rows, keep=collected)
 
     def forget(shard: int) -> None:  # the input of this shard changed since an earlier run wrote it
         part = f"part-{shard:05d}.parquet"
@@ -162,12 +162,12 @@ def _embed_computed(run: Run, cfg: JobConfig, models: dict[str, str], out_dir: s
 
 
 def write_shards(ds: Any, raw: str, stage: str, total: int | None) -> None:
-    """Run a per-row pipeline into ``raw`` (``embed.ShardSink``: pieces per input shard, what
+    """Run a per-row pipeline into ``raw`` (``rows.ShardSink``: pieces per input shard, what
     resume counts), logging its progress as ``stage``. DAF's embedding and TCAC's scoring."""
-    from clipscan.stages import embed
+    from clipscan.stages import rows
 
-    with Progress(stage, lambda: embed.rows_written(raw), total):
-        ds.write_datasink(embed.ShardSink(raw), ray_remote_args={"num_cpus": embed.IO_CPUS})
+    with Progress(stage, lambda: rows.rows_written(raw), total):
+        ds.write_datasink(rows.ShardSink(raw), ray_remote_args={"num_cpus": rows.IO_CPUS})
 
 
 class Progress:

@@ -57,7 +57,7 @@ def run_tcac(cfg: TcacConfig, overwrite: bool = False) -> Run:
     from clipscan.data.read import read_corpus
     from clipscan.report_tcac import write_tcac_report
     from clipscan.runner import configure_data_context, init_ray, write_shards
-    from clipscan.stages import embed
+    from clipscan.stages import rows
     from clipscan.stages.transforms import SeededTransforms
 
     SeededTransforms(cfg.tcac.transforms, cfg.seed)  # a bad transform fails here, before any work
@@ -69,7 +69,7 @@ def run_tcac(cfg: TcacConfig, overwrite: bool = False) -> Run:
     raw = run.path("_rows")
 
     with run.stage("read") as facts:
-        ds, info = read_corpus(cfg.data, lambda shard_rows: embed.complete_shards(raw, shard_rows))
+        ds, info = read_corpus(cfg.data, lambda shard_rows: rows.complete_shards(raw, shard_rows))
         images = None if info["format"] == "webdataset" else sum(info["shard_rows"].values())
         facts.update({k: v for k, v in info.items() if k != "shard_rows"}, shards=len(info["shard_rows"]))
     # Small corpora build the caption pool in this process, large ones on caption shards, with

@@ -10,7 +10,7 @@ from PIL import Image
 
 from clipscan.config import EmbedConfig
 from clipscan.stages.decode import Decode
-from clipscan.stages.embed import CPU_BATCH, GPU_BATCH, IO_CPUS, plan_resources
+from clipscan.stages.rows import CPU_BATCH, GPU_BATCH, IO_CPUS, plan_resources
 from tests import corpora
 from tests.conftest import TINY_PROBE, TINY_REFERENCE
 

@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from clipscan.stages import tcac
-from clipscan.stages.embed import ShardSink
 from clipscan.stages.index import self_knn
+from clipscan.stages.rows import ShardSink
 from clipscan.stages.transforms import SeededTransforms
 from tests import corpora
 from tests.conftest import TINY_PROBE, load_job

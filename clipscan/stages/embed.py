@@ -1,18 +1,17 @@
-"""Decoded pixel batches in, one L2-normalised embedding column per model out; plus the Ray wiring.
+"""Decoded pixel batches in, one L2-normalised embedding column per model out.
 
 ``Embed`` is a plain callable class over a batch (``dict[str, np.ndarray]``) that holds
 every encoder the job needs and runs all of them on the same decoded pixels, so each
 image is decoded once and read once. ``build_embed`` says how Ray runs it: decode in
-CPU tasks, encoders in one actor pool sized from the cluster. ``collect`` splits the
+CPU tasks or in the actor, encoders in one actor pool sized by
+``clipscan.stages.rows.plan_resources``. ``collect`` splits the
 written rows into one Parquet dataset per model (``id``, ``embedding``), the corpus
 table and ``skipped.parquet``.
 """
 
 from __future__ import annotations
 
-import math
 import os
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -20,6 +19,16 @@ import pyarrow as pa
 
 from clipscan import fs as cfs
 from clipscan.stages.decode import Decode, require
+from clipscan.stages.rows import (
+    SKIPPED_SCHEMA,
+    cluster_resources,
+    each,
+    node_cpus,
+    plan_resources,
+    shard_pieces,
+    units,
+    write_skipped,
+)
 
 if TYPE_CHECKING:
     import ray.data
@@ -28,9 +37,6 @@ if TYPE_CHECKING:
 
 PASS_THROUGH = ("id", "uri", "caption", "captions", "skip_stage", "skip_reason", "notes", "shard", "row",
                 "decode_node")
-SKIPPED_SCHEMA = pa.schema(
-    [("id", pa.string()), ("uri", pa.string()), ("stage", pa.string()), ("reason", pa.string())]
-)
 
 
 def embedding_array(x: np.ndarray) -> pa.FixedSizeListArray:
@@ -104,86 +110,14 @@ def _column(values: np.ndarray) -> pa.Array:
     return pa.array([v if isinstance(v, str) else "" for v in values], type=pa.string())
 
 
-GPU_BATCH = 256  # images per encoder batch on a GPU actor unless embed.batch_size says otherwise
-CPU_BATCH = 64  # the same on a CPU actor
-IO_CPUS = 0.25  # CPUs a sink write task reserves: short Parquet writes beside actors that hold the rest
 
 
-@dataclass(frozen=True)
-class EmbedPlan:
-    """How Ray runs the encoders: pool size, per-actor resources, and where images are decoded."""
-
-    actors: int
-    num_cpus: float
-    num_gpus: float
-    batch_size: int
-    threads: int | None
-    decode: str  # "actor" (the encoder actor decodes its own batch), "tasks" (CPU tasks) or "gpu" (nvJPEG in the actor)
 
 
-def plan_resources(cluster: dict[str, float], cfg: EmbedConfig, node_cpus: list[float] | None = None) -> EmbedPlan:
-    """Size the encoder pool from ``ray.cluster_resources()`` and each node's CPUs.
-
-    One actor per GPU where there are GPUs, fed by CPU decode tasks (or decoding on its
-    GPU with ``embed.decode: gpu``). On CPU-only clusters one actor per node that decodes
-    its own batches and holds the node's CPUs but a sliver for the sink: separate decode
-    tasks would take a core from the encoders for work that costs them a few percent, and
-    their processes would preempt the encoder's threads. ``node_cpus`` lists the CPUs of
-    each node that can run work (default: one node with all of ``cluster``'s CPUs).
-    """
-    gpus = int(cluster.get("GPU", 0)) if cfg.gpus is None else cfg.gpus
-    if gpus > 0:
-        return EmbedPlan(
-            actors=cfg.actors or gpus,
-            num_cpus=cfg.cpus_per_actor or 1.0,
-            num_gpus=1.0,
-            batch_size=cfg.batch_size or GPU_BATCH,
-            threads=cfg.threads,
-            decode="tasks" if cfg.decode == "auto" else cfg.decode,
-        )
-    if cfg.decode == "gpu":
-        raise ValueError("embed.decode=gpu needs GPUs, and this cluster has none (set embed.decode=auto)")
-    nodes = [c for c in (node_cpus or [float(cluster.get("CPU", 1))]) if c >= 1] or [1.0]
-    decode = "actor" if cfg.decode == "auto" else cfg.decode
-    actors = cfg.actors or len(nodes)
-    per_node = -(-actors // len(nodes))  # actors sharing the smallest node
-    room = min(nodes) / per_node
-    if decode == "actor":
-        per_actor = cfg.cpus_per_actor or max(0.5, room - IO_CPUS)
-    else:  # leave a core for the decode tasks: two one-CPU actors on two CPUs starve them and the pipeline stalls
-        per_actor = cfg.cpus_per_actor or max(0.5, min(room - 1.0, room - 0.5 * per_node))
-    return EmbedPlan(actors=actors, num_cpus=per_actor, num_gpus=0.0, batch_size=cfg.batch_size or CPU_BATCH,
-                     threads=cfg.threads or max(1, math.ceil(per_actor)), decode=decode)
 
 
-def node_cpus() -> list[float]:
-    """CPUs of every live node that offers any (a head started with ``--num-cpus=0`` offers none)."""
-    import ray
-
-    return [float(n["Resources"].get("CPU", 0)) for n in ray.nodes()
-            if n.get("Alive") and n["Resources"].get("CPU", 0) >= 1]
 
 
-def cluster_resources() -> dict[str, float]:
-    """Resources now, or, where GPU workers scale from zero, the most the autoscaler can add.
-
-    Sizing the pool from the GPUs present at start would plan a CPU actor on a cluster
-    whose GPU group is still at zero nodes, and the autoscaler would never add one.
-    """
-    import ray
-
-    now = dict(ray.cluster_resources())
-    if now.get("GPU"):
-        return now
-    try:
-        from ray._private.state import state
-
-        most = state.get_max_resources_from_cluster_config() or {}
-    except Exception:  # no autoscaler config published (local Ray, older Ray)
-        most = {}
-    if most.get("GPU"):
-        now["GPU"] = float(most["GPU"])
-    return now
 
 
 def build_embed(
@@ -258,88 +192,14 @@ def _node_id() -> str:
         return ""
 
 
-class ShardSink:
-    """Ray Data sink: rows with ``shard``/``row`` in, ``<root>/shard-NNNNN/rows-A-B.parquet`` out.
-
-    Each write task splits its rows by input shard and writes each piece atomically, named
-    by its first and last row, so a retried task rewrites the same file and a shard is
-    finished once its pieces cover all its rows. Rows without a shard (-1) go to
-    ``shard-unnumbered`` under a name unique to the write task.
-    """
-
-    def __new__(cls, root: str) -> Any:
-        from ray.data import Datasink
-
-        class _Sink(Datasink):  # type: ignore[misc,type-arg]
-            def __init__(self, root: str) -> None:
-                self.root = root
-
-            def write(self, blocks: Any, ctx: Any) -> list[tuple[int, int]]:
-                import uuid
-
-                import pyarrow.compute as pc
-                from ray.data.block import BlockAccessor
-
-                tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
-                tables = [t for t in tables if t.num_rows]
-                if not tables:
-                    return []
-                table = pa.concat_tables(tables)
-                written = []
-                for shard in sorted(set(table.column("shard").to_pylist())):
-                    piece = table.filter(pc.equal(table.column("shard"), shard)).sort_by("row")
-                    rows = piece.column("row").to_pylist()
-                    if shard < 0:
-                        name = f"shard-unnumbered/task-{ctx.task_idx:06d}-{uuid.uuid4().hex[:8]}.parquet"
-                    else:
-                        name = f"shard-{shard:05d}/rows-{rows[0]:06d}-{rows[-1]:06d}.parquet"
-                    cfs.write_parquet_atomic(cfs.join(self.root, name), piece)
-                    written.append((int(shard), piece.num_rows))
-                return written
-
-            def get_name(self) -> str:
-                return "ClipscanShards"
-
-        return _Sink(root)
 
 
-def shard_pieces(raw_dir: str) -> dict[str, list[str]]:
-    """``{"shard-00003": [piece paths sorted by first row]}`` of what the sink wrote so far."""
-    pieces: dict[str, list[str]] = {}
-    for path in cfs.list_files(raw_dir, ".parquet"):
-        pieces.setdefault(path.rstrip("/").split("/")[-2], []).append(path)
-    return {k: sorted(v) for k, v in pieces.items()}
 
 
-def rows_covered(paths: list[str]) -> set[int]:
-    """Row numbers a shard's pieces cover, from their names ``rows-A-B.parquet``."""
-    covered: set[int] = set()
-    for path in paths:
-        stem = path.rsplit("/", 1)[-1][: -len(".parquet")]
-        _, first, last = stem.split("-")
-        covered.update(range(int(first), int(last) + 1))
-    return covered
 
 
-def complete_shards(raw_dir: str, shard_rows: dict[int, int], keep: set[int] | None = None) -> set[int]:
-    """Shards whose pieces under raw_dir cover all their rows: a killed run wrote them whole.
-
-    The pieces of every other shard not in ``keep`` are removed; that shard is computed again
-    from scratch.
-    """
-    done = set()
-    for name, paths in shard_pieces(raw_dir).items():
-        shard = int(name.split("-")[1]) if name != "shard-unnumbered" else -1
-        if shard in shard_rows and len(rows_covered(paths)) == shard_rows[shard]:
-            done.add(shard)
-        elif shard not in (keep or set()):
-            cfs.remove_tree(cfs.join(raw_dir, name))
-    return done
 
 
-def rows_written(raw_dir: str) -> int:
-    """Rows the sink has written so far (for progress lines)."""
-    return sum(len(rows_covered(v)) for k, v in shard_pieces(raw_dir).items() if k != "shard-unnumbered")
 
 
 def finished_shards(out_dir: str, shard_rows: dict[int, int], models: list[str]) -> set[int]:
@@ -373,36 +233,18 @@ def collect(raw_dir: str, out_dir: str, models: list[str], shard_rows: dict[int,
     listing and per-shard counts only. Raises if a shard's rows are incomplete. Returns
     row counts.
     """
-    import ray
-
     pieces = shard_pieces(raw_dir)
     done = finished_shards(out_dir, shard_rows, models)
-    names = sorted(set(pieces) | {f"shard-{s:05d}" for s in shard_rows})
     counts: dict[str, Any] = {"read": 0, "embedded": 0, "skipped": 0, "converted": {}, "nodes": {},
-                              "shards": len(names), "shards_reused": 0}
-    units: list[tuple[str, list[str], int | None]] = []
-    for name in names:
-        if name == "shard-unnumbered":  # WebDataset rows: one unit per piece the sink wrote
-            units += [(f"part-u{i:05d}.parquet", [p], None) for i, p in enumerate(pieces[name])]
-            continue
-        shard = int(name.split("-")[1])
+                              "shards": len(set(pieces) | {f"shard-{s:05d}" for s in shard_rows}),
+                              "shards_reused": len(done)}
+    for shard in done:
         out_name = f"part-{shard:05d}.parquet"
-        if shard in done:
-            embedded, skipped = (_num_rows(cfs.join(out_dir, d, out_name)) for d in ("corpus", "skipped"))
-            counts["read"] += embedded + skipped
-            counts["embedded"] += embedded
-            counts["shards_reused"] += 1
-            continue
-        paths = pieces.get(name, [])
-        if len(rows_covered(paths)) != shard_rows.get(shard, -1):
-            raise RuntimeError(f"{name}: {len(rows_covered(paths))} of {shard_rows.get(shard)} rows were written")
-        units.append((out_name, paths, shard))
-    task = ray.remote(num_cpus=0.5, max_retries=3)(collect_shard) if ray.is_initialized() else None
-    if task is not None:
-        refs = [task.remote(paths, out_dir, out_name, models) for out_name, paths, _ in units]
-        results = _gather(refs)
-    else:
-        results = [collect_shard(paths, out_dir, out_name, models) for out_name, paths, _ in units]
+        embedded, skipped = (_num_rows(cfs.join(out_dir, d, out_name)) for d in ("corpus", "skipped"))
+        counts["read"] += embedded + skipped
+        counts["embedded"] += embedded
+    results = each(collect_shard, [(paths, out_dir, out_name, models)
+                                   for out_name, paths, _ in units(pieces, shard_rows, done)])
     nodes: dict[str, set[str]] = {}
     for got in results:
         counts["read"] += got["read"]
@@ -418,11 +260,6 @@ def collect(raw_dir: str, out_dir: str, models: list[str], shard_rows: dict[int,
     return counts
 
 
-def _gather(refs: list[Any], window: int = 64) -> list[dict[str, Any]]:
-    """Results of the tasks in order, at most ``window`` awaited at once (each result is a few counts)."""
-    import ray
-
-    return [r for i in range(0, len(refs), window) for r in ray.get(refs[i : i + window])]
 
 
 def _num_rows(path: str) -> int:
@@ -441,7 +278,7 @@ def collect_shard(paths: list[str], out_dir: str, out_name: str, models: list[st
     """
     if not paths:
         return {"read": 0, "embedded": 0, "converted": {}, "nodes": {}}
-    table = pa.concat_tables([_read_piece(p) for p in paths])
+    table = pa.concat_tables([cfs.read_parquet(p) for p in paths])
     if int(table.column("shard")[0].as_py()) >= 0:
         _, first = np.unique(np.asarray(table.column("row")), return_index=True)
         table = table.take(pa.array(first))  # a piece written twice by a retried task counts once
@@ -467,11 +304,6 @@ def collect_shard(paths: list[str], out_dir: str, out_name: str, models: list[st
             "nodes": nodes}
 
 
-def _read_piece(path: str) -> pa.Table:
-    import pyarrow.parquet as pq
-
-    fsys, inner = cfs.resolve(path)
-    return pq.read_table(inner, filesystem=fsys)
 
 
 def _split(table: pa.Table, seen: set[str]) -> tuple[pa.Table, pa.Table]:
@@ -562,30 +394,3 @@ class PairSink:
         return _Sink()
 
 
-def write_skipped(path: str, part_dirs: list[str]) -> dict[str, int]:
-    """Stream every ``skipped/part-*.parquet`` under ``part_dirs`` into one ``skipped.parquet`` at path.
-
-    One part in memory at a time. Returns the count per stage.
-    """
-    import uuid
-
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    by_stage: dict[str, int] = {}
-    fsys, inner = cfs.resolve(path)
-    tmp = inner if cfs.is_uri(path) else f"{inner}.tmp-{uuid.uuid4().hex[:8]}"  # object stores: one upload
-    if not cfs.is_uri(path):
-        os.makedirs(os.path.dirname(inner), exist_ok=True)
-    with cfs.named(path), fsys.open_output_stream(tmp) as out, \
-            pq.ParquetWriter(out, SKIPPED_SCHEMA, compression="zstd") as writer:
-        for part_dir in part_dirs:
-            for part in cfs.list_files(part_dir, ".parquet", recursive=False):
-                table = _read_piece(part).cast(SKIPPED_SCHEMA)
-                for stage in table.column("stage").unique().to_pylist():
-                    n = int(pc.sum(pc.equal(table.column("stage"), stage)).as_py() or 0)
-                    by_stage[stage] = by_stage.get(stage, 0) + n
-                writer.write_table(table)
-    if tmp != inner:
-        os.replace(tmp, inner)
-    return dict(sorted(by_stage.items()))

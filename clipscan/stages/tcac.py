@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -39,7 +39,8 @@ import pyarrow as pa
 
 from clipscan import fs as cfs
 from clipscan.stages.decode import Decode, require
-from clipscan.stages.embed import SKIPPED_SCHEMA, embedding_array, write_skipped
+from clipscan.stages.embed import embedding_array
+from clipscan.stages.rows import SKIPPED_SCHEMA, each, shard_pieces, units, write_skipped
 
 if TYPE_CHECKING:
     import ray.data
@@ -527,7 +528,7 @@ def _embed_texts(ds: ray.data.Dataset, probe: str, cfg: EmbedConfig, forward_row
     """``EmbedText`` over ``ds`` in an actor pool sized from the cluster (no decoding)."""
     import ray.data
 
-    from clipscan.stages.embed import cluster_resources, node_cpus, plan_resources
+    from clipscan.stages.rows import cluster_resources, node_cpus, plan_resources
 
     plan = plan_resources(cluster_resources(), cfg, node_cpus())
     return ds.map_batches(
@@ -622,7 +623,7 @@ def build_tcac(ds: ray.data.Dataset, pool: Any, probe: str, data: DataConfig, em
     import ray
     import ray.data
 
-    from clipscan.stages.embed import cluster_resources, node_cpus, plan_resources
+    from clipscan.stages.rows import cluster_resources, node_cpus, plan_resources
 
     # transforms cost far more than decoding: they run in CPU tasks wherever the encoders are
     plan = plan_resources(cluster_resources(), embed.model_copy(update={"decode": "tasks"}), node_cpus())
@@ -666,31 +667,20 @@ def collect(raw_dir: str, out_dir: str, transforms: Sequence[str], shard_rows: d
     time. Returns (counts: read, scored and skipped images, rows of tcac.parquet,
     skipped_by_stage, converted; figures with ``keep`` rows per transform).
     """
-    from clipscan.stages.embed import rows_covered, shard_pieces
-
     pieces = shard_pieces(raw_dir)
-    for shard, n in (shard_rows or {}).items():
-        covered = len(rows_covered(pieces.get(f"shard-{shard:05d}", [])))
-        if covered != n:
-            raise RuntimeError(f"shard {shard}: {covered} of {n} rows were scored")
-    units: list[tuple[str, list[str]]] = []
-    for name in sorted(pieces):
-        if name == "shard-unnumbered":
-            units += [(f"part-u{i:05d}.parquet", [p]) for i, p in enumerate(pieces[name])]
-        else:
-            units.append((f"part-{int(name.split('-')[1]):05d}.parquet", pieces[name]))
+    todo = units(pieces, shard_rows or {})
     for folder in ("tcac.parquet", "skipped"):
         cfs.remove_tree(cfs.join(out_dir, folder))  # every shard is collected again from its pieces
-    args = [(paths, out_dir, out_name, list(transforms), top, keep) for out_name, paths in units]
+    args = [(paths, out_dir, out_name, list(transforms), top, keep) for out_name, paths, _ in todo]
     figures = Figures.empty(transforms, top, keep)
     counts: dict[str, Any] = {"read": 0, "scored": 0, "rows": 0, "converted": {}}
-    for got in _each(collect_shard, args):
+    for got in each(collect_shard, args):
         figures = figures.add(got.pop("figures"))
         for key in ("read", "scored", "rows"):
             counts[key] += got[key]
         for item, n in got["converted"].items():
             counts["converted"][item] = counts["converted"].get(item, 0) + n
-    if not units:  # nothing scored: the layout is still a folder of parts
+    if not todo:  # nothing scored: the layout is still a folder of parts
         cfs.write_parquet_atomic(cfs.join(out_dir, "tcac.parquet", "part-00000.parquet"),
                                  ROW_SCHEMA.empty_table().select(OUTPUT_COLUMNS))
     by_stage = write_skipped(cfs.join(out_dir, "skipped.parquet"), [cfs.join(out_dir, "skipped")])
@@ -699,27 +689,14 @@ def collect(raw_dir: str, out_dir: str, transforms: Sequence[str], shard_rows: d
     return counts, figures
 
 
-def _each(fn: Callable[..., T], args: list[tuple[Any, ...]]) -> Iterator[T]:
-    """``fn(*a)`` for every ``a``, in order: Ray tasks when Ray is up, fetched one result at a time."""
-    import ray
-
-    if not ray.is_initialized():
-        yield from (fn(*a) for a in args)
-        return
-    task = ray.remote(num_cpus=0.5, max_retries=3)(fn)
-    refs = [task.remote(*a) for a in args]
-    for i in range(len(refs)):
-        ref, refs[i] = refs[i], None
-        yield ray.get(ref)
-        del ref
-
-
 def collect_shard(paths: list[str], out_dir: str, out_name: str, transforms: list[str], top: int,
                   keep: int) -> dict[str, Any]:
     """One input shard's sink pieces -> ``tcac.parquet/<out_name>`` and ``skipped/<out_name>``; returns its
     counts and ``Figures``."""
     import pyarrow.compute as pc
 
+    if not paths:
+        return {"read": 0, "scored": 0, "rows": 0, "converted": {}, "figures": Figures.empty(transforms, top, keep)}
     table = pa.concat_tables([cfs.read_parquet(p).select(ROW_SCHEMA.names).cast(ROW_SCHEMA) for p in paths])
     n_t = len(transforms)
     position = np.asarray(pc.fill_null(pc.index_in(table.column("transform"), value_set=pa.array(transforms,

@@ -96,7 +96,7 @@ def usable(batch: pa.Table, names: tuple[str, str]) -> pa.Table:
 
 def skips(batch: pa.Table) -> pa.Table:
     """Settled rows -> skipped records ``id``, ``uri``, ``stage``, ``reason``."""
-    from clipscan.stages.embed import SKIPPED_SCHEMA
+    from clipscan.stages.rows import SKIPPED_SCHEMA
 
     bad = batch.filter(pc.not_equal(batch.column("skip_reason"), ""))
     return pa.table({"id": bad.column("id"), "uri": bad.column("uri"), "stage": bad.column("skip_stage"),

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     from clipscan.data.scenes import write_corpus
     from clipscan.rundir import Run
     from clipscan.runner import embed_corpus
-    from clipscan.stages import embed
+    from clipscan.stages import rows
     work = Path(args.work)
     manifest = write_corpus(str(work / "corpus"), args.images, seed=5, size=64)
     out = work / "run"
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         """Record the nodes named in the rows written so far (decode_node, embed_node columns)."""
         import pyarrow.parquet as pq
 
-        for paths in embed.shard_pieces(raw).values():
+        for paths in rows.shard_pieces(raw).values():
             for path in paths:
                 if path in read_pieces:
                     continue
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     def watch() -> None:
         while not stop.wait(0.25):
             snapshot()
-            written = embed.rows_written(raw)
+            written = rows.rows_written(raw)
             if args.no_kill or "killed_at_rows" in events or written < args.kill_after_rows:
                 continue
             # a worker whose encoder actor has written rows: it is busy, so batches are in flight there

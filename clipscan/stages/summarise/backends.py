@@ -237,7 +237,7 @@ def run_vllm(prompts: Sequence[Prompt], cfg: LlmConfig, kind: AnswerKind = FAILU
     import ray
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
-    from clipscan.stages.embed import cluster_resources
+    from clipscan.stages.rows import cluster_resources
 
     if not ray.is_initialized():
         ray.init()
