@@ -82,7 +82,11 @@ def run_tcac(cfg: TcacConfig, overwrite: bool = False) -> Run:
             if in_process:
                 pool, pool_facts = whole_pool(run, cfg)
             elif info["todo_shards"]:
-                shards, reused = caption_shards(cfg, ds, run.path("captions.parquet"))
+                # every caption of the corpus, the scored shards' too: the pools do not depend on what a
+                # killed run finished (a second read, of the caption columns)
+                corpus, _ = read_corpus(cfg.data) if len(info["shard_rows"]) > info["todo_shards"] else (ds, info)
+                partitions = max(1, int(info.get("shards") or len(info["shard_rows"])))
+                shards, reused = caption_shards(cfg, corpus, run.path("captions.parquet"), partitions)
                 n_captions = shards.facts["images"]
                 pool = ShardPool(shards.actors, min(cfg.tcac.pool_k, n_captions - 1))
                 pool_facts = {"where": "shards", "captions": n_captions, "pool_k": pool.pool_k, "reused": reused,
@@ -171,10 +175,11 @@ def whole_pool(run: Run, cfg: TcacConfig) -> tuple[CaptionPool, dict[str, Any]]:
     return pool, facts
 
 
-def caption_shards(cfg: TcacConfig, ds: ray.data.Dataset, path: str) -> tuple[Any, bool]:
+def caption_shards(cfg: TcacConfig, ds: ray.data.Dataset, path: str, partitions: int = 1) -> tuple[Any, bool]:
     """The corpus's distinct captions embedded once and held by caption shard actors (a
     started ``ShardedSearch`` over ``id`` = text, model ``embedding``; close it when done),
-    and whether they were reused.
+    and whether they were reused. ``ds``: every row of the corpus; ``partitions``: of the
+    distinct-caption group-by (the job gives one per input shard).
 
     ``captions.parquet`` at ``path`` (parts) with its ``captions.json`` (count and digest of
     the texts, ``text_digest``) is reused when an earlier run of this directory wrote it for
@@ -186,7 +191,7 @@ def caption_shards(cfg: TcacConfig, ds: ray.data.Dataset, path: str) -> tuple[An
 
     from clipscan.stages.search import ShardedSearch
 
-    texts = caption_texts(ds).materialize()
+    texts = caption_texts(ds, partitions).materialize()
     digest = text_digest(texts)
     sidecar = cfs.join(cfs.dirname(path), "captions.json")
     reused = cfs.exists(sidecar) and json.loads(cfs.read_bytes(sidecar)) == digest

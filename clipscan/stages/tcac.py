@@ -543,12 +543,13 @@ def _embed_texts(ds: ray.data.Dataset, probe: str, cfg: EmbedConfig, forward_row
     )
 
 
-def caption_texts(ds: ray.data.Dataset) -> ray.data.Dataset:
+def caption_texts(ds: ray.data.Dataset, partitions: int | None = None) -> ray.data.Dataset:
     """Corpus rows -> one ``text`` row per distinct caption of the usable rows (a Ray Data
-    group-by: no process holds the corpus's captions). Builds; executes nothing."""
+    group-by into ``partitions`` hash partitions, default Ray Data's 200: no process holds
+    the corpus's captions). Builds; executes nothing."""
     fn: Any = _texts_of
     texts = ds.select_columns(["captions", "skip_stage"]).map_batches(fn, batch_format="pyarrow")
-    return texts.groupby("text").count().select_columns(["text"])
+    return texts.groupby("text", num_partitions=partitions).count().select_columns(["text"])
 
 
 def _texts_of(batch: pa.Table) -> pa.Table:

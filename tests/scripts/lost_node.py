@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     from clipscan.rundir import Run
     from clipscan.runner import embed_corpus
     from clipscan.stages import rows
+
     work = Path(args.work)
     manifest = write_corpus(str(work / "corpus"), args.images, seed=5, size=64)
     out = work / "run"
