@@ -34,15 +34,15 @@ def test_knn_benchmark() -> None:
 
 @pytest.mark.slow
 def test_embed_benchmark() -> None:
-    out = _bench("benchmarks/embed.py", "--tiny-only", "--n", "40", "--mem-sizes", "200", "400")
+    out = _bench("benchmarks/embed.py", "--tiny-only", "--n", "24", "--mem-sizes", "100", "200")
     assert "Peak memory" in out
     sizes = [line.split()[0] for line in out.splitlines() if line.strip()[:3].isdigit()]
-    assert sizes[-2:] == ["200", "400"], out
+    assert sizes[-2:] == ["100", "200"], out
 
 
 @pytest.mark.slow
 def test_scale_benchmark(tmp_path: Path) -> None:
-    out = _bench("benchmarks/scale.py", "--sizes", "200,400", "--work", str(tmp_path))
+    out = _bench("benchmarks/scale.py", "--sizes", "100,200", "--image-size", "32", "--work", str(tmp_path))
     assert "growth" in out and "index" in out
 
 
