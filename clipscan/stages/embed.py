@@ -110,16 +110,6 @@ def _column(values: np.ndarray) -> pa.Array:
     return pa.array([v if isinstance(v, str) else "" for v in values], type=pa.string())
 
 
-
-
-
-
-
-
-
-
-
-
 def build_embed(
     ds: ray.data.Dataset, models: dict[str, str], data: DataConfig, cfg: EmbedConfig
 ) -> ray.data.Dataset:
@@ -192,16 +182,6 @@ def _node_id() -> str:
         return ""
 
 
-
-
-
-
-
-
-
-
-
-
 def finished_shards(out_dir: str, shard_rows: dict[int, int], models: list[str]) -> set[int]:
     """Shards whose outputs an earlier run already collected, checked against the expected row counts."""
     import pyarrow.parquet as pq
@@ -260,8 +240,6 @@ def collect(raw_dir: str, out_dir: str, models: list[str], shard_rows: dict[int,
     return counts
 
 
-
-
 def _num_rows(path: str) -> int:
     import pyarrow.parquet as pq
 
@@ -302,8 +280,6 @@ def collect_shard(paths: list[str], out_dir: str, out_name: str, models: list[st
     cfs.write_parquet_atomic(cfs.join(out_dir, "skipped", out_name), skip)
     return {"read": table.num_rows + skip.num_rows, "embedded": table.num_rows, "converted": converted,
             "nodes": nodes}
-
-
 
 
 def _split(table: pa.Table, seen: set[str]) -> tuple[pa.Table, pa.Table]:
@@ -392,5 +368,3 @@ class PairSink:
                 return "ClipscanPairs"
 
         return _Sink()
-
-
