@@ -735,11 +735,6 @@ def collect_shard(paths: list[str], out_dir: str, out_name: str, transforms: lis
             "figures": Figures.of(output, transforms, top, keep)}
 
 
-def load_results(run_dir: str) -> pa.Table:
-    """``tcac.parquet`` of a run (a folder of parts, or one file), whole: for tests and small runs."""
-    return cfs.read_parquet(cfs.join(run_dir, "tcac.parquet"))
-
-
 # The per-transform sums behind ``Figures.summary``, in this order.
 SUMS = ("images", "changed", "changed_any", "changed_margin", "changed_margin_any", "own_left_top1",
         "own_left_top", "own_top1_before", "own_top1_after", "kl", "pool_size")
@@ -825,10 +820,6 @@ class Figures:
                 "mean_kl": mean("kl", 6),
             }
         return out
-
-    def mean_changed(self, transform: str) -> float:
-        s = self.sums[self.transforms.index(transform)]
-        return float(s[1] / s[0]) if s[0] else 0.0
 
     def mean_pool(self) -> float:
         """Mean pool size over the scored images (each image's first transform row)."""
