@@ -292,3 +292,38 @@ def test_plot_sample_is_bounded_and_seeded() -> None:
     assert len(ranks) == mn.PLOT_POINTS // 10 and ranks.min() >= 1 and ranks.max() <= 10**8
     np.testing.assert_array_equal(ranks, mn.sample_ranks(10**8, 10, seed=3))
     np.testing.assert_array_equal(mn.sample_ranks(50, 10, seed=0), np.arange(1, 51))
+
+
+def test_ivf_flat_shard_keeps_one_copy_and_answers_as_a_flat_one() -> None:
+    """An IVF-Flat shard drops its own vectors once the lists hold them: exact search (the
+    recall baseline), the carried cosines and ``vectors`` read the lists back and give the
+    same bits as a Flat shard; a lossy index keeps the vectors beside its codes."""
+    ids, x_probe, x_ref = sorted_inputs("random")
+    table = vectors_table(ids, x_probe, x_ref)
+    flat = sr.Shard.from_table(table, 0)
+    lists = sr.Shard.from_table(table, 0, index="IVF4,Flat", nprobe=1)
+    assert lists.x == {} and sorted(flat.x) == list(sr.MODELS)
+    depth = {"probe": K + 1, "reference": DEPTH + 1}
+    a, b = (s.search(ids, {"probe": x_probe, "reference": x_ref}, depth, K + 1, exact=True) for s in (flat, lists))
+    for model in sr.MODELS:
+        for col in ("sims", "ids", "cos_probe", "cos_reference"):
+            assert np.array_equal(a[model][col], b[model][col], equal_nan=True), (model, col)
+    asked = np.array([ids[5], "nope", ids[200]], dtype=object)
+    got, want = lists.vectors(asked), flat.vectors(asked)
+    assert got["rows"].tolist() == [5, -1, 200]
+    assert all(np.array_equal(got[m], want[m]) for m in sr.MODELS)
+    lossy = sr.Shard.from_table(table, 0, index="IVF4,SQ8", nprobe=4)
+    assert sorted(lossy.x) == list(sr.MODELS)
+
+
+def test_sorted_ids_find_rows_through_hash_collisions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ids are found by a 64-bit hash confirmed against the Arrow ids; where hashes collide
+    (forced here: two hash values for all ids) the rows are still exact."""
+    names = np.array(sorted(f"img-{i}" for i in range(300)), dtype=object)
+    asked = np.array([names[0], "img-x", names[299], names[150], "zzz", names[7]], dtype=object)
+    want = [0, -1, 299, 150, -1, 7]
+    assert sr.SortedIds(pa.array(names, pa.string())).find(asked).tolist() == want
+    monkeypatch.setattr(sr, "_hash_ids", lambda ids: np.array([len(s) % 2 for s in ids], dtype=np.uint64))
+    assert sr.SortedIds(names).find(asked).tolist() == want
+    with pytest.raises(ValueError, match="out of order or repeated"):
+        sr.SortedIds(names[::-1])

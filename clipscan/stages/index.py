@@ -427,12 +427,51 @@ class _FlatSearcher:
         step = max(1, self._RESCORE_VALUES // (kk * self._d))
         for r0 in range(0, m, step):
             r1 = min(m, r0 + step)
-            cand = self._xb[np.maximum(ids[r0:r1], 0)]
+            cand = self._gather(np.maximum(ids[r0:r1], 0))
             # Products of float32 values are exact in float64; the sum runs along the
             # contiguous last axis in a fixed order, so the bits do not depend on m or kk.
             prod = np.multiply(cand, xq[r0:r1, None, :], dtype=np.float64)
             sims[r0:r1] = prod.sum(axis=-1)
         return _canonical(sims, ids)
+
+    def _gather(self, rows: np.ndarray) -> np.ndarray:
+        """(..., d) float32 database vectors of ``rows`` (...) int64, all >= 0."""
+        return self._xb[rows]
+
+
+class ListSearcher(_FlatSearcher):
+    """Exact inner-product top-k over the vectors an IVF-Flat index holds, where its
+    inverted lists are the only copy kept: every list is scanned for candidates, which are
+    re-scored and settled as ``_FlatSearcher`` does (float64 dots, ties by row), reading the
+    rows back from the lists (the index's direct map, n int64, is made here)."""
+
+    def __init__(self, index: Any, max_norm: float) -> None:
+        import faiss
+
+        ivf = faiss.extract_index_ivf(index)
+        ivf.make_direct_map()
+        self._index = index
+        self._params = faiss.SearchParametersIVF()
+        self._params.nprobe = ivf.nlist
+        self._rows = self._nb = int(index.ntotal)
+        self._d = int(index.d)
+        self._groups = None
+        self._max_norm = max_norm
+        self._gpu_index = None
+
+    @staticmethod
+    def holds_exactly(index: Any) -> bool:
+        """Whether ``index`` is an IVF-Flat index, whose lists store each vector's float32 bytes as given."""
+        import faiss
+
+        return type(faiss.downcast_index(index)) is faiss.IndexIVFFlat
+
+    def _candidates(self, xq: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
+        return self._index.search(xq, kk, params=self._params)
+
+    def _gather(self, rows: np.ndarray) -> np.ndarray:
+        flat = np.ascontiguousarray(rows, dtype=np.int64).reshape(-1)
+        return self._index.reconstruct_batch(flat).reshape(*rows.shape, self._d)
 
 
 class _DuplicateGroups:

@@ -175,6 +175,63 @@ def cluster_nodes() -> list[tuple[str, float, float]]:
 # A shard
 
 
+class SortedIds:
+    """A shard's ids, sorted ascending, and the row of any id asked, without a Python string
+    per row: the ids stay one Arrow array (``arrow``), and a 64-bit hash per id, sorted with
+    its row, finds a row that the Arrow id then confirms. A query whose hash another id
+    shares is looked up exactly, so a hash collision costs time, never a wrong row."""
+
+    _CHUNK = 1 << 16  # ids turned into Python strings at a time, for hashing
+
+    def __init__(self, ids: pa.Array | pa.ChunkedArray | np.ndarray, lo: int = 0) -> None:
+        import pyarrow.compute as pc
+
+        if isinstance(ids, pa.ChunkedArray):
+            ids = ids.combine_chunks()
+        if not isinstance(ids, pa.Array):
+            ids = pa.array(np.asarray(ids, dtype=object))
+        self.arrow = ids.cast(pa.large_string())
+        n = len(self.arrow)
+        if n == 0:
+            raise ValueError(f"search: shard at row {lo} is empty")
+        if n > 1 and not pc.all(pc.less(self.arrow.slice(0, n - 1), self.arrow.slice(1))).as_py():
+            raise ValueError(f"search: shard at row {lo} has ids out of order or repeated")
+        hashes = np.concatenate([_hash_ids(self.arrow.slice(s, self._CHUNK).to_numpy(zero_copy_only=False))
+                                 for s in range(0, n, self._CHUNK)])
+        self._rows = np.argsort(hashes, kind="stable")
+        self._hashes = hashes[self._rows]
+
+    def __len__(self) -> int:
+        return len(self.arrow)
+
+    def find(self, ids: np.ndarray | list[str]) -> np.ndarray:
+        """(m,) int64 row of each of ``ids`` here, -1 where it is not."""
+        import pyarrow.compute as pc
+
+        q = np.asarray(ids, dtype=object).reshape(-1)
+        if not len(q):
+            return np.zeros(0, dtype=np.int64)
+        h = _hash_ids(q)
+        at = np.minimum(np.searchsorted(self._hashes, h), len(self._hashes) - 1)
+        rows = self._rows[at].astype(np.int64)
+        same_hash = self._hashes[at] == h
+        same = pc.equal(self.arrow.take(pa.array(rows)), pa.array(q, type=pa.large_string()))
+        hit = same_hash & same.to_numpy(zero_copy_only=False).astype(bool)
+        clash = same_hash & ~hit  # another id has this hash: ask the ids themselves
+        if clash.any():
+            exact = pc.index_in(pa.array(q[clash], type=pa.large_string()), value_set=self.arrow)
+            rows[clash] = exact.fill_null(-1).to_numpy(zero_copy_only=False)
+            hit[clash] = rows[clash] >= 0
+        return np.where(hit, rows, -1)
+
+
+def _hash_ids(ids: np.ndarray) -> np.ndarray:
+    """(m,) uint64 hash of each id string (pandas' SipHash with its fixed key: the same in every process)."""
+    import pandas as pd
+
+    return pd.util.hash_array(np.asarray(ids, dtype=object), categorize=False)
+
+
 class Shard:
     """Rows [lo, lo + n) of the id-sorted corpus with every model's vectors; answers query blocks.
 
@@ -182,11 +239,15 @@ class Shard:
     reference; TCAC's captions have one, ``text``), rows in ``ids`` order (sorted
     ascending). index: "Flat" (exact) or a FAISS factory string, one index per model
     built from these rows (an IVF with no list count gets 4 * sqrt(rows) lists).
+
+    The shard keeps one copy of each model's vectors: ``x`` is taken over, and where the
+    index stores them exactly (IVF-Flat) that model's array is dropped from it once the
+    index is built, the vectors then read back from the index's lists.
     """
 
     def __init__(
         self,
-        ids: np.ndarray,
+        ids: pa.Array | pa.ChunkedArray | np.ndarray,
         x: dict[str, np.ndarray],
         lo: int,
         index: str = "Flat",
@@ -205,18 +266,24 @@ class Shard:
         if threads is not None:
             faiss.omp_set_num_threads(max(1, int(threads)))
         self.lo = int(lo)
-        self.ids = np.asarray(ids, dtype=object)
-        self.ids_pa = pa.array(self.ids, type=pa.string())
-        if len(self.ids) == 0:
-            raise ValueError(f"search: shard at row {lo} is empty")
-        if len(self.ids) > 1 and not (self.ids[1:] > self.ids[:-1]).all():
-            raise ValueError(f"search: shard at row {lo} has ids out of order or repeated")
-        self.x = {m: np.ascontiguousarray(x[m], dtype=np.float32) for m in self.models}
-        self.exact = {m: ix._FlatSearcher(self.x[m]) for m in self.models}
-        self.approx = None
+        self.ids = SortedIds(ids, self.lo)
+        self.x = x
+        for m in self.models:
+            x[m] = np.ascontiguousarray(x[m], dtype=np.float32)
         self.index = index
-        if index.strip().lower() != "flat":
-            self.approx = {m: _build_index(self.x[m], index, nprobe, train_sample, seed) for m in self.models}
+        self.approx: dict[str, Any] | None = None
+        self.exact: dict[str, Any] = {}
+        if index.strip().lower() == "flat":
+            self.exact = {m: ix._FlatSearcher(x[m]) for m in self.models}
+            return
+        self.approx = {}
+        for m in self.models:
+            built = self.approx[m] = _build_index(x[m], index, nprobe, train_sample, seed)
+            if ix.ListSearcher.holds_exactly(built):
+                self.exact[m] = ix.ListSearcher(built, ix._max_norm(x[m]))
+                del x[m]  # the lists are the vectors: one copy, not two
+            else:
+                self.exact[m] = ix._FlatSearcher(x[m])
 
     @classmethod
     def from_table(cls, table: pa.Table, lo: int, models: tuple[str, ...] = MODELS, **kwargs: Any) -> Shard:
@@ -225,7 +292,7 @@ class Shard:
 
         require({c: None for c in table.column_names}, ("id", *models), "search")
         x = {m: embedding_matrix(table.column(m)) for m in models}
-        return cls(np.asarray(table.column("id").to_pylist(), dtype=object), x, lo, models=models, **kwargs)
+        return cls(table.column("id"), x, lo, models=models, **kwargs)
 
     def node(self) -> str:
         import ray
@@ -235,16 +302,21 @@ class Shard:
     def rows(self) -> int:
         return len(self.ids)
 
+    def _rows(self, model: str, local: np.ndarray) -> np.ndarray:
+        """(..., d) float32 vectors of this shard's ``local`` rows (...) int64, all >= 0."""
+        if model in self.x:
+            return self.x[model][local]
+        return self.exact[model]._gather(local)
+
     def vectors(self, ids: np.ndarray) -> dict[str, Any]:
         """The vectors of those ``ids`` this shard holds: ``rows`` (m,) int64 global rows (-1:
         not here) and per model (m, d) float32, zeros where not here."""
-        ids = np.asarray(ids, dtype=object)
-        pos = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
-        found = self.ids[pos] == ids
+        pos = self.ids.find(ids)
+        found = pos >= 0
         out: dict[str, Any] = {"rows": np.where(found, pos + self.lo, -1).astype(np.int64)}
         for m in self.models:
-            v = np.zeros((len(ids), self.x[m].shape[1]), dtype=np.float32)
-            v[found] = self.x[m][pos[found]]
+            v = np.zeros((len(pos), self.exact[m]._d), dtype=np.float32)
+            v[found] = self._rows(m, pos[found])
             out[m] = v
         return out
 
@@ -262,10 +334,8 @@ class Shard:
         ``cos_probe``, ``cos_reference`` (m, carry) float32, the candidate's cosine to the
         query under each model (float64 dot rounded to float32; NaN where missing).
         """
-        ids = np.asarray(ids, dtype=object)
-        pos = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
-        found = self.ids[pos] == ids
-        out: dict[str, Any] = {"self": np.where(found, pos + self.lo, -1).astype(np.int64)}
+        pos = self.ids.find(ids)
+        out: dict[str, Any] = {"self": np.where(pos >= 0, pos + self.lo, -1).astype(np.int64)}
         for model in depth:
             kk = depth[model]
             xq = np.ascontiguousarray(queries[model], dtype=np.float32)
@@ -278,20 +348,20 @@ class Shard:
                 "sims": sims,
                 "ids": ix._offset(local, self.lo),
                 # Arrow, not an object array: it crosses to the stream as buffers, not pickled strings
-                "names": self.ids_pa.take(pa.array(np.maximum(local, 0).reshape(-1))),
+                "names": self.ids.arrow.take(pa.array(np.maximum(local, 0).reshape(-1))),
                 **{f"cos_{m}": self._cos(m, queries[m], local[:, :c]) for m in self.models},
             }
         return out
 
     def _cos(self, model: str, q: np.ndarray, local: np.ndarray) -> np.ndarray:
         m, c = local.shape
-        x = self.x[model]
+        d = self.exact[model]._d
         out = np.full((m, c), np.nan, dtype=np.float32)
         q = np.asarray(q, dtype=np.float32)
-        step = max(1, _COS_VALUES // max(1, c * x.shape[1]))
+        step = max(1, _COS_VALUES // max(1, c * d))
         for r0 in range(0, m, step):
             r1 = min(m, r0 + step)
-            cand = x[np.maximum(local[r0:r1], 0)].reshape(-1, x.shape[1])
+            cand = self._rows(model, np.maximum(local[r0:r1], 0)).reshape(-1, d)
             qq = np.repeat(q[r0:r1], c, axis=0)
             out[r0:r1] = dc.dot_rows(cand, qq).reshape(r1 - r0, c)
         out[local < 0] = np.nan
@@ -602,7 +672,15 @@ class _ShardActor(Shard):
         ix.require_faiss_gpu(len(ray.get_gpu_ids()))
         tables = [pa.table(b) if not isinstance(b, pa.Table) else b for b in ray.get(blocks)]
         blocks.clear()
-        ids = np.concatenate([np.asarray(t.column("id").to_pylist(), dtype=object) for t in tables])
-        x = {m: np.concatenate([embedding_matrix(t.column(m)) for t in tables]) for m in models}
+        ids = pa.concat_arrays([c.cast(pa.large_string()) for t in tables for c in t.column("id").chunks])
+        # each model's rows copied once into one array, block by block (no list of parts to concatenate)
+        n = sum(t.num_rows for t in tables)
+        x = {}
+        for m in models:
+            x[m] = np.empty((n, tables[0].schema.field(m).type.list_size), dtype=np.float32)
+            at = 0
+            for t in tables:
+                x[m][at:at + t.num_rows] = embedding_matrix(t.column(m))
+                at += t.num_rows
         del tables  # the object store's copy is let go before the indexes are built
         super().__init__(ids, x, lo, index, nprobe, train_sample, seed, threads, models)
