@@ -158,6 +158,7 @@ class WorkerPeaks:
         self.interval_s = interval_s
         self.peaks: dict[int, tuple[int, str]] = {}
         self.private: dict[int, tuple[int, str]] = {}
+        self.roles: dict[int, str] = {}  # the last name each worker showed while not idle
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -169,15 +170,20 @@ class WorkerPeaks:
                 name = " ".join(proc.cmdline()[:3])[:80]
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
+            if "IDLE" not in name:
+                self.roles[proc.pid] = name
             peak, private = _vm_hwm(proc.pid), _vm_hwm(proc.pid, "RssAnon")
             if peak > self.peaks.get(proc.pid, (0, ""))[0]:
                 self.peaks[proc.pid] = (peak, name)
             if private > self.private.get(proc.pid, (0, ""))[0]:
                 self.private[proc.pid] = (private, name)
 
-    def largest_worker(self, private: bool = False) -> tuple[int, str]:
+    def largest_worker(self, private: bool = False, role: str = "") -> tuple[int, str]:
+        """(bytes, name) of the largest Ray worker's peak, named by what it last ran; ``role``:
+        only workers that ran something of that name (e.g. an actor class)."""
         peaks = self.private if private else self.peaks
-        workers = [v for v in peaks.values() if "default_worker" in v[1] or "ray::" in v[1]]
+        workers = [(peak, self.roles.get(pid, name)) for pid, (peak, name) in peaks.items()
+                   if ("default_worker" in name or "ray::" in name) and role in self.roles.get(pid, name)]
         return max(workers or [(0, "")])
 
     def _run(self) -> None:
@@ -243,8 +249,10 @@ def precomputed_one(work: Path, n: int, args: argparse.Namespace) -> dict[str, A
     info = json.loads((out / "run.json").read_text())
     worker, worker_name = peaks.largest_worker()
     private, private_name = peaks.largest_worker(private=True)
+    shard_private, _ = peaks.largest_worker(private=True, role="_ShardActor")
     return {"n": n, "wall_s": wall, "driver_hwm": _vm_hwm(), "driver_hwm_before": driver_before,
             "worker_hwm": worker, "worker": worker_name, "worker_private": private, "worker_private_name": private_name,
+            "shard_private": shard_private,
             "embedded": info["counts"].get("embedded"),
             "skipped": info["counts"].get("skipped"),
             "stages": {s: v.get("wall_s") for s, v in info["stages"].items()}}
@@ -349,6 +357,8 @@ def precomputed_table(results: list[dict[str, Any]]) -> str:
                  + "".join(f"{r['driver_hwm_before'] / gib:>14.3f}" for r in results))
     lines.append(f"{'largest worker VmHWM GiB':<28}" + "".join(f"{r['worker_hwm'] / gib:>14.3f}" for r in results))
     lines.append(f"{'  private (RssAnon) GiB':<28}" + "".join(f"{r['worker_private'] / gib:>14.3f}" for r in results))
+    if any(r.get("shard_private") for r in results):  # the search ran: its shard actors
+        lines.append(f"{'shard actor private GiB':<28}" + "".join(f"{r['shard_private'] / gib:>14.3f}" for r in results))
     lines.append(f"{'rows joined':<28}" + "".join(f"{r['embedded']:>14,}" for r in results))
     lines.append(f"{'rows skipped':<28}" + "".join(f"{r['skipped']:>14,}" for r in results))
     lines.append(f"{'wall s':<28}" + "".join(f"{r['wall_s']:>14.1f}" for r in results))
