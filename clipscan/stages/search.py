@@ -302,7 +302,7 @@ class Shard:
     def rows(self) -> int:
         return len(self.ids)
 
-    def _rows(self, model: str, local: np.ndarray) -> np.ndarray:
+    def _gather(self, model: str, local: np.ndarray) -> np.ndarray:
         """(..., d) float32 vectors of this shard's ``local`` rows (...) int64, all >= 0."""
         if model in self.x:
             return self.x[model][local]
@@ -316,7 +316,7 @@ class Shard:
         out: dict[str, Any] = {"rows": np.where(found, pos + self.lo, -1).astype(np.int64)}
         for m in self.models:
             v = np.zeros((len(pos), self.exact[m]._d), dtype=np.float32)
-            v[found] = self._rows(m, pos[found])
+            v[found] = self._gather(m, pos[found])
             out[m] = v
         return out
 
@@ -361,7 +361,7 @@ class Shard:
         step = max(1, _COS_VALUES // max(1, c * d))
         for r0 in range(0, m, step):
             r1 = min(m, r0 + step)
-            cand = self._rows(model, np.maximum(local[r0:r1], 0)).reshape(-1, d)
+            cand = self._gather(model, np.maximum(local[r0:r1], 0)).reshape(-1, d)
             qq = np.repeat(q[r0:r1], c, axis=0)
             out[r0:r1] = dc.dot_rows(cand, qq).reshape(r1 - r0, c)
         out[local < 0] = np.nan
