@@ -35,6 +35,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Sampler, dinov2_small_dir  # noqa: E402
 
+from clipscan.runner import configure_data_context, worker_pool_config  # noqa: E402
+
 
 def model_only(models: dict[str, str], manifest: str, n: int, size: int, batch: int) -> dict[str, float]:
     """Every encoder together on pre-decoded (batch, size, size, 3) uint8 arrays, in a fresh process.
@@ -171,8 +173,8 @@ def main(argv: list[str] | None = None) -> None:
         for name, wall in walls:
             print(f"{name:36s} {wall:8.1f} {args.job_n / wall:7.1f} {wall / job:23.2f}")
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _temp_dir=str(work / "ray"),
-             log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+             log_to_driver=False, _system_config=worker_pool_config(os.cpu_count()))
+    configure_data_context()
     try:
         rows = []
         if not args.tiny_only and args.n:

@@ -29,6 +29,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Sampler  # noqa: E402
 
+from clipscan.runner import worker_pool_config  # noqa: E402
+
 GiB = 2**30
 
 
@@ -197,7 +199,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
 
     temp_dir = tempfile.mkdtemp(prefix="ray")
     t0 = time.perf_counter()
-    ray.init(num_cpus=args.cpus, _temp_dir=temp_dir, include_dashboard=False)
+    ray.init(num_cpus=args.cpus, _temp_dir=temp_dir, include_dashboard=False,
+             _system_config=worker_pool_config(args.cpus))
     init_s = time.perf_counter() - t0
     time.sleep(2)  # let Ray's idle workers finish starting so the baseline is idle
     best_a: Row | None = None

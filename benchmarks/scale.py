@@ -54,6 +54,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from common import Sampler  # noqa: E402
 
+from clipscan.runner import configure_data_context, worker_pool_config  # noqa: E402
+
 STAGES = ("read", "embed", "index", "mine", "summarise", "report")
 EXPECTED_SUPERLINEAR = {"index": "exact search compares all pairs (n^2)"}
 
@@ -228,10 +230,10 @@ def precomputed_one(work: Path, n: int, args: argparse.Namespace) -> dict[str, A
         "report.rows=10", *args.override,
     ])
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
-             _temp_dir=tempfile.mkdtemp(prefix="clipscan-bench-"))
+             _temp_dir=tempfile.mkdtemp(prefix="clipscan-bench-"), _system_config=worker_pool_config(args.cpus))
     import ray.data
 
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    configure_data_context()
     driver_before = _vm_hwm()
     with WorkerPeaks() as peaks:
         start = time.perf_counter()
@@ -327,7 +329,7 @@ def tcac_one(work: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
     out = work / f"run-tcac-{n}"
     shutil.rmtree(out, ignore_errors=True)
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
-             _temp_dir=tempfile.mkdtemp(prefix="clipscan-bench-"))
+             _temp_dir=tempfile.mkdtemp(prefix="clipscan-bench-"), _system_config=worker_pool_config(args.cpus))
     shards = -(-n // args.rows_per_block)
     driver_before = _vm_hwm()
     with WorkerPeaks() as peaks:
@@ -508,10 +510,10 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
-             _temp_dir=tempfile.mkdtemp(prefix="clipscan-bench-"))
+             _temp_dir=tempfile.mkdtemp(prefix="clipscan-bench-"), _system_config=worker_pool_config(args.cpus))
     import ray.data
 
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    configure_data_context()
     results = []
     for n in sizes:
         print(f"DAF on {n:,} images ...", file=sys.stderr, flush=True)

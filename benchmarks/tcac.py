@@ -55,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Sampler  # noqa: E402
 
 from clipscan.config import TcacSection  # noqa: E402
+from clipscan.runner import worker_pool_config  # noqa: E402
 
 MODELS = {"tiny": ("open_clip:tiny-clip", 64), "vit-b-32": ("open_clip:ViT-B-32", 224)}
 PAPER: dict[str, dict[str, Any]] = TcacSection().transforms  # the paper's seven
@@ -184,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     work = tempfile.mkdtemp(prefix="clipscan-bench-tcac-")
     cpus = os.cpu_count() or 1
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, _temp_dir=os.path.join(work, "ray"))
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, _temp_dir=os.path.join(work, "ray"),
+             _system_config=worker_pool_config(cpus))
     configure_data_context()
     import ray.data
 

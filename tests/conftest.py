@@ -61,6 +61,8 @@ def ray_local() -> Iterator[None]:
     """A real local Ray with 2 CPUs, started once for the whole session in a fresh temp dir."""
     import ray
 
+    from clipscan.runner import configure_data_context, worker_pool_config
+
     if ray.is_initialized():
         yield
         return
@@ -71,10 +73,9 @@ def ray_local() -> Iterator[None]:
         include_dashboard=False,
         _temp_dir=temp,
         log_to_driver=False,
+        _system_config=worker_pool_config(2),
     )
-    import ray.data
-
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    configure_data_context()  # what the jobs run with
     yield
     ray.shutdown()
     shutil.rmtree(temp, ignore_errors=True)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from clipscan.runner import IDLE_WORKERS
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -45,7 +47,8 @@ def head_node() -> Iterator[str]:
          f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
          f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
          "--disable-usage-stats"],
-        env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        # a small head keeps idle workers between stages, as clipscan's own local Ray does
+        env={**_env(), "RAY_num_workers_soft_limit": str(IDLE_WORKERS)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     address = f"http://127.0.0.1:{dashboard}"
     deadline = time.time() + 90

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     from clipscan.config import DafConfig, load_config
     from clipscan.data.scenes import write_corpus
     from clipscan.rundir import Run
-    from clipscan.runner import embed_corpus
+    from clipscan.runner import configure_data_context, embed_corpus, worker_pool_config
     from clipscan.stages import rows
 
     work = Path(args.work)
@@ -75,12 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "include_dashboard": False, "temp_dir": ray_temp,
         # notice a dead raylet in about 2 s instead of Ray's default 15 s; nothing else changes
-        "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 4},
+        "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 4,
+                           **worker_pool_config(3)},
         **node_args})
     workers = [cluster.add_node(num_cpus=3, **node_args) for _ in range(2)]
     ray.init(address=cluster.address, log_to_driver=False)
     cluster.wait_for_nodes()
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    configure_data_context()
 
     events: dict[str, Any] = {"nodes_at_start": len([n for n in ray.nodes() if n["Alive"]])}
     raw = str(out / "_rows")
