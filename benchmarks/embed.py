@@ -35,7 +35,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Sampler, dinov2_small_dir  # noqa: E402
 
-from clipscan.runner import configure_data_context, worker_pool_config  # noqa: E402
+from clipscan.runner import start_local_ray  # noqa: E402
 
 
 def model_only(models: dict[str, str], manifest: str, n: int, size: int, batch: int) -> dict[str, float]:
@@ -172,9 +172,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{'run':36s} {'wall s':>8s} {'img/s':>7s} {'script wall / job wall':>23s}")
         for name, wall in walls:
             print(f"{name:36s} {wall:8.1f} {args.job_n / wall:7.1f} {wall / job:23.2f}")
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _temp_dir=str(work / "ray"),
-             log_to_driver=False, _system_config=worker_pool_config(os.cpu_count()))
-    configure_data_context()
+    start_local_ray(os.cpu_count(), str(work / "ray"), log_to_driver=False)
     try:
         rows = []
         if not args.tiny_only and args.n:

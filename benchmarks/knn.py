@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Sampler  # noqa: E402
 
-from clipscan.runner import worker_pool_config  # noqa: E402
+from clipscan.runner import start_local_ray  # noqa: E402
 
 GiB = 2**30
 
@@ -199,8 +199,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
 
     temp_dir = tempfile.mkdtemp(prefix="ray")
     t0 = time.perf_counter()
-    ray.init(num_cpus=args.cpus, _temp_dir=temp_dir, include_dashboard=False,
-             _system_config=worker_pool_config(args.cpus))
+    start_local_ray(args.cpus, temp_dir)
     init_s = time.perf_counter() - t0
     time.sleep(2)  # let Ray's idle workers finish starting so the baseline is idle
     best_a: Row | None = None

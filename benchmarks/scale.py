@@ -54,7 +54,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from common import Sampler  # noqa: E402
 
-from clipscan.runner import configure_data_context, worker_pool_config  # noqa: E402
+from clipscan.runner import start_local_ray  # noqa: E402
 
 STAGES = ("read", "embed", "index", "mine", "summarise", "report")
 EXPECTED_SUPERLINEAR = {"index": "exact search compares all pairs (n^2)"}
@@ -229,11 +229,7 @@ def precomputed_one(work: Path, n: int, args: argparse.Namespace) -> dict[str, A
         f"knn.index=IVF{nlist},Flat", f"data.rows_per_block={args.rows_per_block}", "mining.cases=20",
         "report.rows=10", *args.override,
     ])
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
-             _temp_dir=tempfile.mkdtemp(prefix="clipscan-bench-"), _system_config=worker_pool_config(args.cpus))
-    import ray.data
-
-    configure_data_context()
+    start_local_ray(args.cpus, tempfile.mkdtemp(prefix="clipscan-bench-"), log_to_driver=False)
     driver_before = _vm_hwm()
     with WorkerPeaks() as peaks:
         start = time.perf_counter()
@@ -328,8 +324,7 @@ def tcac_one(work: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
     raw = tcac_pieces(work, n, args.rows_per_block)
     out = work / f"run-tcac-{n}"
     shutil.rmtree(out, ignore_errors=True)
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
-             _temp_dir=tempfile.mkdtemp(prefix="clipscan-bench-"), _system_config=worker_pool_config(args.cpus))
+    start_local_ray(args.cpus, tempfile.mkdtemp(prefix="clipscan-bench-"), log_to_driver=False)
     shards = -(-n // args.rows_per_block)
     driver_before = _vm_hwm()
     with WorkerPeaks() as peaks:
@@ -509,11 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
-             _temp_dir=tempfile.mkdtemp(prefix="clipscan-bench-"), _system_config=worker_pool_config(args.cpus))
-    import ray.data
-
-    configure_data_context()
+    start_local_ray(args.cpus, tempfile.mkdtemp(prefix="clipscan-bench-"), log_to_driver=False)
     results = []
     for n in sizes:
         print(f"DAF on {n:,} images ...", file=sys.stderr, flush=True)

@@ -55,7 +55,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Sampler  # noqa: E402
 
 from clipscan.config import TcacSection  # noqa: E402
-from clipscan.runner import worker_pool_config  # noqa: E402
 
 MODELS = {"tiny": ("open_clip:tiny-clip", 64), "vit-b-32": ("open_clip:ViT-B-32", 224)}
 PAPER: dict[str, dict[str, Any]] = TcacSection().transforms  # the paper's seven
@@ -180,14 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from clipscan.data.scenes import write_corpus
-    from clipscan.runner import configure_data_context
+    from clipscan.runner import start_local_ray
 
     logging.basicConfig(level=logging.WARNING)
     work = tempfile.mkdtemp(prefix="clipscan-bench-tcac-")
     cpus = os.cpu_count() or 1
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, _temp_dir=os.path.join(work, "ray"),
-             _system_config=worker_pool_config(cpus))
-    configure_data_context()
+    start_local_ray(cpus, os.path.join(work, "ray"), log_to_driver=False)
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False

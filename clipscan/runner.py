@@ -46,17 +46,36 @@ def setup_logging() -> None:
 
 
 def init_ray(cfg: JobConfig) -> None:
-    """Connect to the cluster named by ``ray.address``/``RAY_ADDRESS``, or start a local Ray."""
+    """Connect to the cluster named by ``ray.address``/``RAY_ADDRESS``, or start a local Ray.
+
+    Either way this process's Ray Data runs with `configure_data_context`.
+    """
     import ray
 
-    if not ray.is_initialized():
-        address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address, log_to_driver=True)
-        else:
-            ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False,
-                     _temp_dir=tempfile.mkdtemp(prefix="clipscan-ray-"),
-                     _system_config=worker_pool_config(cfg.ray.num_cpus))
+    if ray.is_initialized():
+        configure_data_context()
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        configure_data_context()
+    else:
+        start_local_ray(cfg.ray.num_cpus)
+
+
+def start_local_ray(num_cpus: int | None, temp_dir: str | None = None, **init_kwargs: Any) -> None:
+    """Start a Ray on this machine the way a clipscan job runs one, and configure Ray Data for it.
+
+    No dashboard, a fresh temp dir (``temp_dir``, else a new one) so nothing an earlier Ray
+    left behind is reused, the worker pool of `worker_pool_config`, and
+    `configure_data_context`. ``init_kwargs`` go to ``ray.init`` as they are
+    (``object_store_memory``, ``log_to_driver``).
+    """
+    import ray
+
+    ray.init(num_cpus=num_cpus, include_dashboard=False,
+             _temp_dir=temp_dir or tempfile.mkdtemp(prefix="clipscan-ray-"),
+             _system_config=worker_pool_config(num_cpus), **init_kwargs)
     configure_data_context()
 
 
@@ -105,6 +124,7 @@ def embed_corpus(run: Run, cfg: JobConfig, models: dict[str, str]) -> dict[str, 
     """
     from clipscan.models.registry import is_precomputed
 
+    configure_data_context()  # also where the caller started or joined Ray without `init_ray`
     computed = {n: s for n, s in models.items() if not is_precomputed(s)}
     if len(computed) == len(models):
         return _embed_computed(run, cfg, computed, run.output)
@@ -134,7 +154,6 @@ def _join_vectors(run: Run, cfg: JobConfig, models: dict[str, str], staging: str
 
     for folder in ("embeddings", "corpus", "skipped"):
         cfs.remove_tree(run.path(folder))  # a rerun writes them again whole
-    configure_data_context()
     ds = paired_vectors(staging, models, rows_per_block=cfg.data.rows_per_block)
     probe, reference = models
     sink = embed.PairSink(run.output, (probe, reference))
@@ -170,7 +189,6 @@ def _embed_computed(run: Run, cfg: JobConfig, models: dict[str, str], out_dir: s
     total = None if info["format"] == "webdataset" else sum(info["shard_rows"].values()) or None
     with run.stage("embed") as facts:
         if info["todo_shards"]:
-            configure_data_context()
             built = embed.build_embed(ds, models, cfg.data, cfg.embed)
             write_shards(built, raw, "embed", total)
         if info.get("numbered"):  # WebDataset: the readers recorded each shard's row count as they read it

@@ -56,7 +56,7 @@ def run_tcac(cfg: TcacConfig, overwrite: bool = False) -> Run:
 
     from clipscan.data.read import read_corpus
     from clipscan.report_tcac import write_tcac_report
-    from clipscan.runner import configure_data_context, init_ray, write_shards
+    from clipscan.runner import init_ray, write_shards
     from clipscan.stages import rows
     from clipscan.stages.transforms import SeededTransforms
 
@@ -64,7 +64,6 @@ def run_tcac(cfg: TcacConfig, overwrite: bool = False) -> Run:
     run = Run(cfg.output, "tcac", cfg, overwrite=overwrite)
     started = time.perf_counter()
     init_ray(cfg)
-    configure_data_context()
     names = list(cfg.tcac.transforms)
     raw = run.path("_rows")
 

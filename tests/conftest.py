@@ -61,21 +61,15 @@ def ray_local() -> Iterator[None]:
     """A real local Ray with 2 CPUs, started once for the whole session in a fresh temp dir."""
     import ray
 
-    from clipscan.runner import configure_data_context, worker_pool_config
+    from clipscan.runner import start_local_ray
 
     if ray.is_initialized():
         yield
         return
+    # What the jobs start, with a smaller object store.
     temp = tempfile.mkdtemp(prefix="clipscan-test-ray-")
-    ray.init(
-        num_cpus=2,
-        object_store_memory=512 * 1024**2,
-        include_dashboard=False,
-        _temp_dir=temp,
-        log_to_driver=False,
-        _system_config=worker_pool_config(2),
-    )
-    configure_data_context()  # what the jobs run with
+    start_local_ray(2, temp, object_store_memory=512 * 1024**2,
+                    log_to_driver=False)
     yield
     ray.shutdown()
     shutil.rmtree(temp, ignore_errors=True)

@@ -1,4 +1,8 @@
-"""A killed job resumes from the shards it finished and ends with the same outputs."""
+"""A killed job resumes from the shards it finished and ends with the same outputs.
+
+The killed run is a process of its own (its driver gets SIGKILL); the resumed and the
+uninterrupted runs are the same job's ``main`` in this process, on the suite's Ray.
+"""
 
 from __future__ import annotations
 
@@ -14,20 +18,29 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from clipscan.stages.embed import load_embeddings
+from tests.conftest import load_job
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _command(manifest: str, out: Path) -> list[str]:
-    return [sys.executable, str(ROOT / "jobs" / "daf.py"), "--config", str(ROOT / "configs" / "daf-tiny.yaml"),
+    return [sys.executable, str(ROOT / "jobs" / "daf.py"), *_args(manifest, out)]
+
+
+def _args(manifest: str, out: Path) -> list[str]:
+    return ["--config", str(ROOT / "configs" / "daf-tiny.yaml"),
             f"data.path={manifest}", f"output={out}", "models.probe=py:tests.planted:slow",
             "models.reference=hf:tiny-dinov2", "embed.image_size=32", "embed.batch_size=16",
             "data.rows_per_block=32", "ray.num_cpus=2", "mining.cases=5", "report.rows=3"]
 
 
 def _tcac_command(manifest: str, out: Path) -> list[str]:
+    return [sys.executable, str(ROOT / "jobs" / "tcac.py"), *_tcac_args(manifest, out)]
+
+
+def _tcac_args(manifest: str, out: Path) -> list[str]:
     transforms = '{"hflip": {"p": 1.0}, "rotation": {"degrees": 20}}'
-    return [sys.executable, str(ROOT / "jobs" / "tcac.py"), "--config", str(ROOT / "configs" / "tcac-tiny.yaml"),
+    return ["--config", str(ROOT / "configs" / "tcac-tiny.yaml"),
             f"data.path={manifest}", f"output={out}", "models.probe=py:tests.planted:slow_clip",
             "embed.image_size=32", "embed.batch_size=16", "data.rows_per_block=32", "ray.num_cpus=2",
             "tcac.forward_rows=16", f"tcac.transforms={transforms}", "tcac.report_top=3"]
@@ -66,7 +79,7 @@ def _run_and_kill(command: list[str], raw: Path, shards: int) -> int:
     return finished_before_kill
 
 
-def test_kill_mid_embedding_then_resume(tmp_path: Path) -> None:
+def test_kill_mid_embedding_then_resume(tmp_path: Path, ray_local: None) -> None:
     from clipscan.data.scenes import write_corpus
 
     manifest = write_corpus(str(tmp_path / "corpus"), 224, seed=5, size=48)
@@ -74,16 +87,15 @@ def test_kill_mid_embedding_then_resume(tmp_path: Path) -> None:
     finished_before_kill = _run_and_kill(_command(manifest, out), out / "_rows", 3)
     assert finished_before_kill >= 3 and not (out / "discrepancies.parquet").exists()
 
-    resumed = subprocess.run(_command(manifest, out), env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    daf = load_job("daf")
+    assert daf.main(_args(manifest, out)) == 0
     info = json.loads((out / "run.json").read_text())
     assert info["status"] == "done"
     assert info["stages"]["read"]["todo_shards"] <= 7 - finished_before_kill  # finished shards not recomputed
     assert info["counts"]["read"] == 224 == info["counts"]["embedded"] + info["counts"]["skipped"]
 
     clean = tmp_path / "clean"
-    full = subprocess.run(_command(manifest, clean), env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert full.returncode == 0, full.stderr[-3000:]
+    assert daf.main(_args(manifest, clean)) == 0
     for model in ("probe", "reference"):
         ids_a, x_a = load_embeddings(str(out), model)
         ids_b, x_b = load_embeddings(str(clean), model)
@@ -93,7 +105,7 @@ def test_kill_mid_embedding_then_resume(tmp_path: Path) -> None:
         assert pq.read_table(out / name).equals(pq.read_table(clean / name)), name
 
 
-def test_kill_mid_tcac_scoring_then_resume(tmp_path: Path) -> None:
+def test_kill_mid_tcac_scoring_then_resume(tmp_path: Path, ray_local: None) -> None:
     from clipscan.data.scenes import write_corpus
 
     manifest = write_corpus(str(tmp_path / "corpus"), 160, seed=6, size=48)
@@ -101,9 +113,8 @@ def test_kill_mid_tcac_scoring_then_resume(tmp_path: Path) -> None:
     finished_before_kill = _run_and_kill(_tcac_command(manifest, out), out / "_rows", 2)
     assert finished_before_kill >= 2 and (out / "captions.parquet").exists() and not (out / "tcac.parquet").exists()
 
-    resumed = subprocess.run(_tcac_command(manifest, out), env=_env(), cwd=ROOT, capture_output=True, text=True,
-                             timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    tcac = load_job("tcac")
+    assert tcac.main(_tcac_args(manifest, out)) == 0
     info = json.loads((out / "run.json").read_text())
     assert info["status"] == "done" and not (out / "_rows").exists()
     assert info["stages"]["caption_pool"]["reused"] is True  # the captions were not embedded again
@@ -112,9 +123,7 @@ def test_kill_mid_tcac_scoring_then_resume(tmp_path: Path) -> None:
     assert info["counts"]["read"] == 160 == info["counts"]["scored"] + info["counts"]["skipped"]
 
     clean = tmp_path / "clean"
-    full = subprocess.run(_tcac_command(manifest, clean), env=_env(), cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
-    assert full.returncode == 0, full.stderr[-3000:]
+    assert tcac.main(_tcac_args(manifest, clean)) == 0
     for name in ("tcac.parquet", "skipped.parquet", "captions.parquet"):
         assert pq.read_table(out / name).equals(pq.read_table(clean / name)), name
     assert json.loads((clean / "run.json").read_text())["tcac_summary"] == info["tcac_summary"]
