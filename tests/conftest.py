@@ -68,8 +68,7 @@ def ray_local() -> Iterator[None]:
         return
     # What the jobs start, with a smaller object store.
     temp = tempfile.mkdtemp(prefix="clipscan-test-ray-")
-    start_local_ray(2, temp, object_store_memory=512 * 1024**2,
-                    log_to_driver=False)
+    start_local_ray(2, temp, object_store_memory=512 * 1024**2, log_to_driver=False)
     yield
     ray.shutdown()
     shutil.rmtree(temp, ignore_errors=True)
