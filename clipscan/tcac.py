@@ -36,6 +36,7 @@ from clipscan.stages.tcac import (
     caption_texts,
     caption_vectors,
     collect,
+    settle_repeats,
     text_digest,
 )
 
@@ -74,6 +75,8 @@ def run_tcac(cfg: TcacConfig, overwrite: bool = False) -> Run:
     # Small corpora build the caption pool in this process, large ones on caption shards, with
     # the same results. WebDataset, whose size is known only once read, goes to the shards.
     in_process = images is not None and images < cfg.knn.stage_min_rows
+    # WebDataset: the read marks an id repeated within a block; the caption pool stage finds the rest
+    repeats = run.path("_repeats") if info["format"] == "webdataset" else None
     pool: CaptionPool | ShardPool | None = None
     shards = None
     try:
@@ -85,7 +88,7 @@ def run_tcac(cfg: TcacConfig, overwrite: bool = False) -> Run:
                 # killed run finished (a second read, of the caption columns)
                 corpus, _ = read_corpus(cfg.data) if len(info["shard_rows"]) > info["todo_shards"] else (ds, info)
                 partitions = max(1, int(info.get("shards") or len(info["shard_rows"])))
-                shards, reused = caption_shards(cfg, corpus, run.path("captions.parquet"), partitions)
+                shards, reused = caption_shards(cfg, corpus, run.path("captions.parquet"), partitions, repeats)
                 n_captions = shards.facts["images"]
                 pool = ShardPool(shards.actors, min(cfg.tcac.pool_k, n_captions - 1))
                 pool_facts = {"where": "shards", "captions": n_captions, "pool_k": pool.pool_k, "reused": reused,
@@ -104,7 +107,7 @@ def run_tcac(cfg: TcacConfig, overwrite: bool = False) -> Run:
                 write_shards(built, raw, "score", images or None)
                 del scored_with
             keep = max(cfg.tcac.report_top, cfg.attributes.cases if cfg.attributes.enabled else 0)
-            counts, figures = collect(raw, run.output, names, info["shard_rows"], cfg.tcac.top, keep)
+            counts, figures = collect(raw, run.output, names, info["shard_rows"], cfg.tcac.top, keep, repeats)
             facts.update(images_read=counts["read"], images_scored=counts["scored"],
                          images_skipped=counts["skipped"], rows=counts["rows"], transforms=len(names),
                          shards=len(info["shard_rows"]),
@@ -174,11 +177,13 @@ def whole_pool(run: Run, cfg: TcacConfig) -> tuple[CaptionPool, dict[str, Any]]:
     return pool, facts
 
 
-def caption_shards(cfg: TcacConfig, ds: ray.data.Dataset, path: str, partitions: int = 1) -> tuple[Any, bool]:
+def caption_shards(cfg: TcacConfig, ds: ray.data.Dataset, path: str, partitions: int = 1,
+                   repeats: str | None = None) -> tuple[Any, bool]:
     """The corpus's distinct captions embedded once and held by caption shard actors (a
     started ``ShardedSearch`` over ``id`` = text, model ``embedding``; close it when done),
     and whether they were reused. ``ds``: every row of the corpus; ``partitions``: of the
-    distinct-caption group-by (the job gives one per input shard).
+    distinct-caption group-by (the job gives one per input shard). With ``repeats`` (a folder,
+    WebDataset), an id's later rows give no captions and are recorded there (``settle_repeats``).
 
     ``captions.parquet`` at ``path`` (parts) with its ``captions.json`` (count and digest of
     the texts, ``text_digest``) is reused when an earlier run of this directory wrote it for
@@ -190,7 +195,7 @@ def caption_shards(cfg: TcacConfig, ds: ray.data.Dataset, path: str, partitions:
 
     from clipscan.stages.search import ShardedSearch
 
-    texts = caption_texts(ds, partitions).materialize()
+    texts = caption_texts(settle_repeats(ds, repeats, partitions) if repeats else ds, partitions).materialize()
     digest = text_digest(texts)
     sidecar = cfs.join(cfs.dirname(path), "captions.json")
     reused = cfs.exists(sidecar) and json.loads(cfs.read_bytes(sidecar)) == digest

@@ -424,26 +424,37 @@ def test_text_digest_changes_with_any_caption_not_with_order(ray_local: None) ->
 
 def test_webdataset_corpus_scores_on_caption_shards(tmp_path: Path, ray_local: None) -> None:
     """A WebDataset corpus (its size unknown until read) builds its pools on caption shards;
-    every sample is scored once, with the same rows as the same images in a manifest."""
+    every sample is scored once, with the same rows as the same images in a manifest. A key
+    that an earlier tar has is skipped as the manifest's read skips a repeated id: its
+    caption enters no pool."""
     import pyarrow as pa
+    import webdataset as wds
 
+    from tests import corpora
     from tests.test_bad_inputs import _img2dataset_shards
 
     main = load_job("tcac").main
     root = tmp_path / "wds"
     _img2dataset_shards(root, shards=2, per=6)
+    with wds.TarWriter(str(root / "00002.tar")) as sink:  # 000000003 repeats the first tar's fourth sample
+        for i, (key, caption) in enumerate([("000000003", "a repeated key"), ("000020000", "photo 000020000")]):
+            sink.write({"__key__": key, "jpg": corpora.jpeg(900 + i, size=40), "txt": caption})
     common = ["--config", str(ROOT / "configs" / "tcac-tiny.yaml"), "data.generate=null", "embed.image_size=48",
               f"tcac.transforms={json.dumps(TRANSFORMS)}", "tcac.pool_k=4", "tcac.report_top=3",
               "tcac.forward_rows=16", "report.thumb=48", "embed.batch_size=4", "attributes.enabled=false"]
     # an IVF caption index probing every list: its recall is measured, and it finds what exact search does
-    assert main([*common, f"data.path={root}/{{00000..00001}}.tar", f"output={tmp_path / 'w'}",
+    assert main([*common, f"data.path={root}/{{00000..00002}}.tar", f"output={tmp_path / 'w'}",
                  "knn.index=IVF2,Flat", "knn.nprobe=2"]) == 0
     info = json.loads((tmp_path / "w" / "run.json").read_text())
-    assert info["stages"]["caption_pool"]["where"] == "shards" and info["counts"]["scored"] == 12
+    assert info["stages"]["caption_pool"]["where"] == "shards" and info["counts"]["scored"] == 13
     assert info["recall"] == {"captions": 1.0} == {"captions": info["stages"]["caption_pool"]["search"]["recall_at_k"]}
     got = pq.read_table(tmp_path / "w" / "tcac.parquet").sort_by([("id", "ascending"), ("transform", "ascending")])
-    assert got.num_rows == 12 * len(TRANSFORMS) and len(set(got.column("id").to_pylist())) == 12
+    assert got.num_rows == 13 * len(TRANSFORMS) and len(set(got.column("id").to_pylist())) == 13
+    skipped = pq.read_table(tmp_path / "w" / "skipped.parquet").to_pylist()
+    assert skipped == [{"id": "000000003", "uri": f"{root}/00002.tar#000000003.jpg", "stage": "read",
+                        "reason": f"duplicate id (first seen at {root}/00000.tar#000000003.jpg)"}]
     captions = pq.read_table(tmp_path / "w" / "captions.parquet")
+    assert "a repeated key" not in captions.column("text").to_pylist()
     assert json.loads((tmp_path / "w" / "captions.json").read_text())["captions"] == captions.num_rows
 
     # the same images and captions as a manifest, below the threshold: pools built in this process
@@ -451,16 +462,56 @@ def test_webdataset_corpus_scores_on_caption_shards(tmp_path: Path, ray_local: N
 
     images, rows = tmp_path / "images", []
     images.mkdir()
-    for shard in ("00000", "00001"):
+    for shard in ("00000", "00001", "00002"):
         with tarfile.open(root / f"{shard}.tar") as tar:
             members = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
         for name, data in members.items():
             if name.endswith(".jpg"):
                 key = name[:-4]
-                (images / name).write_bytes(data)
-                rows.append({"id": key, "image": str(images / name), "caption": members[f"{key}.txt"].decode()})
+                (images / f"{shard}-{name}").write_bytes(data)
+                rows.append({"id": key, "image": str(images / f"{shard}-{name}"),
+                             "caption": members[f"{key}.txt"].decode()})
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "manifest.parquet")
     assert main([*common, f"data.path={tmp_path / 'manifest.parquet'}", f"output={tmp_path / 'm'}"]) == 0
     want = pq.read_table(tmp_path / "m" / "tcac.parquet").sort_by([("id", "ascending"), ("transform", "ascending")])
     keep = [c for c in tcac.OUTPUT_COLUMNS if c != "uri"]
     assert got.select(keep).equals(want.select(keep))
+    assert [r["reason"] for r in pq.read_table(tmp_path / "m" / "skipped.parquet").to_pylist()] == [
+        "duplicate id (first seen at row 3)"]
+
+
+def test_first_row_of_an_id_and_its_repeats_skipped_once() -> None:
+    """``settle_repeats``' rule per id (the first claiming row by shard, row; later claiming
+    rows repeat it) and ``collect``'s use of it: a scored repeat becomes one skipped row,
+    matched by row when numbered and by id and uri when not."""
+    group = pa.table({"id": ["k"] * 4, "uri": ["c#k", "a#k", "b#k", "d#k"], "shard": pa.array([2, 0, 1, 3], pa.int32()),
+                      "row": pa.array([0, 5, 1, 0], pa.int32()), "captions": [["x"], ["y"], ["z"], []],
+                      "skip_stage": ["", "read", "", "read"],
+                      "skip_reason": ["", "cannot read the image member", "", "no caption"]})
+    settled = tcac._first_of_id(group)
+    assert settled.column("uri").to_pylist() == ["a#k", "b#k", "c#k", "d#k"]  # by shard, row
+    assert settled.column("repeat").to_pylist() == [False, False, True, True]  # b#k claims first; "no caption" repeats
+    assert set(settled.column("first_uri").to_pylist()) == {"b#k"}
+    twice = tcac._first_of_id(group.set_column(2, "shard", pa.array([-1] * 4, pa.int32())).set_column(
+        1, "uri", pa.array(["t#k"] * 4)))  # unnumbered rows of one uri: a key twice in one tar, left to collect
+    assert not any(twice.column("repeat").to_pylist())
+    assert tcac._firsts_of(settled).column("captions").to_pylist() == [["y"], ["z"]]
+
+    def rows(shard: int) -> pa.Table:  # image "k" scored under two transforms, "m" skipped at decode
+        return pa.Table.from_pylist([
+            {"id": "k", "uri": "c#k", "transform": "t0", "shard": shard, "row": 0, "skip_stage": "", "skip_reason": ""},
+            {"id": "k", "uri": "c#k", "transform": "t1", "shard": shard, "row": 0, "skip_stage": "", "skip_reason": ""},
+            {"id": "m", "uri": "c#m", "transform": None, "shard": shard, "row": 1, "skip_stage": "decode",
+             "skip_reason": "zero-byte file"},
+        ], schema=pa.schema([tcac.ROW_SCHEMA.field(n) for n in ("id", "uri", "transform", "shard", "row",
+                                                                  "skip_stage", "skip_reason")]))
+
+    repeats = tcac._repeats_of(settled.slice(2, 1).set_column(2, "shard", pa.array([-1], pa.int32())))
+    position = np.array([0, 1, 2])
+    for table, known in ((rows(2), tcac._repeats_of(settled)), (rows(-1), repeats)):
+        got, pos = tcac._skip_repeats(table, position, known)
+        assert got.column("id").to_pylist() == ["k", "m"] and pos.tolist() == [0, 2]
+        assert got.column("skip_stage").to_pylist() == ["read", "decode"]
+        assert got.column("skip_reason").to_pylist() == ["duplicate id (first seen at b#k)", "zero-byte file"]
+    other = tcac._repeats_of(settled.slice(3, 1).set_column(2, "shard", pa.array([-1], pa.int32())))  # d#k
+    assert tcac._skip_repeats(rows(-1), position, other)[0].equals(rows(-1))

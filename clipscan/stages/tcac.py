@@ -543,6 +543,79 @@ def _embed_texts(ds: ray.data.Dataset, probe: str, cfg: EmbedConfig, forward_row
     )
 
 
+# A WebDataset row whose id an earlier row of another block or tar has (the read marks
+# repeats within a block only): its place, and the first row's, for ``collect`` to skip it.
+REPEATS_SCHEMA = pa.schema([("id", pa.string()), ("uri", pa.string()), ("shard", pa.int32()), ("row", pa.int32()),
+                            ("first_uri", pa.string())])
+_SETTLE_COLUMNS = ["id", "uri", "shard", "row", "captions", "skip_stage", "skip_reason"]
+
+
+def settle_repeats(ds: ray.data.Dataset, path: str, partitions: int | None = None) -> ray.data.Dataset:
+    """WebDataset rows -> the rows whose captions go into the pools, one per id; the later rows
+    of a repeated id are written under ``path`` (``REPEATS_SCHEMA``, Parquet parts in Hive
+    folders ``shard=N``), where ``collect`` skips them as duplicates.
+
+    The rows are grouped by id (a Ray Data group-by into ``partitions`` hash partitions: no
+    process holds the corpus's ids). An id belongs to its first row by (shard, row), or by
+    uri where rows are not numbered, that the read did not skip, or skipped only for having
+    no caption, as the read does within a block; each later such row of it is a repeat. An
+    unnumbered row with the first row's uri too (a key twice in one tar) is left to
+    ``collect``, which keeps the first of a piece's rows with one id. Executes the grouping and the
+    write; returns the first rows, materialised, for ``caption_texts``.
+    """
+    fn: Any = _first_of_id
+    settled = (ds.select_columns(_SETTLE_COLUMNS).groupby("id", num_partitions=partitions)
+               .map_groups(fn, batch_format="pyarrow").materialize())
+    cfs.remove_tree(path)
+    fsys, inner = cfs.resolve(path)
+    repeats: Any = _repeats_of
+    settled.map_batches(repeats, batch_format="pyarrow").write_parquet(
+        inner, filesystem=fsys, partition_cols=["shard"])
+    kept: Any = _firsts_of
+    return settled.map_batches(kept, batch_format="pyarrow")
+
+
+def _first_of_id(group: pa.Table) -> pa.Table:
+    """The rows of one id -> the same rows with ``first_uri`` (the uri of the id's first
+    claiming row, "" where none) and ``repeat`` (a later claiming row: a duplicate, as the read calls it)."""
+    import pyarrow.compute as pc
+
+    group = group.sort_by([("shard", "ascending"), ("row", "ascending"), ("uri", "ascending")])
+    stage = pc.fill_null(group.column("skip_stage"), "")
+    usable = np.asarray(pc.equal(stage, ""))
+    claims = usable | np.asarray(pc.equal(pc.fill_null(group.column("skip_reason"), ""), "no caption"))
+    first = int(np.argmax(claims)) if claims.any() else -1
+    uri = np.asarray(pc.fill_null(group.column("uri"), ""), dtype=object)
+    repeat = np.zeros(group.num_rows, bool)
+    if first >= 0:
+        unnumbered = np.asarray(group.column("shard"), dtype=np.int64) < 0
+        repeat = claims & (np.arange(group.num_rows) > first) & ~(unnumbered & (uri == uri[first]))
+    winner = str(uri[first]) if first >= 0 else ""
+    return group.append_column("first_uri", pa.array([winner] * group.num_rows, pa.string())).append_column(
+        "repeat", pa.array(repeat))
+
+
+def _repeats_of(batch: pa.Table) -> pa.Table:
+    return batch.filter(batch.column("repeat")).select(REPEATS_SCHEMA.names).cast(REPEATS_SCHEMA)
+
+
+def _firsts_of(batch: pa.Table) -> pa.Table:
+    import pyarrow.compute as pc
+
+    return batch.filter(pc.invert(batch.column("repeat"))).select(["captions", "skip_stage"])
+
+
+def read_repeats(path: str | None, shard: int) -> pa.Table:
+    """The repeats ``settle_repeats`` wrote for input shard ``shard`` (-1: the unnumbered rows)."""
+    folder = cfs.join(path, f"shard={shard}") if path else ""
+    names = [p.rsplit("/", 1)[-1] for p in cfs.list_parquet(folder)] if folder else []
+    columns = [n for n in REPEATS_SCHEMA.names if n != "shard"]  # the folder's name holds the shard
+    schema = pa.schema([REPEATS_SCHEMA.field(n) for n in columns])
+    table = pa.concat_tables([schema.empty_table()] + [cfs.read_parquet(cfs.join(folder, n)).select(columns)
+                                                       .cast(schema) for n in names])
+    return table.append_column("shard", pa.array([shard] * table.num_rows, pa.int32())).select(REPEATS_SCHEMA.names)
+
+
 def caption_texts(ds: ray.data.Dataset, partitions: int | None = None) -> ray.data.Dataset:
     """Corpus rows -> one ``text`` row per distinct caption of the usable rows (a Ray Data
     group-by into ``partitions`` hash partitions, default Ray Data's 200: no process holds
@@ -655,7 +728,7 @@ def build_tcac(ds: ray.data.Dataset, pool: Any, probe: str, data: DataConfig, em
 
 
 def collect(raw_dir: str, out_dir: str, transforms: Sequence[str], shard_rows: dict[int, int] | None = None,
-            top: int = 10, keep: int = 100) -> tuple[dict[str, Any], Figures]:
+            top: int = 10, keep: int = 100, repeats: str | None = None) -> tuple[dict[str, Any], Figures]:
     """Rows the pipeline wrote (``ShardSink`` pieces) -> ``tcac.parquet/`` and ``skipped/`` parts,
     ``skipped.parquet``, and the ``Figures`` the later stages read; one Ray task per input shard.
 
@@ -663,8 +736,9 @@ def collect(raw_dir: str, out_dir: str, transforms: Sequence[str], shard_rows: d
     image's rows in config transform order (WebDataset: one ``part-uNNNNN`` per sink piece).
     A row a retried task wrote twice counts once; a later image of the shard with an id
     already scored in it is skipped as a duplicate (the read stage marks ids repeated across
-    shards). With ``shard_rows`` ({shard: rows}), a shard whose pieces do not cover all its
-    rows raises. The driver holds the listing, the counts and one shard's ``Figures`` at a
+    shards; with ``repeats``, the folder ``settle_repeats`` wrote, so are the WebDataset rows
+    whose id an earlier block or tar has). With ``shard_rows`` ({shard: rows}), a shard whose
+    pieces do not cover all its rows raises. The driver holds the listing, the counts and one shard's ``Figures`` at a
     time. Returns (counts: read, scored and skipped images, rows of tcac.parquet,
     skipped_by_stage, converted; figures with ``keep`` rows per transform).
     """
@@ -672,7 +746,7 @@ def collect(raw_dir: str, out_dir: str, transforms: Sequence[str], shard_rows: d
     todo = units(pieces, shard_rows or {})
     for folder in ("tcac.parquet", "skipped"):
         cfs.remove_tree(cfs.join(out_dir, folder))  # every shard is collected again from its pieces
-    args = [(paths, out_dir, out_name, list(transforms), top, keep) for out_name, paths, _ in todo]
+    args = [(paths, out_dir, out_name, list(transforms), top, keep, repeats) for out_name, paths, _ in todo]
     figures = Figures.empty(transforms, top, keep)
     counts: dict[str, Any] = {"read": 0, "scored": 0, "rows": 0, "converted": {}}
     for got in each(collect_shard, args):
@@ -691,7 +765,7 @@ def collect(raw_dir: str, out_dir: str, transforms: Sequence[str], shard_rows: d
 
 
 def collect_shard(paths: list[str], out_dir: str, out_name: str, transforms: list[str], top: int,
-                  keep: int) -> dict[str, Any]:
+                  keep: int, repeats: str | None = None) -> dict[str, Any]:
     """One input shard's sink pieces -> ``tcac.parquet/<out_name>`` and ``skipped/<out_name>``; returns its
     counts and ``Figures``."""
     import pyarrow.compute as pc
@@ -705,6 +779,8 @@ def collect_shard(paths: list[str], out_dir: str, out_name: str, transforms: lis
     if table.num_rows and int(table.column("shard")[0].as_py()) >= 0:  # input order; a retried write counts once
         _, first = np.unique(np.asarray(table.column("row"), np.int64) * (n_t + 1) + position, return_index=True)
         table, position = table.take(pa.array(first)), position[first]
+    if repeats and table.num_rows:
+        table, position = _skip_repeats(table, position, read_repeats(repeats, int(table.column("shard")[0].as_py())))
     skipped = np.asarray(pc.not_equal(table.column("skip_stage"), ""))
     starts = (position == 0) & ~skipped  # an image's rows start with its first transform's
     image = np.cumsum(starts | skipped) - 1
@@ -733,6 +809,35 @@ def collect_shard(paths: list[str], out_dir: str, out_name: str, transforms: lis
     scored = int((starts & ~dup).sum())
     return {"read": scored, "scored": scored, "rows": output.num_rows, "converted": converted,
             "figures": Figures.of(output, transforms, top, keep)}
+
+
+def _skip_repeats(table: pa.Table, position: np.ndarray, repeats: pa.Table) -> tuple[pa.Table, np.ndarray]:
+    """One shard's scored rows with each repeat (``REPEATS_SCHEMA``) turned into one skipped
+    row, ``duplicate id``, as the read stage skips a repeat it sees; ``position`` follows."""
+    import pyarrow.compute as pc
+
+    if not repeats.num_rows:
+        return table, position
+    if int(table.column("shard")[0].as_py()) >= 0:  # numbered rows: a repeat is its row
+        keys, known = table.column("row"), repeats.column("row")
+    else:  # unnumbered: its id and uri
+        keys = pc.binary_join_element_wise(table.column("id"), table.column("uri"), "\n")
+        known = pc.binary_join_element_wise(repeats.column("id"), repeats.column("uri"), "\n")
+    at = pc.index_in(keys, value_set=known)
+    lose = np.asarray(pc.is_valid(at))
+    if not lose.any():
+        return table, position
+    skipped = np.asarray(pc.not_equal(table.column("skip_stage"), ""))
+    one = ~lose | skipped | (position == 0)  # a scored repeat keeps one row, its first transform's
+    table, position, at = table.filter(pa.array(one)), position[one], at.filter(pa.array(one))
+    lose = np.asarray(pc.is_valid(at))
+    first = repeats.take(pc.fill_null(at, 0)).column("first_uri")
+    reason = pc.binary_join_element_wise("duplicate id (first seen at ", first, ")", "")
+    mask = pa.array(lose)
+    for name, value in (("skip_stage", pa.scalar("read")), ("skip_reason", reason)):
+        at_col = table.schema.get_field_index(name)
+        table = table.set_column(at_col, name, pc.if_else(mask, value, table.column(name)))
+    return table, position
 
 
 # The per-transform sums behind ``Figures.summary``, in this order.
