@@ -509,9 +509,9 @@ def test_first_row_of_an_id_and_its_repeats_skipped_once() -> None:
     repeats = tcac._repeats_of(settled.slice(2, 1).set_column(2, "shard", pa.array([-1], pa.int32())))
     position = np.array([0, 1, 2])
     for table, known in ((rows(2), tcac._repeats_of(settled)), (rows(-1), repeats)):
-        got, pos = tcac._skip_repeats(table, position, known)
+        got, pos = tcac._skip_repeats(table, position, known, numbered=table.column("shard")[0].as_py() >= 0)
         assert got.column("id").to_pylist() == ["k", "m"] and pos.tolist() == [0, 2]
         assert got.column("skip_stage").to_pylist() == ["read", "decode"]
         assert got.column("skip_reason").to_pylist() == ["duplicate id (first seen at b#k)", "zero-byte file"]
     other = tcac._repeats_of(settled.slice(3, 1).set_column(2, "shard", pa.array([-1], pa.int32())))  # d#k
-    assert tcac._skip_repeats(rows(-1), position, other)[0].equals(rows(-1))
+    assert tcac._skip_repeats(rows(-1), position, other, numbered=False)[0].equals(rows(-1))

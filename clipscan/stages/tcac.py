@@ -605,15 +605,13 @@ def _firsts_of(batch: pa.Table) -> pa.Table:
     return batch.filter(pc.invert(batch.column("repeat"))).select(["captions", "skip_stage"])
 
 
-def read_repeats(path: str | None, shard: int) -> pa.Table:
-    """The repeats ``settle_repeats`` wrote for input shard ``shard`` (-1: the unnumbered rows)."""
-    folder = cfs.join(path, f"shard={shard}") if path else ""
-    names = [p.rsplit("/", 1)[-1] for p in cfs.list_parquet(folder)] if folder else []
-    columns = [n for n in REPEATS_SCHEMA.names if n != "shard"]  # the folder's name holds the shard
-    schema = pa.schema([REPEATS_SCHEMA.field(n) for n in columns])
-    table = pa.concat_tables([schema.empty_table()] + [cfs.read_parquet(cfs.join(folder, n)).select(columns)
-                                                       .cast(schema) for n in names])
-    return table.append_column("shard", pa.array([shard] * table.num_rows, pa.int32())).select(REPEATS_SCHEMA.names)
+def read_repeats(path: str, shard: int) -> pa.Table:
+    """The repeats ``settle_repeats`` wrote for input shard ``shard`` (-1: the unnumbered rows),
+    ``REPEATS_SCHEMA`` but ``shard``, which the folder's name holds."""
+    folder = cfs.join(path, f"shard={shard}")
+    schema = pa.schema([f for f in REPEATS_SCHEMA if f.name != "shard"])
+    parts = [cfs.read_parquet(cfs.join(folder, p.rsplit("/", 1)[-1])) for p in cfs.list_parquet(folder)]
+    return pa.concat_tables([schema.empty_table()] + [t.select(schema.names).cast(schema) for t in parts])
 
 
 def caption_texts(ds: ray.data.Dataset, partitions: int | None = None) -> ray.data.Dataset:
@@ -776,11 +774,12 @@ def collect_shard(paths: list[str], out_dir: str, out_name: str, transforms: lis
     n_t = len(transforms)
     position = np.asarray(pc.fill_null(pc.index_in(table.column("transform"), value_set=pa.array(transforms,
                                                                                                  pa.string())), n_t))
-    if table.num_rows and int(table.column("shard")[0].as_py()) >= 0:  # input order; a retried write counts once
+    shard = int(table.column("shard")[0].as_py()) if table.num_rows else -1
+    if shard >= 0:  # input order; a retried write counts once
         _, first = np.unique(np.asarray(table.column("row"), np.int64) * (n_t + 1) + position, return_index=True)
         table, position = table.take(pa.array(first)), position[first]
     if repeats and table.num_rows:
-        table, position = _skip_repeats(table, position, read_repeats(repeats, int(table.column("shard")[0].as_py())))
+        table, position = _skip_repeats(table, position, read_repeats(repeats, shard), numbered=shard >= 0)
     skipped = np.asarray(pc.not_equal(table.column("skip_stage"), ""))
     starts = (position == 0) & ~skipped  # an image's rows start with its first transform's
     image = np.cumsum(starts | skipped) - 1
@@ -811,14 +810,15 @@ def collect_shard(paths: list[str], out_dir: str, out_name: str, transforms: lis
             "figures": Figures.of(output, transforms, top, keep)}
 
 
-def _skip_repeats(table: pa.Table, position: np.ndarray, repeats: pa.Table) -> tuple[pa.Table, np.ndarray]:
+def _skip_repeats(table: pa.Table, position: np.ndarray, repeats: pa.Table,
+                  numbered: bool) -> tuple[pa.Table, np.ndarray]:
     """One shard's scored rows with each repeat (``REPEATS_SCHEMA``) turned into one skipped
     row, ``duplicate id``, as the read stage skips a repeat it sees; ``position`` follows."""
     import pyarrow.compute as pc
 
     if not repeats.num_rows:
         return table, position
-    if int(table.column("shard")[0].as_py()) >= 0:  # numbered rows: a repeat is its row
+    if numbered:  # a repeat is its row
         keys, known = table.column("row"), repeats.column("row")
     else:  # unnumbered: its id and uri
         keys = pc.binary_join_element_wise(table.column("id"), table.column("uri"), "\n")
