@@ -204,7 +204,7 @@ def search_and_mine(run: Run, cfg: DafConfig) -> Mined:
             top = candidates.slice(0, mining.cases)
             wanted = set(top.column("id").to_pylist())
             wanted.update(i for ids in top.column("probe_only").to_pylist() for i in ids)
-            corpus = mine.corpus_rows(stage.ordered, wanted)
+            corpus = mine.corpus_rows(stage.corpus, wanted)
             case_table = discrepancy.cases(top, corpus, mining.cases)
             cfs.write_parquet_atomic(run.path("cases.parquet"), case_table)
             deep = {}
@@ -216,10 +216,10 @@ def search_and_mine(run: Run, cfg: DafConfig) -> Mined:
     finally:
         stage.close()
     ranked = mine.read_parts(run.path("discrepancies.parquet"))
-    ordered = stage.ordered
+    searched = stage.corpus
 
     def lookup(wanted: set[str]) -> pa.Table:
-        return mine.corpus_rows(ordered, wanted)
+        return mine.corpus_rows(searched, wanted)
 
     def contrast() -> pa.Table:
         # the top attributes.cases candidates; agreeing pairs sampled in two streaming passes

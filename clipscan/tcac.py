@@ -94,7 +94,7 @@ def run_tcac(cfg: TcacConfig, overwrite: bool = False) -> Run:
                 pool_facts = {"where": "shards", "captions": n_captions, "pool_k": pool.pool_k, "reused": reused,
                               "search": shards.facts}
                 if shards.facts["index"] != "exact":  # an approximate caption index: its recall, on sampled captions
-                    pool_facts["search"]["recall_at_k"] = round(pool.recall(sample_texts(shards.ordered, cfg)), 4)
+                    pool_facts["search"]["recall_at_k"] = round(pool.recall(sample_texts(shards.corpus, cfg)), 4)
                     run.record("recall", {"captions": pool_facts["search"]["recall_at_k"]})
             else:  # every input shard was scored by an earlier run: nothing asks for pools
                 pool_facts = {"where": "shards", "captions": captions_count(run.path("captions.parquet")),
@@ -207,14 +207,15 @@ def caption_shards(cfg: TcacConfig, ds: ray.data.Dataset, path: str, partitions:
     try:
         shards = ShardedSearch(vectors, k=cfg.tcac.pool_k, rank_depth=cfg.tcac.pool_k, index=cfg.knn.index,
                                nprobe=cfg.knn.nprobe, shards=cfg.knn.shards, train_sample=cfg.knn.train_sample,
-                               seed=cfg.seed, device="cpu", models=(CAPTION_MODEL,), shard_cpus=0.0).start()
+                               seed=cfg.seed, device="cpu", models=(CAPTION_MODEL,), shard_cpus=0.0,
+                               id_order=True).start()  # captions.parquet is written from it, sorted by text
     except ValueError as e:  # fewer than two captions
         raise ValueError(f"{cfg.data.path}: {e}; TCAC needs captioned images") from None
     if not reused:
         if cfs.exists(sidecar):  # the parts below are not the ones it describes until it is written again
             sys_, inner_ = cfs.resolve(sidecar)
             sys_.delete_file(inner_)
-        write_captions(shards.ordered, path)
+        write_captions(shards.corpus, path)
         cfs.write_json_atomic(sidecar, digest)
     return shards, reused
 
