@@ -184,7 +184,6 @@ class SortedIds:
     _CHUNK = 1 << 16  # ids turned into Python strings at a time, for hashing
 
     def __init__(self, ids: pa.Array | pa.ChunkedArray | np.ndarray, lo: int = 0) -> None:
-        import pyarrow.compute as pc
 
         if isinstance(ids, pa.ChunkedArray):
             ids = ids.combine_chunks()
