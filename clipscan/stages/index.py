@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -424,14 +425,15 @@ class _FlatSearcher:
     def _rescore(self, xq: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         m, kk = ids.shape
         sims = np.empty((m, kk), dtype=np.float32)
-        step = max(1, self._RESCORE_VALUES // (kk * self._d))
-        for r0 in range(0, m, step):
-            r1 = min(m, r0 + step)
+
+        def rows(r0: int, r1: int) -> None:
             cand = self._gather(np.maximum(ids[r0:r1], 0))
             # Products of float32 values are exact in float64; the sum runs along the
             # contiguous last axis in a fixed order, so the bits do not depend on m or kk.
             prod = np.multiply(cand, xq[r0:r1, None, :], dtype=np.float64)
             sims[r0:r1] = prod.sum(axis=-1)
+
+        in_row_blocks(m, max(1, self._RESCORE_VALUES // (kk * self._d)), rows)
         return _canonical(sims, ids)
 
     def _gather(self, rows: np.ndarray) -> np.ndarray:
@@ -472,6 +474,30 @@ class ListSearcher(_FlatSearcher):
     def _gather(self, rows: np.ndarray) -> np.ndarray:
         flat = np.ascontiguousarray(rows, dtype=np.int64).reshape(-1)
         return self._index.reconstruct_batch(flat).reshape(*rows.shape, self._d)
+
+
+def in_row_blocks(m: int, step: int, fn: Callable[[int, int], None]) -> None:
+    """``fn(r0, r1)`` over rows [0, m) in blocks of ``step``, on as many threads as FAISS
+    uses (``omp_get_max_threads``). For the numpy work beside a search (gathers, float64
+    re-scoring), which runs on one core while FAISS runs on all: numpy lets go of the GIL
+    in it, and each block writes its own rows, so the result does not depend on the threads."""
+    blocks = [(r0, min(m, r0 + step)) for r0 in range(0, m, step)]
+    threads = min(len(blocks), _threads())
+    if threads <= 1:
+        for r0, r1 in blocks:
+            fn(r0, r1)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads) as pool:
+        for done in [pool.submit(fn, r0, r1) for r0, r1 in blocks]:
+            done.result()
+
+
+def _threads() -> int:
+    import faiss
+
+    return max(1, int(faiss.omp_get_max_threads()))
 
 
 class _DuplicateGroups:

@@ -365,12 +365,13 @@ class Shard:
         d = self.exact[model]._d
         out = np.full((m, c), np.nan, dtype=np.float32)
         q = np.asarray(q, dtype=np.float32)
-        step = max(1, _COS_VALUES // max(1, c * d))
-        for r0 in range(0, m, step):
-            r1 = min(m, r0 + step)
+
+        def rows(r0: int, r1: int) -> None:
             cand = self._gather(model, np.maximum(local[r0:r1], 0)).reshape(-1, d)
             qq = np.repeat(q[r0:r1], c, axis=0)
             out[r0:r1] = dc.dot_rows(cand, qq).reshape(r1 - r0, c)
+
+        ix.in_row_blocks(m, max(1, _COS_VALUES // max(1, c * d)), rows)
         out[local < 0] = np.nan
         return out
 
