@@ -3,8 +3,8 @@
 ``Embed`` is a plain callable class over a batch (``dict[str, np.ndarray]``) that holds
 every encoder the job needs and runs all of them on the same decoded pixels, so each
 image is decoded once and read once. ``build_embed`` says how Ray runs it: decode in
-CPU tasks or in the actor, encoders in one actor pool sized by
-``clipscan.stages.rows.plan_resources``. ``collect`` splits the
+CPU tasks or in the actor, encoders in one actor pool sized and wired by
+``clipscan.stages.rows`` (``plan``, ``on_actors``). ``collect`` splits the
 written rows into one Parquet dataset per model (``id``, ``embedding``), the corpus
 table and ``skipped.parquet``.
 """
@@ -18,17 +18,9 @@ import numpy as np
 import pyarrow as pa
 
 from clipscan import fs as cfs
+from clipscan.stages import rows
 from clipscan.stages.decode import Decode, require
-from clipscan.stages.rows import (
-    SKIPPED_SCHEMA,
-    cluster_resources,
-    each,
-    node_cpus,
-    plan_resources,
-    shard_pieces,
-    units,
-    write_skipped,
-)
+from clipscan.stages.rows import SKIPPED_SCHEMA, each, shard_pieces, units, write_skipped
 
 if TYPE_CHECKING:
     import ray.data
@@ -114,32 +106,21 @@ def build_embed(
     ds: ray.data.Dataset, models: dict[str, str], data: DataConfig, cfg: EmbedConfig
 ) -> ray.data.Dataset:
     """Rows (``ROW_SCHEMA``) -> rows with ``emb_<name>`` columns. Builds; executes nothing."""
-    import ray
-    import ray.data
-
-    plan = plan_resources(cluster_resources(), cfg, node_cpus())
-    kwargs: dict[str, Any] = {"models": models, "precision": cfg.precision, "threads": plan.threads}
-    if plan.decode == "tasks":
+    pool = rows.plan(cfg)
+    kwargs: dict[str, Any] = {"models": models, "precision": cfg.precision}
+    if pool.decode == "tasks":
         ds = ds.map_batches(
             _decode_batch,  # type: ignore[arg-type]
             fn_kwargs={"size": cfg.image_size, "data": data},
             num_cpus=cfg.decode_cpus,
-            batch_size=plan.batch_size,
+            batch_size=pool.batch_size,
             batch_format="numpy",
         )
         stage: type = Embed
     else:
         stage = DecodeEmbed
-        kwargs.update(size=cfg.image_size, data=data, gpu_decode=plan.decode == "gpu")
-    return ds.map_batches(
-        stage,
-        fn_constructor_kwargs=kwargs,
-        compute=ray.data.ActorPoolStrategy(size=plan.actors),
-        num_cpus=plan.num_cpus,
-        num_gpus=plan.num_gpus or None,
-        batch_size=plan.batch_size,
-        batch_format="numpy",
-    )
+        kwargs.update(size=cfg.image_size, data=data, gpu_decode=pool.decode == "gpu")
+    return rows.on_actors(ds, stage, kwargs, pool)
 
 
 class DecodeEmbed:
@@ -193,12 +174,12 @@ def finished_shards(out_dir: str, shard_rows: dict[int, int], models: list[str])
         paths += [cfs.join(out_dir, "corpus", name), cfs.join(out_dir, "skipped", name)]
         if not all(cfs.exists(p) for p in paths):
             continue
-        rows = []
+        written = []
         for path in paths:
             fsys, inner = cfs.resolve(path)
-            rows.append(pq.ParquetFile(fsys.open_input_file(inner)).metadata.num_rows)
-        embedded, skipped = rows[0], rows[-1]
-        if all(r == embedded for r in rows[:-1]) and embedded + skipped == n:
+            written.append(pq.ParquetFile(fsys.open_input_file(inner)).metadata.num_rows)
+        embedded, skipped = written[0], written[-1]
+        if all(r == embedded for r in written[:-1]) and embedded + skipped == n:
             done.add(shard)
     return done
 

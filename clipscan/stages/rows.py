@@ -4,7 +4,8 @@ A job's per-row stage (DAF's encoders, TCAC's scoring) is a plain batch callable
 stage module; this module holds the Ray side around it, in one place:
 
 * ``plan_resources``: the actor pool's size, each actor's CPUs and GPUs, its batch size
-  and where images are decoded, from the cluster's resources and each node's CPUs;
+  and where images are decoded, from the cluster's resources and each node's CPUs
+  (``plan`` for the running cluster); ``on_actors`` runs a stage class in that pool;
 * ``ShardSink``: the stage's rows written as pieces per input shard, what resume counts
   (``shard_pieces``, ``rows_covered``, ``complete_shards``, ``rows_written``);
 * ``units`` and ``each``: the collect step, one Ray task per input shard, its results
@@ -24,6 +25,8 @@ import pyarrow as pa
 from clipscan import fs as cfs
 
 if TYPE_CHECKING:
+    import ray.data
+
     from clipscan.config import EmbedConfig
 
 T = TypeVar("T")
@@ -83,6 +86,31 @@ def plan_resources(cluster: dict[str, float], cfg: EmbedConfig, node_cpus: list[
         per_actor = cfg.cpus_per_actor or max(0.5, min(room - 1.0, room - 0.5 * per_node))
     return EmbedPlan(actors=actors, num_cpus=per_actor, num_gpus=0.0, batch_size=cfg.batch_size or CPU_BATCH,
                      threads=cfg.threads or max(1, math.ceil(per_actor)), decode=decode)
+
+
+def plan(cfg: EmbedConfig) -> EmbedPlan:
+    """``plan_resources`` for the running cluster: its resources (``cluster_resources``) and nodes."""
+    return plan_resources(cluster_resources(), cfg, node_cpus())
+
+
+def on_actors(ds: ray.data.Dataset, stage: type, kwargs: dict[str, Any], pool: EmbedPlan,
+              batch_size: int | None = None, max_actors: int | None = None,
+              batch_format: str = "numpy") -> ray.data.Dataset:
+    """``stage(**kwargs, threads=...)`` over ``ds`` in the actor pool ``pool`` plans: its size (at
+    most ``max_actors``), each actor's CPUs, GPUs and torch threads, and ``batch_size`` rows per
+    call (default the plan's). Every encoder stage (DAF's, TCAC's captions and scoring) runs
+    this way. Builds; executes nothing."""
+    import ray.data
+
+    return ds.map_batches(
+        stage,
+        fn_constructor_kwargs={**kwargs, "threads": pool.threads},
+        compute=ray.data.ActorPoolStrategy(size=min(pool.actors, max_actors or pool.actors)),
+        num_cpus=pool.num_cpus,
+        num_gpus=pool.num_gpus or None,
+        batch_size=batch_size or pool.batch_size,
+        batch_format=batch_format,
+    )
 
 
 def node_cpus() -> list[float]:

@@ -224,6 +224,18 @@ class SortedIds:
         return np.where(hit, rows, -1)
 
 
+def _threads() -> int:
+    import faiss
+
+    return max(1, int(faiss.omp_get_max_threads()))
+
+
+def _faiss_gpus() -> int:
+    import faiss
+
+    return int(faiss.get_num_gpus())
+
+
 def _ascending(ids: pa.Array) -> bool:
     """Whether ``ids`` are strictly ascending (sorted, none repeated)."""
     import pyarrow.compute as pc
@@ -343,22 +355,46 @@ class Shard:
         """
         pos = self.ids.find(ids)
         out: dict[str, Any] = {"self": np.where(pos >= 0, pos + self.lo, -1).astype(np.int64)}
-        for model in depth:
-            kk = depth[model]
-            xq = np.ascontiguousarray(queries[model], dtype=np.float32)
-            if exact or self.approx is None:
-                sims, local = self.exact[model].search(xq, kk)
-            else:
-                sims, local = ix._canonical(*self.approx[model].search(xq, kk))
-            c = min(kk, carry)
-            out[model] = {
-                "sims": sims,
-                "ids": ix._offset(local, self.lo),
-                # Arrow, not an object array: it crosses to the stream as buffers, not pickled strings
-                "names": self.ids.arrow.take(pa.array(np.maximum(local, 0).reshape(-1))),
-                **{f"cos_{m}": self._cos(m, queries[m], local[:, :c]) for m in self.models},
-            }
+        models = list(depth)
+        threads = _threads()
+        if len(models) < 2 or threads < 2 or _faiss_gpus():
+            for model in models:
+                out[model] = self._search_model(model, queries, depth[model], carry, exact)
+            return out
+        # The models are searched side by side, each on its share of the threads: two
+        # independent searches keep both cores busy where one search on both waits at every
+        # block for its slower thread (any other process on the node slows one of them),
+        # and each model's numpy work overlaps the other's FAISS.
+        from concurrent.futures import ThreadPoolExecutor
+
+        share = max(1, threads // len(models))
+
+        def one(model: str) -> dict[str, Any]:
+            import faiss
+
+            faiss.omp_set_num_threads(share)  # this thread's own setting (OpenMP's is per thread)
+            return self._search_model(model, queries, depth[model], carry, exact)
+
+        with ThreadPoolExecutor(len(models)) as pool:
+            out.update(zip(models, pool.map(one, models), strict=True))
         return out
+
+    def _search_model(self, model: str, queries: dict[str, np.ndarray], kk: int, carry: int,
+                      exact: bool) -> dict[str, Any]:
+        """``search``'s answer for one model: its best ``kk`` rows per query, with the carried cosines."""
+        xq = np.ascontiguousarray(queries[model], dtype=np.float32)
+        if exact or self.approx is None:
+            sims, local = self.exact[model].search(xq, kk)
+        else:
+            sims, local = ix._canonical(*self.approx[model].search(xq, kk))
+        c = min(kk, carry)
+        return {
+            "sims": sims,
+            "ids": ix._offset(local, self.lo),
+            # Arrow, not an object array: it crosses to the stream as buffers, not pickled strings
+            "names": self.ids.arrow.take(pa.array(np.maximum(local, 0).reshape(-1))),
+            **{f"cos_{m}": self._cos(m, queries[m], local[:, :c]) for m in self.models},
+        }
 
     def _cos(self, model: str, q: np.ndarray, local: np.ndarray) -> np.ndarray:
         m, c = local.shape

@@ -526,21 +526,12 @@ def build_caption_embed(texts: Sequence[str], probe: str, cfg: EmbedConfig, forw
 def _embed_texts(ds: ray.data.Dataset, probe: str, cfg: EmbedConfig, forward_rows: int, key: str,
                  batch_size: int, max_actors: int | None = None) -> ray.data.Dataset:
     """``EmbedText`` over ``ds`` in an actor pool sized from the cluster (no decoding)."""
-    import ray.data
+    from clipscan.stages import rows
 
-    from clipscan.stages.rows import cluster_resources, node_cpus, plan_resources
-
-    plan = plan_resources(cluster_resources(), cfg, node_cpus())
-    return ds.map_batches(
-        EmbedText,
-        fn_constructor_kwargs={"probe": probe, "forward_rows": forward_rows, "precision": cfg.precision,
-                               "threads": plan.threads, "key": key},
-        compute=ray.data.ActorPoolStrategy(size=min(plan.actors, max_actors or plan.actors)),
-        num_cpus=plan.num_cpus,
-        num_gpus=plan.num_gpus or None,
-        batch_size=max(plan.batch_size, batch_size),
-        batch_format="numpy",
-    )
+    pool = rows.plan(cfg)
+    return rows.on_actors(ds, EmbedText, {"probe": probe, "forward_rows": forward_rows, "precision": cfg.precision,
+                                          "key": key},
+                          pool, batch_size=max(pool.batch_size, batch_size), max_actors=max_actors)
 
 
 # A WebDataset row whose id an earlier row of another block or tar has (the read marks
@@ -692,13 +683,10 @@ def build_tcac(ds: ray.data.Dataset, pool: Any, probe: str, data: DataConfig, em
     pool: an object-store reference to the ``CaptionPool`` (put once by the caller).
     Builds; executes nothing.
     """
-    import ray
-    import ray.data
-
-    from clipscan.stages.rows import cluster_resources, node_cpus, plan_resources
+    from clipscan.stages import rows
 
     # transforms cost far more than decoding: they run in CPU tasks wherever the encoders are
-    plan = plan_resources(cluster_resources(), embed.model_copy(update={"decode": "tasks"}), node_cpus())
+    plan = rows.plan(embed.model_copy(update={"decode": "tasks"}))
     batch = scoring_batch(plan.batch_size, tcac.forward_rows, 1 + len(tcac.transforms))
     prepared = ds.map_batches(
         prepare_batch,  # type: ignore[arg-type]  # ray's stub has no room for fn_kwargs
@@ -708,17 +696,10 @@ def build_tcac(ds: ray.data.Dataset, pool: Any, probe: str, data: DataConfig, em
         batch_size=batch,
         batch_format="numpy",
     )
-    return prepared.map_batches(
-        TcacScore,
-        fn_constructor_kwargs={"probe": probe, "pool": pool, "transforms": list(tcac.transforms),
-                               "top": tcac.top, "forward_rows": tcac.forward_rows, "margin": tcac.margin,
-                               "precision": embed.precision, "threads": plan.threads},
-        compute=ray.data.ActorPoolStrategy(size=plan.actors),
-        num_cpus=plan.num_cpus,
-        num_gpus=plan.num_gpus or None,
-        batch_size=batch,
-        batch_format="numpy",
-    )
+    return rows.on_actors(prepared, TcacScore, {
+        "probe": probe, "pool": pool, "transforms": list(tcac.transforms), "top": tcac.top,
+        "forward_rows": tcac.forward_rows, "margin": tcac.margin, "precision": embed.precision,
+    }, plan, batch_size=batch)
 
 
 # ---------------------------------------------------------------------------------------
