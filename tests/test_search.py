@@ -328,3 +328,52 @@ def test_sorted_ids_find_rows_through_hash_collisions(monkeypatch: pytest.Monkey
     assert sr.SortedIds(names).find(asked).tolist() == want
     with pytest.raises(ValueError, match="out of order or repeated"):
         sr.SortedIds(names[::-1])
+
+
+@pytest.mark.parametrize("index", ["Flat", "IVF4,Flat"])
+def test_models_searched_side_by_side_give_the_same_bits_as_one_after_another(index: str) -> None:
+    """A shard with two threads searches its two models at once, one thread each; with one
+    thread, one after the other: every array of the answer is the same bits."""
+    ids, x_probe, x_ref = sorted_inputs("generated")
+    table = vectors_table(ids, x_probe, x_ref)
+    queries = {"probe": x_probe[::3], "reference": x_ref[::3]}
+    depth = {"probe": K + 1, "reference": DEPTH + 1}
+    answers = []
+    for threads in (1, 2):
+        shard = sr.Shard.from_table(table, 0, index=index, nprobe=2, threads=threads)
+        answers.append(shard.search(ids[::3], queries, depth, K + 1))
+    one, two = answers
+    np.testing.assert_array_equal(one["self"], two["self"])
+    for model in depth:
+        for key, value in one[model].items():
+            if isinstance(value, np.ndarray):
+                np.testing.assert_array_equal(value, two[model][key], err_msg=f"{model} {key}")
+            else:
+                assert value.equals(two[model][key]), (model, key)
+    import faiss
+
+    assert faiss.omp_get_max_threads() == 2  # the shard's threads, untouched by the per-model ones
+
+
+def test_one_shard_puts_shuffled_rows_in_id_order_and_refuses_repeated_ids(ray_local: None) -> None:
+    """The shard actor of a one-shard search takes rows in any order: it holds them in id
+    order (the rows a sorted input gives); a repeated id is refused, naming the shard."""
+    import ray
+    import ray.data
+
+    ids, x_probe, x_ref = sorted_inputs("random")
+    table = vectors_table(ids, x_probe, x_ref).select(["id", "probe", "reference"])
+    shuffled = table.take(pa.array(np.random.default_rng(5).permutation(table.num_rows)))
+    actor = ray.remote(sr._ShardActor).remote(
+        ray.data.from_arrow([shuffled.slice(s, 50) for s in range(0, table.num_rows, 50)]).to_arrow_refs(),
+        0, "Flat", 1, 1000, 0, 1)
+    got = ray.get(actor.vectors.remote(ids))
+    np.testing.assert_array_equal(got["rows"], np.arange(len(ids)))
+    np.testing.assert_array_equal(got["probe"], x_probe)
+    np.testing.assert_array_equal(got["reference"], x_ref)
+    ray.kill(actor)
+
+    repeated = pa.concat_tables([shuffled, shuffled.slice(0, 1)])
+    bad = ray.remote(sr._ShardActor).remote([ray.put(repeated)], 0, "Flat", 1, 1000, 0, 1)
+    with pytest.raises(ray.exceptions.RayActorError, match="out of order or repeated"):
+        ray.get(bad.rows.remote())
