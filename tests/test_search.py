@@ -219,7 +219,7 @@ def test_one_model_shards_search_and_hand_out_vectors() -> None:
     shards = [sr.Shard.from_table(table.slice(lo, hi - lo), lo, models=("text",)) for lo, hi in bounds]
     sims, rows = brute_knn(x, 5)
     answers = [s.search(ids, {"text": x}, {"text": 6}, 6) for s in shards]
-    merged = sr._merge(answers, "text", 6, np.max([a["self"] for a in answers], axis=0))
+    merged = sr.merge_answers(answers, "text", 6, np.max([a["self"] for a in answers], axis=0))
     assert np.array_equal(merged["ids"], rows) and np.array_equal(merged["sims"], sims)
     assert np.array_equal(merged["cos_text"], sims)
     assert merged["names"].tolist() == ids[rows].tolist()

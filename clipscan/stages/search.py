@@ -461,8 +461,8 @@ class SearchBlock:
         if (rows < 0).any():
             missing = ids[rows < 0][:5].tolist()
             raise RuntimeError(f"search: {int((rows < 0).sum())} query ids are in no shard, e.g. {missing}")
-        p = _merge(answers, "probe", lists["probe"], rows)
-        r = _merge(answers, "reference", lists["reference"], rows)
+        p = merge_answers(answers, "probe", lists["probe"], rows)
+        r = merge_answers(answers, "reference", lists["reference"], rows)
 
         s = dc.score(p["ids"][:, :k], p["sims"][:, :k], r["ids"], r["sims"][:, :k],
                      p["cos_reference"][:, :k], r["cos_probe"][:, :k])
@@ -507,7 +507,7 @@ class SearchBlock:
             lists = {"probe": k + 1, "reference": k + 1}
             answers = self._ask(ids[sel], {mm: q[sel] for mm, q in queries.items()}, lists, 0, exact=True)
             for model, approx, col in (("probe", p, "_recall_probe"), ("reference", r, "_recall_reference")):
-                exact = _merge(answers, model, k + 1, rows[sel])
+                exact = merge_answers(answers, model, k + 1, rows[sel])
                 overlap, _ = ix.neighbour_overlap(approx["ids"][sel, :k], exact["ids"][:, :k])
                 values[col][sel] = overlap
         return {c: pa.array(v, mask=~sel) for c, v in values.items()}
@@ -524,7 +524,7 @@ def ask_shards(shards: list[Any], method: str, *args: Any) -> list[dict[str, Any
     return [getattr(s, method)(*args) for s in shards]
 
 
-def _merge(answers: list[dict[str, Any]], model: str, kk: int, rows: np.ndarray) -> dict[str, np.ndarray]:
+def merge_answers(answers: list[dict[str, Any]], model: str, kk: int, rows: np.ndarray) -> dict[str, np.ndarray]:
     """The shards' candidates of one model side by side, merged to each query's top kk - 1
     under (-D, row) with the query itself removed; carried values follow their candidate."""
     parts = [a[model] for a in answers]
@@ -690,7 +690,7 @@ class ShardedSearch:
             queries = {m: embedding_matrix(part.column(m)) for m in MODELS}
             answers = block._ask(names, queries, {"probe": 2, "reference": self.depth + 1}, 0, exact=False)
             rows = np.max([a["self"] for a in answers], axis=0)
-            r = _merge(answers, "reference", self.depth + 1, rows)
+            r = merge_answers(answers, "reference", self.depth + 1, rows)
             for name, row_ids, row_names in zip(names, r["ids"], r["names"], strict=True):
                 out[str(name)] = [str(v) for v in row_names[row_ids >= 0]]
         return out

@@ -236,7 +236,7 @@ class ShardPool:
     def pools(self, own: Sequence[Sequence[str]]) -> list[Pool | None]:
         """Each image's ``Pool`` from its own captions (deduplicated, in its order); None where
         it has none, or none of them is in the shards."""
-        from clipscan.stages.search import _merge
+        from clipscan.stages.search import merge_answers
 
         distinct = list(dict.fromkeys(t for texts in own for t in texts))
         rows, vecs = self.vectors(distinct)
@@ -246,7 +246,7 @@ class ShardPool:
             sel = rows >= 0
             lists = {CAPTION_MODEL: self.pool_k + 1}
             answers = self._ask("search", np.asarray(known, dtype=object), {CAPTION_MODEL: vecs[sel]}, lists, 0)
-            merged = _merge(answers, CAPTION_MODEL, self.pool_k + 1, rows[sel])
+            merged = merge_answers(answers, CAPTION_MODEL, self.pool_k + 1, rows[sel])
             for t, ids, names in zip(known, merged["ids"], merged["names"], strict=True):
                 near[t] = [str(n) for n in names[ids >= 0]]
         members: list[list[str]] = []
@@ -268,7 +268,7 @@ class ShardPool:
     def recall(self, texts: Sequence[str]) -> float:
         """recall@pool_k of the shards' index for these captions as queries: the share of each
         one's exact ``pool_k`` nearest other captions that the (approximate) search found."""
-        from clipscan.stages.search import _merge
+        from clipscan.stages.search import merge_answers
 
         rows, vecs = self.vectors(list(texts))
         sel = rows >= 0
@@ -276,7 +276,7 @@ class ShardPool:
             return 1.0
         names = np.asarray([t for t, ok in zip(texts, sel, strict=True) if ok], dtype=object)
         lists = {CAPTION_MODEL: self.pool_k + 1}
-        found, exact = (_merge(self._ask("search", names, {CAPTION_MODEL: vecs[sel]}, lists, 0, e), CAPTION_MODEL,
+        found, exact = (merge_answers(self._ask("search", names, {CAPTION_MODEL: vecs[sel]}, lists, 0, e), CAPTION_MODEL,
                                self.pool_k + 1, rows[sel])["ids"] for e in (False, True))
         hits = [len(set(f[f >= 0]) & set(x[x >= 0])) / max(1, int((x >= 0).sum())) for f, x in zip(found, exact,
                                                                                                    strict=True)]
