@@ -730,10 +730,11 @@ class _ShardActor(Shard):
         n = len(ids)
         place = None  # each input row's row in id order, where the input is not in it
         if not _ascending(ids):
-            order = pc.sort_indices(ids).to_numpy()
-            ids = ids.take(pa.array(order))
+            order = pc.sort_indices(ids)
+            ids = ids.take(order)
             place = np.empty(n, dtype=np.int64)
-            place[order] = np.arange(n)
+            place[order.to_numpy()] = np.arange(n)
+            del order
         # each model's rows copied once into one array, block by block (no list of parts to concatenate)
         x = {}
         for m in models:
@@ -743,5 +744,5 @@ class _ShardActor(Shard):
                 rows = slice(at, at + t.num_rows) if place is None else place[at:at + t.num_rows]
                 x[m][rows] = embedding_matrix(t.column(m))
                 at += t.num_rows
-        del tables  # the object store's copy is let go before the indexes are built
+        del tables, place  # the object store's copy and the row order are let go before the indexes are built
         super().__init__(ids, x, lo, index, nprobe, train_sample, seed, threads, models)
