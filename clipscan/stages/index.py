@@ -482,7 +482,7 @@ def in_row_blocks(m: int, step: int, fn: Callable[[int, int], None]) -> None:
     re-scoring), which runs on one core while FAISS runs on all: numpy lets go of the GIL
     in it, and each block writes its own rows, so the result does not depend on the threads."""
     blocks = [(r0, min(m, r0 + step)) for r0 in range(0, m, step)]
-    threads = min(len(blocks), _threads())
+    threads = min(len(blocks), faiss_threads())
     if threads <= 1:
         for r0, r1 in blocks:
             fn(r0, r1)
@@ -494,7 +494,8 @@ def in_row_blocks(m: int, step: int, fn: Callable[[int, int], None]) -> None:
             done.result()
 
 
-def _threads() -> int:
+def faiss_threads() -> int:
+    """The OpenMP threads FAISS uses in this thread (``omp_set_num_threads`` is per thread)."""
     import faiss
 
     return max(1, int(faiss.omp_get_max_threads()))

@@ -184,7 +184,6 @@ class SortedIds:
     _CHUNK = 1 << 16  # ids turned into Python strings at a time, for hashing
 
     def __init__(self, ids: pa.Array | pa.ChunkedArray | np.ndarray, lo: int = 0) -> None:
-
         if isinstance(ids, pa.ChunkedArray):
             ids = ids.combine_chunks()
         if not isinstance(ids, pa.Array):
@@ -222,12 +221,6 @@ class SortedIds:
             rows[clash] = exact.fill_null(-1).to_numpy(zero_copy_only=False)
             hit[clash] = rows[clash] >= 0
         return np.where(hit, rows, -1)
-
-
-def _threads() -> int:
-    import faiss
-
-    return max(1, int(faiss.omp_get_max_threads()))
 
 
 def _faiss_gpus() -> int:
@@ -356,7 +349,7 @@ class Shard:
         pos = self.ids.find(ids)
         out: dict[str, Any] = {"self": np.where(pos >= 0, pos + self.lo, -1).astype(np.int64)}
         models = list(depth)
-        threads = _threads()
+        threads = ix.faiss_threads()
         if len(models) < 2 or threads < 2 or _faiss_gpus():
             for model in models:
                 out[model] = self._search_model(model, queries, depth[model], carry, exact)
@@ -556,7 +549,7 @@ def merge_answers(answers: list[dict[str, Any]], model: str, kk: int, rows: np.n
 
 @dataclass
 class ShardedSearch:
-    """The search stage over a cluster: sorts the vectors by id, starts the shard actors,
+    """The search stage over a cluster: puts the vectors in shards of id-sorted rows, starts the shard actors,
     and gives the query stream as a lazy Dataset of ``SEARCH_SCHEMA`` rows (``rows``).
 
     Use as a context manager: the shard actors live until it closes. ``facts`` says how
