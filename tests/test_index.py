@@ -256,3 +256,38 @@ def test_a_5000_copy_group_is_searched_once_and_expanded():
     groups = ix._DuplicateGroups.of(copies)
     assert groups is not None and groups.first.tolist() == [0, 3] and groups.inverse.tolist() == [0, 0, 0, 1, 1, 1]
     assert ix._DuplicateGroups.of(base) is None
+
+
+def test_ivf_flat_lists_filled_list_by_list_equal_faiss_add() -> None:
+    """``add_vectors`` fills an IVF-Flat index's lists one list at a time (exact sizes):
+    the same lists, ids, bytes and search results as FAISS's own ``add``; other indexes
+    are added to by ``add`` itself."""
+    import faiss
+
+    from clipscan.stages.index import add_vectors
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((20_000, 16), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+
+    def built(spec: str, add) -> faiss.Index:
+        idx = faiss.index_factory(16, spec, faiss.METRIC_INNER_PRODUCT)
+        idx.train(x[:8000])
+        add(idx)
+        return idx
+
+    a = built("IVF32,Flat", lambda i: i.add(x))
+    b = built("IVF32,Flat", lambda i: add_vectors(i, x, batch=3000))
+    assert a.ntotal == b.ntotal == len(x)
+    for lst in range(32):
+        size = a.invlists.list_size(lst)
+        assert b.invlists.list_size(lst) == size
+        for get, width in ((a.invlists.get_ids, 1), (a.invlists.get_codes, 64)):
+            other = getattr(b.invlists, get.__name__)
+            np.testing.assert_array_equal(faiss.rev_swig_ptr(get(lst), size * width),
+                                          faiss.rev_swig_ptr(other(lst), size * width))
+    a.nprobe = b.nprobe = 4
+    for got, want in zip(b.search(x[:500], 10), a.search(x[:500], 10), strict=True):
+        np.testing.assert_array_equal(got, want)
+    sq = built("IVF8,SQ8", lambda i: add_vectors(i, x))  # not IVF-Flat: FAISS's add
+    assert sq.ntotal == len(x)

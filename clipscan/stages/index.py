@@ -248,10 +248,39 @@ def build_index(x: np.ndarray, spec: str, nprobe: int, train_sample: int, seed: 
     if ivf is not None:
         ivf.cp.seed = seed
     idx.train(train)
-    idx.add(x)
+    add_vectors(idx, x)
     if ivf is not None:
         ivf.nprobe = min(nprobe, ivf.nlist)
     return idx
+
+
+def add_vectors(idx: Any, x: np.ndarray, batch: int = 65536) -> None:
+    """``idx.add(x)``, but an IVF-Flat index's lists are filled one list at a time at their
+    exact sizes: the same lists, entries and order (rows ascending in each list) that
+    ``add`` gives. ``add`` appends entry by entry, and each list's buffer doubles as it
+    grows: measured on 2,000,000 x 64, the lists then held 0.69 GiB for 0.49 GiB of
+    vectors while they were filled, and 0.25 GiB more than the vectors afterwards."""
+    import faiss
+
+    ivf: Any = faiss.downcast_index(idx)
+    invlists = ivf.invlists if type(ivf) is faiss.IndexIVFFlat else None
+    if invlists is None or ivf.ntotal != 0 or not len(x):
+        idx.add(x)
+        return
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n = x.shape[0]
+    # the list of each row, asked in the batches IndexIVF.add asks them in
+    lists = np.concatenate([ivf.quantizer.assign(x[s:s + batch], 1).reshape(-1) for s in range(0, n, batch)])
+    order = np.argsort(lists, kind="stable")
+    counts = np.bincount(lists, minlength=ivf.nlist)
+    at = 0
+    for list_no in np.flatnonzero(counts):
+        rows = order[at:at + counts[list_no]]
+        codes = np.ascontiguousarray(x[rows]).view(np.uint8)
+        ids = rows.astype(np.int64)
+        invlists.add_entries(int(list_no), len(rows), faiss.swig_ptr(ids), faiss.swig_ptr(codes))
+        at += len(rows)
+    ivf.ntotal = n
 
 
 def approx_self_knn(
