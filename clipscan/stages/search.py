@@ -223,12 +223,6 @@ class SortedIds:
         return np.where(hit, rows, -1)
 
 
-def _faiss_gpus() -> int:
-    import faiss
-
-    return int(faiss.get_num_gpus())
-
-
 def _ascending(ids: pa.Array) -> bool:
     """Whether ``ids`` are strictly ascending (sorted, none repeated)."""
     import pyarrow.compute as pc
@@ -348,9 +342,11 @@ class Shard:
         """
         pos = self.ids.find(ids)
         out: dict[str, Any] = {"self": np.where(pos >= 0, pos + self.lo, -1).astype(np.int64)}
+        import faiss
+
         models = list(depth)
         threads = ix.faiss_threads()
-        if len(models) < 2 or threads < 2 or _faiss_gpus():
+        if len(models) < 2 or threads < 2 or faiss.get_num_gpus():
             for model in models:
                 out[model] = self._search_model(model, queries, depth[model], carry, exact)
             return out
@@ -363,8 +359,6 @@ class Shard:
         share = max(1, threads // len(models))
 
         def one(model: str) -> dict[str, Any]:
-            import faiss
-
             faiss.omp_set_num_threads(share)  # this thread's own setting (OpenMP's is per thread)
             return self._search_model(model, queries, depth[model], carry, exact)
 
