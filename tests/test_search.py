@@ -288,6 +288,27 @@ def test_pipeline_ranks_pairs_and_cases_equal_today(ray_local: None, tmp_path, s
         np.testing.assert_array_equal(figures.points[c], expected.points[c])
 
 
+def test_sort_map_tasks_take_one_block_each(ray_local: None) -> None:
+    """The mine stage's sorts run one map task per block's worth of input, not Ray's default
+    of up to 1 GiB per task (one task for the whole corpus below that, holding all of it)."""
+    import re
+
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    assert ctx.shuffle_input_batch_bytes == ctx.target_max_block_size
+    blocks = [pa.table({"gap": np.random.default_rng(i).random(4096)}) for i in range(6)]
+    before = ctx.shuffle_input_batch_bytes
+    try:
+        ctx.shuffle_input_batch_bytes = blocks[0].nbytes  # one block's worth, at this test's size
+        stats = ray.data.from_arrow(blocks).sort("gap").materialize().stats()
+    finally:
+        ctx.shuffle_input_batch_bytes = before
+    produced = re.search(r"SortShuffleMap\(partitions=\d+\): \d+ tasks executed, (\d+) blocks produced", stats)
+    assert produced is not None, stats
+    assert int(produced.group(1)) == len(blocks)
+
+
 def test_plot_sample_is_bounded_and_seeded() -> None:
     ranks = mn.sample_ranks(10**8, 10, seed=3)
     assert len(ranks) == mn.PLOT_POINTS // 10 and ranks.min() >= 1 and ranks.max() <= 10**8
