@@ -578,7 +578,9 @@ def read_corpus(
     info.update(shard_rows=shard_rows, shards=len(shard_rows), todo_shards=len(pieces))
     # a shard (the resume unit) is large; its Ray blocks are not, so decode spreads over tasks
     blocks = [t.slice(i, READ_BLOCK_ROWS) for t in pieces for i in range(0, t.num_rows, READ_BLOCK_ROWS)]
-    return ray.data.from_arrow(blocks or [table.slice(0, 0)]), info
+    # from_blocks reads each block's metadata here; from_arrow runs a Ray task per block for it
+    # (4.3-5.2 s against 1.5-1.8 s for the 1,954 blocks of 2,000,000 rows, 0.5 s for one block)
+    return ray.data.from_blocks(blocks or [table.slice(0, 0)]), info
 
 
 def shard_digest(rows: pa.Table) -> str:
