@@ -1,5 +1,7 @@
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.csv  # noqa: F401  (pa.csv)
 import pyarrow.parquet as pq
 import pytest
 
@@ -104,3 +106,57 @@ def test_default_ids_keep_extension_and_folder(tmp_path: Path) -> None:
     assert table.column("id").to_pylist() == ["hopper.jpg", "hopper.png", "a/hopper.png", "hopper.jpg"]
     assert table.column("skip_reason").to_pylist()[:3] == ["", "", ""]
     assert table.column("skip_reason").to_pylist()[3].startswith("duplicate id")
+
+
+ODD_IMAGES = ["a.jpg", "./b.jpg", "c//d.jpg", "e/../f.jpg", "g/", "/abs/h.jpg", "s3://bucket/i.jpg",
+              "file://j.jpg", "", None, "k/./l.jpg", "...", "m/.n.jpg", "a.jpg", "//o.jpg"]
+ODD_CAPTIONS = ["  a cat  ", "", None, "\x1c a dog \x1f", "\u3000", "a cat", "tab\tin", "\n", "é", "two  spaces",
+                "x", "y", "z", "dup of a", "last"]
+
+
+@pytest.mark.parametrize("kind", ["parquet", "csv", "jsonl"])
+@pytest.mark.parametrize("ids", ["none", "strings", "ints"])
+@pytest.mark.parametrize("base,limit,step", [(None, None, 4), ("s3://bucket/root", 11, None), ("/data/", None, 100)])
+def test_manifest_columns_equal_the_row_path(tmp_path: Path, kind: str, ids: str, base: str | None, limit: int | None,
+                                             step: int | None) -> None:
+    """The Arrow path gives the row path's table to the bit: ids (normalised paths, given ids,
+    repeats), uris, trimmed captions, skip reasons, shards and rows."""
+    import json
+
+    from clipscan.data.read import manifest_table, read_manifest, rows_to_table
+
+    cols: dict[str, list[object]] = {"image": list(ODD_IMAGES), "caption": list(ODD_CAPTIONS)}
+    if ids == "strings":
+        cols["id"] = ["x1", None, "x1", "x2", "", None, "x3", "x2", "x4", "x5", "x6", "x7", "x8", "x9", "x1"]
+    elif ids == "ints":
+        cols["id"] = [3, 1, 3, None, 2, 5, 6, 7, 8, 9, 10, 11, 12, 13, -1]
+    if kind == "parquet":
+        path = tmp_path / "m.parquet"
+        pq.write_table(pa.table(cols), path)
+    elif kind == "jsonl":
+        path = tmp_path / "m.jsonl"
+        path.write_text("\n".join(json.dumps(dict(zip(cols, r, strict=True))) for r in zip(*cols.values(), strict=True)))
+    else:
+        if ids == "ints" or None in cols["image"]:  # CSV has no null string: write what it can hold
+            cols = {k: ["" if v is None else v for v in vals] for k, vals in cols.items()}
+        path = tmp_path / "m.csv"
+        pa.csv.write_csv(pa.table({k: pa.array([None if v is None else str(v) for v in vals], pa.string())
+                                   for k, vals in cols.items()}), path)
+    got = manifest_table(str(path), base, step, limit)
+    assert got is not None
+    rows, counts = read_manifest(str(path), base)
+    want = rows_to_table(rows[:limit] if limit is not None else rows, "longest", step)
+    assert got[1] == counts
+    for name in want.column_names:
+        assert got[0].column(name).to_pylist() == want.column(name).to_pylist(), name
+    assert got[0].equals(want)
+
+
+def test_manifest_with_caption_lists_takes_the_row_path(tmp_path: Path) -> None:
+    from clipscan.data.read import manifest_table
+
+    path = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"image": ["a.jpg"], "caption": [["one", "three"]]}), path)
+    assert manifest_table(str(path), None, 4, None) is None
+    table, _ = read_table(DataConfig(path=str(path)))
+    assert table.column("caption").to_pylist() == ["three"]

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
@@ -277,6 +278,88 @@ def read_manifest(path: str, images: str | None = None) -> tuple[list[RawRow], d
 
 READERS = {"flickr8k": read_flickr8k, "coco": read_coco, "manifest": read_manifest}
 
+# str.strip()'s characters, for Arrow's trim: the same captions come out of both paths
+PY_WHITESPACE = "".join(chr(c) for c in range(0x3001) if chr(c).isspace())
+_NEEDS_NORMPATH = r"(^|/)\.\.?(/|$)|//|/$"  # an image path that posixpath.normpath would change
+
+
+def manifest_table(path: str, images: str | None, rows_per_block: int | None,
+                   limit: int | None) -> tuple[pa.Table, dict[str, int]] | None:
+    """``rows_to_table(read_manifest(...))`` computed column by column in Arrow, for a manifest
+    whose ``image`` and ``caption`` columns are strings and whose ``id``, if any, is a string or
+    an integer (one caption a row, so ``data.caption`` has nothing to choose). None for any
+    other manifest (caption lists, bytes), which takes the row path."""
+    import pyarrow.compute as pc
+
+    fsys, inner = cfs.resolve(path)
+    try:
+        if fsys.get_file_info(inner).type == pafs.FileType.Directory:
+            path = next((cfs.join(path, n) for n in MANIFEST_NAMES if cfs.exists(cfs.join(path, n))), path)
+    except OSError as e:
+        raise CorpusError(f"cannot read manifest {path}: {e}") from e
+    table, bad = _read_manifest_table(path)
+    names = table.column_names
+    strings = (pa.string(), pa.large_string())
+    if "image" not in names or table.schema.field("image").type not in strings:
+        return None
+    if "caption" in names and table.schema.field("caption").type not in strings:
+        return None
+    if "id" in names and not (table.schema.field("id").type in strings or pa.types.is_integer(table.schema.field("id").type)):
+        return None
+    if limit is not None:
+        table = table.slice(0, limit)
+    n = table.num_rows
+    image = pc.fill_null(table.column("image").combine_chunks().cast(pa.string()), "")
+    base = images or cfs.dirname(path)
+    prefix = base if base.endswith("/") else base + "/"
+    absolute = pc.or_(pc.and_(pc.match_substring(image, "://"), pc.invert(pc.starts_with(image, "file://"))),
+                      pc.starts_with(image, "/"))
+    uri = pc.if_else(absolute, image, pc.binary_join_element_wise(prefix, image, ""))
+    # ids: the id column, else the image path normalised (posixpath.normpath, only where it changes it)
+    fixed = pc.match_substring_regex(image, _NEEDS_NORMPATH)
+    normed = image
+    if pc.any(fixed).as_py():
+        at = np.flatnonzero(fixed.to_numpy(zero_copy_only=False))
+        values = np.asarray(image.to_pylist(), dtype=object)  # rare: only these rows are rebuilt
+        values[at] = [posixpath.normpath(v) for v in values[at]]
+        normed = pa.array(values, pa.string())
+    ids = normed
+    if "id" in names:
+        given = table.column("id").combine_chunks().cast(pa.string())
+        ids = pc.if_else(pc.is_null(given), normed, given)
+    if "caption" in names:
+        text = pc.utf8_trim(pc.fill_null(table.column("caption").combine_chunks().cast(pa.string()), ""),
+                            characters=PY_WHITESPACE)
+    else:
+        text = pa.array([""] * n, pa.string())
+    has = pc.greater(pc.utf8_length(text), 0)
+    offsets = np.zeros(n + 1, dtype=np.int32)
+    np.cumsum(has.to_numpy(zero_copy_only=False), out=offsets[1:])
+    captions = pa.ListArray.from_arrays(pa.array(offsets), text.filter(has))
+    # the first row of each id: a stable sort by id puts it first in its run
+    order = pc.sort_indices(ids).to_numpy()
+    by_id = ids.take(pa.array(order))
+    starts = np.ones(n, dtype=bool)
+    if n > 1:
+        starts[1:] = pc.not_equal(by_id.slice(1), by_id.slice(0, n - 1)).to_numpy(zero_copy_only=False)
+    first = np.empty(n, dtype=np.int64)
+    first[order] = order[np.flatnonzero(starts)[np.cumsum(starts) - 1]]
+    repeated = first != np.arange(n)
+    no_caption = ~has.to_numpy(zero_copy_only=False)
+    reason = pc.if_else(pa.array(repeated), pc.binary_join_element_wise(
+        "duplicate id (first seen at row ", pa.array(first).cast(pa.string()), ")", ""),
+        pc.if_else(pa.array(no_caption), "no caption", ""))
+    step = rows_per_block
+    row_no = np.arange(n, dtype=np.int64)
+    cols = {
+        "id": ids, "uri": uri, "captions": captions, "caption": text,
+        "skip_stage": pa.array(np.where(repeated | no_caption, "read", ""), pa.string()),
+        "skip_reason": reason, "notes": pa.array([""] * n, pa.string()),
+        "shard": pa.array(row_no // step if step else np.full(n, -1), pa.int32()),
+        "row": pa.array(row_no % step if step else np.full(n, -1), pa.int32()),
+    }
+    return pa.table(cols, schema=ROW_SCHEMA), {"caption_lines_utf8_repaired": bad}
+
 
 def select_caption(captions: list[str], how: str) -> str:
     """The image's caption: the longest (the paper's choice; ties go to the first) or the first."""
@@ -330,6 +413,10 @@ def read_table(cfg: DataConfig) -> tuple[pa.Table, dict[str, Any]]:
     fmt = cfg.format if cfg.format != "auto" else detect_format(path)
     if fmt not in READERS:
         raise CorpusError(f"format {fmt!r} is not read into a table; use read_corpus")
+    if fmt == "manifest":
+        fast = manifest_table(path, cfg.images, cfg.rows_per_block, cfg.limit)
+        if fast is not None:
+            return fast[0], {"format": fmt, **fast[1]}
     rows, counts = READERS[fmt](path, cfg.images)
     if cfg.limit is not None:
         rows = rows[: cfg.limit]
