@@ -115,7 +115,7 @@ def configure_data_context() -> None:
         # A sort's or group-by's map task takes its input blocks up to this many bytes at once:
         # Ray's default, 1 GiB, made each map task of the mine stage's rank sort hold 1.84 GiB
         # at 2,000,000 rows, more than the search's shard actor with its vectors and indexes.
-        # One block's worth (1.50 GiB at most, the shard actor's, in the same run).
+        # With one block's worth the largest worker of that run is the shard actor.
         ctx.shuffle_input_batch_bytes = ctx.target_max_block_size or ctx.shuffle_input_batch_bytes
 
 

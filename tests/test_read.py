@@ -123,7 +123,7 @@ def test_manifest_columns_equal_the_row_path(tmp_path: Path, kind: str, ids: str
     repeats), uris, trimmed captions, skip reasons, shards and rows."""
     import json
 
-    from clipscan.data.read import manifest_table, read_manifest, rows_to_table
+    from clipscan.data.read import manifest_table, read_manifest, read_manifest_table, rows_to_table
 
     cols: dict[str, list[object]] = {"image": list(ODD_IMAGES), "caption": list(ODD_CAPTIONS)}
     if ids == "strings":
@@ -142,7 +142,7 @@ def test_manifest_columns_equal_the_row_path(tmp_path: Path, kind: str, ids: str
         path = tmp_path / "m.csv"
         pa.csv.write_csv(pa.table({k: pa.array([None if v is None else str(v) for v in vals], pa.string())
                                    for k, vals in cols.items()}), path)
-    got = manifest_table(str(path), base, step, limit)
+    got = manifest_table(*read_manifest_table(str(path)), base or str(tmp_path), step, limit)
     assert got is not None
     rows, counts = read_manifest(str(path), base)
     want = rows_to_table(rows[:limit] if limit is not None else rows, "longest", step)
@@ -153,10 +153,10 @@ def test_manifest_columns_equal_the_row_path(tmp_path: Path, kind: str, ids: str
 
 
 def test_manifest_with_caption_lists_takes_the_row_path(tmp_path: Path) -> None:
-    from clipscan.data.read import manifest_table
+    from clipscan.data.read import manifest_table, read_manifest_table
 
     path = tmp_path / "m.parquet"
     pq.write_table(pa.table({"image": ["a.jpg"], "caption": [["one", "three"]]}), path)
-    assert manifest_table(str(path), None, 4, None) is None
+    assert manifest_table(*read_manifest_table(str(path)), str(tmp_path), 4, None) is None
     table, _ = read_table(DataConfig(path=str(path)))
     assert table.column("caption").to_pylist() == ["three"]

@@ -211,7 +211,7 @@ def coco_images_dir(path: str, first_file: str = "") -> str:
     )
 
 
-def _read_manifest_table(path: str) -> tuple[pa.Table, int]:
+def read_manifest_table(path: str) -> tuple[pa.Table, int]:
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
@@ -240,8 +240,8 @@ def _read_manifest_table(path: str) -> tuple[pa.Table, int]:
     raise CorpusError(f"manifest {path}: expected .parquet, .csv or .jsonl")
 
 
-def read_manifest(path: str, images: str | None = None) -> tuple[list[RawRow], dict[str, int]]:
-    """A manifest: ``image`` (path or URI, relative to the manifest), ``caption`` (string or list), optional ``id``."""
+def manifest_file(path: str) -> str:
+    """The manifest file at ``path``: the file itself, or a folder's ``manifest.parquet`` (or ``.jsonl``, ``.csv``)."""
     fsys, inner = cfs.resolve(path)
     try:
         is_dir = fsys.get_file_info(inner).type == pafs.FileType.Directory
@@ -250,9 +250,19 @@ def read_manifest(path: str, images: str | None = None) -> tuple[list[RawRow], d
     if is_dir:
         for name in MANIFEST_NAMES:
             if cfs.exists(cfs.join(path, name)):
-                path = cfs.join(path, name)
-                break
-    table, bad = _read_manifest_table(path)
+                return cfs.join(path, name)
+    return path
+
+
+def read_manifest(path: str, images: str | None = None) -> tuple[list[RawRow], dict[str, int]]:
+    """A manifest: ``image`` (path or URI, relative to the manifest), ``caption`` (string or list), optional ``id``."""
+    path = manifest_file(path)
+    table, bad = read_manifest_table(path)
+    return manifest_rows(table, bad, path, images)
+
+
+def manifest_rows(table: pa.Table, bad: int, path: str, images: str | None) -> tuple[list[RawRow], dict[str, int]]:
+    """The manifest ``table`` read from ``path`` (``bad``: its lines already repaired) as rows."""
     if "image" not in table.column_names:
         raise CorpusError(f"manifest {path} has no 'image' column (columns: {table.column_names})")
     base = images or cfs.dirname(path)
@@ -283,21 +293,15 @@ PY_WHITESPACE = "".join(chr(c) for c in range(0x3001) if chr(c).isspace())
 _NEEDS_NORMPATH = r"(^|/)\.\.?(/|$)|//|/$"  # an image path that posixpath.normpath would change
 
 
-def manifest_table(path: str, images: str | None, rows_per_block: int | None,
+def manifest_table(table: pa.Table, bad: int, base: str, rows_per_block: int | None,
                    limit: int | None) -> tuple[pa.Table, dict[str, int]] | None:
-    """``rows_to_table(read_manifest(...))`` computed column by column in Arrow, for a manifest
-    whose ``image`` and ``caption`` columns are strings and whose ``id``, if any, is a string or
-    an integer (one caption a row, so ``data.caption`` has nothing to choose). None for any
-    other manifest (caption lists, bytes), which takes the row path."""
+    """``rows_to_table(manifest_rows(...))`` computed column by column in Arrow, for a manifest
+    ``table`` whose ``image`` and ``caption`` columns are strings and whose ``id``, if any, is a
+    string or an integer (one caption a row, so ``data.caption`` has nothing to choose).
+    ``base``: the folder relative image paths are under. None for any other manifest (caption
+    lists, bytes), which takes the row path."""
     import pyarrow.compute as pc
 
-    fsys, inner = cfs.resolve(path)
-    try:
-        if fsys.get_file_info(inner).type == pafs.FileType.Directory:
-            path = next((cfs.join(path, n) for n in MANIFEST_NAMES if cfs.exists(cfs.join(path, n))), path)
-    except OSError as e:
-        raise CorpusError(f"cannot read manifest {path}: {e}") from e
-    table, bad = _read_manifest_table(path)
     names = table.column_names
     strings = (pa.string(), pa.large_string())
     if "image" not in names or table.schema.field("image").type not in strings:
@@ -310,7 +314,6 @@ def manifest_table(path: str, images: str | None, rows_per_block: int | None,
         table = table.slice(0, limit)
     n = table.num_rows
     image = pc.fill_null(table.column("image").combine_chunks().cast(pa.string()), "")
-    base = images or cfs.dirname(path)
     prefix = base if base.endswith("/") else base + "/"
     absolute = pc.or_(pc.and_(pc.match_substring(image, "://"), pc.invert(pc.starts_with(image, "file://"))),
                       pc.starts_with(image, "/"))
@@ -320,7 +323,7 @@ def manifest_table(path: str, images: str | None, rows_per_block: int | None,
     normed = image
     if pc.any(fixed).as_py():
         at = np.flatnonzero(fixed.to_numpy(zero_copy_only=False))
-        values = np.asarray(image.to_pylist(), dtype=object)  # rare: only these rows are rebuilt
+        values = image.to_numpy(zero_copy_only=False, writable=True)  # through Python only where a path needs it
         values[at] = [posixpath.normpath(v) for v in values[at]]
         normed = pa.array(values, pa.string())
     ids = normed
@@ -414,10 +417,14 @@ def read_table(cfg: DataConfig) -> tuple[pa.Table, dict[str, Any]]:
     if fmt not in READERS:
         raise CorpusError(f"format {fmt!r} is not read into a table; use read_corpus")
     if fmt == "manifest":
-        fast = manifest_table(path, cfg.images, cfg.rows_per_block, cfg.limit)
+        path = manifest_file(path)
+        table, bad = read_manifest_table(path)
+        fast = manifest_table(table, bad, cfg.images or cfs.dirname(path), cfg.rows_per_block, cfg.limit)
         if fast is not None:
             return fast[0], {"format": fmt, **fast[1]}
-    rows, counts = READERS[fmt](path, cfg.images)
+        rows, counts = manifest_rows(table, bad, path, cfg.images)
+    else:
+        rows, counts = READERS[fmt](path, cfg.images)
     if cfg.limit is not None:
         rows = rows[: cfg.limit]
     return rows_to_table(rows, cfg.caption, cfg.rows_per_block), {"format": fmt, **counts}
