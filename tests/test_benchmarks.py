@@ -32,6 +32,13 @@ def test_knn_benchmark() -> None:
     assert "(a)/(b) speed:" in out
 
 
+def test_read_benchmark() -> None:
+    out = _bench("benchmarks/read.py", "--sizes", "300,3000")
+    assert "arrow s" in out and "rows s" in out
+    assert [line.split()[0] for line in out.splitlines()[1:3]] == ["300", "3,000"], out
+    assert "bytes of driver peak per manifest row" in out
+
+
 @pytest.mark.slow
 def test_embed_benchmark() -> None:
     out = _bench("benchmarks/embed.py", "--tiny-only", "--n", "24", "--mem-sizes", "100", "200")
