@@ -29,6 +29,18 @@ def dinov2_small_dir(root: Path, image_size: int = 518) -> str:
     return f"hf:{path}"
 
 
+def vm_status(pid: int | str = "self", field: str = "VmHWM") -> int:
+    """One process's ``field`` of /proc/PID/status, bytes (VmHWM: its peak resident set,
+    counting the object-store pages it maps; RssAnon: its private memory now); 0 if it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 class Sampler:
     """Samples this process and its descendants every interval_s; keeps the peak RSS and PSS
     sums and the CPU seconds they used (the Ray workers included).

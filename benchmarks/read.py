@@ -25,14 +25,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-
-def _vm_hwm() -> int:
-    """This process's peak RSS in bytes (VmHWM)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
+from common import vm_status  # noqa: E402
 
 
 def write_manifest(path: Path, n: int) -> None:
@@ -51,7 +46,7 @@ def _child(path: str, how: str) -> None:
     from clipscan.config import DataConfig
     from clipscan.data import read
 
-    before = _vm_hwm()
+    before = vm_status()
     start = time.perf_counter()
     if how == "arrow":
         table, _ = read.read_table(DataConfig(path=path))
@@ -59,7 +54,7 @@ def _child(path: str, how: str) -> None:
         file = read.manifest_file(path)
         rows, _ = read.manifest_rows(*read.read_manifest_table(file), file, None)
         table = read.rows_to_table(rows, "longest", DataConfig().rows_per_block)
-    print(json.dumps({"s": time.perf_counter() - start, "peak": _vm_hwm(), "before": before, "rows": table.num_rows}))
+    print(json.dumps({"s": time.perf_counter() - start, "peak": vm_status(), "before": before, "rows": table.num_rows}))
 
 
 def measure(path: Path, how: str) -> dict[str, float]:

@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from common import Sampler  # noqa: E402
+from common import Sampler, vm_status  # noqa: E402
 
 from clipscan.runner import start_local_ray  # noqa: E402
 
@@ -137,18 +137,6 @@ def write_clip_retrieval(root: Path, n: int, d: int, dtype: str, seed: int, rows
     return str(root)
 
 
-def _vm_hwm(pid: int | str = "self", field: str = "VmHWM") -> int:
-    """One process's ``field`` of /proc/PID/status, bytes (VmHWM: its peak resident set,
-    counting the object-store pages it maps; RssAnon: its private memory now); 0 if it is gone."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(f"{field}:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 class WorkerPeaks:
     """Polls every descendant process's VmHWM (monotonic, so polling misses little) and its
     private memory (RssAnon, the largest value polled: the object store's shared pages that
@@ -174,7 +162,7 @@ class WorkerPeaks:
                 continue
             if "IDLE" not in name:
                 self.roles[proc.pid] = name
-            peak, private = _vm_hwm(proc.pid), _vm_hwm(proc.pid, "RssAnon")
+            peak, private = vm_status(proc.pid), vm_status(proc.pid, "RssAnon")
             if peak > self.peaks.get(proc.pid, (0, ""))[0]:
                 self.peaks[proc.pid] = (peak, name)
             if private > self.private.get(proc.pid, (0, ""))[0]:
@@ -230,7 +218,7 @@ def precomputed_one(work: Path, n: int, args: argparse.Namespace) -> dict[str, A
         "report.rows=10", *args.override,
     ])
     start_local_ray(args.cpus, tempfile.mkdtemp(prefix="clipscan-bench-"), log_to_driver=False)
-    driver_before = _vm_hwm()
+    driver_before = vm_status()
     with WorkerPeaks() as peaks:
         start = time.perf_counter()
         if args.stop_after == "vectors":
@@ -248,7 +236,7 @@ def precomputed_one(work: Path, n: int, args: argparse.Namespace) -> dict[str, A
     worker, worker_name = peaks.largest_worker()
     private, private_name = peaks.largest_worker(private=True)
     shard_private, _ = peaks.largest_worker(private=True, role="_ShardActor")
-    return {"n": n, "wall_s": wall, "driver_hwm": _vm_hwm(), "driver_hwm_before": driver_before,
+    return {"n": n, "wall_s": wall, "driver_hwm": vm_status(), "driver_hwm_before": driver_before,
             "worker_hwm": worker, "worker": worker_name, "worker_private": private, "worker_private_name": private_name,
             "shard_private": shard_private,
             "embedded": info["counts"].get("embedded"),
@@ -326,7 +314,7 @@ def tcac_one(work: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
     shutil.rmtree(out, ignore_errors=True)
     start_local_ray(args.cpus, tempfile.mkdtemp(prefix="clipscan-bench-"), log_to_driver=False)
     shards = -(-n // args.rows_per_block)
-    driver_before = _vm_hwm()
+    driver_before = vm_status()
     with WorkerPeaks() as peaks:
         start = time.perf_counter()
         shard_rows = {s: min(args.rows_per_block, n - s * args.rows_per_block) for s in range(shards)}
@@ -339,7 +327,7 @@ def tcac_one(work: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
     private, private_name = peaks.largest_worker(private=True)
     if counts["scored"] != n:
         raise RuntimeError(f"collected {counts['scored']} of {n} images")
-    return {"n": n, "wall_s": wall, "driver_hwm": _vm_hwm(), "driver_hwm_before": driver_before,
+    return {"n": n, "wall_s": wall, "driver_hwm": vm_status(), "driver_hwm_before": driver_before,
             "worker_hwm": worker, "worker": worker_name, "worker_private": private,
             "worker_private_name": private_name, "embedded": counts["rows"], "skipped": counts["skipped"],
             "stages": {"collect+figures": wall}}
