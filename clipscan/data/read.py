@@ -315,6 +315,7 @@ def manifest_table(table: pa.Table, bad: int, base: str, rows_per_block: int | N
     n = table.num_rows
     image = pc.fill_null(table.column("image").combine_chunks().cast(pa.string()), "")
     prefix = base if base.endswith("/") else base + "/"
+    # cfs.is_uri, or a local absolute path, over the column
     absolute = pc.or_(pc.and_(pc.match_substring(image, "://"), pc.invert(pc.starts_with(image, "file://"))),
                       pc.starts_with(image, "/"))
     uri = pc.if_else(absolute, image, pc.binary_join_element_wise(prefix, image, ""))
@@ -334,7 +335,7 @@ def manifest_table(table: pa.Table, bad: int, base: str, rows_per_block: int | N
         text = pc.utf8_trim(pc.fill_null(table.column("caption").combine_chunks().cast(pa.string()), ""),
                             characters=PY_WHITESPACE)
     else:
-        text = pa.array([""] * n, pa.string())
+        text = pa.repeat(pa.scalar("", pa.string()), n)
     has = pc.greater(pc.utf8_length(text), 0)
     offsets = np.zeros(n + 1, dtype=np.int32)
     np.cumsum(has.to_numpy(zero_copy_only=False), out=offsets[1:])
@@ -352,14 +353,13 @@ def manifest_table(table: pa.Table, bad: int, base: str, rows_per_block: int | N
     reason = pc.if_else(pa.array(repeated), pc.binary_join_element_wise(
         "duplicate id (first seen at row ", pa.array(first).cast(pa.string()), ")", ""),
         pc.if_else(pa.array(no_caption), "no caption", ""))
-    step = rows_per_block
     row_no = np.arange(n, dtype=np.int64)
     cols = {
         "id": ids, "uri": uri, "captions": captions, "caption": text,
         "skip_stage": pa.array(np.where(repeated | no_caption, "read", ""), pa.string()),
-        "skip_reason": reason, "notes": pa.array([""] * n, pa.string()),
-        "shard": pa.array(row_no // step if step else np.full(n, -1), pa.int32()),
-        "row": pa.array(row_no % step if step else np.full(n, -1), pa.int32()),
+        "skip_reason": reason, "notes": pa.repeat(pa.scalar("", pa.string()), n),
+        "shard": pa.array(row_no // rows_per_block if rows_per_block else np.full(n, -1), pa.int32()),
+        "row": pa.array(row_no % rows_per_block if rows_per_block else np.full(n, -1), pa.int32()),
     }
     return pa.table(cols, schema=ROW_SCHEMA), {"caption_lines_utf8_repaired": bad}
 
