@@ -28,6 +28,7 @@ class DataConfig(Section):
     images: str | None = None  # images folder for flickr8k/coco when not beside the captions file
     limit: int | None = Field(default=None, ge=1)  # read at most this many images (rows), None = all
     rows_per_block: int = Field(default=100_000, ge=1)  # rows per input shard, the resume unit (read in Ray blocks of at most 1,024 rows); also rows per block read from emb: files
+    stream_min_rows: int = Field(default=1_000_000, ge=0)  # a Parquet manifest (file or folder of parts) of at least this many rows is read in Ray tasks, shard by shard, not listed on the driver
     max_pixels: int = Field(default=89_478_485, ge=1)  # larger images are skipped (decompression bombs), pixels
     decode_timeout_s: float = Field(default=60.0, gt=0)  # an image whose decoder runs longer is skipped and the decoder restarted, seconds
     decode_memory_mb: int | None = Field(default=2048, ge=256)  # address space of the decoder process; an image that needs more is skipped, MiB; None = no limit

@@ -69,7 +69,8 @@ def run_tcac(cfg: TcacConfig, overwrite: bool = False) -> Run:
     raw = run.path("_rows")
 
     with run.stage("read") as facts:
-        ds, info = read_corpus(cfg.data, lambda shard_rows: rows.complete_shards(raw, shard_rows))
+        ds, info = read_corpus(cfg.data, lambda shard_rows: rows.complete_shards(raw, shard_rows),
+                               scratch=run.path("_read"))
         images = None if info["format"] == "webdataset" else sum(info["shard_rows"].values())
         facts.update({k: v for k, v in info.items() if k != "shard_rows"}, shards=len(info["shard_rows"]))
     # Small corpora build the caption pool in this process, large ones on caption shards, with
@@ -86,7 +87,8 @@ def run_tcac(cfg: TcacConfig, overwrite: bool = False) -> Run:
             elif info["todo_shards"]:
                 # every caption of the corpus, the scored shards' too: the pools do not depend on what a
                 # killed run finished (a second read, of the caption columns)
-                corpus, _ = read_corpus(cfg.data) if len(info["shard_rows"]) > info["todo_shards"] else (ds, info)
+                again = len(info["shard_rows"]) > info["todo_shards"]
+                corpus, _ = read_corpus(cfg.data, scratch=run.path("_read")) if again else (ds, info)
                 partitions = max(1, int(info.get("shards") or len(info["shard_rows"])))
                 shards, reused = caption_shards(cfg, corpus, run.path("captions.parquet"), partitions, repeats)
                 n_captions = shards.facts["images"]
@@ -152,6 +154,7 @@ def run_tcac(cfg: TcacConfig, overwrite: bool = False) -> Run:
                                  failures=failures)
         facts.update(path=path)
     cfs.remove_tree(raw)  # kept until here so that a run killed in a later stage does not score again
+    cfs.remove_tree(run.path("_read"))  # a streamed manifest's duplicate rows
     run.finish()
     return run
 

@@ -114,7 +114,7 @@ ODD_CAPTIONS = ["  a cat  ", "", None, "\x1c a dog \x1f", "\u3000", "a cat", "ta
                 "x", "y", "z", "dup of a", "last"]
 
 
-@pytest.mark.parametrize("kind", ["parquet", "csv", "jsonl"])
+@pytest.mark.parametrize("kind", ["parquet", "csv", "jsonl", "parquet-lists"])
 @pytest.mark.parametrize("ids", ["none", "strings", "ints"])
 @pytest.mark.parametrize("base,limit,step", [(None, None, 4), ("s3://bucket/root", 11, None), ("/data/", None, 100)])
 def test_manifest_columns_equal_the_row_path(tmp_path: Path, kind: str, ids: str, base: str | None, limit: int | None,
@@ -130,7 +130,10 @@ def test_manifest_columns_equal_the_row_path(tmp_path: Path, kind: str, ids: str
         cols["id"] = ["x1", None, "x1", "x2", "", None, "x3", "x2", "x4", "x5", "x6", "x7", "x8", "x9", "x1"]
     elif ids == "ints":
         cols["id"] = [3, 1, 3, None, 2, 5, 6, 7, 8, 9, 10, 11, 12, 13, -1]
-    if kind == "parquet":
+    if kind == "parquet-lists":  # several captions a row: data.caption picks one
+        cols["caption"] = [[c, "  ", None, f"long {c}"] if i % 3 == 0 else [] if i % 3 == 1 else None if i == 2 else
+                           [c, c] for i, c in enumerate(cols["caption"])]
+    if kind.startswith("parquet"):
         path = tmp_path / "m.parquet"
         pq.write_table(pa.table(cols), path)
     elif kind == "jsonl":
@@ -142,21 +145,94 @@ def test_manifest_columns_equal_the_row_path(tmp_path: Path, kind: str, ids: str
         path = tmp_path / "m.csv"
         pa.csv.write_csv(pa.table({k: pa.array([None if v is None else str(v) for v in vals], pa.string())
                                    for k, vals in cols.items()}), path)
-    got = manifest_table(*read_manifest_table(str(path)), base or str(tmp_path), step, limit)
-    assert got is not None
-    rows, counts = read_manifest(str(path), base)
-    want = rows_to_table(rows[:limit] if limit is not None else rows, "longest", step)
-    assert got[1] == counts
-    for name in want.column_names:
-        assert got[0].column(name).to_pylist() == want.column(name).to_pylist(), name
-    assert got[0].equals(want)
+    for how in ("longest", "first"):
+        got = manifest_table(*read_manifest_table(str(path)), base or str(tmp_path), step, limit, caption=how)
+        assert got is not None
+        rows, counts = read_manifest(str(path), base)
+        want = rows_to_table(rows[:limit] if limit is not None else rows, how, step)
+        assert got[1] == counts
+        for name in want.column_names:
+            assert got[0].column(name).to_pylist() == want.column(name).to_pylist(), name
+        assert got[0].equals(want)
 
 
-def test_manifest_with_caption_lists_takes_the_row_path(tmp_path: Path) -> None:
+def test_manifest_with_caption_bytes_takes_the_row_path(tmp_path: Path) -> None:
     from clipscan.data.read import manifest_table, read_manifest_table
 
     path = tmp_path / "m.parquet"
-    pq.write_table(pa.table({"image": ["a.jpg"], "caption": [["one", "three"]]}), path)
+    pq.write_table(pa.table({"image": ["a.jpg", "b.jpg"], "caption": [b"one \xff", b" three "]}), path)
     assert manifest_table(*read_manifest_table(str(path)), str(tmp_path), 4, None) is None
     table, _ = read_table(DataConfig(path=str(path)))
-    assert table.column("caption").to_pylist() == ["three"]
+    assert table.column("caption").to_pylist() == ["one \ufffd", "three"]
+
+
+def _parts_manifest(root: Path, n: int, ids: str) -> Path:
+    """A manifest folder of two Parquet parts (row groups of 9 and 13 rows) with ids repeated
+    within and across parts, null and blank captions, paths that normalise to the same id."""
+    folder = root / "manifest.parquet"
+    folder.mkdir(parents=True)
+    cols: dict[str, list[object]] = {
+        "image": [f"i{i % 11}.jpg" if i % 3 == 0 else f"./x/{i}.jpg" if i % 5 else f"x/{i}.jpg" for i in range(n)],
+        "caption": [None if i % 7 == 0 else "  " if i % 13 == 0 else f" caption {i} " for i in range(n)],
+    }
+    if ids == "ints":
+        cols["id"] = [None if i % 17 == 0 else i % 40 for i in range(n)]
+    if ids == "caption lists":
+        cols["caption"] = [None if c is None else [c, f"a longer {c}", ""] if i % 2 else [c]
+                           for i, c in enumerate(cols["caption"])]
+    table = pa.table(cols)
+    pq.write_table(table.slice(0, n // 2), folder / "part-0.parquet", row_group_size=9)
+    pq.write_table(table.slice(n // 2), folder / "part-1.parquet", row_group_size=13)
+    return folder
+
+
+@pytest.mark.parametrize("ids", ["paths", "ints", "caption lists"])
+@pytest.mark.parametrize("step,limit", [(7, None), (50, None), (1000, None), (8, 61)])
+def test_streamed_manifest_equals_the_driver_table(tmp_path: Path, ray_local: None, ids: str, step: int,
+                                                   limit: int | None) -> None:
+    """Read in Ray tasks shard by shard, after the distributed duplicate pass: the driver's
+    table to the bit (ids, uris, captions, skip reasons naming the first row, shards, rows)."""
+    _parts_manifest(tmp_path, 103, ids)
+    ds, info = read_corpus(DataConfig(path=str(tmp_path), rows_per_block=step, limit=limit, stream_min_rows=1),
+                           records=str(tmp_path / "records"))
+    assert info["streamed"] is True and info["manifest_parts"] == 2 and info["duplicate_rows"] > 0
+    got = pa.Table.from_pylist(sorted(ds.take_all(), key=lambda r: (r["shard"], r["row"])))
+    want, _ = read_table(DataConfig(path=str(tmp_path), rows_per_block=step, limit=limit))
+    assert sum(info["shard_rows"].values()) == want.num_rows == (limit or 103)
+    for name in want.column_names:
+        assert got.column(name).to_pylist() == want.column(name).to_pylist(), name
+    repeated = [r for r in want.column("skip_reason").to_pylist() if r.startswith("duplicate id")]
+    assert len(repeated) == info["duplicate_rows"]
+
+
+def test_streamed_manifest_forgets_only_the_shard_whose_input_changed(tmp_path: Path, ray_local: None) -> None:
+    folder = _parts_manifest(tmp_path, 103, "paths")
+    cfg = DataConfig(path=str(tmp_path), rows_per_block=10, stream_min_rows=1)
+    records = str(tmp_path / "records")
+    _, info = read_corpus(cfg, records=records)
+    assert info["changed_shards"] == 0 and info["todo_shards"] == 11
+    part = pq.read_table(folder / "part-1.parquet")
+    captions = part.column("caption").to_pylist()
+    captions[20] = "an edited caption"  # manifest row 51 + 20 = 71: shard 7
+    pq.write_table(part.set_column(1, "caption", pa.array(captions, pa.string())), folder / "part-1.parquet")
+    forgotten: list[int] = []
+    ds, info = read_corpus(cfg, done_shards=lambda rows: set(rows) - {7, 9}, records=records,
+                           forget=forgotten.append)
+    assert forgotten == [7] and info["changed_shards"] == 1 and info["todo_shards"] == 2
+    assert sorted({r["shard"] for r in ds.take_all()}) == [7, 9]
+
+
+def test_small_csv_and_caption_bytes_manifests_are_read_on_the_driver(tmp_path: Path) -> None:
+    from clipscan.data.stream import plan_manifest
+
+    _parts_manifest(tmp_path / "a", 30, "paths")
+    assert plan_manifest(DataConfig(path=str(tmp_path / "a"), stream_min_rows=30),
+                         str(tmp_path / "a" / "manifest.parquet")) is not None
+    assert plan_manifest(DataConfig(path=str(tmp_path / "a"), stream_min_rows=31),
+                         str(tmp_path / "a" / "manifest.parquet")) is None  # below data.stream_min_rows
+    assert plan_manifest(DataConfig(path=str(tmp_path / "a"), stream_min_rows=1, limit=5),
+                         str(tmp_path / "a" / "manifest.parquet")).rows == 5  # type: ignore[union-attr]
+    (tmp_path / "m.csv").write_text("image,caption\na.jpg,x\n")
+    assert plan_manifest(DataConfig(path=str(tmp_path / "m.csv"), stream_min_rows=0), str(tmp_path / "m.csv")) is None
+    pq.write_table(pa.table({"image": ["a.jpg"], "caption": [b"one"]}), tmp_path / "bytes.parquet")
+    assert plan_manifest(DataConfig(path=str(tmp_path), stream_min_rows=0), str(tmp_path / "bytes.parquet")) is None

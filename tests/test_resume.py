@@ -21,10 +21,11 @@ from clipscan.stages.embed import load_embeddings
 from tests.conftest import load_job
 
 ROOT = Path(__file__).resolve().parents[1]
+STREAMED = "data.stream_min_rows=1"  # the manifest read in Ray tasks, shard by shard
 
 
-def _command(manifest: str, out: Path) -> list[str]:
-    return [sys.executable, str(ROOT / "jobs" / "daf.py"), *_args(manifest, out)]
+def _command(manifest: str, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(ROOT / "jobs" / "daf.py"), *_args(manifest, out), *extra]
 
 
 def _args(manifest: str, out: Path) -> list[str]:
@@ -34,8 +35,8 @@ def _args(manifest: str, out: Path) -> list[str]:
             "data.rows_per_block=32", "ray.num_cpus=2", "mining.cases=5", "report.rows=3"]
 
 
-def _tcac_command(manifest: str, out: Path) -> list[str]:
-    return [sys.executable, str(ROOT / "jobs" / "tcac.py"), *_tcac_args(manifest, out)]
+def _tcac_command(manifest: str, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(ROOT / "jobs" / "tcac.py"), *_tcac_args(manifest, out), *extra]
 
 
 def _tcac_args(manifest: str, out: Path) -> list[str]:
@@ -84,13 +85,15 @@ def test_kill_mid_embedding_then_resume(tmp_path: Path, ray_local: None) -> None
 
     manifest = write_corpus(str(tmp_path / "corpus"), 224, seed=5, size=48)
     out = tmp_path / "run"
-    finished_before_kill = _run_and_kill(_command(manifest, out), out / "_rows", 3)
+    # the killed and the resumed run stream the manifest (read in Ray tasks), the clean run lists it
+    finished_before_kill = _run_and_kill(_command(manifest, out, STREAMED), out / "_rows", 3)
     assert finished_before_kill >= 3 and not (out / "discrepancies.parquet").exists()
 
     daf = load_job("daf")
-    assert daf.main(_args(manifest, out)) == 0
+    assert daf.main([*_args(manifest, out), STREAMED]) == 0
     info = json.loads((out / "run.json").read_text())
     assert info["status"] == "done"
+    assert info["stages"]["read"]["streamed"] is True and info["stages"]["read"]["changed_shards"] == 0
     assert info["stages"]["read"]["todo_shards"] <= 7 - finished_before_kill  # finished shards not recomputed
     assert info["counts"]["read"] == 224 == info["counts"]["embedded"] + info["counts"]["skipped"]
 
@@ -110,13 +113,14 @@ def test_kill_mid_tcac_scoring_then_resume(tmp_path: Path, ray_local: None) -> N
 
     manifest = write_corpus(str(tmp_path / "corpus"), 160, seed=6, size=48)
     out = tmp_path / "run"
-    finished_before_kill = _run_and_kill(_tcac_command(manifest, out), out / "_rows", 2)
+    finished_before_kill = _run_and_kill(_tcac_command(manifest, out, STREAMED), out / "_rows", 2)
     assert finished_before_kill >= 2 and (out / "captions.parquet").exists() and not (out / "tcac.parquet").exists()
 
     tcac = load_job("tcac")
-    assert tcac.main(_tcac_args(manifest, out)) == 0
+    assert tcac.main([*_tcac_args(manifest, out), STREAMED]) == 0
     info = json.loads((out / "run.json").read_text())
-    assert info["status"] == "done" and not (out / "_rows").exists()
+    assert info["status"] == "done" and not (out / "_rows").exists() and not (out / "_read").exists()
+    assert info["stages"]["read"]["streamed"] is True
     assert info["stages"]["caption_pool"]["reused"] is True  # the captions were not embedded again
     assert info["stages"]["score"]["shards_reused"] >= finished_before_kill  # nor the finished shards scored
     assert info["stages"]["read"]["todo_shards"] <= 5 - finished_before_kill

@@ -273,7 +273,7 @@ def manifest_rows(table: pa.Table, bad: int, path: str, images: str | None) -> t
         image = "" if image is None else str(image)
         uri = image if (cfs.is_uri(image) or image.startswith("/")) else cfs.join(base, image)
         raw = caps[i] if caps is not None else None
-        captions = [raw] if isinstance(raw, str) else list(raw or [])
+        captions = [raw] if isinstance(raw, str | bytes) else list(raw or [])
         clean = []
         for c in captions:
             if isinstance(c, bytes):
@@ -293,33 +293,27 @@ PY_WHITESPACE = "".join(chr(c) for c in range(0x3001) if chr(c).isspace())
 _NEEDS_NORMPATH = r"(^|/)\.\.?(/|$)|//|/$"  # an image path that posixpath.normpath would change
 
 
-def manifest_table(table: pa.Table, bad: int, base: str, rows_per_block: int | None,
-                   limit: int | None) -> tuple[pa.Table, dict[str, int]] | None:
-    """``rows_to_table(manifest_rows(...))`` computed column by column in Arrow, for a manifest
-    ``table`` whose ``image`` and ``caption`` columns are strings and whose ``id``, if any, is a
-    string or an integer (one caption a row, so ``data.caption`` has nothing to choose).
-    ``base``: the folder relative image paths are under. None for any other manifest (caption
-    lists, bytes), which takes the row path."""
+def arrow_manifest(schema: pa.Schema) -> bool:
+    """Whether ``manifest_table`` takes a manifest of this schema: ``image`` strings, ``caption``
+    strings or lists of strings, ``id`` (if any) strings or integers."""
+    strings = (pa.string(), pa.large_string())
+    names = schema.names
+    if "image" not in names or schema.field("image").type not in strings:
+        return False
+    if "caption" in names:
+        kind = schema.field("caption").type
+        lists = pa.types.is_list(kind) or pa.types.is_large_list(kind)
+        if kind not in strings and not (lists and kind.value_type in strings):
+            return False
+    return "id" not in names or schema.field("id").type in strings or pa.types.is_integer(schema.field("id").type)
+
+
+def manifest_ids(table: pa.Table) -> tuple[pa.Array, pa.Array]:
+    """(ids, image paths) of an ``arrow_manifest`` table: the ``id`` column, else the image path
+    normalised (``posixpath.normpath``, only where it changes it); a null image is ""."""
     import pyarrow.compute as pc
 
-    names = table.column_names
-    strings = (pa.string(), pa.large_string())
-    if "image" not in names or table.schema.field("image").type not in strings:
-        return None
-    if "caption" in names and table.schema.field("caption").type not in strings:
-        return None
-    if "id" in names and not (table.schema.field("id").type in strings or pa.types.is_integer(table.schema.field("id").type)):
-        return None
-    if limit is not None:
-        table = table.slice(0, limit)
-    n = table.num_rows
     image = pc.fill_null(table.column("image").combine_chunks().cast(pa.string()), "")
-    prefix = base if base.endswith("/") else base + "/"
-    # cfs.is_uri, or a local absolute path, over the column
-    absolute = pc.or_(pc.and_(pc.match_substring(image, "://"), pc.invert(pc.starts_with(image, "file://"))),
-                      pc.starts_with(image, "/"))
-    uri = pc.if_else(absolute, image, pc.binary_join_element_wise(prefix, image, ""))
-    # ids: the id column, else the image path normalised (posixpath.normpath, only where it changes it)
     fixed = pc.match_substring_regex(image, _NEEDS_NORMPATH)
     normed = image
     if pc.any(fixed).as_py():
@@ -327,19 +321,71 @@ def manifest_table(table: pa.Table, bad: int, base: str, rows_per_block: int | N
         values = image.to_numpy(zero_copy_only=False, writable=True)  # through Python only where a path needs it
         values[at] = [posixpath.normpath(v) for v in values[at]]
         normed = pa.array(values, pa.string())
-    ids = normed
-    if "id" in names:
-        given = table.column("id").combine_chunks().cast(pa.string())
-        ids = pc.if_else(pc.is_null(given), normed, given)
-    if "caption" in names:
-        text = pc.utf8_trim(pc.fill_null(table.column("caption").combine_chunks().cast(pa.string()), ""),
-                            characters=PY_WHITESPACE)
+    if "id" not in table.column_names:
+        return normed, image
+    given = table.column("id").combine_chunks().cast(pa.string())
+    return pc.if_else(pc.is_null(given), normed, given), image
+
+
+def manifest_captions(column: pa.ChunkedArray, how: str) -> tuple[pa.Array, pa.Array, np.ndarray]:
+    """(captions, caption, has) of a manifest's ``caption`` column of strings or lists of strings:
+    each row's captions trimmed (``str.strip``), the empty ones and nulls dropped; the one
+    ``select_caption`` picks ("" where none is left); whether any is left."""
+    import pyarrow.compute as pc
+
+    col = column.combine_chunks()
+    n = len(col)
+    if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+        values, parents = pc.list_flatten(col), pc.list_parent_indices(col).to_numpy()
     else:
-        text = pa.repeat(pa.scalar("", pa.string()), n)
-    has = pc.greater(pc.utf8_length(text), 0)
+        values, parents = col, np.arange(n)
+    text = pc.utf8_trim(pc.fill_null(values.cast(pa.string()), ""), characters=PY_WHITESPACE)
+    keep = pc.greater(pc.utf8_length(text), 0)
+    text, parents = text.filter(keep), parents[keep.to_numpy(zero_copy_only=False)]
+    counts = np.bincount(parents, minlength=n)
     offsets = np.zeros(n + 1, dtype=np.int32)
-    np.cumsum(has.to_numpy(zero_copy_only=False), out=offsets[1:])
-    captions = pa.ListArray.from_arrays(pa.array(offsets), text.filter(has))
+    np.cumsum(counts, out=offsets[1:])
+    has = counts > 0
+    starts = offsets[:-1][has]
+    if how == "first" or len(text) == len(starts):  # one caption a row: nothing to choose
+        pick = starts
+    else:  # the longest, ties to the first: the smallest index that reaches its row's longest
+        length = pc.utf8_length(text).to_numpy(zero_copy_only=False)
+        longest = np.repeat(np.maximum.reduceat(length, starts), counts[has])
+        pick = np.minimum.reduceat(np.where(length == longest, np.arange(len(text)), len(text)), starts)
+    chosen = np.full(n, "", dtype=object)
+    chosen[has] = text.take(pa.array(pick, pa.int64())).to_numpy(zero_copy_only=False)
+    return pa.ListArray.from_arrays(pa.array(offsets), text), pa.array(chosen, pa.string()), has
+
+
+def manifest_table(table: pa.Table, bad: int, base: str, rows_per_block: int | None,
+                   limit: int | None, first_row: int = 0,
+                   caption: str = "longest") -> tuple[pa.Table, dict[str, int]] | None:
+    """``rows_to_table(manifest_rows(...))`` computed column by column in Arrow, for an
+    ``arrow_manifest`` ``table`` (captions strings or lists of strings, ``caption`` picks one
+    as ``select_caption`` does). ``base``: the folder relative image paths are under. None for
+    any other manifest (caption bytes), which takes the row path. ``first_row``: the manifest
+    row ``table`` starts at (a slice of a larger manifest), which duplicate-id reasons count from.
+    """
+    import pyarrow.compute as pc
+
+    if not arrow_manifest(table.schema):
+        return None
+    if limit is not None:
+        table = table.slice(0, limit)
+    n = table.num_rows
+    ids, image = manifest_ids(table)
+    prefix = base if base.endswith("/") else base + "/"
+    # cfs.is_uri, or a local absolute path, over the column
+    absolute = pc.or_(pc.and_(pc.match_substring(image, "://"), pc.invert(pc.starts_with(image, "file://"))),
+                      pc.starts_with(image, "/"))
+    uri = pc.if_else(absolute, image, pc.binary_join_element_wise(prefix, image, ""))
+    if "caption" in table.column_names:
+        captions, text, has = manifest_captions(table.column("caption"), caption)
+    else:
+        captions, text = pa.ListArray.from_arrays(pa.array(np.zeros(n + 1, np.int32)), pa.array([], pa.string())), \
+            pa.repeat(pa.scalar("", pa.string()), n)
+        has = np.zeros(n, dtype=bool)
     # the first row of each id: a stable sort by id puts it first in its run
     order = pc.sort_indices(ids).to_numpy()
     by_id = ids.take(pa.array(order))
@@ -349,11 +395,11 @@ def manifest_table(table: pa.Table, bad: int, base: str, rows_per_block: int | N
     first = np.empty(n, dtype=np.int64)
     first[order] = order[np.flatnonzero(starts)[np.cumsum(starts) - 1]]
     repeated = first != np.arange(n)
-    no_caption = ~has.to_numpy(zero_copy_only=False)
+    no_caption = ~has
     reason = pc.if_else(pa.array(repeated), pc.binary_join_element_wise(
-        "duplicate id (first seen at row ", pa.array(first).cast(pa.string()), ")", ""),
+        "duplicate id (first seen at row ", pa.array(first + first_row).cast(pa.string()), ")", ""),
         pc.if_else(pa.array(no_caption), "no caption", ""))
-    row_no = np.arange(n, dtype=np.int64)
+    row_no = np.arange(first_row, first_row + n, dtype=np.int64)
     cols = {
         "id": ids, "uri": uri, "captions": captions, "caption": text,
         "skip_stage": pa.array(np.where(repeated | no_caption, "read", ""), pa.string()),
@@ -419,7 +465,8 @@ def read_table(cfg: DataConfig) -> tuple[pa.Table, dict[str, Any]]:
     if fmt == "manifest":
         path = manifest_file(path)
         table, bad = read_manifest_table(path)
-        fast = manifest_table(table, bad, cfg.images or cfs.dirname(path), cfg.rows_per_block, cfg.limit)
+        fast = manifest_table(table, bad, cfg.images or cfs.dirname(path), cfg.rows_per_block, cfg.limit,
+                              caption=cfg.caption)
         if fast is not None:
             return fast[0], {"format": fmt, **fast[1]}
         rows, counts = manifest_rows(table, bad, path, cfg.images)
@@ -608,8 +655,9 @@ def read_corpus(
     done_shards: Callable[[dict[int, int]], set[int]] | None = None,
     records: str | None = None,
     forget: Callable[[int], None] | None = None,
+    scratch: str | None = None,
 ) -> tuple[ray.data.Dataset, dict[str, Any]]:
-    """The corpus as a Ray Dataset of rows (see ``ROW_SCHEMA``), one block per input shard.
+    """The corpus as a Ray Dataset of rows (see ``ROW_SCHEMA``), in blocks of at most ``READ_BLOCK_ROWS``.
 
     ``done_shards(shard_rows)`` names the shards an earlier, interrupted run finished; they
     are left out (``info["todo_shards"]`` counts the rest). ``info["shard_rows"]`` maps
@@ -622,7 +670,12 @@ def read_corpus(
     and modification time); ``forget(shard)`` is called for each shard whose tar changed,
     so the caller drops what it kept of it. Without ``records``, or with ``data.limit``,
     WebDataset rows are not numbered (shard -1) and do not resume.
-    Builds the dataset; executes nothing beyond parsing caption metadata on the driver.
+
+    Manifests, folders, Flickr8k and COCO are parsed on the driver into one table, except a
+    Parquet manifest of at least ``data.stream_min_rows`` rows (``stream``): its rows are read
+    in Ray tasks, and its duplicate ids found by a distributed pass whose rows go under
+    ``records`` (else ``scratch``, a folder of the run). Builds the dataset; executes nothing
+    beyond parsing caption metadata (or, streamed, the duplicate and digest passes).
     """
     import ray.data
 
@@ -658,6 +711,15 @@ def read_corpus(
                 ds = ds.limit(cfg.limit)
         return ds, {"format": fmt, "shard_rows": known, "shards": len(sources), "todo_shards": len(todo),
                     "numbered": numbered, **({"sources": sources} if numbered else {})}
+    if fmt == "manifest":
+        from clipscan.data import stream
+
+        streamed = stream.plan_manifest(cfg, manifest_file(path))
+        if streamed is not None:
+            work = records or scratch
+            if work is None:
+                raise ValueError("a streamed manifest needs records or scratch: a folder for its duplicate rows")
+            return stream.read(streamed, work, done_shards, records, forget)
     table, info = read_table(cfg)
     step = cfg.rows_per_block
     shard_rows = {i // step: min(step, table.num_rows - i) for i in range(0, table.num_rows, step)}
@@ -735,8 +797,12 @@ def changed_table_shards(records: str, table: pa.Table, step: int) -> set[int]:
     An edited manifest (a caption, a path) or a replaced image file (another size or
     modification time) changes its shard's digest.
     """
+    return record_digests(records, table_digests(table, step), step)
+
+
+def record_digests(records: str, now: dict[int, str], step: int) -> set[int]:
+    """The shards whose digest in ``now`` differs from ``records/table.json``'s; writes ``now`` there."""
     path = cfs.join(records, "table.json")
-    now = table_digests(table, step)
     before: dict[str, str] = {}
     if cfs.exists(path):
         try:
