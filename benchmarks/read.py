@@ -11,7 +11,8 @@ For each size a Parquet manifest of image paths and captions (row groups of 100,
 is written once, then each path reads it in a fresh process, which prints its wall time and
 the driver's peak RSS (VmHWM) beside the RSS it had before the read. The streamed path
 starts a local Ray first (its start is not timed) and reads every row through the
-dataset, the duplicate and digest passes included. Printed: all three, the ratios row path /
+dataset into a Ray task that counts them (where the encoders would take them: the driver
+sees counts), the duplicate and digest passes included. Printed: all three, the ratios row path /
 Arrow path, the Arrow path's bytes per row between the two sizes (what 10^8 rows would
 need on the driver) and the streamed driver's peak at the largest size over the smallest.
 
@@ -23,11 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -66,9 +69,13 @@ def _child(path: str, how: str) -> None:
     print(json.dumps({"s": time.perf_counter() - start, "peak": vm_status(), "before": before, "rows": table.num_rows}))
 
 
-def _streamed(path: str) -> None:
-    import os
+def _count(batch: Any) -> Any:
+    import pyarrow as pa
 
+    return pa.table({"rows": [batch.num_rows]})
+
+
+def _streamed(path: str) -> None:
     from clipscan.config import DataConfig
     from clipscan.data import read
     from clipscan.runner import start_local_ray
@@ -79,7 +86,8 @@ def _streamed(path: str) -> None:
     start = time.perf_counter()
     ds, info = read.read_corpus(DataConfig(path=path, stream_min_rows=0), records=os.path.join(work, "records"))
     assert info.get("streamed"), info
-    rows = sum(batch.num_rows for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+    # the rows go where the pipeline's encoders would take them, a Ray worker: the driver sees counts
+    rows = int(ds.map_batches(_count, batch_format="pyarrow", batch_size=None, num_cpus=read.READ_CPUS).sum("rows"))
     print(json.dumps({"s": time.perf_counter() - start, "peak": vm_status(), "before": before, "rows": rows}))
 
 
@@ -100,6 +108,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     sizes = [int(s) for s in args.sizes.split(",")]
     gib = 2**30
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"{'rows':>10s} {'arrow s':>8s} {'rows s':>8s} {'speed':>6s} {'arrow GiB':>10s} {'rows GiB':>9s}"
           f" {'memory':>7s} {'streamed s':>11s} {'streamed GiB':>13s}   (driver peak RSS of a fresh process;"
           " 'before': its RSS before the read)")
@@ -124,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{sizes[-1]:,} rows: {per_row * 1e8 / gib:.0f} GiB at 10^8")
         print(f"Streamed: the driver's peak at {sizes[-1]:,} rows is {streamed_peaks[-1] / streamed_peaks[0]:.2f} "
               f"times its peak at {sizes[0]:,}")
+    print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":
