@@ -113,8 +113,9 @@ def test_daf_reads_and_writes_s3_and_matches_local(
     s3_corpus: str, local_corpus: str, tmp_path: Path, ray_local: None
 ) -> None:
     out = f"s3://{BUCKET}/runs/x"
-    stage = "knn.stage_min_rows=2"  # on s3:// the sharded search stage; locally the in-process path
-    assert daf.main(_args(s3_corpus, out, stage)) == 0
+    # on s3:// the sharded search stage and the manifest streamed; locally the in-process search, the manifest listed
+    stage = ("knn.stage_min_rows=2", "data.stream_min_rows=1")
+    assert daf.main(_args(s3_corpus, out, *stage)) == 0
 
     keys = _keys("runs/x/")
     for name in ("run.json", "report.html", "cases.parquet", "skipped.parquet", "failures.json",
@@ -126,14 +127,14 @@ def test_daf_reads_and_writes_s3_and_matches_local(
 
     fs, root = pafs.FileSystem.from_uri(out)
     info = json.loads(fs.open_input_stream(f"{root}/run.json").read())
-    assert info["status"] == "done" and info["counts"]["read"] == 40
+    assert info["status"] == "done" and info["counts"]["read"] == 40 and info["stages"]["read"]["streamed"] is True
     assert info["counts"]["embedded"] + info["counts"]["skipped"] == 40
     html = fs.open_input_stream(f"{root}/report.html").read().decode()
     assert "data:image/png;base64" in html  # thumbnails were read back from s3://
 
     # the same command again finds the finished run on s3:// and reproduces it
     first = pq.read_table(f"{root}/discrepancies.parquet", filesystem=fs)
-    assert daf.main(_args(s3_corpus, out, stage)) == 0
+    assert daf.main(_args(s3_corpus, out, *stage)) == 0
     assert pq.read_table(f"{root}/discrepancies.parquet", filesystem=fs).equals(first)
 
     local = tmp_path / "local-run"
