@@ -353,9 +353,10 @@ def manifest_captions(column: pa.ChunkedArray, how: str) -> tuple[pa.Array, pa.A
         length = pc.utf8_length(text).to_numpy(zero_copy_only=False)
         longest = np.repeat(np.maximum.reduceat(length, starts), counts[has])
         pick = np.minimum.reduceat(np.where(length == longest, np.arange(len(text)), len(text)), starts)
-    chosen = np.full(n, "", dtype=object)
-    chosen[has] = text.take(pa.array(pick, pa.int64())).to_numpy(zero_copy_only=False)
-    return pa.ListArray.from_arrays(pa.array(offsets), text), pa.array(chosen, pa.string()), has
+    index = np.zeros(n, dtype=np.int64)
+    index[has] = pick
+    chosen = pc.fill_null(text.take(pa.array(index, mask=~has)), "")  # in Arrow: no Python string per row
+    return pa.ListArray.from_arrays(pa.array(offsets), text), chosen, has
 
 
 def manifest_table(table: pa.Table, bad: int, base: str, rows_per_block: int | None,
