@@ -1,9 +1,10 @@
 """Reading a manifest corpus: on the driver (the Arrow path, the row path) and streamed in Ray tasks, side by side.
 
 A manifest below ``data.stream_min_rows`` rows (and any CSV or JSONL one) is turned into the
-row table on the driver before the pipeline starts. Manifests whose ``image`` and ``caption``
-columns are strings go column by column through Arrow (``read.manifest_table``); caption
-lists and bytes take a Python row each (``read.manifest_rows``), with the same result. A
+row table on the driver before the pipeline starts. Manifests whose ``image`` column is
+strings and ``caption`` strings or lists of strings go column by column through Arrow
+(``read.manifest_table``); byte captions take a Python row each (``read.manifest_rows``),
+with the same result. The row path is timed here on the same manifest. A
 larger Parquet manifest is streamed (``stream``): the driver reads the footers, Ray tasks
 the rows, shard by shard, after a distributed duplicate-id pass.
 

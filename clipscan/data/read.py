@@ -381,12 +381,8 @@ def manifest_table(table: pa.Table, bad: int, base: str, rows_per_block: int | N
     absolute = pc.or_(pc.and_(pc.match_substring(image, "://"), pc.invert(pc.starts_with(image, "file://"))),
                       pc.starts_with(image, "/"))
     uri = pc.if_else(absolute, image, pc.binary_join_element_wise(prefix, image, ""))
-    if "caption" in table.column_names:
-        captions, text, has = manifest_captions(table.column("caption"), caption)
-    else:
-        captions, text = pa.ListArray.from_arrays(pa.array(np.zeros(n + 1, np.int32)), pa.array([], pa.string())), \
-            pa.repeat(pa.scalar("", pa.string()), n)
-        has = np.zeros(n, dtype=bool)
+    given = table.column("caption") if "caption" in table.column_names else pa.chunked_array([pa.nulls(n, pa.string())])
+    captions, text, has = manifest_captions(given, caption)
     # the first row of each id: a stable sort by id puts it first in its run
     order = pc.sort_indices(ids).to_numpy()
     by_id = ids.take(pa.array(order))

@@ -152,7 +152,7 @@ def read_range(parts: tuple[Part, ...], lo: int, hi: int) -> pa.Table:
     return pa.concat_tables(pieces, promote_options="default")
 
 
-def shard_rows(plan: Plan, shard: int, lo: int, hi: int, duplicates: str) -> pa.Table:
+def shard_table(plan: Plan, shard: int, lo: int, hi: int, duplicates: str) -> pa.Table:
     """Shard ``shard`` (manifest rows ``[lo, hi)``) as the row table (``read.ROW_SCHEMA``), with
     the rows the duplicate pass found under ``duplicates`` skipped."""
     built = manifest_table(read_range(plan.parts, lo, hi), 0, plan.base, plan.step, None, first_row=lo,
@@ -228,11 +228,11 @@ def find_duplicates(plan: Plan, out: str) -> int:
 
 
 def _digest(plan: Plan, spec: dict[str, int], duplicates: str) -> tuple[int, str]:
-    return spec["shard"], shard_digest(shard_rows(plan, spec["shard"], spec["lo"], spec["hi"], duplicates))
+    return spec["shard"], shard_digest(shard_table(plan, spec["shard"], spec["lo"], spec["hi"], duplicates))
 
 
 def _read(batch: dict[str, np.ndarray], plan: Plan, duplicates: str) -> pa.Table:
-    return pa.concat_tables([shard_rows(plan, int(s), int(lo), int(hi), duplicates)
+    return pa.concat_tables([shard_table(plan, int(s), int(lo), int(hi), duplicates)
                              for s, lo, hi in zip(batch["shard"], batch["lo"], batch["hi"], strict=True)])
 
 
@@ -254,7 +254,7 @@ def read(
     info: dict[str, Any] = {"format": "manifest", "caption_lines_utf8_repaired": 0, "streamed": True,
                             "manifest_parts": len(plan.parts),
                             "duplicate_rows": find_duplicates(plan, duplicates)}
-    shard_rows_ = {s["shard"]: s["hi"] - s["lo"] for s in specs}
+    shard_rows = {s["shard"]: s["hi"] - s["lo"] for s in specs}
     if records is not None:
         task = ray.remote(num_cpus=READ_CPUS)(_digest)
         held = ray.put(plan)
@@ -264,9 +264,9 @@ def read(
             if forget is not None:
                 forget(shard)
         info["changed_shards"] = len(changed)
-    done = done_shards(shard_rows_) if done_shards is not None else set()
+    done = done_shards(shard_rows) if done_shards is not None else set()
     todo = [s for s in specs if s["shard"] not in done]
-    info.update(shard_rows=shard_rows_, shards=len(specs), todo_shards=len(todo))
+    info.update(shard_rows=shard_rows, shards=len(specs), todo_shards=len(todo))
     ds = ray.data.from_items(todo or specs[:1], override_num_blocks=max(1, len(todo))).map_batches(
         _read, fn_kwargs={"plan": plan, "duplicates": duplicates},  # type: ignore[arg-type]
         batch_size=1, num_cpus=READ_CPUS, batch_format="numpy")
