@@ -19,11 +19,20 @@ install: $(BIN)/clipscan-installed
 demo: install
 	$(BIN)/python jobs/daf.py --config configs/daf-demo.yaml
 
-test: install
+# vLLM's CPU engine has its own virtualenv (scripts/vllm_env.sh, skipped with CLIPSCAN_SKIP_VLLM=1).
+# Both virtualenvs are pip installs that mostly wait on downloads and disk, so the two are
+# built side by side; the vLLM one's log is $(VLLM_LOG).
+VLLM_LOG ?= .vllm-env.log
+
+test:
+	@if [ -n "$$CLIPSCAN_SKIP_VLLM" ]; then $(MAKE) --no-print-directory install; exit $$?; fi; \
+	bash scripts/vllm_env.sh > /dev/null 2> $(VLLM_LOG) & vllm=$$!; \
+	$(MAKE) --no-print-directory install; installed=$$?; \
+	if ! wait $$vllm; then echo "scripts/vllm_env.sh failed; the end of $(VLLM_LOG):"; tail -n 40 $(VLLM_LOG); exit 1; fi; \
+	exit $$installed
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -m "not vllm" --durations=15
-	bash scripts/vllm_env.sh > /dev/null
 	$(BIN)/python -m pytest -q -m vllm
 
 lint: install

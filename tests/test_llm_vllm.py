@@ -281,7 +281,7 @@ def main():
     cases = pa.ipc.open_file(cases_path).read_all()
     cfg = LlmConfig(backend="vllm", model=model, cases_per_prompt=2, max_prompt_tokens=2000, max_tokens=600,
                     temperature=0.0, engine_kwargs={"load_format": "dummy", "max_model_len": 4096,
-                                                    "max_num_seqs": 8})
+                                                    "max_num_seqs": 8, "enforce_eager": True})
     failures = summarise(cases, cfg, None, out_dir)
     import clipscan
     print("CLIPSCAN " + clipscan.__file__, flush=True)
