@@ -25,7 +25,7 @@ demo: install
 VLLM_LOG ?= .vllm-env.log
 
 test:
-	@if [ -n "$$CLIPSCAN_SKIP_VLLM" ]; then $(MAKE) --no-print-directory install; exit $$?; fi; \
+	@if [ "$$CLIPSCAN_SKIP_VLLM" = 1 ]; then $(MAKE) --no-print-directory install; exit $$?; fi; \
 	bash scripts/vllm_env.sh > /dev/null 2> $(VLLM_LOG) & vllm=$$!; \
 	$(MAKE) --no-print-directory install; installed=$$?; \
 	if ! wait $$vllm; then echo "scripts/vllm_env.sh failed; the end of $(VLLM_LOG):"; tail -n 40 $(VLLM_LOG); exit 1; fi; \
