@@ -48,6 +48,22 @@ def test_embed_stage_without_ray(scene_corpus: str) -> None:
     want = stage.encoders["probe"].embed_images(pixels[[0, 2, 3, 4]])
     got = embedding_matrix(out.column("emb_probe").filter(out.column("emb_probe").is_valid()))
     np.testing.assert_allclose(got, want, atol=1e-5)
+    # the reference, built in the loading thread, holds the same weights as one built on its own
+    from clipscan.models.registry import load_encoder
+
+    alone = load_encoder(TINY_REFERENCE).embed_images(pixels[[0, 2, 3, 4]])
+    got = embedding_matrix(out.column("emb_reference").filter(out.column("emb_reference").is_valid()))
+    np.testing.assert_array_equal(got, alone)
+
+
+def test_a_model_that_fails_to_load_in_the_loading_thread_fails_the_first_batch(tmp_path: Path) -> None:
+    from clipscan.models.registry import ModelLoadError
+
+    stage = Embed({"probe": TINY_PROBE, "reference": f"hf:{tmp_path / 'missing'}"})  # the probe loads first
+    batch = {"id": np.array(["a"], dtype=object), "skip_stage": np.array([""], dtype=object),
+             "pixels": np.zeros((1, 32, 32, 3), dtype=np.uint8)}
+    with pytest.raises(ModelLoadError, match="missing does not exist"):
+        stage(batch)
 
 
 def _job_config(manifest: Path | str, out: Path, *extra: str) -> DafConfig:

@@ -49,28 +49,47 @@ class Embed:
 
     Skipped rows pass through with null embeddings; the device is CUDA when the actor
     was given a GPU, with fp16 by default there and fp32 on CPU.
+
+    The first model is built in the constructor and the others in a thread beside it, so
+    that a fresh actor's imports and builds of the second model overlap the first model's
+    passes over the first batch (`encoder` waits for a model the first time it is used; a
+    model that failed to load raises there, with its own error).
     """
 
     needs = ("id", "pixels", "skip_stage")
 
     def __init__(self, models: dict[str, str], precision: str = "auto", threads: int | None = None) -> None:
+        from concurrent.futures import Future, ThreadPoolExecutor
+
         import torch
 
-        from clipscan.models.registry import load_encoder
+        from clipscan.models.registry import Encoder, load_encoder
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cpu":
             torch.set_num_threads(threads or os.cpu_count() or 1)
-        self.encoders = {name: load_encoder(spec, device, precision) for name, spec in models.items()}
+        self.names = list(models)
+        self.encoders: dict[str, Encoder] = {self.names[0]: load_encoder(models[self.names[0]], device, precision)}
+        self._loading: dict[str, Future[Encoder]] = {}
+        if len(self.names) > 1:
+            pool = ThreadPoolExecutor(1, thread_name_prefix="clipscan-load")
+            self._loading = {n: pool.submit(load_encoder, models[n], device, precision) for n in self.names[1:]}
+            pool.shutdown(wait=False)  # the thread runs the builds submitted; the constructor returns now
         self.dims: dict[str, int] = {}  # embedding width per model, learnt from the first batch it embeds
         self.node = _node_id()
+
+    def encoder(self, name: str) -> Any:
+        """Model ``name``'s encoder, once its build in the loading thread has finished."""
+        if name not in self.encoders:
+            self.encoders[name] = self._loading.pop(name).result()
+        return self.encoders[name]
 
     def dim(self, name: str, pixels: np.ndarray) -> int:
         """Model ``name``'s embedding width: known from an earlier batch, else from one blank image."""
         if name not in self.dims:
             side = pixels.shape[1:3] if pixels.ndim == 4 else (32, 32)
             blank = np.zeros((1, *side, 3), dtype=np.uint8)
-            self.dims[name] = int(self.encoders[name].embed_images(blank).shape[1])
+            self.dims[name] = int(self.encoder(name).embed_images(blank).shape[1])
         return self.dims[name]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -79,8 +98,8 @@ class Embed:
         keep = np.flatnonzero(ok)
         columns: dict[str, Any] = {k: _column(batch[k]) for k in PASS_THROUGH if k in batch}
         columns["embed_node"] = pa.array([self.node] * len(ok), pa.string())
-        for name, encoder in self.encoders.items():
-            emb = encoder.embed_images(batch["pixels"][keep]) if len(keep) else None
+        for name in self.names:
+            emb = self.encoder(name).embed_images(batch["pixels"][keep]) if len(keep) else None
             if emb is not None:
                 self.dims[name] = emb.shape[1]
             d = emb.shape[1] if emb is not None else self.dim(name, batch["pixels"])
