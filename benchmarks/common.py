@@ -115,3 +115,56 @@ class Sampler:
         self._stop.set()
         self._thread.join()
         self.sample(self.memory)
+
+
+class StagePeaks:
+    """The driver's peak resident set (VmHWM) within each stage of a ``Run``, and with
+    ``trace`` its Python heap's peak (tracemalloc: numpy and Python objects; not Arrow's
+    or Ray's C++ heaps). The kernel's peak is reset at each stage's start (``clear_refs``
+    5), so each figure is that stage's own."""
+
+    def __init__(self, trace: bool = False) -> None:
+        self.trace = trace
+        self.peaks: dict[str, dict[str, int]] = {}
+
+    def __enter__(self) -> StagePeaks:
+        import contextlib
+        import tracemalloc
+
+        from clipscan.rundir import Run
+
+        self._original = original = Run.stage
+        peaks, trace = self.peaks, self.trace
+        if trace:
+            tracemalloc.start()
+
+        @contextlib.contextmanager
+        def stage(run: Run, name: str):  # type: ignore[no-untyped-def]
+            reset_peak()
+            if trace:
+                tracemalloc.reset_peak()
+            with original(run, name) as facts:
+                yield facts
+            peaks[name] = {"hwm": vm_status()}
+            if trace:
+                peaks[name]["traced"] = tracemalloc.get_traced_memory()[1]
+
+        Run.stage = stage  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import tracemalloc
+
+        from clipscan.rundir import Run
+
+        Run.stage = self._original  # type: ignore[method-assign]
+        if self.trace:
+            tracemalloc.stop()
+
+
+def reset_peak() -> None:
+    """Reset this process's VmHWM to its current resident set (Linux ``clear_refs`` 5)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass

@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from common import Sampler, vm_status  # noqa: E402
+from common import Sampler, StagePeaks, vm_status  # noqa: E402
 
 from clipscan.runner import start_local_ray  # noqa: E402
 
@@ -219,7 +219,7 @@ def precomputed_one(work: Path, n: int, args: argparse.Namespace) -> dict[str, A
     ])
     start_local_ray(args.cpus, tempfile.mkdtemp(prefix="clipscan-bench-"), log_to_driver=False)
     driver_before = vm_status()
-    with WorkerPeaks() as peaks:
+    with WorkerPeaks() as peaks, StagePeaks(args.trace) as stage_peaks:
         start = time.perf_counter()
         if args.stop_after == "vectors":
             from clipscan.runner import embed_corpus
@@ -238,7 +238,7 @@ def precomputed_one(work: Path, n: int, args: argparse.Namespace) -> dict[str, A
     shard_private, _ = peaks.largest_worker(private=True, role="_ShardActor")
     return {"n": n, "wall_s": wall, "driver_hwm": vm_status(), "driver_hwm_before": driver_before,
             "worker_hwm": worker, "worker": worker_name, "worker_private": private, "worker_private_name": private_name,
-            "shard_private": shard_private,
+            "shard_private": shard_private, "stage_peaks": stage_peaks.peaks,
             "embedded": info["counts"].get("embedded"),
             "skipped": info["counts"].get("skipped"),
             "stages": {s: v.get("wall_s") for s, v in info["stages"].items()}}
@@ -350,6 +350,11 @@ def precomputed_table(results: list[dict[str, Any]]) -> str:
     for stage in results[0]["stages"]:
         lines.append(f"{'  ' + stage + ' s':<28}"
                      + "".join(f"{(r['stages'].get(stage) or 0):>14.1f}" for r in results))
+    for stage in results[0].get("stage_peaks", {}):
+        for key, label in (("hwm", "driver peak in"), ("traced", "  Python heap peak in")):
+            if key in results[0]["stage_peaks"][stage]:
+                lines.append(f"{label + ' ' + stage + ' MiB':<28}" + "".join(
+                    f"{r['stage_peaks'].get(stage, {}).get(key, 0) / 2**20:>14.1f}" for r in results))
     for r in results:
         lines.append(f"largest worker at {r['n']:,}: {r['worker'][:100]}; "
                      f"largest private: {r['worker_private_name'][:100]}")
@@ -385,6 +390,7 @@ def precomputed(sizes: list[int], args: argparse.Namespace) -> int:
         child = [sys.executable, __file__, "--precomputed", "--one", str(n), "--work", args.work,
                  "--rows-per-file", str(args.rows_per_file), "--rows-per-block", str(args.rows_per_block),
                  "--stop-after", args.stop_after, *(["--cpus", str(args.cpus)] if args.cpus else []),
+                 *(["--trace"] if args.trace else []),
                  *(["--nlist", str(args.nlist)] if args.nlist else []), *args.override]
         proc = subprocess.run(child, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -463,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows-per-file", type=int, default=100_000, help="rows per clip-retrieval file pair")
     parser.add_argument("--rows-per-block", type=int, default=20_000, help="rows per block read from the files")
     parser.add_argument("--nlist", type=int, default=None, help="IVF lists; default 4 sqrt(n)")
+    parser.add_argument("--trace", action="store_true",
+                        help="with --precomputed: also the driver's Python heap peak per stage (tracemalloc; slower)")
     parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--image-size", type=int, default=64, help="generated and decoded side, px")
     parser.add_argument("--work", default=str(ROOT / "runs" / "bench-scale"), help="corpora and run directories")

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -22,6 +20,7 @@ from clipscan.config import DafConfig
 from clipscan.rundir import Run
 
 if TYPE_CHECKING:
+    from clipscan.pipeline.executor import Executor
     from clipscan.stages.mine import Figures
 
 log = logging.getLogger("clipscan")
@@ -43,10 +42,7 @@ def run_daf(cfg: DafConfig, overwrite: bool = False) -> Run:
     if counts["embedded"] < 2:
         raise ValueError(f"only {counts['embedded']} images could be embedded; DAF needs at least 2 (see skipped.parquet)")
 
-    if counts["embedded"] < cfg.knn.stage_min_rows:
-        mined = mine_in_driver(run, cfg)  # small: Ray's fixed cost per stage would be most of the time
-    else:
-        mined = search_and_mine(run, cfg)
+    mined = search_and_mine(run, cfg, counts["embedded"])
 
     contrast, rows = None, None
     if cfg.attributes.enabled:
@@ -90,17 +86,47 @@ def run_daf(cfg: DafConfig, overwrite: bool = False) -> Run:
 
 @dataclass
 class Mined:
-    """What the ``index`` and ``mine`` stages leave for the later stages: small tables and
-    look-ups that fetch only the ids they are asked for."""
+    """What the ``index`` and ``mine`` stages leave for the later stages: small tables, and
+    look-ups that read only the ids they are asked for from the run's parts."""
 
     k: int  # neighbours compared
     figures: Figures  # the report's aggregates
     pairs: int  # MMVP pairs written
     cases: pa.Table  # cases.parquet
+    candidates: pa.Table  # the top attribute-contrast rows with a probe-only neighbour, rank order
     shown: pa.Table  # the discrepancy rows of the case candidates, in rank order
     recall: dict[str, float] | None  # recall@k per model; None for exact search
-    lookup: Callable[[set[str]], pa.Table]  # ids -> their id, uri, caption
-    contrast: Callable[[], pa.Table]  # the attribute contrast's rows (``attributes.build_rows``)
+    deep: dict[str, list[str]]  # the candidates' reference lists to the mining depth
+    run_dir: str
+    cfg: DafConfig
+    executor: Executor
+
+    def lookup(self, wanted: set[str]) -> pa.Table:
+        """ids -> their ``id``, ``uri``, ``caption`` (``mine.corpus_rows``)."""
+        from clipscan.stages import mine
+
+        return mine.corpus_rows(self.run_dir, wanted, self.executor)
+
+    def contrast(self) -> pa.Table:
+        """The attribute contrast's rows (``attributes.build_rows``): the top
+        ``attributes.cases`` candidates; agreeing pairs sampled in two passes over the
+        discrepancy parts; captions and ranks looked up for the ids they name only."""
+        from clipscan import fs as cfs
+        from clipscan.stages import attributes, mine
+        from clipscan.stages.discrepancy import corpus_lookup
+
+        cfg, executor = self.cfg, self.executor
+        ranked = cfs.join(self.run_dir, "discrepancies.parquet")
+        top = self.candidates.slice(0, cfg.attributes.cases)
+        matched = attributes.matched_pairs_parts(ranked, attributes.probe_only_cosines(top), cfg.seed,
+                                                 cfg.attributes.bins, executor)
+        deep = self.deep
+        return attributes.build_rows(
+            top, matched,
+            ranks=lambda ids: mine.ranks_of(ranked, set(ids), cfg.mining.rank_by, executor),
+            captions=lambda ids: corpus_lookup(self.lookup(set(ids)), ids),
+            deep_reference=lambda ids: {i: deep[i] for i in ids if i in deep},
+        )
 
 
 def faiss_build() -> dict[str, Any]:
@@ -112,73 +138,33 @@ def faiss_build() -> dict[str, Any]:
     return build
 
 
-def mine_in_driver(run: Run, cfg: DafConfig) -> Mined:
-    """The ``index`` and ``mine`` stages in this process, for corpora below
-    ``knn.stage_min_rows``: the same results as ``search_and_mine`` (the tests hold them
-    to the same bits), without the seconds each Ray Data stage costs to start."""
-    from clipscan.report import daf_figures
-    from clipscan.stages import attributes, discrepancy, index
-    from clipscan.stages.embed import load_corpus, load_embeddings
-    with run.stage("index") as facts:
-        build = faiss_build()
-        ids, x_probe = load_embeddings(cfg.output, "probe")
-        ref_ids, x_ref = load_embeddings(cfg.output, "reference")
-        if not np.array_equal(ids, ref_ids):
-            raise RuntimeError("probe and reference embeddings cover different ids")
-        k = min(cfg.knn.k, len(ids) - 1)
-        probe_D, probe_I, pf = index.self_neighbours(x_probe, cfg.knn, k, cfg.seed)
-        ref_D, ref_I, rf = index.self_neighbours(x_ref, cfg.knn, max(k, cfg.mining.rank_depth), cfg.seed)
-        facts.update(where="driver", faiss=build, images=len(ids), k=k, probe=pf, reference=rf)
-    recall = None
-    if "recall_at_k" in pf:
-        recall = {"probe": pf["recall_at_k"], "reference": rf["recall_at_k"]}
-        run.record("recall", recall)
-
-    with run.stage("mine") as facts:
-        table = discrepancy.mine(ids, probe_D, probe_I, ref_D, ref_I, x_probe, x_ref, k, rank_by=cfg.mining.rank_by)
-        pair_table = discrepancy.pairs(ids, probe_D, probe_I, ref_D, ref_I, x_probe, x_ref,
-                                       probe_min=cfg.mining.pair_probe_min,
-                                       reference_max=cfg.mining.pair_reference_max, k=k)
-        corpus = load_corpus(cfg.output)
-        case_table = discrepancy.cases(table, corpus, cfg.mining.cases)
-        for name, part in (("discrepancies.parquet", table), ("pairs.parquet", pair_table)):
-            cfs.remove_tree(run.path(name))  # the same layout as the stage's: a folder of parts
-            cfs.write_parquet_atomic(cfs.join(run.path(name), "part-00000.parquet"), part)
-        cfs.write_parquet_atomic(run.path("cases.parquet"), case_table)
-        figures = daf_figures(table, cfg.seed)
-        facts.update(images=table.num_rows, pairs=pair_table.num_rows, cases=case_table.num_rows,
-                     mean_overlap=round(figures.mean_overlap, 4))
-    has_only = pc.greater(pc.list_value_length(table.column("probe_only")), 0)
-    shown = table.filter(has_only).slice(0, cfg.mining.cases)
-
-    def lookup(wanted: set[str]) -> pa.Table:
-        found = corpus.filter(pc.is_in(corpus.column("id"), value_set=pa.array(sorted(wanted), pa.string())))
-        return found.select(["id", "uri", "caption"])
-
-    def contrast() -> pa.Table:
-        return attributes.contrast_rows(table, corpus, cfg.attributes.cases, cfg.seed, cfg.attributes.bins,
-                                        deep_reference=attributes.deep_lookup(ids, ref_I))
-
-    return Mined(k, figures, pair_table.num_rows, case_table, shown, recall, lookup, contrast)
-
-
-def search_and_mine(run: Run, cfg: DafConfig) -> Mined:
-    """The ``index`` and ``mine`` stages: sharded search over the run's embeddings into
+def search_and_mine(run: Run, cfg: DafConfig, rows: int) -> Mined:
+    """The ``index`` and ``mine`` stages: the search over the run's embeddings into
     ``_search/`` parts, then ``discrepancies.parquet/`` and ``pairs.parquet/`` (parts) and
-    ``cases.parquet``. The shard actors live until the attribute cases' reference lists
-    are read back from them."""
+    ``cases.parquet``.
 
+    Below ``knn.stage_min_rows`` rows both run in this process (``LocalSearch``, the
+    ``Local`` executor): Ray's fixed cost per stage would be most of the time. Above it the
+    shards are Ray actors and every per-part step a Ray task. The same stage code and the
+    same bits either way.
+    """
+    from clipscan.pipeline.executor import Local, RayTasks
     from clipscan.stages import discrepancy, mine, search
 
     scratch = run.path("_search")
     knn, mining = cfg.knn, cfg.mining
-    stage = search.ShardedSearch(
-        search.vectors_from_run(cfg.output), k=knn.k, rank_depth=mining.rank_depth, index=knn.index,
-        nprobe=knn.nprobe, shards=knn.shards, query_block=knn.query_block, train_sample=knn.train_sample,
-        recall_queries=knn.recall_queries, probe_min=mining.pair_probe_min,
-        reference_max=mining.pair_reference_max, search_actors=knn.search_actors, seed=cfg.seed,
-        device=knn.device,
-    )
+    local = rows < knn.stage_min_rows
+    executor: Executor = Local() if local else RayTasks()
+    common = dict(k=knn.k, rank_depth=mining.rank_depth, index=knn.index, nprobe=knn.nprobe,
+                  query_block=knn.query_block, train_sample=knn.train_sample, recall_queries=knn.recall_queries,
+                  probe_min=mining.pair_probe_min, reference_max=mining.pair_reference_max, seed=cfg.seed)
+    stage: search.LocalSearch | search.ShardedSearch
+    if local:
+        stage = search.LocalSearch(cfg.output, **common)  # type: ignore[arg-type]
+    else:
+        stage = search.ShardedSearch(search.vectors_from_run(cfg.output), shards=knn.shards,
+                                     search_actors=knn.search_actors, device=knn.device,
+                                     **common)  # type: ignore[arg-type]
     try:
         with run.stage("index") as facts:
             build = faiss_build()
@@ -186,10 +172,9 @@ def search_and_mine(run: Run, cfg: DafConfig) -> Mined:
             stage.write(scratch)
             model_facts = {key: stage.facts[key] for key in ("index", "nodes") if key in stage.facts}
             facts.update(stage.facts, faiss=build, probe=dict(model_facts), reference=dict(model_facts))
-            rows = mine.read_parts(scratch)
             recall = None
             if stage.facts["index"] != "exact":
-                recall = {m: round(v, 4) for m, v in mine.recall(rows).items()}
+                recall = {m: round(v, 4) for m, v in mine.recall(scratch, executor).items()}
                 for model in ("probe", "reference"):
                     facts[model].update(nprobe=knn.nprobe, recall_at_k=recall[model])
         k = stage.facts["k"]
@@ -198,46 +183,25 @@ def search_and_mine(run: Run, cfg: DafConfig) -> Mined:
 
         with run.stage("mine") as facts:
             wanted_rows = max(mining.cases, cfg.attributes.cases if cfg.attributes.enabled else 0)
-            figures, candidates = mine.write_ranked(rows, run.path("discrepancies.parquet"), mining.rank_by, k,
-                                                    seed=cfg.seed, cases=wanted_rows)
-            pair_count = mine.write_pairs(rows, run.path("pairs.parquet"))
+            result = mine.mine(scratch, run.path("discrepancies.parquet"), run.path("pairs.parquet"),
+                               mining.rank_by, k, executor, seed=cfg.seed, cases=wanted_rows)
+            candidates = result.candidates
             top = candidates.slice(0, mining.cases)
             wanted = set(top.column("id").to_pylist())
             wanted.update(i for ids in top.column("probe_only").to_pylist() for i in ids)
-            corpus = mine.corpus_rows(stage.corpus, wanted)
+            corpus = mine.corpus_rows(cfg.output, wanted, executor)
             case_table = discrepancy.cases(top, corpus, mining.cases)
             cfs.write_parquet_atomic(run.path("cases.parquet"), case_table)
             deep = {}
             if cfg.attributes.enabled:
                 deep = stage.reference_lists(candidates.slice(0, cfg.attributes.cases).column("id").to_pylist())
             cfs.remove_tree(scratch)
-            facts.update(images=figures.images, pairs=pair_count, cases=case_table.num_rows,
-                         mean_overlap=round(figures.mean_overlap, 4))
+            facts.update(images=result.figures.images, pairs=result.pairs, cases=case_table.num_rows,
+                         mean_overlap=round(result.figures.mean_overlap, 4), executor=executor.name)
     finally:
         stage.close()
-    ranked = mine.read_parts(run.path("discrepancies.parquet"))
-    searched = stage.corpus
-
-    def lookup(wanted: set[str]) -> pa.Table:
-        return mine.corpus_rows(searched, wanted)
-
-    def contrast() -> pa.Table:
-        # the top attributes.cases candidates; agreeing pairs sampled in two streaming passes
-        # over the ranked parts; captions and ranks looked up for the ids they name only
-        from clipscan.stages import attributes
-        from clipscan.stages.discrepancy import corpus_lookup
-
-        top = candidates.slice(0, cfg.attributes.cases)
-        matched = attributes.matched_pairs_dataset(ranked, attributes.probe_only_cosines(top), cfg.seed,
-                                                   cfg.attributes.bins)
-        return attributes.build_rows(
-            top, matched,
-            ranks=lambda ids: mine.ranks_of(ranked, set(ids)),
-            captions=lambda ids: corpus_lookup(lookup(set(ids)), ids),
-            deep_reference=lambda ids: {i: deep[i] for i in ids if i in deep},
-        )
-
-    return Mined(k, figures, pair_count, case_table, candidates.slice(0, mining.cases), recall, lookup, contrast)
+    return Mined(k, result.figures, result.pairs, case_table, candidates, top, recall, deep, cfg.output, cfg,
+                 executor)
 
 
 def report_ids(mined: Mined, rows: int, failures: dict[str, Any]) -> set[str]:

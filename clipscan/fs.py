@@ -180,8 +180,8 @@ def list_parquet(path: str) -> list[str]:
         )
 
 
-def read_parquet(path: str) -> pa.Table:
-    """Read one Parquet file or a directory of part files (sorted by name)."""
+def read_parquet(path: str, columns: list[str] | None = None) -> pa.Table:
+    """Read one Parquet file or a directory of part files (sorted by name); ``columns`` only, where given."""
     import pyarrow.parquet as pq
 
     fs, inner = resolve(path)
@@ -190,7 +190,7 @@ def read_parquet(path: str) -> pa.Table:
         if info.type == pafs.FileType.NotFound:
             raise FileNotFoundError(f"no Parquet file or directory at {path}")
         if info.type == pafs.FileType.File:
-            return pq.read_table(inner, filesystem=fs)
+            return pq.read_table(inner, filesystem=fs, columns=columns)
         files = sorted(
             f.path
             for f in fs.get_file_info(pafs.FileSelector(inner, recursive=False))
@@ -198,4 +198,4 @@ def read_parquet(path: str) -> pa.Table:
         )
         if not files:
             raise FileNotFoundError(f"directory {path} holds no .parquet files")
-        return pa.concat_tables([pq.read_table(f, filesystem=fs) for f in files])
+        return pa.concat_tables([pq.read_table(f, filesystem=fs, columns=columns) for f in files])

@@ -255,23 +255,13 @@ def card(
 
 
 def daf_figures(discrepancies: pa.Table, seed: int = 0) -> Figures:
-    """The plots' aggregates of a whole ``mine`` table (the pipeline computes the same in
-    the stream, ``clipscan.stages.mine.write_ranked``): overlap counts, the mean, and the
-    cosines of a seeded sample of at most ``PLOT_POINTS`` probe neighbours."""
-    from clipscan.stages.mine import sample_ranks
+    """The plots' aggregates of a whole discrepancy table (the mine stage sums the same per
+    part, ``clipscan.stages.mine.Figures``): overlap counts, the mean, and the cosines of a
+    seeded sample of at most ``PLOT_POINTS`` probe neighbours."""
+    from clipscan.stages.mine import plot_fraction
 
     k = _k_of(discrepancies)
-    n = discrepancies.num_rows
-    overlap = np.asarray(discrepancies.column("overlap").to_numpy(zero_copy_only=False), float)
-    counts = np.bincount(np.rint(overlap * k).astype(np.int64), minlength=k + 1) if n else np.zeros(k + 1, np.int64)
-    rank = discrepancies.column("rank").to_numpy() if "rank" in discrepancies.column_names else np.arange(1, n + 1)
-    shown = discrepancies.filter(pa.array(np.isin(rank, sample_ranks(n, k, seed)))) if n else discrepancies
-    points = {
-        "px": _flat(shown, "probe_cos"), "py": _flat(shown, "probe_neighbours_reference_cos"),
-        "ox": _flat(shown, "probe_only_probe_cos"), "oy": _flat(shown, "probe_only_reference_cos"),
-    }
-    return Figures(images=n, k=k, overlap_counts=counts[: k + 1], overlap_sum=float(overlap.sum()),
-                   points=points, sampled_images=shown.num_rows)
+    return Figures.of(discrepancies, k, plot_fraction(discrepancies.num_rows, k), seed)
 
 
 def daf_plots(

@@ -211,11 +211,20 @@ def _embed_computed(run: Run, cfg: JobConfig, models: dict[str, str], out_dir: s
 
 def write_shards(ds: Any, raw: str, stage: str, total: int | None) -> None:
     """Run a per-row pipeline into ``raw`` (``rows.ShardSink``: pieces per input shard, what
-    resume counts), logging its progress as ``stage``. DAF's embedding and TCAC's scoring."""
+    resume counts), logging its progress as ``stage``. DAF's embedding and TCAC's scoring.
+
+    The write tasks add the rows they wrote to a counter actor, so a progress line costs
+    one call, never a listing of the pieces; rows an earlier run left are counted once."""
+    import ray
+
     from clipscan.stages import rows
 
-    with Progress(stage, lambda: rows.rows_written(raw), total):
-        ds.write_datasink(rows.ShardSink(raw), ray_remote_args={"num_cpus": rows.IO_CPUS})
+    counter = ray.remote(num_cpus=0)(rows.RowCounter).remote(rows.rows_written(raw))
+    try:
+        with Progress(stage, lambda: ray.get(counter.total.remote()), total):
+            ds.write_datasink(rows.ShardSink(raw, counter), ray_remote_args={"num_cpus": rows.IO_CPUS})
+    finally:
+        ray.kill(counter)
 
 
 class Progress:

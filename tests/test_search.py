@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute
 import pyarrow.parquet as pq
 import pytest
 
@@ -250,42 +251,82 @@ def test_plan_shards_per_node() -> None:
 # --- the pipeline on Ray -----------------------------------------------------------------
 
 
-# rank_by overlap runs end to end in tests/test_daf.py and tests/test_object_storage.py; one
-# shard sorts its shuffled rows itself, two and three get them from a distributed sort
-@pytest.mark.parametrize("shards,block,rank_by", [(1, 64, "gap"), (2, 50, "gap"), (3, 97, "max_gap")])
-def test_pipeline_ranks_pairs_and_cases_equal_today(ray_local: None, tmp_path, shards: int, block: int,
+def check_mined(out, result, ids, x_probe, x_ref, shards: int, rank_by: str, cases: int) -> None:
+    """The mine stage's parts, top cases, pairs and figures against today's whole-table path."""
+    from clipscan.pipeline.executor import Local
+
+    want, want_pairs = today(ids, x_probe, x_ref, shards, rank_by)
+    got = pq.read_table(out / "d")
+    assert got.schema == dc.IMAGES_SCHEMA
+    assert got.column("id").to_pylist() == sorted(ids)  # every image once, in the search's order (id order)
+    assert got.equals(want.sort_by("id").drop_columns(["rank"]))  # every cosine: the same bits
+    assert len(list((out / "d").glob("part-*.parquet"))) >= 1
+    has_only = want.filter(pa.compute.greater(pa.compute.list_value_length(want.column("probe_only")), 0))
+    assert result.candidates.equals(has_only.slice(0, cases))  # the top cases with their global ranks
+    got_pairs = pq.read_table(out / "p")
+    assert result.pairs == got_pairs.num_rows == want_pairs.num_rows
+    assert_same_rows(got_pairs, want_pairs)
+    expected = daf_figures(want)
+    figures = result.figures
+    assert figures.images == len(ids) and figures.k == K
+    np.testing.assert_array_equal(figures.overlap_counts, expected.overlap_counts)
+    assert figures.mean_overlap == pytest.approx(float(want.column("overlap").to_numpy().astype(np.float64).mean()))
+    for c in ("px", "py", "ox", "oy"):
+        np.testing.assert_array_equal(np.sort(figures.points[c]), np.sort(expected.points[c]))
+    some = set(ids[::17])
+    ranks = mn.ranks_of(str(out / "d"), some, rank_by, Local())
+    assert ranks == {i: r for i, r in zip(want.column("id").to_pylist(), want.column("rank").to_pylist(), strict=True)
+                     if i in some}
+
+
+# one shard sorts its shuffled rows itself, two and three get them from a distributed sort;
+# each per-part step of the mine stage runs as Ray tasks
+@pytest.mark.parametrize("shards,block,rank_by", [(1, 64, "gap"), (2, 50, "overlap"), (3, 97, "max_gap")])
+def test_sharded_search_and_mine_on_ray_equal_today(ray_local: None, tmp_path, shards: int, block: int,
                                                     rank_by: str) -> None:
     import ray.data
+
+    from clipscan.pipeline.executor import RayTasks
 
     name = {1: "random", 2: "duplicates", 3: "generated"}[shards]
     ids, x_probe, x_ref = sorted_inputs(name)
     table = vectors_table(ids, x_probe, x_ref)
     shuffled = table.take(pa.array(np.random.default_rng(shards).permutation(len(ids))))
     vectors = ray.data.from_arrow([shuffled.slice(i, 60) for i in range(0, len(ids), 60)])
-    with sr.ShardedSearch(vectors, k=K, rank_depth=DEPTH, shards=shards, query_block=block, probe_min=0.9) as stage:
+    with sr.ShardedSearch(vectors, k=K, rank_depth=DEPTH, shards=shards, query_block=block, probe_min=0.9,
+                          id_order=True) as stage:
         assert stage.facts["shards"] == shards and stage.facts["nodes"] == 1 and stage.facts["index"] == "exact"
         stage.write(str(tmp_path / "search"))
-    rows = mn.read_parts(str(tmp_path / "search"))
-    figures, candidates = mn.write_ranked(rows, str(tmp_path / "d.parquet"), rank_by, K, cases=25)
-    pair_count = mn.write_pairs(rows, str(tmp_path / "p.parquet"))
-    wanted = set(candidates.column("id").to_pylist()) | {j for r in candidates.column("probe_only").to_pylist() for j in r}
-    corpus = mn.corpus_rows(stage.corpus, wanted)
-    want, want_pairs = today(ids, x_probe, x_ref, shards, rank_by)
-    got = pq.read_table(tmp_path / "d.parquet")
-    assert got.schema == dc.DISCREPANCY_SCHEMA
-    assert got.equals(want)  # rank order, ids and every cosine: the same bits
-    assert len(list((tmp_path / "d.parquet").glob("part-*.parquet"))) >= 1
-    got_pairs = pq.read_table(tmp_path / "p.parquet")
-    assert pair_count == got_pairs.num_rows == want_pairs.num_rows
-    assert_same_rows(got_pairs, want_pairs)
-    assert set(corpus.column("id").to_pylist()) == wanted
-    assert dc.cases(candidates, corpus, 25).equals(dc.cases(want, table.select(["id", "uri", "caption"]), 25))
-    expected = daf_figures(want)
-    assert figures.images == len(ids) and figures.k == K
-    np.testing.assert_array_equal(figures.overlap_counts, expected.overlap_counts)
-    assert figures.mean_overlap == pytest.approx(float(want.column("overlap").to_numpy().astype(np.float64).mean()))
-    for c in ("px", "py", "ox", "oy"):
-        np.testing.assert_array_equal(figures.points[c], expected.points[c])
+    result = mn.mine(str(tmp_path / "search"), str(tmp_path / "d"), str(tmp_path / "p"), rank_by, K,
+                     RayTasks(in_flight=2), cases=25)
+    check_mined(tmp_path, result, ids, x_probe, x_ref, shards, rank_by, 25)
+
+
+# the in-process twin: the same stages, one shard in this process, every step here
+@pytest.mark.parametrize("name,block,rank_by", [("random", 64, "overlap"), ("duplicates", 37, "jaccard"),
+                                               ("generated", 240, "gap")])
+def test_local_search_and_mine_equal_today(tmp_path, name: str, block: int, rank_by: str) -> None:
+    from clipscan import fs as cfs
+    from clipscan.pipeline.executor import Local
+
+    ids, x_probe, x_ref = sorted_inputs(name)
+    table = vectors_table(ids, x_probe, x_ref)
+    run = tmp_path / "run"
+    order = np.random.default_rng(3).permutation(len(ids))  # parts in any order: the stage sorts by id
+    for i, part in enumerate(np.array_split(order, 3)):
+        rows = table.take(pa.array(part))
+        cfs.write_parquet_atomic(str(run / "corpus" / f"part-{i:05d}.parquet"), rows.select(["id", "uri", "caption"]))
+        for model in ("probe", "reference"):
+            cfs.write_parquet_atomic(str(run / "embeddings" / model / f"part-{i:05d}.parquet"),
+                                     pa.table({"id": rows.column("id"), "embedding": rows.column(model)}))
+    with sr.LocalSearch(str(run), k=K, rank_depth=DEPTH, query_block=block, probe_min=0.9) as stage:
+        stage.write(str(tmp_path / "search"))
+        deep = stage.reference_lists(list(ids[:5]))
+    _, ref_I = brute_knn(x_ref, DEPTH)
+    assert deep == {i: list(ids[r]) for i, r in zip(ids[:5], ref_I[:5], strict=True)}
+    result = mn.mine(str(tmp_path / "search"), str(tmp_path / "d"), str(tmp_path / "p"), rank_by, K, Local(), cases=25)
+    check_mined(tmp_path, result, ids, x_probe, x_ref, 1, rank_by, 25)
+    assert mn.corpus_rows(str(run), set(ids[:3]), Local()).sort_by("id").column("id").to_pylist() == sorted(ids[:3])
 
 
 def test_sort_map_tasks_take_one_block_each(ray_local: None) -> None:
@@ -310,10 +351,31 @@ def test_sort_map_tasks_take_one_block_each(ray_local: None) -> None:
 
 
 def test_plot_sample_is_bounded_and_seeded() -> None:
-    ranks = mn.sample_ranks(10**8, 10, seed=3)
-    assert len(ranks) == mn.PLOT_POINTS // 10 and ranks.min() >= 1 and ranks.max() <= 10**8
-    np.testing.assert_array_equal(ranks, mn.sample_ranks(10**8, 10, seed=3))
-    np.testing.assert_array_equal(mn.sample_ranks(50, 10, seed=0), np.arange(1, 51))
+    assert mn.plot_fraction(10**8, 10) == mn.PLOT_POINTS / 10**9 and mn.plot_fraction(50, 10) == 1.0
+    ids = pa.array([f"img-{i}" for i in range(100_000)])
+    kept = mn.plot_sample(ids, 0.02, seed=3)
+    assert 1700 < kept.sum() < 2300
+    np.testing.assert_array_equal(kept, mn.plot_sample(ids, 0.02, seed=3))
+    np.testing.assert_array_equal(kept[500:], mn.plot_sample(ids.slice(500), 0.02, seed=3))  # by id, not position
+    assert not np.array_equal(kept, mn.plot_sample(ids, 0.02, seed=4))
+
+
+def test_count_before_equals_a_sort() -> None:
+    rng = np.random.default_rng(0)
+    rows = pa.table({"overlap": rng.integers(0, 3, 500).astype(np.float32) / 2,
+                     "gap": rng.integers(0, 4, 500).astype(np.float32), "id": [f"i{j:04d}" for j in rng.permutation(500)]})
+    order = rows.take(pc_sort(rows)).column("id").to_pylist()
+    keys = rows.slice(100, 40)
+    got = mn.count_before(rows, keys, "overlap")
+    assert got.tolist() == [order.index(i) for i in keys.column("id").to_pylist()]
+    outside = keys.set_column(2, "id", pa.array([i + "x" for i in keys.column("id").to_pylist()]))
+    assert mn.count_before(rows, outside, "overlap").tolist() == [order.index(i) + 1 for i in keys.column("id").to_pylist()]
+
+
+def pc_sort(rows: pa.Table) -> pa.Array:
+    import pyarrow.compute as pc
+
+    return pc.sort_indices(rows, sort_keys=mn.SORT_KEYS["overlap"])
 
 
 def test_ivf_flat_shard_keeps_one_copy_and_answers_as_a_flat_one() -> None:
@@ -345,7 +407,7 @@ def test_sorted_ids_find_rows_through_hash_collisions(monkeypatch: pytest.Monkey
     asked = np.array([names[0], "img-x", names[299], names[150], "zzz", names[7]], dtype=object)
     want = [0, -1, 299, 150, -1, 7]
     assert sr.SortedIds(pa.array(names, pa.string())).find(asked).tolist() == want
-    monkeypatch.setattr(sr, "_hash_ids", lambda ids: np.array([len(s) % 2 for s in ids], dtype=np.uint64))
+    monkeypatch.setattr(dc, "hash_ids", lambda ids: np.array([len(s) % 2 for s in ids], dtype=np.uint64))
     assert sr.SortedIds(names).find(asked).tolist() == want
     with pytest.raises(ValueError, match="out of order or repeated"):
         sr.SortedIds(names[::-1])

@@ -36,6 +36,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from clipscan.stages.discrepancy import hash_ids
+from clipscan.stages.discrepancy import uniform as dc_uniform
+
 ATTRIBUTES: tuple[str, ...] = ("colour", "count", "size", "position", "object", "action", "scene")
 LEXICON_DIR = Path(__file__).resolve().parents[1] / "data" / "lexicons"
 Z95 = 1.959963984540054  # two-sided 95 % normal quantile
@@ -394,7 +397,7 @@ def contrast_rows(
     neighbours' captions (control) and ``matched_captions``: agreeing pairs (j in both top-k
     lists of image i, any image) sampled so their probe cosines follow the probe-only pairs'
     (``bins`` quantile bins, one agreeing pair per probe-only pair where there are enough),
-    each kept or not by a hash of (seed, rank, position), so the choice does not depend on
+    each kept or not by a hash of (seed, id, position), so the choice does not depend on
     how the table is split. A matched pair is attached to the image it comes from.
     ``rank_matched_captions``: for each probe-only neighbour at reference rank r, the
     image's reference neighbour nearest to rank r that is not a probe neighbour (so as far
@@ -506,8 +509,8 @@ def matched_pairs(discrepancies: pa.Table, target_cos: np.ndarray, seed: int, bi
     ``target_cos`` (the probe cosines of the probe-only pairs) over ``bins`` quantile bins.
 
     Two passes over the table's record batches (counting, then sampling), so the memory is
-    one batch plus the chosen pairs; ``matched_pairs_dataset`` runs the same passes as Ray
-    Data stages.
+    one batch plus the chosen pairs; ``matched_pairs_parts`` runs the same passes part by
+    part.
     """
     plan = _MatchPlan.of(target_cos, bins)
     if plan is None:
@@ -521,29 +524,38 @@ def matched_pairs(discrepancies: pa.Table, target_cos: np.ndarray, seed: int, bi
     return out
 
 
-def matched_pairs_dataset(ds: Any, target_cos: np.ndarray, seed: int, bins: int = 10) -> list[tuple[str, str]]:
-    """``matched_pairs`` over a Ray Dataset of discrepancy rows: both passes run in the
-    stream; the driver receives per-block bin counts, then only the chosen pairs."""
+def matched_pairs_parts(path: str, target_cos: np.ndarray, seed: int, bins: int, executor: Any,
+                        ) -> list[tuple[str, str]]:
+    """``matched_pairs`` over the discrepancy parts under ``path``, each pass a call per part
+    run by ``executor`` (``clipscan.pipeline.executor``): the caller receives per-part bin
+    counts, then only the chosen pairs."""
+    from clipscan import fs as cfs
+
     plan = _MatchPlan.of(target_cos, bins)
     if plan is None:
         return []
-    cols = ["rank", "id", "probe_neighbours", "probe_cos", "probe_only"]
-    rows = ds.select_columns(cols)
-
-    def count(batch: pa.Table) -> dict[str, np.ndarray]:
-        return {"have": plan.count(batch)[None]}
-
-    for b in rows.map_batches(count, batch_format="pyarrow").iter_batches(batch_format="numpy", batch_size=None):
-        plan.have += np.asarray(b["have"]).reshape(-1, len(plan.want)).sum(axis=0)
-
-    def choose(batch: pa.Table) -> pa.Table:
-        ids, nbr = plan.choose(batch, seed)
-        return pa.table({"i": pa.array(ids.tolist(), pa.string()), "j": pa.array(nbr.tolist(), pa.string())})
-
+    names = [p.rsplit("/", 1)[-1] for p in cfs.list_parquet(path)]
+    for have in executor.map(_count_part, [(path, n, plan) for n in names]):
+        plan.have += have
     out: list[tuple[str, str]] = []
-    for b in rows.map_batches(choose, batch_format="pyarrow").iter_batches(batch_format="pyarrow", batch_size=None):
-        out += list(zip(b.column("i").to_pylist(), b.column("j").to_pylist(), strict=True))
+    for ids, nbr in executor.map(_choose_part, [(path, n, plan, seed) for n in names]):
+        out += list(zip(ids.tolist(), nbr.tolist(), strict=True))
     return out
+
+
+_MATCH_COLUMNS = ["id", "probe_neighbours", "probe_cos", "probe_only"]
+
+
+def _count_part(path: str, name: str, plan: _MatchPlan) -> np.ndarray:
+    from clipscan import fs as cfs
+
+    return plan.count(cfs.read_parquet(cfs.join(path, name), columns=_MATCH_COLUMNS))
+
+
+def _choose_part(path: str, name: str, plan: _MatchPlan, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    from clipscan import fs as cfs
+
+    return plan.choose(cfs.read_parquet(cfs.join(path, name), columns=_MATCH_COLUMNS), seed)
 
 
 @dataclass
@@ -574,7 +586,7 @@ class _MatchPlan:
     def choose(self, batch: Any, seed: int) -> tuple[np.ndarray, np.ndarray]:
         keep_p = np.where(self.have > 0, np.minimum(1.0, self.want / np.maximum(self.have, 1)), 0.0)
         ids, nbr, key, b = _agreeing(_record_batch(batch), self.edges)
-        chosen = (b >= 0) & (_uniform(seed, key) < keep_p[np.maximum(b, 0)])
+        chosen = (b >= 0) & (dc_uniform(seed, key) < keep_p[np.maximum(b, 0)])
         return ids[chosen], nbr[chosen]
 
 
@@ -587,13 +599,13 @@ def _record_batch(batch: Any) -> pa.RecordBatch:
 
 def _agreeing(batch: pa.RecordBatch, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Flattened probe-neighbour pairs of a batch that are not probe-only: (image id,
-    neighbour id, hash key from rank and position, bin index or -1 outside the edges)."""
+    neighbour id, hash key from the image's id and the position, bin index or -1 outside the edges)."""
     neighbours = batch.column("probe_neighbours")
     parent = np.asarray(pc.list_parent_indices(neighbours).to_numpy(), dtype=np.int64)
     nbr = np.asarray(pc.list_flatten(neighbours).to_numpy(zero_copy_only=False), dtype=object)
     cos = np.asarray(pc.list_flatten(batch.column("probe_cos")).to_numpy(zero_copy_only=False), dtype=np.float64)
     ids = np.asarray(batch.column("id").to_numpy(zero_copy_only=False), dtype=object)
-    ranks = np.asarray(batch.column("rank").to_numpy(), dtype=np.int64)
+    hashes = hash_ids(ids)
     only = batch.column("probe_only")
 
     def keys(lists: pa.Array) -> pa.Array:
@@ -604,21 +616,11 @@ def _agreeing(batch: pa.RecordBatch, edges: np.ndarray) -> tuple[np.ndarray, np.
     offsets = np.asarray(neighbours.offsets.to_numpy(), dtype=np.int64)
     offsets -= offsets[0]  # a sliced batch starts mid-array
     position = np.arange(parent.size, dtype=np.int64) - offsets[parent]
-    key = ranks[parent] * 4096 + position
+    key = hashes[parent] + position.astype(np.uint64)
     b = np.searchsorted(edges, cos, side="right") - 1
     b[cos == edges[-1]] = len(edges) - 2
     b = np.where(agree & (b >= 0) & (b < len(edges) - 1), b, -1)
     return ids[parent], nbr, key, b
-
-
-def _uniform(seed: int, key: np.ndarray) -> np.ndarray:
-    """Uniform [0, 1) per key, a splitmix64 hash of (seed, key)."""
-    with np.errstate(over="ignore"):
-        z = key.astype(np.uint64) + np.uint64(seed & 0xFFFFFFFF) * np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
-    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
 def _ranks(discrepancies: pa.Table, ids: Iterable[str]) -> dict[str, int]:

@@ -55,6 +55,13 @@ DISCREPANCY_SCHEMA = pa.schema(
     ]
 )
 
+# One row per image as ``discrepancies.parquet`` holds it, in the search's order: every
+# field but the rank, which only the ranked top cases carry.
+IMAGES_SCHEMA = pa.schema([f for f in DISCREPANCY_SCHEMA if f.name != "rank"])
+
+# Fields that need the whole corpus's cosine scales: added once the search is done.
+CALIBRATED = ("gap_z", "max_gap_z")
+
 PAIRS_SCHEMA = pa.schema(
     [
         ("id_a", pa.string()),  # id_a < id_b
@@ -465,6 +472,24 @@ def _gaps_z(
     np.maximum.at(top, rows, diff)
     top = np.where(count > 0, top, 0.0)
     return mean.astype(np.float32), top.astype(np.float32)
+
+
+def hash_ids(ids: np.ndarray) -> np.ndarray:
+    """(m,) uint64 hash of each id string (pandas' SipHash with its fixed key: the same in every process)."""
+    import pandas as pd
+
+    return pd.util.hash_array(np.asarray(ids, dtype=object), categorize=False)
+
+
+def uniform(seed: int, key: np.ndarray) -> np.ndarray:
+    """Uniform [0, 1) float64 per uint64 ``key``, a splitmix64 hash of (seed, key): the same
+    in every process, so a seeded sample does not depend on how the rows are split."""
+    with np.errstate(over="ignore"):
+        z = key.astype(np.uint64) + np.uint64(seed & 0xFFFFFFFF) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
 def reference_rank(P: np.ndarray, deep: np.ndarray) -> np.ndarray:

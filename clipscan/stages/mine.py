@@ -1,16 +1,19 @@
-"""Search rows (``clipscan.stages.search.SEARCH_SCHEMA`` parts) in; ranked discrepancies, MMVP pairs, failure cases and report aggregates out.
+"""Search rows (``clipscan.stages.search.SEARCH_SCHEMA`` parts) in; per-image discrepancies, the ranked top cases, MMVP pairs and report aggregates out.
 
-Nothing here holds a whole table: the global rank comes from Ray Data's distributed sort
-(ties by id) and is numbered by tasks that write the sorted blocks as parts, each
-returning a few figures (overlap counts, a seeded sample of cosines, its first candidate
-cases); pairs are filtered per row by the search, de-duplicated by a distributed group-by
-and sorted; captions are looked up only for the top ``mining.cases`` images.
+Written part by part and run by an executor (``clipscan.pipeline.executor``): in this
+process or as Ray tasks, the same functions either way. Nothing sorts the whole corpus:
+
+* ``discrepancies.parquet/`` holds every image's row (``discrepancy.IMAGES_SCHEMA``) in
+  the search's order, one part per search part;
+* the top ``cases`` images by ``rank_by`` come from a bounded merge of each part's own
+  top ``cases``; their global ``rank`` is counted where the rows are (each part counts its
+  rows that come first) and summed, so the driver holds ``cases`` rows, never the corpus;
+* the plots' points are a seeded sample chosen by a hash of the id, so a row is in it or
+  not whatever part it is in.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -22,14 +25,14 @@ from clipscan import fs as cfs
 from clipscan.stages import discrepancy as dc
 
 if TYPE_CHECKING:
-    import ray.data
+    from clipscan.pipeline.executor import Executor
 
-# rank_by -> sort keys and directions; the last key, id, makes the order total.
-SORT_KEYS: dict[str, tuple[list[str], list[bool]]] = {
-    "overlap": (["overlap", "gap", "id"], [False, True, False]),
-    "jaccard": (["jaccard", "gap", "id"], [False, True, False]),
-    "max_gap": (["max_gap_z", "gap_z", "id"], [True, True, False]),
-    "gap": (["gap_z", "id"], [True, False]),
+# rank_by -> sort keys (pyarrow order); the last key, id, makes the order total.
+SORT_KEYS: dict[str, list[tuple[str, str]]] = {
+    "overlap": [("overlap", "ascending"), ("gap", "descending"), ("id", "ascending")],
+    "jaccard": [("jaccard", "ascending"), ("gap", "descending"), ("id", "ascending")],
+    "max_gap": [("max_gap_z", "descending"), ("gap_z", "descending"), ("id", "ascending")],
+    "gap": [("gap_z", "descending"), ("id", "ascending")],
 }
 
 # Points of the cosine plot at most: a seeded sample of images, all their probe neighbours.
@@ -38,7 +41,7 @@ PLOT_POINTS = 200_000
 
 @dataclass
 class Figures:
-    """Streaming aggregates of the ranked table, for run.json and the report's plots."""
+    """Streaming aggregates of the discrepancy rows, for run.json and the report's plots."""
 
     images: int = 0
     k: int = 0
@@ -52,177 +55,236 @@ class Figures:
     def mean_overlap(self) -> float:
         return self.overlap_sum / self.images if self.images else 0.0
 
+    @classmethod
+    def of(cls, rows: pa.Table, k: int, fraction: float, seed: int) -> Figures:
+        """The aggregates of discrepancy ``rows``; the plot shows the rows ``plot_sample`` keeps."""
+        overlap = np.asarray(rows.column("overlap").to_numpy(zero_copy_only=False), dtype=np.float64)
+        counts = np.bincount(np.rint(overlap * k).astype(np.int64), minlength=k + 1)[: k + 1]
+        shown = rows.filter(pa.array(plot_sample(rows.column("id"), fraction, seed)))
+        points = {"px": _flat(shown, "probe_cos"), "py": _flat(shown, "probe_neighbours_reference_cos"),
+                  "ox": _flat(shown, "probe_only_probe_cos"), "oy": _flat(shown, "probe_only_reference_cos")}
+        return cls(rows.num_rows, k, counts, float(overlap.sum()), points, shown.num_rows)
 
-# Rows per partition of the distributed sorts (and the group-by): one write task each.
-SORT_ROWS = 100_000
-
-
-@contextmanager
-def shuffle_partitions(ds: ray.data.Dataset, rows: int) -> Iterator[int]:
-    """Sorts and group-bys of ``ds`` (and what derives from it) run ``ceil(rows / SORT_ROWS)``
-    partitions while inside.
-
-    Ray Data sizes a sort from its input's estimated block count, and after a map that
-    estimate is unknown, so it falls back to the dataset's ``default_hash_shuffle_parallelism``
-    (200): 200 partitions, each a task, for a few hundred rows. A dataset shares its
-    context with those derived from it; the setting is restored on leaving.
-    """
-    ctx = ds.context
-    before = ctx.default_hash_shuffle_parallelism
-    ctx.default_hash_shuffle_parallelism = max(1, -(-rows // SORT_ROWS))
-    try:
-        yield ctx.default_hash_shuffle_parallelism
-    finally:
-        ctx.default_hash_shuffle_parallelism = before
+    def add(self, other: Figures) -> None:
+        self.images += other.images
+        self.overlap_counts = self.overlap_counts + other.overlap_counts
+        self.overlap_sum += other.overlap_sum
+        self.sampled_images += other.sampled_images
+        self.points = {c: np.concatenate([self.points[c], other.points[c]]) if c in self.points else other.points[c]
+                       for c in other.points}
 
 
-def read_parts(path: str) -> ray.data.Dataset:
-    """The ``part-*.parquet`` files under ``path`` (local or object storage) as a Dataset of
-    one block per file. Ray's default splits a read into 200 blocks whatever its size, and
-    a sort or group-by after it then runs 200 partitions: seconds of tasks for a few rows."""
-    import ray.data
-
-    files = cfs.list_parquet(path)
-    if not files:
-        raise FileNotFoundError(f"mine: no parquet parts under {path}")
-    fsys, _ = cfs.resolve(path)
-    return ray.data.read_parquet(files, filesystem=fsys, override_num_blocks=len(files))
+def plot_fraction(n: int, k: int, points: int = PLOT_POINTS) -> float:
+    """The share of images whose neighbours the cosine plot shows: all when n * k <= points."""
+    return 1.0 if n * max(k, 1) <= points else points / (n * max(k, 1))
 
 
-def sample_ranks(n: int, k: int, seed: int, points: int = PLOT_POINTS) -> np.ndarray:
-    """(m,) int64 sorted ranks (1-based) of the images whose neighbours the cosine plot shows:
-    all of them when n * k <= points, else a seeded sample of points // k."""
-    m = n if n * max(k, 1) <= points else max(1, points // max(k, 1))
-    return np.sort(np.random.default_rng(seed).choice(n, m, replace=False)) + 1
-
-
-def cosine_scales(rows: ray.data.Dataset) -> tuple[tuple[float, float], tuple[float, float]]:
-    """Each model's (mean, std) of its top-k neighbour cosines over all search rows
-    (``discrepancy.scale_of``), from per-block moments: what ``gap_z`` standardises by."""
-    sums = rows.select_columns(["probe_cos", "reference_cos"]).map_batches(_moments, batch_format="pyarrow")
-    total = np.zeros((2, 3), dtype=np.float64)
-    for batch in sums.iter_batches(batch_format="numpy", batch_size=None):
-        total += np.asarray(batch["moments"], dtype=np.float64).reshape(-1, 2, 3).sum(axis=0)
-    return dc.scale_of(total[0]), dc.scale_of(total[1])
-
-
-def _moments(batch: pa.Table) -> dict[str, np.ndarray]:
-    out = []
-    for col in ("probe_cos", "reference_cos"):
-        values = np.asarray(pc.list_flatten(batch.column(col)).to_numpy(zero_copy_only=False), dtype=np.float32)
-        out.append(dc.cosine_moments(values, np.ones(values.shape, dtype=bool)))
-    return {"moments": np.stack(out)[None]}
-
-
-def write_ranked(
-    rows: ray.data.Dataset, out_dir: str, rank_by: str, k: int, seed: int = 0, cases: int = 100,
-    scales: tuple[tuple[float, float], tuple[float, float]] | None = None,
-) -> tuple[Figures, pa.Table]:
-    """Sort the search rows by ``rank_by`` (ties by id) and write them with their rank as
-    ``out_dir/part-NNNNN.parquet`` (``DISCREPANCY_SCHEMA``).
-
-    scales: the probe's and the reference's cosine scale for ``gap_z`` (``cosine_scales``;
-    computed here when None). Returns the aggregates and the first ``cases`` rows, in rank
-    order, that have a probe-only neighbour (whole discrepancy rows: the candidates for
-    ``cases`` and the attribute contrast).
-    """
-    import ray
-
-    if rank_by not in SORT_KEYS:
-        raise ValueError(f"mine: rank_by must be one of {tuple(SORT_KEYS)}, got {rank_by!r}")
-    keys, descending = SORT_KEYS[rank_by]
-    n = rows.count()
-    sample = sample_ranks(n, k, seed)
-    probe_scale, reference_scale = scales if scales is not None else cosine_scales(rows)
-    cfs.remove_tree(out_dir)
-    cfs.makedirs(out_dir)
-    ranked = rows.select_columns([f.name for f in dc.DISCREPANCY_SCHEMA if f.name not in ("rank", "gap_z", "max_gap_z")])
-    calibrate: Any = dc.add_calibrated_gaps
-    ranked = ranked.map_batches(calibrate, batch_format="pyarrow",
-                                fn_kwargs={"probe_scale": probe_scale, "reference_scale": reference_scale})
-    task = ray.remote(num_cpus=0.5)(_write_ranked_part)
-    figures = Figures(images=0, k=k, overlap_counts=np.zeros(k + 1, np.int64))
-    points: dict[str, list[np.ndarray]] = {c: [] for c in ("px", "py", "ox", "oy")}
-    top: list[pa.Table] = []
-    have = 0
-
-    def take(result: dict[str, Any]) -> None:
-        nonlocal have
-        figures.images += result["rows"]
-        figures.overlap_counts += result["overlap_counts"]
-        figures.overlap_sum += result["overlap_sum"]
-        figures.sampled_images += result["sampled"]
-        for c in points:
-            points[c].append(result[c])
-        if have < cases and result["cases"].num_rows:
-            top.append(result["cases"].slice(0, cases - have))
-            have += top[-1].num_rows
-
-    offset, part, pending = 0, 0, []
-    with shuffle_partitions(ranked, n):
-        for ref, start, end in _sorted_blocks(ranked.sort(keys, descending=descending)):
-            path = cfs.join(out_dir, f"part-{part:05d}.parquet")
-            pending.append(task.remote(ref, start, end, offset, path, k, sample, cases))
-            offset += end - start
-            part += 1
-            while len(pending) > 8:  # bounded in flight; results taken in rank order
-                take(ray.get(pending.pop(0)))
-    for ref in pending:
-        take(ray.get(ref))
-    if offset != n:
-        raise RuntimeError(f"mine: wrote {offset} ranked rows of {n}")
-    if part == 0:
-        cfs.write_parquet_atomic(cfs.join(out_dir, "part-00000.parquet"), dc.DISCREPANCY_SCHEMA.empty_table())
-    figures.points = {c: np.concatenate(v) if v else np.zeros(0, np.float32) for c, v in points.items()}
-    candidates = pa.concat_tables(top) if top else dc.DISCREPANCY_SCHEMA.empty_table()
-    return figures, candidates
-
-
-def _sorted_blocks(ds: ray.data.Dataset) -> Iterator[tuple[Any, int, int]]:
-    """(block ref, first row, end row) of the non-empty blocks of a sorted Dataset, in order."""
-    import ray
-
-    for bundle in ds.iter_internal_ref_bundles():
-        for entry, piece in zip(bundle.blocks, bundle.slices, strict=True):
-            start, end = (0, entry.metadata.num_rows) if piece is None else (piece.start_offset, piece.end_offset)
-            if end is None:
-                end = ray.get(ray.remote(_num_rows).remote(entry.ref))
-            if end > start:
-                yield entry.ref, start, end
-
-
-def _num_rows(block: Any) -> int:
-    return int(_arrow(block).num_rows)
-
-
-def _arrow(block: Any) -> pa.Table:
-    """A Ray Data block as a pyarrow Table (blocks are Arrow here; pandas ones are converted)."""
-    return block if isinstance(block, pa.Table) else pa.Table.from_pandas(block, preserve_index=False)
-
-
-def _write_ranked_part(
-    block: pa.Table, start: int, end: int, offset: int, path: str, k: int, sample: np.ndarray, cases: int,
-) -> dict[str, Any]:
-    table = _arrow(block).slice(start, end - start)
-    rank = np.arange(offset + 1, offset + 1 + table.num_rows, dtype=np.int32)
-    table = table.add_column(0, "rank", pa.array(rank)).select(dc.DISCREPANCY_SCHEMA.names).cast(dc.DISCREPANCY_SCHEMA)
-    cfs.write_parquet_atomic(path, table)
-    overlap = table.column("overlap").to_numpy().astype(np.float64)
-    shown = table.filter(pa.array(np.isin(rank, sample)))
-    has_only = pc.greater(pc.list_value_length(table.column("probe_only")), 0)
-    return {
-        "rows": table.num_rows,
-        "overlap_counts": np.bincount(np.rint(overlap * k).astype(np.int64), minlength=k + 1)[: k + 1],
-        "overlap_sum": float(overlap.sum()),
-        "sampled": shown.num_rows,
-        "px": _flat(shown, "probe_cos"), "py": _flat(shown, "probe_neighbours_reference_cos"),
-        "ox": _flat(shown, "probe_only_probe_cos"), "oy": _flat(shown, "probe_only_reference_cos"),
-        "cases": table.filter(has_only).slice(0, cases),
-    }
+def plot_sample(ids: pa.Array | pa.ChunkedArray, fraction: float, seed: int) -> np.ndarray:
+    """(m,) bool: the ids in the plot's seeded sample (a hash of seed and id below ``fraction``)."""
+    if fraction >= 1.0:
+        return np.ones(len(ids), dtype=bool)
+    values = np.asarray(ids.to_numpy(zero_copy_only=False) if hasattr(ids, "to_numpy") else ids, dtype=object)
+    return dc.uniform(seed, dc.hash_ids(values)) < fraction
 
 
 def _flat(table: pa.Table, column: str) -> np.ndarray:
     return np.asarray(pc.list_flatten(table.column(column)).to_numpy(zero_copy_only=False), dtype=np.float32)
+
+
+def best(rows: pa.Table, rank_by: str, m: int) -> pa.Table:
+    """The first ``m`` of ``rows`` in ``rank_by`` order (``SORT_KEYS``)."""
+    if rank_by not in SORT_KEYS:
+        raise ValueError(f"mine: rank_by must be one of {tuple(SORT_KEYS)}, got {rank_by!r}")
+    if not rows.num_rows:
+        return rows
+    return rows.take(pc.sort_indices(rows, sort_keys=SORT_KEYS[rank_by])[:m])
+
+
+def count_before(rows: pa.Table, keys: pa.Table, rank_by: str) -> np.ndarray:
+    """(len(keys),) int64: for each row of ``keys`` (the ``SORT_KEYS`` columns), how many
+    of ``rows`` come strictly before it in ``rank_by`` order. Sorting both together puts
+    each key after the rows before it; equal keys are one id, hence one row, not counted."""
+    sort = SORT_KEYS[rank_by]
+    names = [c for c, _ in sort]
+    both = pa.concat_tables([
+        rows.select(names).append_column("_key", pa.array(np.full(rows.num_rows, -1, np.int64))),
+        keys.select(names).cast(rows.select(names).schema).append_column(
+            "_key", pa.array(np.arange(keys.num_rows, dtype=np.int64))),
+    ])
+    order = pc.sort_indices(both, sort_keys=[*sort, ("_key", "descending")]).to_numpy()
+    key_of = both.column("_key").to_numpy()[order]
+    at = np.flatnonzero(key_of >= 0)  # the keys' places in the joint order
+    out = np.empty(keys.num_rows, dtype=np.int64)
+    out[key_of[at]] = at - np.arange(len(at))  # rows before each = its place - keys before it
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# The per-part steps (plain functions: an executor runs them here or as Ray tasks)
+
+
+def part_moments(search_dir: str, name: str) -> np.ndarray:
+    """(2, 3) float64 cosine moments (``discrepancy.cosine_moments``) of one search part's
+    probe and reference top-k cosines."""
+    table = cfs.read_parquet(cfs.join(search_dir, name), columns=["probe_cos", "reference_cos"])
+    out = []
+    for col in ("probe_cos", "reference_cos"):
+        values = _flat(table, col)
+        out.append(dc.cosine_moments(values, np.ones(values.shape, dtype=bool)))
+    return np.stack(out)
+
+
+def mine_part(search_dir: str, name: str, out_path: str, scales: tuple[tuple[float, float], tuple[float, float]],
+              k: int, fraction: float, seed: int, rank_by: str, cases: int) -> dict[str, Any]:
+    """One search part -> its discrepancy part at ``out_path`` (``IMAGES_SCHEMA``), its
+    pair candidates, its figures and its top ``cases`` rows that have a probe-only
+    neighbour (``rank_by`` order)."""
+    search = cfs.read_parquet(cfs.join(search_dir, name))
+    rows = dc.add_calibrated_gaps(search.select([f.name for f in dc.IMAGES_SCHEMA if f.name not in dc.CALIBRATED]),
+                                  *scales).select(dc.IMAGES_SCHEMA.names).cast(dc.IMAGES_SCHEMA)
+    cfs.write_parquet_atomic(out_path, rows)
+    has_only = pc.greater(pc.list_value_length(rows.column("probe_only")), 0)
+    return {"figures": Figures.of(rows, k, fraction, seed), "top": best(rows.filter(has_only), rank_by, cases),
+            "pairs": pair_rows(search)}
+
+
+def part_recall(search_dir: str, name: str) -> dict[str, tuple[float, int]]:
+    """Per model, the sum and the count of one search part's recall@k values (the sampled rows)."""
+    from clipscan.stages.search import RECALL_COLUMNS
+
+    table = cfs.read_parquet(cfs.join(search_dir, name), columns=list(RECALL_COLUMNS))
+    return {col.removeprefix("_recall_"): (float(pc.sum(table.column(col)).as_py() or 0.0),
+                                           table.num_rows - table.column(col).null_count) for col in RECALL_COLUMNS}
+
+
+def recall(search_dir: str, executor: Executor) -> dict[str, float]:
+    """Mean recall@k of the sampled rows under each model (approximate index only)."""
+    names = [p.rsplit("/", 1)[-1] for p in cfs.list_parquet(search_dir)]
+    total = {"probe": [0.0, 0], "reference": [0.0, 0]}
+    for part in executor.map(part_recall, [(search_dir, n) for n in names]):
+        for model, (s, c) in part.items():
+            total[model][0] += s
+            total[model][1] += c
+    return {m: (s / c if c else 1.0) for m, (s, c) in total.items()}
+
+
+def part_ranks(out_dir: str, name: str, keys: pa.Table, rank_by: str) -> np.ndarray:
+    """(len(keys),) int64 rows of one discrepancy part that come before each key."""
+    names = [c for c, _ in SORT_KEYS[rank_by]]
+    return count_before(cfs.read_parquet(cfs.join(out_dir, name), columns=names), keys, rank_by)
+
+
+def part_rows(path: str, name: str, wanted: pa.Array, columns: list[str]) -> pa.Table:
+    """The rows of one part whose ``id`` is in ``wanted``, ``columns`` only."""
+    table = cfs.read_parquet(cfs.join(path, name), columns=columns)
+    return table.filter(pc.is_in(table.column("id"), value_set=wanted))
+
+
+# ---------------------------------------------------------------------------------------
+# The stage
+
+
+@dataclass
+class Mined:
+    """What the mine stage leaves for the later stages: small tables, never the corpus."""
+
+    figures: Figures
+    candidates: pa.Table  # the top ``cases`` rows with a probe-only neighbour, rank order, ``DISCREPANCY_SCHEMA``
+    pairs: int  # MMVP pairs written
+
+
+def mine(search_dir: str, out_dir: str, pairs_dir: str, rank_by: str, k: int, executor: Executor,
+         seed: int = 0, cases: int = 100) -> Mined:
+    """The search parts under ``search_dir`` -> ``out_dir`` (discrepancy parts numbered in
+    the search parts' name order), ``pairs_dir`` (``PAIRS_SCHEMA`` parts) and the ranked top ``cases``.
+
+    Three passes over the parts: the cosine moments (what ``gap_z`` standardises by), the
+    rows (written, with each part's figures and top rows), and the ranks of the top rows.
+    """
+    if rank_by not in SORT_KEYS:
+        raise ValueError(f"mine: rank_by must be one of {tuple(SORT_KEYS)}, got {rank_by!r}")
+    names = [p.rsplit("/", 1)[-1] for p in cfs.list_parquet(search_dir)]
+    if not names:
+        raise FileNotFoundError(f"mine: no parquet parts under {search_dir}")
+    total = np.zeros((2, 3), dtype=np.float64)
+    for moments in executor.map(part_moments, [(search_dir, n) for n in names]):
+        total += moments
+    scales = dc.scale_of(total[0]), dc.scale_of(total[1])
+    cfs.remove_tree(out_dir)
+    cfs.makedirs(out_dir)
+    rows = _rows_in(search_dir, names)
+    fraction = plot_fraction(rows, k)
+    figures = Figures(k=k, overlap_counts=np.zeros(k + 1, np.int64),
+                      points={c: np.zeros(0, np.float32) for c in ("px", "py", "ox", "oy")})
+    top = dc.IMAGES_SCHEMA.empty_table()
+    candidates_dir = cfs.join(pairs_dir, "_candidates")
+    cfs.remove_tree(pairs_dir)
+    cfs.makedirs(candidates_dir)
+    outs = [f"part-{i:05d}.parquet" for i in range(len(names))]  # the search's order, numbered
+    args = [(search_dir, n, cfs.join(out_dir, o), scales, k, fraction, seed, rank_by, cases)
+            for n, o in zip(names, outs, strict=True)]
+    for name, part in zip(outs, executor.map(mine_part, args), strict=True):
+        figures.add(part["figures"])
+        top = best(pa.concat_tables([top, part["top"]]), rank_by, cases)
+        if part["pairs"].num_rows:
+            cfs.write_parquet_atomic(cfs.join(candidates_dir, name), part["pairs"])
+    ranks = np.ones(top.num_rows, dtype=np.int64)
+    if top.num_rows:
+        keys = top.select([c for c, _ in SORT_KEYS[rank_by]])
+        for before in executor.map(part_ranks, [(out_dir, n, keys, rank_by) for n in outs]):
+            ranks += before
+    candidates = top.add_column(0, "rank", pa.array(ranks.astype(np.int32))).cast(dc.DISCREPANCY_SCHEMA)
+    pair_count = write_pairs(candidates_dir, pairs_dir, executor)
+    cfs.remove_tree(candidates_dir)
+    return Mined(figures, candidates, pair_count)
+
+
+def _rows_in(path: str, names: list[str]) -> int:
+    """Rows of the parts, from their footers."""
+    import pyarrow.parquet as pq
+
+    total = 0
+    for name in names:
+        fsys, inner = cfs.resolve(cfs.join(path, name))
+        with fsys.open_input_file(inner) as f:
+            total += pq.ParquetFile(f).metadata.num_rows
+    return total
+
+
+def ranks_of(out_dir: str, wanted: set[str], rank_by: str, executor: Executor) -> dict[str, int]:
+    """id -> global rank of the ``wanted`` ids among the discrepancy parts: their rows are
+    found by id, then every part counts its rows that come before them."""
+    if not wanted:
+        return {}
+    names = [p.rsplit("/", 1)[-1] for p in cfs.list_parquet(out_dir)]
+    columns = [c for c, _ in SORT_KEYS[rank_by]]
+    value_set = pa.array(sorted(wanted), pa.string())
+    found = [t for t in executor.map(part_rows, [(out_dir, n, value_set, columns) for n in names]) if t.num_rows]
+    if not found:
+        return {}
+    keys = pa.concat_tables(found)
+    ranks = np.ones(keys.num_rows, dtype=np.int64)
+    for before in executor.map(part_ranks, [(out_dir, n, keys, rank_by) for n in names]):
+        ranks += before
+    return dict(zip(keys.column("id").to_pylist(), ranks.tolist(), strict=True))
+
+
+def lookup_rows(path: str, wanted: set[str], columns: list[str], executor: Executor) -> pa.Table:
+    """The rows of the parts under ``path`` whose ``id`` is in ``wanted`` (``columns``, each a
+    string where none is found); only they reach the caller."""
+    empty = pa.schema([(c, pa.string()) for c in columns]).empty_table()
+    if not wanted:
+        return empty
+    names = [p.rsplit("/", 1)[-1] for p in cfs.list_parquet(path)]
+    value_set = pa.array(sorted(wanted), pa.string())
+    found = [t for t in executor.map(part_rows, [(path, n, value_set, columns) for n in names]) if t.num_rows]
+    return pa.concat_tables(found) if found else empty
+
+
+def corpus_rows(run_dir: str, wanted: set[str], executor: Executor) -> pa.Table:
+    """``id``, ``uri``, ``caption`` of the ``wanted`` ids, read from the run's ``corpus/`` parts."""
+    schema = pa.schema([("id", pa.string()), ("uri", pa.string()), ("caption", pa.string())])
+    return lookup_rows(cfs.join(run_dir, "corpus"), wanted, schema.names, executor).cast(schema)
 
 
 # ---------------------------------------------------------------------------------------
@@ -248,107 +310,76 @@ def pair_rows(batch: pa.Table) -> pa.Table:
     )
 
 
-def write_pairs(rows: ray.data.Dataset, out_dir: str) -> int:
-    """The MMVP pairs of the search rows as ``out_dir/part-NNNNN.parquet`` (``PAIRS_SCHEMA``),
-    one row per (direction, pair), ordered as ``discrepancy.pairs``: direction, then
-    |probe cos - reference cos| descending, then id_a, id_b. Returns the pair count."""
-    import ray
-    from ray.data.aggregate import Max
+# Rows per partition of the pairs' group-by and sort on Ray: one write task each.
+SORT_ROWS = 100_000
 
-    cfs.remove_tree(out_dir)
-    cfs.makedirs(out_dir)
-    found = rows.select_columns(["id", "_pair_with", "_pair_probe_cos", "_pair_reference_cos", "_pair_direction"])
-    found = found.map_batches(pair_rows, batch_format="pyarrow").materialize()
-    if found.count() == 0:
+PAIR_ORDER = [("direction", "ascending"), ("spread", "descending"), ("id_a", "ascending"), ("id_b", "ascending")]
+
+
+def write_pairs(candidates_dir: str, out_dir: str, executor: Executor) -> int:
+    """The pair candidates' parts -> ``out_dir/part-NNNNN.parquet`` (``PAIRS_SCHEMA``), one row
+    per (direction, pair), ordered as ``discrepancy.pairs``: direction, then |probe cos -
+    reference cos| descending, then id_a, id_b. Returns the pair count.
+
+    Both ends of a pair compute the same cosines (the same float64 products, summed in the
+    same order), so a pair's rows differ in nothing but where they were found. On Ray the
+    group-by and the sort run in Ray Data (pairs are few beside the images: the thresholds
+    keep near-duplicates only), in this process in Arrow.
+    """
+    files = cfs.list_parquet(candidates_dir)
+    if not files:
         cfs.write_parquet_atomic(cfs.join(out_dir, "part-00000.parquet"), dc.PAIRS_SCHEMA.empty_table())
         return 0
-    # Both ends of a pair compute the same cosines (the same float64 products, summed in
-    # the same order), so a group holds one value of each.
-    task = ray.remote(num_cpus=0.5)(_write_pair_part)
-    part, total, pending = 0, 0, []
-    with shuffle_partitions(found, found.count()) as partitions:
+    if executor.name == "local":
+        found = pa.concat_tables([cfs.read_parquet(cfs.join(candidates_dir, f.rsplit("/", 1)[-1])) for f in files])
+        unique = found.group_by(["direction", "id_a", "id_b"], use_threads=False).aggregate(
+            [("probe_cos", "max"), ("reference_cos", "max")])
+        ordered = _with_spread(unique)
+        ordered = ordered.take(pc.sort_indices(ordered, sort_keys=PAIR_ORDER))
+        table = ordered.select(dc.PAIRS_SCHEMA.names).cast(dc.PAIRS_SCHEMA)
+        cfs.write_parquet_atomic(cfs.join(out_dir, "part-00000.parquet"), table)
+        return table.num_rows
+    return _write_pairs_ray(candidates_dir, files, out_dir)
+
+
+def _write_pairs_ray(candidates_dir: str, files: list[str], out_dir: str) -> int:
+    import ray
+    import ray.data
+    from ray.data.aggregate import Max
+
+    fsys, _ = cfs.resolve(candidates_dir)
+    found = ray.data.read_parquet(files, filesystem=fsys, override_num_blocks=len(files))
+    rows = found.count()
+    ctx = found.context
+    before = ctx.default_hash_shuffle_parallelism
+    partitions = ctx.default_hash_shuffle_parallelism = max(1, -(-rows // SORT_ROWS))
+    try:
         unique = found.groupby(["direction", "id_a", "id_b"], num_partitions=partitions).aggregate(
             Max("probe_cos"), Max("reference_cos"))
         ordered = unique.map_batches(_with_spread, batch_format="pyarrow").sort(
-            ["direction", "spread", "id_a", "id_b"], descending=[False, True, False, False]
-        )
-        for ref, start, end in _sorted_blocks(ordered):
-            pending.append(task.remote(ref, start, end, cfs.join(out_dir, f"part-{part:05d}.parquet")))
-            part += 1
-            while len(pending) > 8:  # bounded in flight
-                total += ray.get(pending.pop(0))
-    return total + sum(ray.get(pending))
+            [c for c, _ in PAIR_ORDER], descending=[o == "descending" for _, o in PAIR_ORDER])
+        total, part = 0, 0
+        for bundle in ordered.iter_internal_ref_bundles():
+            for entry in bundle.blocks:
+                table = ray.get(entry.ref)
+                table = table if isinstance(table, pa.Table) else pa.Table.from_pandas(table, preserve_index=False)
+                if not table.num_rows:
+                    continue
+                table = table.select(dc.PAIRS_SCHEMA.names).cast(dc.PAIRS_SCHEMA)
+                cfs.write_parquet_atomic(cfs.join(out_dir, f"part-{part:05d}.parquet"), table)
+                total += table.num_rows
+                part += 1
+    finally:
+        ctx.default_hash_shuffle_parallelism = before
+    if part == 0:
+        cfs.write_parquet_atomic(cfs.join(out_dir, "part-00000.parquet"), dc.PAIRS_SCHEMA.empty_table())
+    return total
 
 
 def _with_spread(batch: pa.Table) -> pa.Table:
-    p = batch.column("max(probe_cos)").cast(pa.float32())
-    r = batch.column("max(reference_cos)").cast(pa.float32())
+    p = batch.column("probe_cos_max" if "probe_cos_max" in batch.column_names else "max(probe_cos)").cast(pa.float32())
+    r = batch.column("reference_cos_max" if "reference_cos_max" in batch.column_names
+                     else "max(reference_cos)").cast(pa.float32())
     spread = np.abs(p.to_numpy().astype(np.float64) - r.to_numpy().astype(np.float64))
     return pa.table({"id_a": batch.column("id_a"), "id_b": batch.column("id_b"), "probe_cos": p,
                      "reference_cos": r, "direction": batch.column("direction"), "spread": spread})
-
-
-def _write_pair_part(block: pa.Table, start: int, end: int, path: str) -> int:
-    table = _arrow(block).slice(start, end - start).select(dc.PAIRS_SCHEMA.names).cast(dc.PAIRS_SCHEMA)
-    cfs.write_parquet_atomic(path, table)
-    return table.num_rows
-
-
-# ---------------------------------------------------------------------------------------
-# Recall, captions
-
-
-def recall(rows: ray.data.Dataset) -> dict[str, float]:
-    """Mean recall@k of the sampled rows under each model (approximate index only)."""
-    from clipscan.stages.search import RECALL_COLUMNS
-
-    sums = rows.select_columns(list(RECALL_COLUMNS)).map_batches(_recall_sums, batch_format="pyarrow")
-    total = {"probe": [0.0, 0], "reference": [0.0, 0]}
-    for batch in sums.iter_batches(batch_format="pyarrow", batch_size=None):
-        assert isinstance(batch, pa.Table)
-        for model in total:
-            total[model][0] += float(pc.sum(batch.column(f"{model}_sum")).as_py() or 0.0)
-            total[model][1] += int(pc.sum(batch.column(f"{model}_n")).as_py() or 0)
-    return {m: (s / c if c else 1.0) for m, (s, c) in total.items()}
-
-
-def _recall_sums(batch: pa.Table) -> pa.Table:
-    out = {}
-    for model in ("probe", "reference"):
-        col = batch.column(f"_recall_{model}")
-        out[f"{model}_sum"] = [float(pc.sum(col).as_py() or 0.0)]
-        out[f"{model}_n"] = [len(col) - col.null_count]
-    return pa.table(out)
-
-
-def corpus_rows(corpus: ray.data.Dataset, wanted: set[str]) -> pa.Table:
-    """``id``, ``uri``, ``caption`` of the ``wanted`` ids, filtered in the stream (only they
-    reach the driver)."""
-    schema = pa.schema([("id", pa.string()), ("uri", pa.string()), ("caption", pa.string())])
-    return filter_ids(corpus, wanted, ["id", "uri", "caption"]).cast(schema)
-
-
-def filter_ids(ds: ray.data.Dataset, wanted: set[str], columns: list[str]) -> pa.Table:
-    """The rows of ``ds`` whose ``id`` is in ``wanted``, ``columns`` only, filtered in the
-    stream (only they reach the driver). None found: an empty table, every column a string."""
-    empty = pa.schema([(c, pa.string()) for c in columns]).empty_table()
-    if not wanted:
-        return empty
-    value_set = pa.array(sorted(wanted), type=pa.string())
-
-    def keep(batch: pa.Table) -> pa.Table:
-        batch = batch.select(columns)
-        return batch.filter(pc.is_in(batch.column("id"), value_set=value_set))
-
-    found = ds.select_columns(columns).map_batches(keep, batch_format="pyarrow")
-    tables = [b for b in found.iter_batches(batch_format="pyarrow", batch_size=None)
-              if isinstance(b, pa.Table) and b.num_rows]
-    return pa.concat_tables(tables) if tables else empty
-
-
-def ranks_of(ranked: ray.data.Dataset, wanted: set[str]) -> dict[str, int]:
-    """id -> rank of the ``wanted`` ids in the ranked discrepancy parts (filtered in the stream)."""
-    if not wanted:
-        return {}
-    table = filter_ids(ranked, wanted, ["id", "rank"])
-    return dict(zip(table.column("id").to_pylist(), table.column("rank").to_pylist(), strict=True))

@@ -143,21 +143,36 @@ def cluster_resources() -> dict[str, float]:
     return now
 
 
+class RowCounter:
+    """Rows written so far, added to by the write tasks (a Ray actor in ``runner.write_shards``):
+    what a progress line reads in one call."""
+
+    def __init__(self, start: int = 0) -> None:
+        self.rows = int(start)
+
+    def add(self, rows: int) -> None:
+        self.rows += int(rows)
+
+    def total(self) -> int:
+        return self.rows
+
+
 class ShardSink:
     """Ray Data sink: rows with ``shard``/``row`` in, ``<root>/shard-NNNNN/rows-A-B.parquet`` out.
 
     Each write task splits its rows by input shard and writes each piece atomically, named
     by its first and last row, so a retried task rewrites the same file and a shard is
     finished once its pieces cover all its rows. Rows without a shard (-1) go to
-    ``shard-unnumbered`` under a name unique to the write task.
+    ``shard-unnumbered`` under a name unique to the write task. ``counter`` (a
+    ``RowCounter`` actor handle) is told how many rows each task wrote.
     """
 
-    def __new__(cls, root: str) -> Any:
+    def __new__(cls, root: str, counter: Any = None) -> Any:
         from ray.data import Datasink
 
         class _Sink(Datasink):  # type: ignore[misc,type-arg]
-            def __init__(self, root: str) -> None:
-                self.root = root
+            def __init__(self, root: str, counter: Any) -> None:
+                self.root, self.counter = root, counter
 
             def write(self, blocks: Any, ctx: Any) -> list[tuple[int, int]]:
                 import uuid
@@ -180,12 +195,14 @@ class ShardSink:
                         name = f"shard-{shard:05d}/rows-{rows[0]:06d}-{rows[-1]:06d}.parquet"
                     cfs.write_parquet_atomic(cfs.join(self.root, name), piece)
                     written.append((int(shard), piece.num_rows))
+                if self.counter is not None:
+                    self.counter.add.remote(sum(n for s, n in written if s >= 0))
                 return written
 
             def get_name(self) -> str:
                 return "ClipscanShards"
 
-        return _Sink(root)
+        return _Sink(root, counter)
 
 
 def shard_pieces(raw_dir: str) -> dict[str, list[str]]:

@@ -194,7 +194,7 @@ class SortedIds:
             raise ValueError(f"search: shard at row {lo} is empty")
         if not _ascending(self.arrow):
             raise ValueError(f"search: shard at row {lo} has ids out of order or repeated")
-        hashes = np.concatenate([_hash_ids(self.arrow.slice(s, self._CHUNK).to_numpy(zero_copy_only=False))
+        hashes = np.concatenate([dc.hash_ids(self.arrow.slice(s, self._CHUNK).to_numpy(zero_copy_only=False))
                                  for s in range(0, n, self._CHUNK)])
         self._rows = np.argsort(hashes, kind="stable")
         self._hashes = hashes[self._rows]
@@ -209,7 +209,7 @@ class SortedIds:
         q = np.asarray(ids, dtype=object).reshape(-1)
         if not len(q):
             return np.zeros(0, dtype=np.int64)
-        h = _hash_ids(q)
+        h = dc.hash_ids(q)
         at = np.minimum(np.searchsorted(self._hashes, h), len(self._hashes) - 1)
         rows = self._rows[at].astype(np.int64)
         same_hash = self._hashes[at] == h
@@ -229,13 +229,6 @@ def _ascending(ids: pa.Array) -> bool:
 
     n = len(ids)
     return n < 2 or bool(pc.all(pc.less(ids.slice(0, n - 1), ids.slice(1))).as_py())
-
-
-def _hash_ids(ids: np.ndarray) -> np.ndarray:
-    """(m,) uint64 hash of each id string (pandas' SipHash with its fixed key: the same in every process)."""
-    import pandas as pd
-
-    return pd.util.hash_array(np.asarray(ids, dtype=object), categorize=False)
 
 
 class Shard:
@@ -660,27 +653,9 @@ class ShardedSearch:
         )
 
     def reference_lists(self, ids: list[str]) -> dict[str, list[str]]:
-        """id -> that image's reference list to the mining depth (ids, best first, itself
-        excluded), for the ``ids`` asked: the same lists the search merged, asked again of the
-        shards for these rows only (the attribute contrast's rank-matched control)."""
-        from clipscan.stages.embed import embedding_matrix
-        from clipscan.stages.mine import filter_ids
-
-        found = filter_ids(self.corpus, set(ids), ["id", *MODELS])
-        if not found.num_rows:
-            return {}
-        block = SearchBlock(self._actors, self.k_used, self.depth)
-        out: dict[str, list[str]] = {}
-        for start in range(0, found.num_rows, self.query_block):
-            part = found.slice(start, self.query_block)
-            names = np.asarray(part.column("id").to_pylist(), dtype=object)
-            queries = {m: embedding_matrix(part.column(m)) for m in MODELS}
-            answers = block._ask(names, queries, {"probe": 2, "reference": self.depth + 1}, 0, exact=False)
-            rows = np.max([a["self"] for a in answers], axis=0)
-            r = merge_answers(answers, "reference", self.depth + 1, rows)
-            for name, row_ids, row_names in zip(names, r["ids"], r["names"], strict=True):
-                out[str(name)] = [str(v) for v in row_names[row_ids >= 0]]
-        return out
+        """id -> that image's reference list to the mining depth (``reference_lists``)."""
+        return reference_lists(self._actors, _filter_ids(self.corpus, set(ids), ["id", *MODELS]),
+                               self.k_used, self.depth, self.query_block)
 
     def write(self, path: str) -> None:
         """Run the query stream into Parquet parts under ``path`` (local or object storage)."""
@@ -697,6 +672,127 @@ class ShardedSearch:
         for a in self._actors:
             ray.kill(a)
         self._actors.clear()
+
+
+def reference_lists(shards: list[Any], found: pa.Table, k: int, depth: int, query_block: int,
+                    ) -> dict[str, list[str]]:
+    """id -> that image's reference list to the mining depth (ids, best first, itself
+    excluded), for the rows ``found`` (``id`` and both models' vectors): the same lists the
+    search merged, asked again of the ``shards`` for these rows only (the attribute
+    contrast's rank-matched control)."""
+    from clipscan.stages.embed import embedding_matrix
+
+    block = SearchBlock(shards, k, depth)
+    out: dict[str, list[str]] = {}
+    for start in range(0, found.num_rows, query_block):
+        part = found.slice(start, query_block)
+        names = np.asarray(part.column("id").to_pylist(), dtype=object)
+        queries = {m: embedding_matrix(part.column(m)) for m in MODELS}
+        answers = block._ask(names, queries, {"probe": 2, "reference": depth + 1}, 0, exact=False)
+        rows = np.max([a["self"] for a in answers], axis=0)
+        r = merge_answers(answers, "reference", depth + 1, rows)
+        for name, row_ids, row_names in zip(names, r["ids"], r["names"], strict=True):
+            out[str(name)] = [str(v) for v in row_names[row_ids >= 0]]
+    return out
+
+
+def _filter_ids(ds: ray.data.Dataset, wanted: set[str], columns: list[str]) -> pa.Table:
+    """The rows of ``ds`` whose ``id`` is in ``wanted``, ``columns`` only, filtered in the
+    stream (only they reach the driver)."""
+    import pyarrow.compute as pc
+
+    if not wanted:
+        return pa.table({c: pa.array([], pa.string()) for c in columns})
+    value_set = pa.array(sorted(wanted), type=pa.string())
+
+    def keep(batch: pa.Table) -> pa.Table:
+        batch = batch.select(columns)
+        return batch.filter(pc.is_in(batch.column("id"), value_set=value_set))
+
+    found = ds.select_columns(columns).map_batches(keep, batch_format="pyarrow")
+    tables = [b for b in found.iter_batches(batch_format="pyarrow", batch_size=None)
+              if isinstance(b, pa.Table) and b.num_rows]
+    return pa.concat_tables(tables) if tables else ds.schema().empty_table().select(columns)
+
+
+@dataclass
+class LocalSearch:
+    """The search stage in this process, for corpora below ``knn.stage_min_rows``: one
+    ``Shard`` over every row of the run (id order), query blocks of ``query_block`` rows
+    through the same ``SearchBlock`` as on Ray, each written as ``part-NNNNN.parquet``.
+    The same rows and bits as ``ShardedSearch`` with one shard."""
+
+    run_dir: str
+    k: int = 10
+    rank_depth: int = 100
+    index: str = "Flat"
+    nprobe: int = 16
+    query_block: int = 16384
+    train_sample: int = 100_000
+    recall_queries: int = 1000
+    probe_min: float = 0.95
+    reference_max: float = 0.6
+    seed: int = 0
+    facts: dict[str, Any] = field(default_factory=dict)
+    k_used: int = 0
+    depth: int = 0
+    recall_rows: np.ndarray | None = None
+    _table: pa.Table | None = None
+    _shard: Shard | None = None
+
+    def __enter__(self) -> LocalSearch:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> LocalSearch:
+        """Read the run's vectors (id order) and build the shard."""
+        from clipscan import fs as cfs
+
+        names = [p.rsplit("/", 1)[-1] for p in cfs.list_parquet(cfs.join(self.run_dir, "corpus"))]
+        if not names:
+            raise FileNotFoundError(f"search: no corpus parts under {cfs.join(self.run_dir, 'corpus')}")
+        table = _zip_parts(pa.table({"part": names}), self.run_dir).select(["id", *MODELS])
+        table = self._table = table.sort_by("id")
+        n = table.num_rows
+        if n < 2:
+            raise ValueError(f"search: {n} rows have every model's vectors; a search needs at least 2")
+        self.k_used = min(self.k, n - 1)
+        self.depth = min(max(self.k_used, self.rank_depth), n - 1)
+        self._shard = Shard.from_table(table, 0, index=self.index, nprobe=self.nprobe,
+                                       train_sample=self.train_sample, seed=self.seed)
+        approximate = self.index.strip().lower() != "flat"
+        sample = np.sort(np.random.default_rng(self.seed).choice(n, min(self.recall_queries, n), replace=False))
+        self.recall_rows = sample if approximate else None
+        self.facts = {"images": n, "k": self.k_used, "depth": self.depth, "shards": 1, "nodes": 1,
+                      "where": "driver", "index": self.index if approximate else "exact", "shard_rows": [n]}
+        if approximate:
+            self.facts.update(nprobe=self.nprobe, recall_queries=len(sample))
+        return self
+
+    def write(self, path: str) -> None:
+        """Every query block's ``SEARCH_SCHEMA`` rows as ``path/part-NNNNN.parquet``."""
+        from clipscan import fs as cfs
+
+        assert self._table is not None and self._shard is not None, "start() first"
+        cfs.remove_tree(path)
+        block = SearchBlock([self._shard], self.k_used, self.depth, self.probe_min, self.reference_max,
+                            self.recall_rows)
+        for i, start in enumerate(range(0, self._table.num_rows, self.query_block)):
+            cfs.write_parquet_atomic(cfs.join(path, f"part-{i:05d}.parquet"),
+                                     block(self._table.slice(start, self.query_block)))
+
+    def reference_lists(self, ids: list[str]) -> dict[str, list[str]]:
+        """id -> that image's reference list to the mining depth (``reference_lists``)."""
+        import pyarrow.compute as pc
+
+        assert self._table is not None and self._shard is not None, "start() first"
+        found = self._table.filter(pc.is_in(self._table.column("id"), value_set=pa.array(sorted(set(ids)), pa.string())))
+        return reference_lists([self._shard], found, self.k_used, self.depth, self.query_block)
+
+    def close(self) -> None:
+        self._table = self._shard = None
 
 
 class _ShardActor(Shard):

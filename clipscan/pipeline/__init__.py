@@ -1,0 +1,1 @@
+"""How a job's stages run: in this process or on Ray (``executor``)."""
