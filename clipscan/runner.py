@@ -219,7 +219,7 @@ def write_shards(ds: Any, raw: str, stage: str, total: int | None) -> None:
 
     from clipscan.stages import rows
 
-    counter = ray.remote(num_cpus=0)(rows.RowCounter).remote(rows.rows_written(raw))
+    counter: Any = ray.remote(num_cpus=0)(rows.RowCounter).remote(rows.rows_written(raw))
     try:
         with Progress(stage, lambda: ray.get(counter.total.remote()), total):
             ds.write_datasink(rows.ShardSink(raw, counter), ray_remote_args={"num_cpus": rows.IO_CPUS})
