@@ -157,14 +157,14 @@ def search_and_mine(run: Run, cfg: DafConfig, rows: int) -> Mined:
     executor: Executor = Local() if local else RayTasks()
     common = dict(k=knn.k, rank_depth=mining.rank_depth, index=knn.index, nprobe=knn.nprobe,
                   query_block=knn.query_block, train_sample=knn.train_sample, recall_queries=knn.recall_queries,
-                  probe_min=mining.pair_probe_min, reference_max=mining.pair_reference_max, seed=cfg.seed)
+                  probe_min=mining.pair_probe_min, reference_max=mining.pair_reference_max, seed=cfg.seed,
+                  device=knn.device)
     stage: search.LocalSearch | search.ShardedSearch
     if local:
         stage = search.LocalSearch(cfg.output, **common)  # type: ignore[arg-type]
     else:
         stage = search.ShardedSearch(search.vectors_from_run(cfg.output), shards=knn.shards,
-                                     search_actors=knn.search_actors, device=knn.device,
-                                     **common)  # type: ignore[arg-type]
+                                     search_actors=knn.search_actors, **common)  # type: ignore[arg-type]
     try:
         with run.stage("index") as facts:
             build = faiss_build()

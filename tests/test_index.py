@@ -291,3 +291,18 @@ def test_ivf_flat_lists_filled_list_by_list_equal_faiss_add() -> None:
         np.testing.assert_array_equal(got, want)
     sq = built("IVF8,SQ8", lambda i: add_vectors(i, x))  # not IVF-Flat: FAISS's add
     assert sq.ntotal == len(x)
+
+
+def test_training_sample_grows_with_the_list_count(caplog) -> None:
+    """An IVF list count asks for 39 training rows a list even where ``train_sample`` is
+    smaller: a shard of many rows keeps its lists instead of being clamped by the sample."""
+    import logging
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(12_000, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    with caplog.at_level(logging.WARNING):
+        idx = ix.build_index(x, "IVF256,Flat", 4, 1000, 0, "test")
+    assert ix._ivf_or_none(idx).nlist == 256 and "too few" not in caplog.text
+    small = ix.build_index(x[:5000], "IVF256,Flat", 4, 1000, 0, "test")  # 5000 // 39 = 128 lists at most
+    assert ix._ivf_or_none(small).nlist == 128

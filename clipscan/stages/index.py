@@ -229,14 +229,15 @@ def _search_shard_task(
 def build_index(x: np.ndarray, spec: str, nprobe: int, train_sample: int, seed: int, who: str) -> Any:
     """A trained FAISS index of factory string ``spec`` (inner product) holding x (n, d).
 
-    Trained on ``train_sample`` rows drawn with ``seed``; an IVF list count too large for
-    the training rows is clamped (``_clamp_nlist``); ``nprobe`` is set (at most nlist).
-    ``who`` names the caller in the error for a string FAISS cannot build.
+    Trained on ``train_sample`` rows drawn with ``seed``, or more where the IVF list count
+    asks for them (FAISS's k-means wants at least ``TRAIN_PER_LIST`` points per list); a
+    list count too large for the rows is clamped (``_clamp_nlist``); ``nprobe`` is set (at
+    most nlist). ``who`` names the caller in the error for a string FAISS cannot build.
     """
     import faiss
 
     n = x.shape[0]
-    n_train = min(train_sample, n)
+    n_train = min(max(train_sample, TRAIN_PER_LIST * _nlist_of(spec)), n)
     rng = np.random.default_rng(seed)
     train = x if n_train == n else x[np.sort(rng.choice(n, n_train, replace=False))]
     spec = _clamp_nlist(spec, n_train)
@@ -655,13 +656,22 @@ def _check_block(query_block: int) -> None:
         raise ValueError(f"query_block must be >= 1, got {query_block}")
 
 
+# FAISS's k-means wants at least this many training points per centroid; fewer fails or degrades.
+TRAIN_PER_LIST = 39
+
+
+def _nlist_of(spec: str) -> int:
+    """The IVF list count of a factory string (0 where it has none)."""
+    m = re.search(r"IVF(\d+)", spec)
+    return int(m.group(1)) if m else 0
+
+
 def _clamp_nlist(spec: str, n_train: int) -> str:
     m = re.search(r"IVF(\d+)", spec)
     if m is None:
         return spec
     nlist = int(m.group(1))
-    # FAISS k-means wants >= 39 training points per centroid; fewer fails or degrades.
-    clamped = min(nlist, max(1, n_train // 39))
+    clamped = min(nlist, max(1, n_train // TRAIN_PER_LIST))
     if clamped == nlist:
         return spec
     new_spec = spec[: m.start(1)] + str(clamped) + spec[m.end(1) :]

@@ -255,6 +255,7 @@ class Shard:
         seed: int = 0,
         threads: int | None = None,
         models: tuple[str, ...] = MODELS,
+        gpu: bool = False,
     ) -> None:
         import faiss
 
@@ -270,6 +271,7 @@ class Shard:
         for m in self.models:
             x[m] = np.ascontiguousarray(x[m], dtype=np.float32)
         self.index = index
+        self.gpu: dict[str, Any] = {}
         self.approx: dict[str, Any] | None = None
         self.exact: dict[str, Any] = {}
         if index.strip().lower() == "flat":
@@ -283,6 +285,9 @@ class Shard:
                 del x[m]  # the lists are the vectors: one copy, not two
             else:
                 self.exact[m] = ix._FlatSearcher(x[m])
+        # On a GPU the approximate search runs on a clone of each index; the CPU index stays
+        # for the exact re-scoring and the recall sample.
+        self.gpu = to_gpu(self.approx, nprobe) if gpu else {}
 
     @classmethod
     def from_table(cls, table: pa.Table, lo: int, models: tuple[str, ...] = MODELS, **kwargs: Any) -> Shard:
@@ -366,7 +371,7 @@ class Shard:
         if exact or self.approx is None:
             sims, local = self.exact[model].search(xq, kk)
         else:
-            sims, local = ix._canonical(*self.approx[model].search(xq, kk))
+            sims, local = ix._canonical(*self.gpu.get(model, self.approx[model]).search(xq, kk))
         c = min(kk, carry)
         return {
             "sims": sims,
@@ -390,6 +395,31 @@ class Shard:
         ix.in_row_blocks(m, max(1, _COS_VALUES // max(1, c * d)), rows)
         out[local < 0] = np.nan
         return out
+
+
+def to_gpu(indexes: dict[str, Any], nprobe: int) -> dict[str, Any]:
+    """GPU clones (FAISS ``index_cpu_to_gpu`` on device 0, the one Ray gave this process) of
+    the CPU ``indexes`` FAISS can run there; {} where its build sees no GPU. An index type
+    the GPU build cannot clone stays on the CPU, with a warning."""
+    import faiss
+
+    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
+        return {}
+    res = faiss.StandardGpuResources()
+    out: dict[str, Any] = {}
+    for model, idx in indexes.items():
+        try:
+            clone = faiss.index_cpu_to_gpu(res, 0, idx)
+        except RuntimeError as e:
+            log.warning("search: %s index %s stays on the CPU: %s", model, type(idx).__name__, e)
+            continue
+        try:
+            faiss.GpuParameterSpace().set_index_parameter(clone, "nprobe", nprobe)
+        except RuntimeError:
+            pass  # not an IVF: nothing to probe
+        out[model] = clone
+    out["_resources"] = res  # the clones use it; it lives as long as they do
+    return out
 
 
 def _build_index(x: np.ndarray, spec: str, nprobe: int, train_sample: int, seed: int) -> Any:
@@ -733,6 +763,7 @@ class LocalSearch:
     probe_min: float = 0.95
     reference_max: float = 0.6
     seed: int = 0
+    device: str = "auto"  # "cpu": FAISS on the CPU even where this process sees a GPU
     facts: dict[str, Any] = field(default_factory=dict)
     k_used: int = 0
     depth: int = 0
@@ -761,7 +792,7 @@ class LocalSearch:
         self.k_used = min(self.k, n - 1)
         self.depth = min(max(self.k_used, self.rank_depth), n - 1)
         self._shard = Shard.from_table(table, 0, index=self.index, nprobe=self.nprobe,
-                                       train_sample=self.train_sample, seed=self.seed)
+                                       train_sample=self.train_sample, seed=self.seed, gpu=self.device != "cpu")
         approximate = self.index.strip().lower() != "flat"
         sample = np.sort(np.random.default_rng(self.seed).choice(n, min(self.recall_queries, n), replace=False))
         self.recall_rows = sample if approximate else None
@@ -828,4 +859,5 @@ class _ShardActor(Shard):
                 x[m][rows] = embedding_matrix(t.column(m))
                 at += t.num_rows
         del tables, place  # the object store's copy and the row order are let go before the indexes are built
-        super().__init__(ids, x, lo, index, nprobe, train_sample, seed, threads, models)
+        super().__init__(ids, x, lo, index, nprobe, train_sample, seed, threads, models,
+                         gpu=len(ray.get_gpu_ids()) > 0)

@@ -79,3 +79,33 @@ def test_faiss_gpu_knn_matches_numpy() -> None:
     np.fill_diagonal(brute, -np.inf)
     want = np.argsort(-brute, axis=1, kind="stable")[:, :10]
     np.testing.assert_array_equal(ids, want)
+
+
+def test_ivf_shard_searches_on_the_gpu_as_on_the_cpu() -> None:
+    """A shard that holds a GPU searches a clone of its IVF index there: the same lists as
+    the CPU index (within float rounding), and its list count and training sample scale
+    with its rows."""
+    import pyarrow as pa
+
+    from clipscan.stages import index as ix
+    from clipscan.stages import search as sr
+    from clipscan.stages.embed import embedding_array
+
+    rng = np.random.default_rng(0)
+    n = 40_000
+    centres = rng.normal(size=(200, 32))
+    x = centres[rng.integers(0, 200, n)] + 0.3 * rng.normal(size=(n, 32))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    table = pa.table({"id": [f"i{j:06d}" for j in range(n)], "probe": embedding_array(x), "reference": embedding_array(x)})
+    cpu = sr.Shard.from_table(table, 0, index="IVF,Flat", nprobe=16, train_sample=1000)
+    gpu = sr.Shard.from_table(table, 0, index="IVF,Flat", nprobe=16, train_sample=1000, gpu=True)
+    assert set(gpu.gpu) >= {"probe", "reference"} and not cpu.gpu
+    assert ix._ivf_or_none(cpu.approx["probe"]).nlist == 800  # 4 sqrt(n), trained on 39 rows a list, not 1000
+    q = x[:500]
+    a = cpu.search(np.array(table.column("id").to_pylist()[:500], dtype=object), {"probe": q, "reference": q},
+                   {"probe": 11, "reference": 11}, 0)
+    b = gpu.search(np.array(table.column("id").to_pylist()[:500], dtype=object), {"probe": q, "reference": q},
+                   {"probe": 11, "reference": 11}, 0)
+    overlap, _ = ix.neighbour_overlap(a["probe"]["ids"], b["probe"]["ids"])
+    assert float(np.mean(overlap)) > 0.99
+    np.testing.assert_allclose(a["probe"]["sims"], b["probe"]["sims"], atol=1e-4)
