@@ -143,13 +143,14 @@ def search_and_mine(run: Run, cfg: DafConfig, rows: int) -> Mined:
     ``_search/`` parts, then ``discrepancies.parquet/`` and ``pairs.parquet/`` (parts) and
     ``cases.parquet``.
 
-    Below ``knn.stage_min_rows`` rows both run in this process (``LocalSearch``, the
-    ``Local`` executor): Ray's fixed cost per stage would be most of the time. Above it the
-    shards are Ray actors and every per-part step a Ray task. The same stage code and the
-    same bits either way.
+    Below ``knn.stage_min_rows`` rows both run in this process (one shard, the ``Local``
+    executor): Ray's fixed cost per stage would be most of the time. Above it the shards
+    are Ray actors and every per-part step a Ray task. The same stage code and the same
+    bits either way. A rerun after a kill keeps the query blocks the search wrote.
     """
     from clipscan.pipeline.executor import Local, RayTasks
-    from clipscan.stages import discrepancy, mine, search
+    from clipscan.stages import discrepancy, mine
+    from clipscan.stages.run_search import RunSearch
 
     scratch = run.path("_search")
     knn, mining = cfg.knn, cfg.mining
@@ -159,12 +160,8 @@ def search_and_mine(run: Run, cfg: DafConfig, rows: int) -> Mined:
                   query_block=knn.query_block, train_sample=knn.train_sample, recall_queries=knn.recall_queries,
                   probe_min=mining.pair_probe_min, reference_max=mining.pair_reference_max, seed=cfg.seed,
                   device=knn.device)
-    stage: search.LocalSearch | search.ShardedSearch
-    if local:
-        stage = search.LocalSearch(cfg.output, **common)  # type: ignore[arg-type]
-    else:
-        stage = search.ShardedSearch(search.vectors_from_run(cfg.output), shards=knn.shards,
-                                     search_actors=knn.search_actors, **common)  # type: ignore[arg-type]
+    stage = RunSearch(cfg.output, where=executor.name, shards=knn.shards, search_actors=knn.search_actors,
+                      **common)  # type: ignore[arg-type]
     try:
         with run.stage("index") as facts:
             build = faiss_build()

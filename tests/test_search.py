@@ -251,16 +251,30 @@ def test_plan_shards_per_node() -> None:
 # --- the pipeline on Ray -----------------------------------------------------------------
 
 
+def write_run(run, table: pa.Table, parts: int) -> None:
+    """``table``'s rows, in its order, as a run's ``corpus/`` and ``embeddings/<model>/`` parts."""
+    from clipscan import fs as cfs
+
+    for i, rows in enumerate(np.array_split(np.arange(table.num_rows), parts)):
+        part = table.take(pa.array(rows))
+        cfs.write_parquet_atomic(str(run / "corpus" / f"part-{i:05d}.parquet"), part.select(["id", "uri", "caption"]))
+        for model in ("probe", "reference"):
+            cfs.write_parquet_atomic(str(run / "embeddings" / model / f"part-{i:05d}.parquet"),
+                                     pa.table({"id": part.column("id"), "embedding": part.column(model)}))
+
+
 def check_mined(out, result, ids, x_probe, x_ref, shards: int, rank_by: str, cases: int) -> None:
-    """The mine stage's parts, top cases, pairs and figures against today's whole-table path."""
+    """The mine stage's parts, top cases, pairs and figures against today's whole-table path
+    over the rows in their input order (``ids``, ``x_*``: the run's order, ties by it)."""
     from clipscan.pipeline.executor import Local
 
     want, want_pairs = today(ids, x_probe, x_ref, shards, rank_by)
     got = pq.read_table(out / "d")
     assert got.schema == dc.IMAGES_SCHEMA
-    assert got.column("id").to_pylist() == sorted(ids)  # every image once, in the search's order (id order)
-    assert got.equals(want.sort_by("id").drop_columns(["rank"]))  # every cosine: the same bits
-    assert len(list((out / "d").glob("part-*.parquet"))) >= 1
+    assert got.column("id").to_pylist() == list(ids)  # every image once, in the input order
+    at = {i: r for r, i in enumerate(want.column("id").to_pylist())}
+    want_in_order = want.take(pa.array([at[i] for i in ids])).drop_columns(["rank"])
+    assert got.equals(want_in_order)  # every cosine: the same bits
     has_only = want.filter(pa.compute.greater(pa.compute.list_value_length(want.column("probe_only")), 0))
     assert result.candidates.equals(has_only.slice(0, cases))  # the top cases with their global ranks
     got_pairs = pq.read_table(out / "p")
@@ -279,75 +293,78 @@ def check_mined(out, result, ids, x_probe, x_ref, shards: int, rank_by: str, cas
                      if i in some}
 
 
-# one shard sorts its shuffled rows itself, two and three get them from a distributed sort;
-# each per-part step of the mine stage runs as Ray tasks
-@pytest.mark.parametrize("shards,block,rank_by", [(1, 64, "gap"), (2, 50, "overlap"), (3, 97, "max_gap")])
-def test_sharded_search_and_mine_on_ray_equal_today(ray_local: None, tmp_path, shards: int, block: int,
-                                                    rank_by: str) -> None:
-    import ray.data
+def shuffled_run(name: str, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, pa.Table]:
+    """A corpus whose input order is not its id order: ids, both models' vectors and the table, in input order."""
+    ids, x_probe, x_ref = sorted_inputs(name)
+    order = np.random.default_rng(seed).permutation(len(ids))
+    ids, x_probe, x_ref = ids[order], x_probe[order], x_ref[order]
+    return ids, x_probe, x_ref, vectors_table(ids, x_probe, x_ref)
 
+
+# 1, 2 and 3 shard actors over the same run: the same bits as the in-process twin and as
+# today's whole-table path; each per-part step of the mine stage runs as a Ray task
+@pytest.mark.parametrize("shards,block,rank_by", [(1, 64, "gap"), (2, 50, "overlap"), (3, 97, "max_gap")])
+def test_search_and_mine_on_ray_equal_today(ray_local: None, tmp_path, shards: int, block: int, rank_by: str) -> None:
     from clipscan.pipeline.executor import RayTasks
+    from clipscan.stages.run_search import RunSearch
 
     name = {1: "random", 2: "duplicates", 3: "generated"}[shards]
-    ids, x_probe, x_ref = sorted_inputs(name)
-    table = vectors_table(ids, x_probe, x_ref)
-    shuffled = table.take(pa.array(np.random.default_rng(shards).permutation(len(ids))))
-    vectors = ray.data.from_arrow([shuffled.slice(i, 60) for i in range(0, len(ids), 60)])
-    with sr.ShardedSearch(vectors, k=K, rank_depth=DEPTH, shards=shards, query_block=block, probe_min=0.9,
-                          id_order=True) as stage:
+    ids, x_probe, x_ref, table = shuffled_run(name, shards)
+    write_run(tmp_path / "run", table, parts=4)
+    with RunSearch(str(tmp_path / "run"), where="ray", k=K, rank_depth=DEPTH, shards=shards, query_block=block,
+                   probe_min=0.9) as stage:
         assert stage.facts["shards"] == shards and stage.facts["nodes"] == 1 and stage.facts["index"] == "exact"
         stage.write(str(tmp_path / "search"))
+        deep = stage.reference_lists(list(ids[:5]))
+    _, ref_I = brute_knn(x_ref, DEPTH)
+    assert deep == {i: list(ids[r]) for i, r in zip(ids[:5], ref_I[:5], strict=True)}
     result = mn.mine(str(tmp_path / "search"), str(tmp_path / "d"), str(tmp_path / "p"), rank_by, K,
                      RayTasks(in_flight=2), cases=25)
-    check_mined(tmp_path, result, ids, x_probe, x_ref, shards, rank_by, 25)
+    check_mined(tmp_path, result, ids, x_probe, x_ref, 1, rank_by, 25)
 
 
 # the in-process twin: the same stages, one shard in this process, every step here
-@pytest.mark.parametrize("name,block,rank_by", [("random", 64, "overlap"), ("duplicates", 37, "jaccard"),
-                                               ("generated", 240, "gap")])
-def test_local_search_and_mine_equal_today(tmp_path, name: str, block: int, rank_by: str) -> None:
-    from clipscan import fs as cfs
+@pytest.mark.parametrize("name,block,rank_by,parts", [("random", 64, "overlap", 3), ("duplicates", 37, "jaccard", 1),
+                                                     ("generated", 240, "gap", 5)])
+def test_local_search_and_mine_equal_today(tmp_path, name: str, block: int, rank_by: str, parts: int) -> None:
     from clipscan.pipeline.executor import Local
+    from clipscan.stages.run_search import RunSearch
 
-    ids, x_probe, x_ref = sorted_inputs(name)
-    table = vectors_table(ids, x_probe, x_ref)
-    run = tmp_path / "run"
-    order = np.random.default_rng(3).permutation(len(ids))  # parts in any order: the stage sorts by id
-    for i, part in enumerate(np.array_split(order, 3)):
-        rows = table.take(pa.array(part))
-        cfs.write_parquet_atomic(str(run / "corpus" / f"part-{i:05d}.parquet"), rows.select(["id", "uri", "caption"]))
-        for model in ("probe", "reference"):
-            cfs.write_parquet_atomic(str(run / "embeddings" / model / f"part-{i:05d}.parquet"),
-                                     pa.table({"id": rows.column("id"), "embedding": rows.column(model)}))
-    with sr.LocalSearch(str(run), k=K, rank_depth=DEPTH, query_block=block, probe_min=0.9) as stage:
+    ids, x_probe, x_ref, table = shuffled_run(name, parts)
+    write_run(tmp_path / "run", table, parts)
+    with RunSearch(str(tmp_path / "run"), k=K, rank_depth=DEPTH, query_block=block, probe_min=0.9) as stage:
         stage.write(str(tmp_path / "search"))
+        assert stage.facts["blocks_reused"] == 0 and stage.facts["where"] == "local"
         deep = stage.reference_lists(list(ids[:5]))
     _, ref_I = brute_knn(x_ref, DEPTH)
     assert deep == {i: list(ids[r]) for i, r in zip(ids[:5], ref_I[:5], strict=True)}
     result = mn.mine(str(tmp_path / "search"), str(tmp_path / "d"), str(tmp_path / "p"), rank_by, K, Local(), cases=25)
     check_mined(tmp_path, result, ids, x_probe, x_ref, 1, rank_by, 25)
-    assert mn.corpus_rows(str(run), set(ids[:3]), Local()).sort_by("id").column("id").to_pylist() == sorted(ids[:3])
+    assert mn.corpus_rows(str(tmp_path / "run"), set(ids[:3]), Local()).sort_by("id").column("id").to_pylist() == \
+        sorted(ids[:3])
 
 
-def test_sort_map_tasks_take_one_block_each(ray_local: None) -> None:
-    """The mine stage's sorts run one map task per block's worth of input, not Ray's default
-    of up to 1 GiB per task (one task for the whole corpus below that, holding all of it)."""
-    import re
+def test_search_keeps_the_blocks_a_killed_run_wrote(tmp_path) -> None:
+    """A rerun keeps every block it finds (the same plan) and computes the rest: the same bits;
+    another plan (here knn.k) starts over."""
+    from clipscan.stages.run_search import RunSearch
 
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    assert ctx.shuffle_input_batch_bytes == ctx.target_max_block_size
-    blocks = [pa.table({"gap": np.random.default_rng(i).random(4096)}) for i in range(6)]
-    before = ctx.shuffle_input_batch_bytes
-    try:
-        ctx.shuffle_input_batch_bytes = blocks[0].nbytes  # one block's worth, at this test's size
-        stats = ray.data.from_arrow(blocks).sort("gap").materialize().stats()
-    finally:
-        ctx.shuffle_input_batch_bytes = before
-    produced = re.search(r"SortShuffleMap\(partitions=\d+\): \d+ tasks executed, (\d+) blocks produced", stats)
-    assert produced is not None, stats
-    assert int(produced.group(1)) == len(blocks)
+    _, _, _, table = shuffled_run("random", 0)
+    write_run(tmp_path / "run", table, 3)
+    search = tmp_path / "search"
+    with RunSearch(str(tmp_path / "run"), k=K, rank_depth=DEPTH, query_block=30) as stage:
+        stage.write(str(search))
+        assert stage.facts["blocks"] == 9 and stage.facts["blocks_reused"] == 0
+    first = {p.name: pq.read_table(p) for p in search.glob("part-*.parquet")}
+    for p in sorted(search.glob("part-*.parquet"))[4:]:  # killed after four blocks
+        p.unlink()
+    with RunSearch(str(tmp_path / "run"), k=K, rank_depth=DEPTH, query_block=30) as stage:
+        stage.write(str(search))
+        assert stage.facts["blocks_reused"] == 4
+    assert {p.name: pq.read_table(p) for p in search.glob("part-*.parquet")} == first
+    with RunSearch(str(tmp_path / "run"), k=5, rank_depth=DEPTH, query_block=30) as stage:
+        stage.write(str(search))
+        assert stage.facts["blocks_reused"] == 0
 
 
 def test_plot_sample_is_bounded_and_seeded() -> None:
@@ -406,11 +423,12 @@ def test_sorted_ids_find_rows_through_hash_collisions(monkeypatch: pytest.Monkey
     names = np.array(sorted(f"img-{i}" for i in range(300)), dtype=object)
     asked = np.array([names[0], "img-x", names[299], names[150], "zzz", names[7]], dtype=object)
     want = [0, -1, 299, 150, -1, 7]
-    assert sr.SortedIds(pa.array(names, pa.string())).find(asked).tolist() == want
+    assert sr.ShardIds(pa.array(names, pa.string())).find(asked).tolist() == want
     monkeypatch.setattr(dc, "hash_ids", lambda ids: np.array([len(s) % 2 for s in ids], dtype=np.uint64))
-    assert sr.SortedIds(names).find(asked).tolist() == want
-    with pytest.raises(ValueError, match="out of order or repeated"):
-        sr.SortedIds(names[::-1])
+    assert sr.ShardIds(names).find(asked).tolist() == want
+    assert sr.ShardIds(names[::-1]).find(asked).tolist() == [299, -1, 0, 149, -1, 292]  # any row order
+    with pytest.raises(ValueError, match="repeated ids"):
+        sr.ShardIds(np.concatenate([names, names[:1]]))
 
 
 @pytest.mark.parametrize("index", ["Flat", "IVF4,Flat"])
@@ -458,5 +476,5 @@ def test_one_shard_puts_shuffled_rows_in_id_order_and_refuses_repeated_ids(ray_l
 
     repeated = pa.concat_tables([shuffled, shuffled.slice(0, 1)])
     bad = ray.remote(sr._ShardActor).remote([ray.put(repeated)], 0, "Flat", 1, 1000, 0, 1)
-    with pytest.raises(ray.exceptions.RayActorError, match="out of order or repeated"):
+    with pytest.raises(ray.exceptions.RayActorError, match="repeated ids"):
         ray.get(bad.rows.remote())

@@ -1,18 +1,19 @@
-"""Both models' vectors per image (a Ray Dataset) in; per image its neighbours under each model and its discrepancy fields out.
+"""Both models' vectors per image in; per image its neighbours under each model and its discrepancy fields out.
 
-The database is split into contiguous shards of the id-sorted corpus, each held by one
-actor (``Shard``) with both models' vectors of its rows. Query blocks carrying both
-vectors stream through a Ray Data stage (``SearchBlock``); every block is searched
-against every shard; a shard returns per query its best candidates under each model,
-and for each candidate the cosine under both models, computed where the vectors are.
-The stage merges the shard results per query and computes that row's discrepancy
-fields (``clipscan.stages.discrepancy.score``) on the spot; no process but a shard
-holds anything that grows with the corpus.
+The database is split into contiguous shards of numbered rows, each held by one ``Shard``
+(an actor, or an object in this process) with every model's vectors of its rows. Query
+blocks carrying both vectors go through ``SearchBlock``; every block is searched against
+every shard; a shard returns per query its best candidates under each model, and for
+each candidate the cosine under both models, computed where the vectors are. The block
+merges the shard results per query and computes that row's discrepancy fields
+(``clipscan.stages.discrepancy.score``) on the spot; no process but a shard holds
+anything that grows with the corpus. DAF runs it over the run's parts
+(``clipscan.stages.run_search``); ``ShardedSearch`` holds TCAC's captions.
 
-Exact results are those of ``clipscan.stages.index.self_knn`` over the id-sorted rows
-with the same shard bounds: FAISS proposes, float64 re-scoring decides, ties go by id
-(row index in id order), the query itself is excluded. An approximate FAISS factory
-string builds one index per shard; its recall@k against exact search is measured on
+Exact results are those of ``clipscan.stages.index.self_knn`` over the rows in their
+numbering: FAISS proposes, float64 re-scoring decides, ties go by row number, the query
+itself is excluded. An approximate FAISS factory string builds one index per shard (on
+the shard's GPU where it holds one); its recall@k against exact search is measured on
 ``recall_queries`` seeded rows, searched both ways by the same shards.
 """
 
@@ -65,49 +66,6 @@ STREAM_CPUS = 0.25
 
 # Gathered candidate vectors per step when computing cosines: (rows, candidates, d) float64.
 _COS_VALUES = 1 << 19
-
-
-# ---------------------------------------------------------------------------------------
-# The input: both models' vectors per image
-
-
-def vectors_from_run(run_dir: str) -> ray.data.Dataset:
-    """Stand-in for the vectors stage: ``id``, ``probe``, ``reference`` (FixedSizeList
-    float32, L2-normalised), ``caption``, ``uri``, one row per image embedded by both models.
-
-    Reads the embed stage's parts of the run: ``embeddings/probe``, ``embeddings/reference``
-    and ``corpus`` hold one ``part-NNNNN.parquet`` each per input shard, written from the
-    same rows in the same order, so one task zips the three files of a part (checking the
-    ids agree) and nothing is shuffled.
-    """
-    import ray.data
-
-    from clipscan import fs as cfs
-
-    names = [p.rsplit("/", 1)[-1] for p in cfs.list_parquet(cfs.join(run_dir, "corpus"))]
-    if not names:
-        raise FileNotFoundError(f"search: no corpus parts under {cfs.join(run_dir, 'corpus')}")
-    parts = ray.data.from_items([{"part": name} for name in names], override_num_blocks=len(names))
-    fn: Any = _zip_parts
-    return parts.map_batches(fn, fn_kwargs={"run_dir": run_dir}, batch_size=1,
-                             batch_format="pyarrow", num_cpus=0.5)
-
-
-def _zip_parts(batch: pa.Table, run_dir: str) -> pa.Table:
-    """``part`` names -> those parts' rows with both models' vectors and the caption."""
-    from clipscan import fs as cfs
-
-    out = []
-    for name in batch.column("part").to_pylist():
-        corpus = cfs.read_parquet(cfs.join(run_dir, "corpus", name))
-        table = corpus.select(["id", "uri", "caption"])
-        for model in MODELS:
-            emb = cfs.read_parquet(cfs.join(run_dir, "embeddings", model, name))
-            if not emb.column("id").equals(corpus.column("id")):
-                raise RuntimeError(f"search: embeddings/{model}/{name} and corpus/{name} list different ids")
-            table = table.append_column(model, emb.column("embedding"))
-        out.append(table.select(["id", *MODELS, "caption", "uri"]))
-    return pa.concat_tables(out)
 
 
 # ---------------------------------------------------------------------------------------
@@ -175,11 +133,11 @@ def cluster_nodes() -> list[tuple[str, float, float]]:
 # A shard
 
 
-class SortedIds:
-    """A shard's ids, sorted ascending, and the row of any id asked, without a Python string
-    per row: the ids stay one Arrow array (``arrow``), and a 64-bit hash per id, sorted with
-    its row, finds a row that the Arrow id then confirms. A query whose hash another id
-    shares is looked up exactly, so a hash collision costs time, never a wrong row."""
+class ShardIds:
+    """A shard's ids, in its row order (each once), and the row of any id asked, without a
+    Python string per row: the ids stay one Arrow array (``arrow``), and a 64-bit hash per
+    id, sorted with its row, finds a row that the Arrow id then confirms. A query whose hash
+    another id shares is looked up exactly, so a hash collision costs time, never a wrong row."""
 
     _CHUNK = 1 << 16  # ids turned into Python strings at a time, for hashing
 
@@ -192,8 +150,9 @@ class SortedIds:
         n = len(self.arrow)
         if n == 0:
             raise ValueError(f"search: shard at row {lo} is empty")
-        if not _ascending(self.arrow):
-            raise ValueError(f"search: shard at row {lo} has ids out of order or repeated")
+        if _repeats(self.arrow):
+            raise ValueError(f"search: shard at row {lo} has repeated ids (the run's ids are settled before the "
+                             "search: see skipped.parquet)")
         hashes = np.concatenate([dc.hash_ids(self.arrow.slice(s, self._CHUNK).to_numpy(zero_copy_only=False))
                                  for s in range(0, n, self._CHUNK)])
         self._rows = np.argsort(hashes, kind="stable")
@@ -221,6 +180,13 @@ class SortedIds:
             rows[clash] = exact.fill_null(-1).to_numpy(zero_copy_only=False)
             hit[clash] = rows[clash] >= 0
         return np.where(hit, rows, -1)
+
+
+def _repeats(ids: pa.Array) -> bool:
+    """Whether some id of ``ids`` appears twice."""
+    import pyarrow.compute as pc
+
+    return int(pc.count_distinct(ids).as_py()) != len(ids)
 
 
 def _ascending(ids: pa.Array) -> bool:
@@ -266,7 +232,7 @@ class Shard:
         if threads is not None:
             faiss.omp_set_num_threads(max(1, int(threads)))
         self.lo = int(lo)
-        self.ids = SortedIds(ids, self.lo)
+        self.ids = ShardIds(ids, self.lo)
         self.x = x
         for m in self.models:
             x[m] = np.ascontiguousarray(x[m], dtype=np.float32)
@@ -291,7 +257,7 @@ class Shard:
 
     @classmethod
     def from_table(cls, table: pa.Table, lo: int, models: tuple[str, ...] = MODELS, **kwargs: Any) -> Shard:
-        """A shard of ``table``'s rows: ``id`` (sorted ascending) and a vector column per model."""
+        """A shard of ``table``'s rows: ``id`` (each once) and a vector column per model."""
         from clipscan.stages.embed import embedding_matrix
 
         require({c: None for c in table.column_names}, ("id", *models), "search")
@@ -743,87 +709,6 @@ def _filter_ids(ds: ray.data.Dataset, wanted: set[str], columns: list[str]) -> p
     tables = [b for b in found.iter_batches(batch_format="pyarrow", batch_size=None)
               if isinstance(b, pa.Table) and b.num_rows]
     return pa.concat_tables(tables) if tables else ds.schema().empty_table().select(columns)
-
-
-@dataclass
-class LocalSearch:
-    """The search stage in this process, for corpora below ``knn.stage_min_rows``: one
-    ``Shard`` over every row of the run (id order), query blocks of ``query_block`` rows
-    through the same ``SearchBlock`` as on Ray, each written as ``part-NNNNN.parquet``.
-    The same rows and bits as ``ShardedSearch`` with one shard."""
-
-    run_dir: str
-    k: int = 10
-    rank_depth: int = 100
-    index: str = "Flat"
-    nprobe: int = 16
-    query_block: int = 16384
-    train_sample: int = 100_000
-    recall_queries: int = 1000
-    probe_min: float = 0.95
-    reference_max: float = 0.6
-    seed: int = 0
-    device: str = "auto"  # "cpu": FAISS on the CPU even where this process sees a GPU
-    facts: dict[str, Any] = field(default_factory=dict)
-    k_used: int = 0
-    depth: int = 0
-    recall_rows: np.ndarray | None = None
-    _table: pa.Table | None = None
-    _shard: Shard | None = None
-
-    def __enter__(self) -> LocalSearch:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def start(self) -> LocalSearch:
-        """Read the run's vectors (id order) and build the shard."""
-        from clipscan import fs as cfs
-
-        names = [p.rsplit("/", 1)[-1] for p in cfs.list_parquet(cfs.join(self.run_dir, "corpus"))]
-        if not names:
-            raise FileNotFoundError(f"search: no corpus parts under {cfs.join(self.run_dir, 'corpus')}")
-        table = _zip_parts(pa.table({"part": names}), self.run_dir).select(["id", *MODELS])
-        table = self._table = table.sort_by("id")
-        n = table.num_rows
-        if n < 2:
-            raise ValueError(f"search: {n} rows have every model's vectors; a search needs at least 2")
-        self.k_used = min(self.k, n - 1)
-        self.depth = min(max(self.k_used, self.rank_depth), n - 1)
-        self._shard = Shard.from_table(table, 0, index=self.index, nprobe=self.nprobe,
-                                       train_sample=self.train_sample, seed=self.seed, gpu=self.device != "cpu")
-        approximate = self.index.strip().lower() != "flat"
-        sample = np.sort(np.random.default_rng(self.seed).choice(n, min(self.recall_queries, n), replace=False))
-        self.recall_rows = sample if approximate else None
-        self.facts = {"images": n, "k": self.k_used, "depth": self.depth, "shards": 1, "nodes": 1,
-                      "where": "driver", "index": self.index if approximate else "exact", "shard_rows": [n]}
-        if approximate:
-            self.facts.update(nprobe=self.nprobe, recall_queries=len(sample))
-        return self
-
-    def write(self, path: str) -> None:
-        """Every query block's ``SEARCH_SCHEMA`` rows as ``path/part-NNNNN.parquet``."""
-        from clipscan import fs as cfs
-
-        assert self._table is not None and self._shard is not None, "start() first"
-        cfs.remove_tree(path)
-        block = SearchBlock([self._shard], self.k_used, self.depth, self.probe_min, self.reference_max,
-                            self.recall_rows)
-        for i, start in enumerate(range(0, self._table.num_rows, self.query_block)):
-            cfs.write_parquet_atomic(cfs.join(path, f"part-{i:05d}.parquet"),
-                                     block(self._table.slice(start, self.query_block)))
-
-    def reference_lists(self, ids: list[str]) -> dict[str, list[str]]:
-        """id -> that image's reference list to the mining depth (``reference_lists``)."""
-        import pyarrow.compute as pc
-
-        assert self._table is not None and self._shard is not None, "start() first"
-        found = self._table.filter(pc.is_in(self._table.column("id"), value_set=pa.array(sorted(set(ids)), pa.string())))
-        return reference_lists([self._shard], found, self.k_used, self.depth, self.query_block)
-
-    def close(self) -> None:
-        self._table = self._shard = None
 
 
 class _ShardActor(Shard):

@@ -179,18 +179,18 @@ def search_and_lose_a_node(cluster: Any, workers: list[Any], node_args: dict[str
     """The search stage over the run's embeddings, one shard actor per worker; once the query
     stream has written its first part, the worker of one shard actor is removed (no drain) and
     a fresh one added, as the autoscaler would for the restarted actor's CPUs."""
-    from clipscan.stages.search import ShardedSearch, vectors_from_run
+    from clipscan.stages.run_search import RunSearch
 
     failed: list[str] = []
 
-    def write(stage: ShardedSearch) -> None:
+    def write(stage: RunSearch) -> None:
         try:
             stage.write(str(out))
         except Exception as e:  # reported by the caller
             failed.append(f"search: {type(e).__name__}: {e}")
 
     # small query blocks: the stream writes many parts, so the node goes while most are still to come
-    with ShardedSearch(vectors_from_run(str(run_dir)), k=10, query_block=16) as stage:
+    with RunSearch(str(run_dir), where="ray", k=10, query_block=16) as stage:
         events["search"] = dict(stage.facts, shard_nodes=sorted(set(stage.shard_nodes)))
         writer = threading.Thread(target=write, args=(stage,), daemon=True)
         writer.start()
@@ -224,8 +224,8 @@ def _equals_one_process(run_dir: Path, out: Path) -> bool:
     table = read(run_dir / "embeddings" / "probe").select(["id"])
     for model in ("probe", "reference"):
         table = table.append_column(model, read(run_dir / "embeddings" / model).column("embedding"))
-    table = table.sort_by("id")
-    expected = SearchBlock([Shard.from_table(table, 0)], k=10, depth=100)(table)
+    # rows numbered in the run's part order, as the stage numbers them
+    expected = SearchBlock([Shard.from_table(table, 0)], k=10, depth=100)(table).sort_by("id")
     got = read(out).sort_by("id").select(expected.column_names).cast(expected.schema)
     return bool(got.equals(expected))
 
