@@ -138,7 +138,11 @@ def embed_corpus(run: Run, cfg: JobConfig, models: dict[str, str]) -> dict[str, 
     counts = _embed_computed(run, cfg, computed, staging) if computed else {}
     with run.stage("vectors") as facts:
         joined = _join_vectors(run, cfg, models, staging)
-        facts.update(rows=joined["embedded"], skipped=joined["skipped"], renormalised=joined["renormalised"])
+        repeated = settle_repeats(run, cfg, list(models), joined["embedded"])
+        joined["embedded"] -= repeated
+        joined["skipped"] += repeated
+        facts.update(rows=joined["embedded"], skipped=joined["skipped"], renormalised=joined["renormalised"],
+                     repeated=repeated)
     skipped_before = counts.get("skipped", 0)
     counts.update(embedded=joined["embedded"], skipped=skipped_before + joined["skipped"],
                   read=joined["embedded"] + skipped_before + joined["skipped"],
@@ -201,12 +205,36 @@ def _embed_computed(run: Run, cfg: JobConfig, models: dict[str, str], out_dir: s
             info["shard_rows"] = recorded_shard_rows(records, info["sources"])[0]
         counts = embed.collect(raw, out_dir, names, info["shard_rows"])
         cfs.remove_tree(raw)
+        if out_dir == run.output:  # the run's own parts (else the vectors stage settles the joined ones)
+            repeated = settle_repeats(run, cfg, names, counts["embedded"])
+            if repeated:
+                counts["embedded"] -= repeated
+                counts["skipped"] += repeated
+                counts["skipped_by_stage"] = rows.write_skipped(run.path("skipped.parquet"), [run.path("skipped")])
+            facts.update(rows_repeated=repeated)
         facts.update(rows_read=counts["read"], rows_embedded=counts["embedded"], rows_skipped=counts["skipped"],
                      shards=counts["shards"], shards_reused=counts["shards_reused"], nodes=counts["nodes"])
     run.count(**{k: v for k, v in counts.items() if k not in ("nodes", "shards", "shards_reused")})
     if counts["read"] != counts["embedded"] + counts["skipped"]:
         raise RuntimeError(f"row accounting does not add up: {counts}")
     return counts
+
+
+def settle_repeats(run: Run, cfg: JobConfig, models: list[str], rows: int) -> int:
+    """Settle ids repeated across the run's parts (``stages.repeats``): in this process below
+    ``knn.stage_min_rows`` rows, else on Ray. Returns the rows moved to ``skipped/``."""
+    from clipscan.pipeline.executor import for_rows
+    from clipscan.stages import repeats
+
+    if rows == 0:
+        return 0
+    from clipscan.config import KnnConfig
+
+    knn = getattr(cfg, "knn", None) or KnnConfig()
+    moved = repeats.settle(run.output, models, for_rows(rows, knn.stage_min_rows))
+    if moved:
+        log.info("%d rows repeat an id an earlier row of the run has; skipped (skipped.parquet)", moved)
+    return moved
 
 
 def write_shards(ds: Any, raw: str, stage: str, total: int | None) -> None:

@@ -176,3 +176,39 @@ def test_daf_names_and_judges_failure_types_with_an_openai_server(tmp_path: Path
     assert info["stages"]["judge"]["prompts"] == 8
     assert len(srv.requests) == failures["prompts"] + failures["retried"] + 8  # the summary's, then the judge's
     assert "unconfirmed" in (out / "report.html").read_text()
+
+
+def test_a_key_repeated_across_webdataset_tars_is_settled_before_the_search(tmp_path: Path, ray_local: None) -> None:
+    """Three tars, one key in two of them (two different images): the first one in input
+    order is kept, the later one is skipped with where the key was first seen, and the
+    discrepancies are the same bits for 1 and 3 shard actors and for the in-process search."""
+    import io
+    import tarfile
+
+    from tests.corpora import jpeg
+
+    root = tmp_path / "wds"
+    root.mkdir()
+    for s in range(3):
+        with tarfile.open(root / f"shard-{s:05d}.tar", "w") as tar:
+            keys = [f"s{s}-{i:03d}" for i in range(14)] + (["twice"] if s in (0, 2) else [])
+            for j, key in enumerate(keys):
+                for ext, data in (("jpg", jpeg(100 * s + j)), ("txt", f"a scene {s} {j}".encode())):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    tables = {}
+    for label, extra in (("local", ()), ("one", ("knn.stage_min_rows=2", "knn.shards=1")),
+                         ("three", ("knn.stage_min_rows=2", "knn.shards=3"))):
+        out = tmp_path / label
+        args = _args(str(root / "shard-{00000..00002}.tar"), out, "data.format=webdataset", "attributes.enabled=false",
+                     *extra)
+        assert daf.main(args) == 0, label
+        info = json.loads((out / "run.json").read_text())
+        assert info["counts"]["embedded"] == 43 and info["counts"]["skipped"] == 1
+        skipped = pq.read_table(out / "skipped.parquet").to_pylist()
+        assert [(r["id"], r["stage"]) for r in skipped] == [("twice", "repeats")]
+        assert "shard-00002.tar" in skipped[0]["uri"] and "shard-00000.tar" in skipped[0]["reason"], skipped
+        tables[label] = pq.read_table(out / "discrepancies.parquet")
+        assert tables[label].column("id").to_pylist().count("twice") == 1
+    assert tables["local"].equals(tables["one"]) and tables["local"].equals(tables["three"])

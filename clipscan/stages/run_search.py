@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from clipscan import fs as cfs
+from clipscan.pipeline.parts import Layout
 from clipscan.stages import index as ix
 from clipscan.stages.search import (
     MODELS,
@@ -35,37 +36,6 @@ from clipscan.stages.search import (
 )
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Layout:
-    """The run's parts: their names (sorted) and row counts, read from the Parquet footers."""
-
-    run_dir: str
-    names: tuple[str, ...]
-    rows: tuple[int, ...]
-
-    @classmethod
-    def of(cls, run_dir: str) -> Layout:
-        import pyarrow.parquet as pq
-
-        names = tuple(p.rsplit("/", 1)[-1] for p in cfs.list_parquet(cfs.join(run_dir, "corpus")))
-        if not names:
-            raise FileNotFoundError(f"search: no corpus parts under {cfs.join(run_dir, 'corpus')}")
-        rows = []
-        for name in names:
-            fsys, inner = cfs.resolve(cfs.join(run_dir, "corpus", name))
-            with fsys.open_input_file(inner) as f:
-                rows.append(pq.ParquetFile(f).metadata.num_rows)
-        return cls(run_dir, names, tuple(rows))
-
-    @property
-    def total(self) -> int:
-        return sum(self.rows)
-
-    def offsets(self) -> np.ndarray:
-        """(parts + 1,) int64: the first global row of each part, then the total."""
-        return np.concatenate([[0], np.cumsum(self.rows, dtype=np.int64)])
 
 
 def read_part(run_dir: str, name: str, models: tuple[str, ...] = MODELS) -> pa.Table:

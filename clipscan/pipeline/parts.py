@@ -1,0 +1,45 @@
+"""A run directory's parts in; their names, row counts and global row numbering out.
+
+The per-image outputs of the embedding stage (``corpus/``, ``embeddings/<model>/``,
+``skipped/``) are folders of parts with the same names; the corpus's parts, by name, with
+each part's rows in order, number the run's rows: the input order every later stage keeps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from clipscan import fs as cfs
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The run's parts: their names (sorted) and row counts, read from the Parquet footers."""
+
+    run_dir: str
+    names: tuple[str, ...]
+    rows: tuple[int, ...]
+
+    @classmethod
+    def of(cls, run_dir: str) -> Layout:
+        import pyarrow.parquet as pq
+
+        names = tuple(p.rsplit("/", 1)[-1] for p in cfs.list_parquet(cfs.join(run_dir, "corpus")))
+        if not names:
+            raise FileNotFoundError(f"search: no corpus parts under {cfs.join(run_dir, 'corpus')}")
+        rows = []
+        for name in names:
+            fsys, inner = cfs.resolve(cfs.join(run_dir, "corpus", name))
+            with fsys.open_input_file(inner) as f:
+                rows.append(pq.ParquetFile(f).metadata.num_rows)
+        return cls(run_dir, names, tuple(rows))
+
+    @property
+    def total(self) -> int:
+        return sum(self.rows)
+
+    def offsets(self) -> np.ndarray:
+        """(parts + 1,) int64: the first global row of each part, then the total."""
+        return np.concatenate([[0], np.cumsum(self.rows, dtype=np.int64)])
