@@ -94,7 +94,7 @@ def stage_search(x: np.ndarray, k: int, shards: int | None, query_block: int) ->
     import pyarrow as pa
     import ray.data
 
-    from clipscan.stages.embed import embedding_array
+    from clipscan.arrays import embedding_array
     from clipscan.stages.search import ShardedSearch
 
     column = embedding_array(x)

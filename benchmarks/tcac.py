@@ -147,7 +147,7 @@ def caption_pool(cfg: Any) -> Any:
 
 def scoring(cfg: Any, pool_ref: Any) -> None:
     """The job's scoring pipeline: read, decode, transform, score, write tcac.parquet."""
-    from clipscan.data.read import read_corpus
+    from clipscan.data.corpus import read_corpus
     from clipscan.stages import tcac
     from clipscan.stages.rows import ShardSink
 

@@ -144,8 +144,8 @@ def embed_captions(run: Run, name: str, spec: str, captions: pa.Table, cfg: Bias
     """
     import ray
 
+    from clipscan.arrays import embedding_matrix
     from clipscan.stages.bias import known_text_tower, probe_has_text
-    from clipscan.stages.embed import embedding_matrix
     from clipscan.stages.tcac import build_caption_embed
 
     path = run.path("text_embeddings", f"{name}.parquet")

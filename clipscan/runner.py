@@ -173,7 +173,8 @@ def _join_vectors(run: Run, cfg: JobConfig, models: dict[str, str], staging: str
 
 def _embed_computed(run: Run, cfg: JobConfig, models: dict[str, str], out_dir: str) -> dict[str, Any]:
     """Embed the corpus with models that have an encoder; parts go under ``out_dir``."""
-    from clipscan.data.read import read_corpus, recorded_shard_rows
+    from clipscan.data.corpus import read_corpus
+    from clipscan.data.read import recorded_shard_rows
     from clipscan.stages import embed, rows
 
     raw = run.path("_rows")

@@ -55,7 +55,7 @@ def run_tcac(cfg: TcacConfig, overwrite: bool = False) -> Run:
     """
     import ray
 
-    from clipscan.data.read import read_corpus
+    from clipscan.data.corpus import read_corpus
     from clipscan.report_tcac import write_tcac_report
     from clipscan.runner import init_ray, write_shards
     from clipscan.stages import rows
@@ -267,7 +267,7 @@ def embed_captions(run: Run, texts: Sequence[str], cfg: TcacConfig) -> tuple[np.
     An earlier run of the same config into this directory that wrote ``captions.parquet``
     for the same captions is reused (reused = True).
     """
-    from clipscan.stages.embed import embedding_matrix
+    from clipscan.arrays import embedding_matrix
 
     path = run.path("captions.parquet")
     if cfs.exists(path):

@@ -283,7 +283,7 @@ def test_webdataset_from_the_webdataset_library(tmp_path: Path, ray_local: None)
 
 def test_broken_shard_is_one_skipped_row(tmp_path: Path, ray_local: None) -> None:
     from clipscan.config import DataConfig
-    from clipscan.data.read import read_corpus
+    from clipscan.data.corpus import read_corpus
 
     root = tmp_path / "wds"
     _img2dataset_shards(root, shards=2, per=4)

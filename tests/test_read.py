@@ -6,7 +6,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from clipscan.config import DataConfig
-from clipscan.data.read import CorpusError, detect_format, read_corpus, read_table, select_caption
+from clipscan.data.corpus import read_corpus
+from clipscan.data.read import CorpusError, detect_format, read_table, select_caption
 from tests import corpora
 
 

@@ -9,12 +9,12 @@ import pyarrow.compute
 import pyarrow.parquet as pq
 import pytest
 
+from clipscan.arrays import embedding_array
 from clipscan.report import daf_figures
 from clipscan.stages import discrepancy as dc
 from clipscan.stages import index as ix
 from clipscan.stages import mine as mn
 from clipscan.stages import search as sr
-from clipscan.stages.embed import embedding_array
 
 K, DEPTH = 10, 40
 

@@ -181,7 +181,7 @@ def test_score_stage_identity_and_shared_pool(monkeypatch: pytest.MonkeyPatch) -
     assert pa.concat_tables(halves).equals(out)
 
     # the same rows scored against caption shards (pools asked per batch) give the same table
-    from clipscan.stages.embed import embedding_array
+    from clipscan.arrays import embedding_array
     from clipscan.stages.search import Shard
 
     table = pa.table({"id": pa.array(pool.texts.tolist(), pa.string()),
@@ -212,7 +212,8 @@ def _cfg(manifest: Path | str, out: Path, *extra: str):
 def test_bad_images_skipped_with_reasons(tmp_path: Path, ray_local: None) -> None:
     import ray
 
-    from clipscan.data.read import read_corpus, read_table
+    from clipscan.data.corpus import read_corpus
+    from clipscan.data.read import read_table
     from clipscan.models.registry import load_encoder
     from clipscan.runner import configure_data_context
 
@@ -298,7 +299,7 @@ def test_job_end_to_end_and_deterministic(tmp_path: Path, ray_local: None) -> No
     assert any(r["changed"] > 0 for r in rows if r["transform"] == "elastic")
     # pool sizes agree with a brute-force pool over the written caption embeddings
     caps = pq.read_table(a / "captions.parquet")
-    from clipscan.stages.embed import embedding_matrix
+    from clipscan.arrays import embedding_matrix
 
     emb = embedding_matrix(caps.column("embedding"))
     index = {t: i for i, t in enumerate(caps.column("text").to_pylist())}
@@ -350,8 +351,8 @@ def test_report_escapes_captions(tmp_path: Path) -> None:
 def test_pools_from_caption_shards_equal_the_whole_pool(shards: int) -> None:
     """An image's pool asked of caption shards, batch by batch, is the one ``CaptionPool``
     builds from every caption at once: the same texts in the same order, the same vectors."""
+    from clipscan.arrays import embedding_array
     from clipscan.stages import index as ix
-    from clipscan.stages.embed import embedding_array
     from clipscan.stages.search import Shard
 
     rng = np.random.default_rng(3)
@@ -381,8 +382,8 @@ def test_pools_from_caption_shards_equal_the_whole_pool(shards: int) -> None:
 def test_caption_shards_recall_of_an_approximate_index() -> None:
     """recall@pool_k of approximate caption shards: 1.0 when every IVF list is probed, below
     it with one list, and equal to the share of numpy's exact neighbours the pools keep."""
+    from clipscan.arrays import embedding_array
     from clipscan.stages import index as ix
-    from clipscan.stages.embed import embedding_array
     from clipscan.stages.search import Shard
 
     rng = np.random.default_rng(5)

@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from clipscan.arrays import embedding_array, embedding_matrix
 from clipscan.data.precomputed import EmbeddingsError, embedding_pairs, read_pair
 from clipscan.models.registry import ModelLoadError, is_precomputed, load_encoder, parse_spec
-from clipscan.stages.embed import embedding_array, embedding_matrix
 
 
 def clip_retrieval(root: Path, ids: list[str], x: np.ndarray, parts: int, key: str = "image_path",

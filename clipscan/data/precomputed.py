@@ -243,7 +243,7 @@ def _strings(table: pa.Table, name: str) -> pa.Array:
 
 def _block(x: np.ndarray, ids: pa.ChunkedArray, meta: pa.Table, uri: pa.ChunkedArray | None, where: str) -> pa.Table:
     """One output block: vectors normalised, bad rows named in ``skip_reason``."""
-    from clipscan.stages.embed import embedding_array
+    from clipscan.arrays import embedding_array
 
     x = np.asarray(x, dtype=np.float32)
     norm = np.linalg.norm(x, axis=1)

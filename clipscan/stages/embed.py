@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from clipscan import fs as cfs
+from clipscan.arrays import embedding_array, embedding_matrix
 from clipscan.stages import rows
 from clipscan.stages.decode import Decode, require
 from clipscan.stages.rows import SKIPPED_SCHEMA, each, shard_pieces, units, write_skipped
@@ -29,19 +30,6 @@ if TYPE_CHECKING:
 
 PASS_THROUGH = ("id", "uri", "caption", "captions", "skip_stage", "skip_reason", "notes", "shard", "row",
                 "decode_node")
-
-
-def embedding_array(x: np.ndarray) -> pa.FixedSizeListArray:
-    """(n, d) float32 -> a FixedSizeList<float32, d> column."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    return pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])
-
-
-def embedding_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """A FixedSizeList<float32, d> column -> (n, d) float32."""
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    d = arr.type.list_size
-    return np.asarray(arr.flatten(), dtype=np.float32).reshape(-1, d)
 
 
 class Embed:

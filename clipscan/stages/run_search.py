@@ -68,7 +68,7 @@ class PartShard(Shard):
 
     def __init__(self, layout: Layout, lo: int, hi: int, index: str, nprobe: int, train_sample: int, seed: int,
                  threads: int | None, models: tuple[str, ...] = MODELS, gpu: bool | None = None) -> None:
-        from clipscan.stages.embed import embedding_matrix
+        from clipscan.arrays import embedding_matrix
 
         if gpu is None:  # in a Ray actor: the GPUs Ray gave it
             import ray
@@ -256,7 +256,7 @@ class RunSearch:
         rows = np.max([a["rows"] for a in answers], axis=0)
         found = rows >= 0
         columns: dict[str, Any] = {"id": pa.array(asked[found].tolist(), pa.string())}
-        from clipscan.stages.embed import embedding_array
+        from clipscan.arrays import embedding_array
 
         for m in MODELS:
             v = np.sum([a[m] for a in answers], axis=0)  # zeros where a shard does not hold the row

@@ -258,7 +258,7 @@ class Shard:
     @classmethod
     def from_table(cls, table: pa.Table, lo: int, models: tuple[str, ...] = MODELS, **kwargs: Any) -> Shard:
         """A shard of ``table``'s rows: ``id`` (each once) and a vector column per model."""
-        from clipscan.stages.embed import embedding_matrix
+        from clipscan.arrays import embedding_matrix
 
         require({c: None for c in table.column_names}, ("id", *models), "search")
         x = {m: embedding_matrix(table.column(m)) for m in models}
@@ -425,7 +425,7 @@ class SearchBlock:
         self.recall_rows = None if recall_rows is None else np.asarray(recall_rows, dtype=np.int64)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from clipscan.stages.embed import embedding_matrix
+        from clipscan.arrays import embedding_matrix
 
         require({c: None for c in batch.column_names}, self.needs, "search")
         ids = np.asarray(batch.column("id").to_pylist(), dtype=object)
@@ -676,7 +676,7 @@ def reference_lists(shards: list[Any], found: pa.Table, k: int, depth: int, quer
     excluded), for the rows ``found`` (``id`` and both models' vectors): the same lists the
     search merged, asked again of the ``shards`` for these rows only (the attribute
     contrast's rank-matched control)."""
-    from clipscan.stages.embed import embedding_matrix
+    from clipscan.arrays import embedding_matrix
 
     block = SearchBlock(shards, k, depth)
     out: dict[str, list[str]] = {}
@@ -720,7 +720,7 @@ class _ShardActor(Shard):
         import pyarrow.compute as pc
         import ray
 
-        from clipscan.stages.embed import embedding_matrix
+        from clipscan.arrays import embedding_matrix
 
         ix.require_faiss_gpu(len(ray.get_gpu_ids()))
         tables = [pa.table(b) if not isinstance(b, pa.Table) else b for b in ray.get(blocks)]

@@ -38,8 +38,8 @@ import numpy as np
 import pyarrow as pa
 
 from clipscan import fs as cfs
+from clipscan.arrays import embedding_array
 from clipscan.stages.decode import Decode, require
-from clipscan.stages.embed import embedding_array
 from clipscan.stages.rows import SKIPPED_SCHEMA, each, shard_pieces, units, write_skipped
 
 if TYPE_CHECKING:

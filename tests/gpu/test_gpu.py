@@ -87,9 +87,9 @@ def test_ivf_shard_searches_on_the_gpu_as_on_the_cpu() -> None:
     with its rows."""
     import pyarrow as pa
 
+    from clipscan.arrays import embedding_array
     from clipscan.stages import index as ix
     from clipscan.stages import search as sr
-    from clipscan.stages.embed import embedding_array
 
     rng = np.random.default_rng(0)
     n = 40_000
