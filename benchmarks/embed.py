@@ -35,7 +35,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Sampler, dinov2_small_dir  # noqa: E402
 
-from clipscan.runner import start_local_ray  # noqa: E402
+from clipscan.pipeline.cluster import start_local_ray  # noqa: E402
 
 
 def model_only(models: dict[str, str], manifest: str, n: int, size: int, batch: int) -> dict[str, float]:

@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Sampler  # noqa: E402
 
-from clipscan.runner import start_local_ray  # noqa: E402
+from clipscan.pipeline.cluster import start_local_ray  # noqa: E402
 
 GiB = 2**30
 

@@ -79,7 +79,7 @@ def _count(batch: Any) -> Any:
 def _streamed(path: str) -> None:
     from clipscan.config import DataConfig
     from clipscan.data import read
-    from clipscan.runner import start_local_ray
+    from clipscan.pipeline.cluster import start_local_ray
 
     work = tempfile.mkdtemp(prefix="clipscan-bench-stream-")
     start_local_ray(os.cpu_count(), os.path.join(work, "ray"), log_to_driver=False)

@@ -54,7 +54,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from common import Sampler, StagePeaks, vm_status  # noqa: E402
 
-from clipscan.runner import start_local_ray  # noqa: E402
+from clipscan.pipeline.cluster import start_local_ray  # noqa: E402
 
 STAGES = ("read", "embed", "index", "mine", "summarise", "report")
 EXPECTED_SUPERLINEAR = {"index": "exact search compares all pairs (n^2)"}

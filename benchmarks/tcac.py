@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from clipscan.data.scenes import write_corpus
-    from clipscan.runner import start_local_ray
+    from clipscan.pipeline.cluster import start_local_ray
 
     logging.basicConfig(level=logging.WARNING)
     work = tempfile.mkdtemp(prefix="clipscan-bench-tcac-")

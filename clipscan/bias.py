@@ -53,8 +53,9 @@ def run_bias(cfg: BiasConfig, overwrite: bool = False) -> Run:
     ``bias.json``, ``plots/`` and ``report.html``; ``run.json`` gets the counts, the stage
     timings and ``bias_summary`` (chance levels, scenes per position, per-object-count figures).
     """
+    from clipscan.pipeline.cluster import init_ray
     from clipscan.report_bias import write_bias_report
-    from clipscan.runner import embed_corpus, init_ray
+    from clipscan.runner import embed_corpus
     from clipscan.stages import bias
 
     names = model_names(cfg.models.probes)

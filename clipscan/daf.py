@@ -29,7 +29,8 @@ log = logging.getLogger("clipscan")
 def run_daf(cfg: DafConfig, overwrite: bool = False) -> Run:
     """Run every DAF stage into ``cfg.output``; returns the finished ``Run``."""
     from clipscan import report
-    from clipscan.runner import embed_corpus, ensure_corpus, init_ray
+    from clipscan.pipeline.cluster import init_ray
+    from clipscan.runner import embed_corpus, ensure_corpus
     from clipscan.stages import attributes
 
     if cfg.models.reference is None:

@@ -1,122 +1,25 @@
-"""Pieces every job script shares: argument parsing, logging, starting Ray, the embedding stage.
+"""A job's corpus in; the run's per-image parts (``corpus/``, ``embeddings/<model>/``, ``skipped/``) and counts out.
 
-Job scripts in ``jobs/`` stay thin: they parse, then call these in order.
+The read -> embed -> sink -> collect -> counts loop every job starts with: the corpus is
+read (``data.corpus``), each input shard's rows go through the encoder actors into the
+sink's pieces, the pieces are collected into the run's parts, ids repeated across parts
+are settled, and the row accounting is checked and recorded.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
-import sys
-import tempfile
-from typing import TYPE_CHECKING, Any, TypeVar
-
-from pydantic import BaseModel
+from typing import TYPE_CHECKING, Any
 
 from clipscan import fs as cfs
-from clipscan.config import ConfigError, JobConfig, load_config
+from clipscan.config import JobConfig
+from clipscan.pipeline.cluster import configure_data_context
+from clipscan.pipeline.progress import Progress
 
 if TYPE_CHECKING:
     from clipscan.rundir import Run
 
-C = TypeVar("C", bound=BaseModel)
 log = logging.getLogger("clipscan")
-
-
-def parse_args(argv: list[str] | None, cls: type[C], description: str) -> tuple[C, argparse.Namespace]:
-    """``--config FILE [--overwrite] [key=value ...]`` -> the validated config and the namespace."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", help="YAML job config (see configs/)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. knn.k=20 output=runs/x")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(cls, args.config, args.overrides)
-    except ConfigError as e:
-        parser.exit(2, f"error: {e}\n")
-    return cfg, args
-
-
-def setup_logging() -> None:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
-                            stream=sys.stderr)
-    logging.getLogger("clipscan").setLevel(logging.INFO)
-
-
-def init_ray(cfg: JobConfig) -> None:
-    """Connect to the cluster named by ``ray.address``/``RAY_ADDRESS``, or start a local Ray.
-
-    Either way this process's Ray Data runs with `configure_data_context`.
-    """
-    import ray
-
-    if ray.is_initialized():
-        configure_data_context()
-        return
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        configure_data_context()
-    else:
-        start_local_ray(cfg.ray.num_cpus)
-
-
-def start_local_ray(num_cpus: int | None, temp_dir: str | None = None, **init_kwargs: Any) -> None:
-    """Start a Ray on this machine the way a clipscan job runs one, and configure Ray Data for it.
-
-    No dashboard, a fresh temp dir (``temp_dir``, else a new one) so nothing an earlier Ray
-    left behind is reused, the worker pool of `worker_pool_config`, and
-    `configure_data_context`. ``init_kwargs`` go to ``ray.init`` as they are
-    (``object_store_memory``, ``log_to_driver``).
-    """
-    import ray
-
-    ray.init(num_cpus=num_cpus, include_dashboard=False,
-             _temp_dir=temp_dir or tempfile.mkdtemp(prefix="clipscan-ray-"),
-             _system_config=worker_pool_config(num_cpus), **init_kwargs)
-    configure_data_context()
-
-
-# Idle worker processes a local Ray keeps at least (Ray's default keeps one per CPU).
-IDLE_WORKERS = 8
-
-
-def worker_pool_config(num_cpus: int | None) -> dict[str, Any]:
-    """The ``_system_config`` of a Ray that clipscan starts on this machine.
-
-    A job's stages run tasks of several shapes (Ray Data's own at 1 CPU, writers at 0.5,
-    sorts' map and reduce tasks) one after another. With Ray's default, a node keeps one
-    idle worker per CPU and kills the rest after a second idle; the next stage then starts
-    fresh processes, about 2 s each on 2 cores, and a 120-row sort took 10 s instead of
-    0.3 s. Keeping a few more idle workers costs their memory (about 100 MB each) while
-    Ray runs. Clusters started with ``ray start`` keep their own setting
-    (``RAY_num_workers_soft_limit``); their nodes have more CPUs, hence more idle workers.
-    """
-    return {"num_workers_soft_limit": max(IDLE_WORKERS, num_cpus or os.cpu_count() or 1)}
-
-
-def configure_data_context() -> None:
-    """The Ray Data settings every clipscan pipeline runs with (this process's ``DataContext``,
-    which Ray Data hands to the tasks and actors it starts)."""
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # part files and row order are the same on every run
-    ctx.enable_progress_bars = sys.stderr.isatty()
-    if "RAY_DATA_USE_DATASOURCE_V2" not in os.environ:
-        # Ray Data's V2 Parquet reader starts footer-reading actors on every read: about 2-3 s
-        # per read on 2 cores before the first row, and a DAF job reads its parts a dozen
-        # times. The V1 reader lists and reads the same files in tasks. The variable, when
-        # set, is the user's choice and is kept.
-        ctx.use_datasource_v2 = False
-    if "RAY_DATA_SHUFFLE_INPUT_BATCH_BYTES" not in os.environ:
-        # A sort's or group-by's map task takes its input blocks up to this many bytes at once:
-        # Ray's default, 1 GiB, made each map task of the mine stage's rank sort hold 1.84 GiB
-        # at 2,000,000 rows, more than the search's shard actor with its vectors and indexes.
-        # With one block's worth the largest worker of that run is the shard actor.
-        ctx.shuffle_input_batch_bytes = ctx.target_max_block_size or ctx.shuffle_input_batch_bytes
 
 
 def embed_corpus(run: Run, cfg: JobConfig, models: dict[str, str]) -> dict[str, Any]:
@@ -256,60 +159,6 @@ def write_shards(ds: Any, raw: str, stage: str, total: int | None) -> None:
         ray.kill(counter)
 
 
-class Progress:
-    """Logs ``stage: rows done/total (pct), rate, ETA`` every ``interval_s`` while a stage runs.
-
-    On a terminal Ray Data's own progress bars show; in a job log (not a terminal) these
-    lines are the progress.
-    """
-
-    def __init__(self, stage: str, done: Any, total: int | None, interval_s: float = 15.0) -> None:
-        import threading
-
-        self.stage, self.done, self.total, self.interval_s = stage, done, total, interval_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._logged = False
-
-    def __enter__(self) -> Progress:
-        import time
-
-        self._start = time.perf_counter()
-        if not sys.stderr.isatty():
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
-        if exc[0] is None and not sys.stderr.isatty() and not self._logged:
-            try:  # a stage shorter than the interval still says how much it did and how fast
-                log.info(self.line())
-            except Exception:
-                pass
-
-    def line(self) -> str:
-        import time
-
-        elapsed = max(time.perf_counter() - self._start, 1e-9)
-        done = self.done()
-        rate = done / elapsed
-        if self.total:
-            eta = (self.total - done) / rate if rate > 0 else float("inf")
-            return (f"{self.stage}: {done}/{self.total} rows ({100 * done / self.total:.0f}%), "
-                    f"{rate:.1f} rows/s, ETA {eta:.0f} s")
-        return f"{self.stage}: {done} rows, {rate:.1f} rows/s"
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                log.info(self.line())
-                self._logged = True
-            except Exception:  # progress is best effort; the stage's own errors surface elsewhere
-                continue
-
-
 def ensure_corpus(cfg: JobConfig) -> None:
     """Generate the scene corpus at ``data.path`` when ``data.generate`` asks and it is missing."""
     root = cfg.data.path
@@ -329,12 +178,3 @@ def ensure_corpus(cfg: JobConfig) -> None:
     log.info("generating %d scenes at %s", cfg.data.generate, root)
     write_corpus(root, cfg.data.generate, seed=cfg.seed, size=max(cfg.embed.image_size, 64),
                  max_objects=cfg.data.generate_max_objects)
-
-
-def fail(message: str) -> int:
-    """Print the one-line error and record it in any run of this process still marked running."""
-    from clipscan.rundir import fail_open_runs
-
-    fail_open_runs(message)
-    print(f"error: {message}", file=sys.stderr)
-    return 1

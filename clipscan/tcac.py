@@ -56,8 +56,9 @@ def run_tcac(cfg: TcacConfig, overwrite: bool = False) -> Run:
     import ray
 
     from clipscan.data.corpus import read_corpus
+    from clipscan.pipeline.cluster import init_ray
     from clipscan.report_tcac import write_tcac_report
-    from clipscan.runner import init_ray, write_shards
+    from clipscan.runner import write_shards
     from clipscan.stages import rows
     from clipscan.stages.transforms import SeededTransforms
 

@@ -10,8 +10,8 @@ import logging
 import sys
 
 from clipscan.bias import run_bias
+from clipscan.cli import fail, parse_args, setup_logging
 from clipscan.config import BiasConfig
-from clipscan.runner import fail, parse_args, setup_logging
 
 log = logging.getLogger("clipscan")
 

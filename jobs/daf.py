@@ -9,9 +9,9 @@ from __future__ import annotations
 import logging
 import sys
 
+from clipscan.cli import fail, parse_args, setup_logging
 from clipscan.config import DafConfig
 from clipscan.daf import run_daf
-from clipscan.runner import fail, parse_args, setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import logging
 import sys
 
+from clipscan.cli import fail, parse_args, setup_logging
 from clipscan.config import TcacConfig
-from clipscan.runner import ensure_corpus, fail, parse_args, setup_logging
+from clipscan.runner import ensure_corpus
 from clipscan.tcac import run_tcac
 
 log = logging.getLogger("clipscan")

@@ -61,7 +61,7 @@ def ray_local() -> Iterator[None]:
     """A real local Ray with 2 CPUs, started once for the whole session in a fresh temp dir."""
     import ray
 
-    from clipscan.runner import start_local_ray
+    from clipscan.pipeline.cluster import start_local_ray
 
     if ray.is_initialized():
         yield

@@ -137,7 +137,7 @@ def test_all_skipped_batch_keeps_the_embedding_width() -> None:
 def test_progress_logs_a_line_for_a_stage_shorter_than_its_interval() -> None:
     import logging
 
-    from clipscan.runner import Progress
+    from clipscan.pipeline.progress import Progress
 
     lines: list[str] = []
     handler = logging.Handler()

@@ -15,6 +15,8 @@ def test_write_shards_counts_rows_into_the_counter(tmp_path: Path, ray_local: No
     import ray.data
 
     from clipscan import runner
+    from clipscan.pipeline import progress
+    from clipscan.pipeline.progress import Progress
     from clipscan.stages import rows
 
     table = pa.table({"shard": [0] * 30 + [1] * 20, "row": list(range(30)) + list(range(20)), "x": list(range(50))})
@@ -22,7 +24,7 @@ def test_write_shards_counts_rows_into_the_counter(tmp_path: Path, ray_local: No
     lines: list[str] = []
     seen_counts: list[int] = []
 
-    class Spy(runner.Progress):
+    class Spy(Progress):
         def line(self) -> str:
             seen_counts.append(self.done())
             out = super().line()
@@ -30,6 +32,7 @@ def test_write_shards_counts_rows_into_the_counter(tmp_path: Path, ray_local: No
             return out
 
     monkeypatch.setattr(runner, "Progress", Spy)
+    assert progress.Progress is Progress
     calls: list[tuple[object, ...]] = []
     monkeypatch.setattr(rows, "rows_written", _counting(rows.rows_written, calls))
     runner.write_shards(ds, str(tmp_path / "raw"), "embed", 50)

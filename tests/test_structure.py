@@ -4,7 +4,6 @@ counting imports inside functions too (a lazy import hides a circle, it does not
 from __future__ import annotations
 
 import ast
-from pathlib import Path
 
 from tests.conftest import ROOT
 

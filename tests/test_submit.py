@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from clipscan.runner import IDLE_WORKERS
+from clipscan.pipeline.cluster import IDLE_WORKERS
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

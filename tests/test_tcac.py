@@ -215,7 +215,7 @@ def test_bad_images_skipped_with_reasons(tmp_path: Path, ray_local: None) -> Non
     from clipscan.data.corpus import read_corpus
     from clipscan.data.read import read_table
     from clipscan.models.registry import load_encoder
-    from clipscan.runner import configure_data_context
+    from clipscan.pipeline.cluster import configure_data_context
 
     manifest, expected = corpora.bad_corpus(tmp_path / "bad")
     cfg = _cfg(manifest, tmp_path / "run", "data.max_pixels=100000", "data.rows_per_block=4")
@@ -413,7 +413,7 @@ def test_caption_shards_recall_of_an_approximate_index() -> None:
 def test_text_digest_changes_with_any_caption_not_with_order(ray_local: None) -> None:
     import ray.data
 
-    from clipscan.runner import configure_data_context
+    from clipscan.pipeline.cluster import configure_data_context
 
     configure_data_context()
     texts = [f"caption {i}" for i in range(50)]

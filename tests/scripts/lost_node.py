@@ -48,8 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     from clipscan import fs as cfs
     from clipscan.config import DafConfig, load_config
     from clipscan.data.scenes import write_corpus
+    from clipscan.pipeline.cluster import configure_data_context, worker_pool_config
     from clipscan.rundir import Run
-    from clipscan.runner import configure_data_context, embed_corpus, worker_pool_config
+    from clipscan.runner import embed_corpus
     from clipscan.stages import rows
 
     work = Path(args.work)
