@@ -292,7 +292,7 @@ class Shard:
 
     def search(
         self, ids: np.ndarray, queries: dict[str, np.ndarray], depth: dict[str, int], carry: int,
-        exact: bool = False,
+        exact: bool = False, named: int | None = None,
     ) -> dict[str, Any]:
         """Each query's best ``depth[model]`` rows of this shard under each model.
 
@@ -300,7 +300,8 @@ class Shard:
         ``depth`` and every model whose cosines are carried. Returns ``self``
         (m,) int64, the query's global row when it is in this shard, else -1, and per
         model: ``sims`` (m, depth) float32, ``ids`` (m, depth) int64 global rows (-1
-        missing), ``names`` (m, depth) their ids, and for the first ``carry`` columns
+        missing), ``names`` the ids of the first ``named`` columns (all by default; flat
+        Arrow strings, row-major: deep lists travel as numbers only), and for the first ``carry`` columns
         ``cos_probe``, ``cos_reference`` (m, carry) float32, the candidate's cosine to the
         query under each model (float64 dot rounded to float32; NaN where missing).
         """
@@ -312,7 +313,7 @@ class Shard:
         threads = ix.faiss_threads()
         if len(models) < 2 or threads < 2 or faiss.get_num_gpus():
             for model in models:
-                out[model] = self._search_model(model, queries, depth[model], carry, exact)
+                out[model] = self._search_model(model, queries, depth[model], carry, exact, named)
             return out
         # The models are searched side by side, each on its share of the threads: two
         # independent searches keep both cores busy where one search on both waits at every
@@ -324,14 +325,14 @@ class Shard:
 
         def one(model: str) -> dict[str, Any]:
             faiss.omp_set_num_threads(share)  # this thread's own setting (OpenMP's is per thread)
-            return self._search_model(model, queries, depth[model], carry, exact)
+            return self._search_model(model, queries, depth[model], carry, exact, named)
 
         with ThreadPoolExecutor(len(models)) as pool:
             out.update(zip(models, pool.map(one, models), strict=True))
         return out
 
     def _search_model(self, model: str, queries: dict[str, np.ndarray], kk: int, carry: int,
-                      exact: bool) -> dict[str, Any]:
+                      exact: bool, named: int | None = None) -> dict[str, Any]:
         """``search``'s answer for one model: its best ``kk`` rows per query, with the carried cosines."""
         xq = np.ascontiguousarray(queries[model], dtype=np.float32)
         if exact or self.approx is None:
@@ -343,7 +344,7 @@ class Shard:
             "sims": sims,
             "ids": ix._offset(local, self.lo),
             # Arrow, not an object array: it crosses to the stream as buffers, not pickled strings
-            "names": self.ids.arrow.take(pa.array(np.maximum(local, 0).reshape(-1))),
+            "names": self.ids.arrow.take(pa.array(np.maximum(local[:, :named], 0).reshape(-1))),
             **{f"cos_{m}": self._cos(m, queries[m], local[:, :c]) for m in self.models},
         }
 
@@ -432,13 +433,13 @@ class SearchBlock:
         queries = {m: embedding_matrix(batch.column(m)) for m in MODELS}
         k, depth = self.k, self.depth
         lists = {"probe": k + 1, "reference": depth + 1}
-        answers = self._ask(ids, queries, lists, k + 1, exact=False)
+        answers = self._ask(ids, queries, lists, k + 1, exact=False, named=k + 1)
         rows = np.max([a["self"] for a in answers], axis=0)
         if (rows < 0).any():
             missing = ids[rows < 0][:5].tolist()
             raise RuntimeError(f"search: {int((rows < 0).sum())} query ids are in no shard, e.g. {missing}")
-        p = merge_answers(answers, "probe", lists["probe"], rows)
-        r = merge_answers(answers, "reference", lists["reference"], rows)
+        p = merge_answers(answers, "probe", lists["probe"], rows, named=k)
+        r = merge_answers(answers, "reference", lists["reference"], rows, named=k)
 
         s = dc.score(p["ids"][:, :k], p["sims"][:, :k], r["ids"], r["sims"][:, :k],
                      p["cos_reference"][:, :k], r["cos_probe"][:, :k])
@@ -451,9 +452,9 @@ class SearchBlock:
 
     def _ask(
         self, ids: np.ndarray, queries: dict[str, np.ndarray], lists: dict[str, int], carry: int,
-        exact: bool,
+        exact: bool, named: int | None = None,
     ) -> list[dict[str, Any]]:
-        return ask_shards(self.shards, "search", ids, queries, lists, carry, exact)
+        return ask_shards(self.shards, "search", ids, queries, lists, carry, exact, named)
 
     def _pairs(self, p: dict[str, np.ndarray], r: dict[str, np.ndarray], s: dc.Scores) -> dict[str, pa.Array]:
         k = self.k
@@ -481,9 +482,9 @@ class SearchBlock:
         sel = np.zeros(m, dtype=bool) if self.recall_rows is None else np.isin(rows, self.recall_rows)
         if sel.any():
             lists = {"probe": k + 1, "reference": k + 1}
-            answers = self._ask(ids[sel], {mm: q[sel] for mm, q in queries.items()}, lists, 0, exact=True)
+            answers = self._ask(ids[sel], {mm: q[sel] for mm, q in queries.items()}, lists, 0, exact=True, named=0)
             for model, approx, col in (("probe", p, "_recall_probe"), ("reference", r, "_recall_reference")):
-                exact = merge_answers(answers, model, k + 1, rows[sel])
+                exact = merge_answers(answers, model, k + 1, rows[sel], named=0)
                 overlap, _ = ix.neighbour_overlap(approx["ids"][sel, :k], exact["ids"][:, :k])
                 values[col][sel] = overlap
         return {c: pa.array(v, mask=~sel) for c, v in values.items()}
@@ -500,20 +501,27 @@ def ask_shards(shards: list[Any], method: str, *args: Any) -> list[dict[str, Any
     return [getattr(s, method)(*args) for s in shards]
 
 
-def merge_answers(answers: list[dict[str, Any]], model: str, kk: int, rows: np.ndarray) -> dict[str, np.ndarray]:
+def merge_answers(answers: list[dict[str, Any]], model: str, kk: int, rows: np.ndarray,
+                  named: int | None = None) -> dict[str, np.ndarray]:
     """The shards' candidates of one model side by side, merged to each query's top kk - 1
-    under (-D, row) with the query itself removed; carried values follow their candidate."""
+    under (-D, row) with the query itself removed; carried values follow their candidate.
+    ``names`` (object strings) for the first ``named`` merged columns (all by default): each
+    shard must have sent names for its first ``named + 1`` columns (``Shard.search``)."""
     parts = [a[model] for a in answers]
     sims = np.concatenate([q["sims"] for q in parts], axis=1)
     ids = np.concatenate([q["ids"] for q in parts], axis=1)
     order = ix.merge_order(sims, ids, kk)
     merged = {"sims": np.take_along_axis(sims, order, axis=1), "ids": np.take_along_axis(ids, order, axis=1)}
-    # each shard's names arrive flat (m * width, row-major): merge positions, take names once
+    # each shard's names arrive flat (m * named width, row-major): merge positions, take names once
     m = sims.shape[0]
-    bases = np.cumsum([0] + [q["sims"].size for q in parts])[:-1]
-    positions = np.concatenate([base + np.arange(q["sims"].size, dtype=np.int64).reshape(q["sims"].shape)
-                                for base, q in zip(bases, parts, strict=True)], axis=1)
-    merged["_positions"] = np.take_along_axis(positions, order, axis=1)
+    widths = [len(q["names"]) // max(m, 1) if m else 0 for q in parts]
+    bases = np.cumsum([0] + [m * w for w in widths])[:-1]
+    positions = []
+    for base, q, w in zip(bases, parts, widths, strict=True):
+        cols = np.arange(q["sims"].shape[1], dtype=np.int64)
+        at = base + np.arange(m, dtype=np.int64)[:, None] * w + cols[None, :]
+        positions.append(np.where(cols[None, :] < w, at, -1))
+    merged["_positions"] = np.take_along_axis(np.concatenate(positions, axis=1), order, axis=1)
     for col in (c for c in parts[0] if c.startswith("cos_")):  # every model's cosines of the candidates
         width = parts[0]["sims"].shape[1]
         padded = [np.pad(q[col], ((0, 0), (0, width - q[col].shape[1])), constant_values=np.nan) for q in parts]
@@ -521,8 +529,12 @@ def merge_answers(answers: list[dict[str, Any]], model: str, kk: int, rows: np.n
     keep = ix.self_mask(merged["ids"], rows)
     w = merged["ids"].shape[1]
     out = {c: v[keep].reshape(m, w - 1) for c, v in merged.items()}
-    taken = pa.concat_arrays([q["names"] for q in parts]).take(pa.array(out.pop("_positions").reshape(-1)))
-    out["names"] = taken.to_numpy(zero_copy_only=False).reshape(m, w - 1)
+    n = w - 1 if named is None else min(named, w - 1)
+    at = out.pop("_positions")[:, :n]
+    if (at < 0).any():
+        raise RuntimeError(f"search: a merged {model} candidate in the first {n} columns came without its name")
+    taken = pa.concat_arrays([q["names"] for q in parts]).take(pa.array(at.reshape(-1)))
+    out["names"] = taken.to_numpy(zero_copy_only=False).reshape(m, n)
     return out
 
 
