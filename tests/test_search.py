@@ -365,6 +365,11 @@ def test_search_keeps_the_blocks_a_killed_run_wrote(tmp_path) -> None:
     with RunSearch(str(tmp_path / "run"), k=5, rank_depth=DEPTH, query_block=30) as stage:
         stage.write(str(search))
         assert stage.facts["blocks_reused"] == 0
+    # parts rewritten with their rows in another order (another join's output): no block is kept
+    write_run(tmp_path / "run", table.take(pa.array(np.arange(table.num_rows)[::-1])), 3)
+    with RunSearch(str(tmp_path / "run"), k=5, rank_depth=DEPTH, query_block=30) as stage:
+        stage.write(str(search))
+        assert stage.facts["blocks_reused"] == 0
 
 
 def test_plot_sample_is_bounded_and_seeded() -> None:

@@ -99,9 +99,23 @@ def block_name(part: int, block: int) -> str:
     return f"part-{part:05d}-{block:05d}.parquet"
 
 
+IDS_KEY = b"clipscan.ids"  # a block file's schema metadata: the digest of the query ids it answers
+
+
+def ids_digest(ids: pa.Array | pa.ChunkedArray) -> bytes:
+    """A digest of a block's query ids, in order (a 64-bit hash per id, then SHA-256)."""
+    from clipscan.stages.discrepancy import hash_ids
+
+    return hashlib.sha256(hash_ids(ids.to_numpy(zero_copy_only=False)).tobytes()).hexdigest().encode()
+
+
 class SearchParts:
     """Batch stage: ``part`` (indices into the layout) in; each part's query blocks searched
-    and written to ``out_dir`` (a block already there is kept); ``written``, ``reused`` out."""
+    and written to ``out_dir``; ``written``, ``reused`` out.
+
+    A block already there is kept when it answers the same query ids in the same order
+    (a digest in its schema metadata, checked against the part read now): a rerun whose
+    parts were rewritten (another input, another join order) computes them again."""
 
     def __init__(self, shards: list[Any], layout: Layout, out_dir: str, k: int, depth: int, query_block: int,
                  probe_min: float = 0.95, reference_max: float = 0.6, recall_rows: np.ndarray | None = None) -> None:
@@ -110,19 +124,36 @@ class SearchParts:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         written = reused = 0
+        qb = self.query_block
         for p in np.asarray(batch["part"]).tolist():
-            rows = self.layout.rows[p]
-            names = [block_name(p, b) for b in range(-(-rows // self.query_block))]
-            todo = [b for b, name in enumerate(names) if not cfs.exists(cfs.join(self.out_dir, name))]
-            reused += len(names) - len(todo)
+            name = self.layout.names[p]
+            ids = cfs.read_parquet(cfs.join(self.layout.run_dir, "corpus", name), columns=["id"]).column("id")
+            blocks = -(-len(ids) // qb)
+            todo = [b for b in range(blocks) if _kept(cfs.join(self.out_dir, block_name(p, b))) !=
+                    ids_digest(ids.slice(b * qb, qb))]
+            reused += blocks - len(todo)
             if not todo:
                 continue
-            table = read_part(self.layout.run_dir, self.layout.names[p])
+            table = read_part(self.layout.run_dir, name)
             for b in todo:
-                out = self.block(table.slice(b * self.query_block, self.query_block))
-                cfs.write_parquet_atomic(cfs.join(self.out_dir, names[b]), out)
+                rows = table.slice(b * qb, qb)
+                out = self.block(rows)
+                out = out.replace_schema_metadata({IDS_KEY: ids_digest(rows.column("id"))})
+                cfs.write_parquet_atomic(cfs.join(self.out_dir, block_name(p, b)), out)
                 written += 1
         return {"written": np.array([written]), "reused": np.array([reused])}
+
+
+def _kept(path: str) -> bytes | None:
+    """The ids digest of a block file written earlier (None where there is none)."""
+    import pyarrow.parquet as pq
+
+    if not cfs.exists(path):
+        return None
+    fsys, inner = cfs.resolve(path)
+    with fsys.open_input_file(inner) as f:
+        meta = pq.read_schema(f).metadata or {}
+    return meta.get(IDS_KEY)
 
 
 @dataclass
