@@ -4,7 +4,7 @@ Compares, in one run: (a) `sharded_self_knn` over a local Ray with every core, (
 FAISS IndexFlatIP search in this process with every thread, (c) numpy brute force in row
 blocks (matmul + argpartition), timed on at most --numpy-max rows and extrapolated
 quadratically, (d) FAISS on GPU when FAISS sees one, and (e) the DAF search stage
-(``clipscan.stages.search``: shard actors, streamed query blocks, discrepancy rows
+(``clipscan.stages.run_search``: shard actors, query blocks, discrepancy rows
 written), whose speed per model is compared with (b). Memory is the peak, sampled
 every 0.2 s, over this process and all its descendants (the Ray processes included).
 
@@ -88,26 +88,29 @@ def faiss_gpu(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def stage_search(x: np.ndarray, k: int, shards: int | None, query_block: int) -> str:
-    """(e): the DAF search stage (``clipscan.stages.search``): id sort, shard actors, the
-    query stream and its discrepancy rows written as Parquet parts. Both models are given
-    x, with reference depth k, so it does the work of two (b) searches."""
+    """(e): the DAF search stage (``clipscan.stages.run_search``): shard actors reading the
+    run's parts, the query blocks and their discrepancy rows written as Parquet parts. Both
+    models are given x, with reference depth k, so it does the work of two (b) searches."""
     import pyarrow as pa
-    import ray.data
 
+    from clipscan import fs as cfs
     from clipscan.arrays import embedding_array
-    from clipscan.stages.search import ShardedSearch
+    from clipscan.stages.run_search import RunSearch
 
-    column = embedding_array(x)
-    table = pa.table({"id": [f"{i:09d}" for i in range(len(x))], "probe": column, "reference": column,
-                      "uri": pa.nulls(len(x), pa.string()), "caption": pa.nulls(len(x), pa.string())})
-    step = max(1, min(len(x), query_block))
-    vectors = ray.data.from_arrow([table.slice(i, step) for i in range(0, len(x), step)])
-    out = tempfile.mkdtemp(prefix="knn-stage-")
-    with ShardedSearch(vectors, k=k, rank_depth=k, shards=shards, query_block=query_block,
-                       search_actors=2) as stage:
-        stage.write(out)
+    run = tempfile.mkdtemp(prefix="knn-stage-")
+    step = max(1, min(len(x), 100_000))
+    for i, lo in enumerate(range(0, len(x), step)):  # the run's parts, as the embedding stage writes them
+        ids = pa.array([f"{j:09d}" for j in range(lo, min(len(x), lo + step))])
+        name = f"part-{i:05d}.parquet"
+        cfs.write_parquet_atomic(cfs.join(run, "corpus", name), pa.table({"id": ids}))
+        for model in ("probe", "reference"):
+            cfs.write_parquet_atomic(cfs.join(run, "embeddings", model, name),
+                                     pa.table({"id": ids, "embedding": embedding_array(x[lo:lo + step])}))
+    with RunSearch(run, where="ray", k=k, rank_depth=k, shards=shards, query_block=query_block,
+                   search_actors=2) as stage:
+        stage.write(cfs.join(run, "_search"))
         facts = stage.facts
-    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(run, ignore_errors=True)
     return f"{facts['shards']} shard actor(s), {facts['nodes']} node(s)"
 
 

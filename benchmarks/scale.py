@@ -235,8 +235,10 @@ def precomputed_one(work: Path, n: int, args: argparse.Namespace) -> dict[str, A
     info = json.loads((out / "run.json").read_text())
     worker, worker_name = peaks.largest_worker()
     private, private_name = peaks.largest_worker(private=True)
-    shard_private, _ = peaks.largest_worker(private=True, role="_ShardActor")
-    return {"n": n, "wall_s": wall, "driver_hwm": vm_status(), "driver_hwm_before": driver_before,
+    shard_private, _ = peaks.largest_worker(private=True, role="Shard")
+    # the per-stage figures reset the kernel's peak at each stage: the job's is the largest of them
+    driver_hwm = max([vm_status(), driver_before, *(p["hwm"] for p in stage_peaks.peaks.values())])
+    return {"n": n, "wall_s": wall, "driver_hwm": driver_hwm, "driver_hwm_before": driver_before,
             "worker_hwm": worker, "worker": worker_name, "worker_private": private, "worker_private_name": private_name,
             "shard_private": shard_private, "stage_peaks": stage_peaks.peaks,
             "embedded": info["counts"].get("embedded"),
@@ -360,7 +362,7 @@ def precomputed_table(results: list[dict[str, Any]]) -> str:
                      f"largest private: {r['worker_private_name'][:100]}")
     if len(results) > 1 and results[0]["driver_hwm"]:
         lines.append(f"driver peak ratio {results[-1]['n']:,} / {results[0]['n']:,}: "
-                     f"{results[-1]['driver_hwm'] / results[0]['driver_hwm']:.2f} (target <= 1.2)")
+                     f"{results[-1]['driver_hwm'] / results[0]['driver_hwm']:.2f} (target <= 1.1)")
     return "\n".join(lines)
 
 

@@ -184,7 +184,7 @@ def whole_pool(run: Run, cfg: TcacConfig) -> tuple[CaptionPool, dict[str, Any]]:
 def caption_shards(cfg: TcacConfig, ds: ray.data.Dataset, path: str, partitions: int = 1,
                    repeats: str | None = None) -> tuple[Any, bool]:
     """The corpus's distinct captions embedded once and held by caption shard actors (a
-    started ``ShardedSearch`` over ``id`` = text, model ``embedding``; close it when done),
+    started ``DatasetShards`` over ``id`` = text, model ``embedding``; close it when done),
     and whether they were reused. ``ds``: every row of the corpus; ``partitions``: of the
     distinct-caption group-by (the job gives one per input shard). With ``repeats`` (a folder,
     WebDataset), an id's later rows give no captions and are recorded there (``settle_repeats``).
@@ -197,7 +197,7 @@ def caption_shards(cfg: TcacConfig, ds: ray.data.Dataset, path: str, partitions:
     """
     import ray.data
 
-    from clipscan.stages.search import ShardedSearch
+    from clipscan.stages.search import DatasetShards
 
     texts = caption_texts(settle_repeats(ds, repeats, partitions) if repeats else ds, partitions).materialize()
     digest = text_digest(texts)
@@ -209,7 +209,7 @@ def caption_shards(cfg: TcacConfig, ds: ray.data.Dataset, path: str, partitions:
     else:
         vectors = caption_vectors(texts, cfg.models.probe, cfg.embed, cfg.tcac.forward_rows)
     try:
-        shards = ShardedSearch(vectors, k=cfg.tcac.pool_k, rank_depth=cfg.tcac.pool_k, index=cfg.knn.index,
+        shards = DatasetShards(vectors, k=cfg.tcac.pool_k, index=cfg.knn.index,
                                nprobe=cfg.knn.nprobe, shards=cfg.knn.shards, train_sample=cfg.knn.train_sample,
                                seed=cfg.seed, device="cpu", models=(CAPTION_MODEL,), shard_cpus=0.0,
                                id_order=True).start()  # captions.parquet is written from it, sorted by text

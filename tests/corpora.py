@@ -122,3 +122,23 @@ def webdataset(root: Path, n: int = 8, shards: int = 2) -> Path:
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
     return root
+
+
+def clip_retrieval(root: Path, n: int, d: int, seed: int, files: int = 2, clusters: int = 50) -> Path:
+    """n clustered unit vectors in clip-retrieval's layout (img_emb/img_emb_N.npy,
+    metadata/metadata_N.parquet with image_path and caption): an ``emb:`` model's input."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (root / "img_emb").mkdir(parents=True, exist_ok=True)
+    (root / "metadata").mkdir(exist_ok=True)
+    centres = np.random.default_rng(7).normal(size=(clusters, d))
+    for f, rows in enumerate(np.array_split(np.arange(n), files)):
+        rng = np.random.default_rng([seed, f])
+        x = centres[rows % clusters] + 0.5 * rng.normal(size=(len(rows), d))
+        np.save(root / "img_emb" / f"img_emb_{f}.npy", (x / np.linalg.norm(x, axis=1, keepdims=True)).astype("float32"))
+        pq.write_table(pa.table({"image_path": [f"images/{i:07d}.jpg" for i in rows],
+                                 "caption": [f"an image of cluster {i % clusters}" for i in rows]}),
+                       root / "metadata" / f"metadata_{f}.parquet")
+    return root

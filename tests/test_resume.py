@@ -131,3 +131,43 @@ def test_kill_mid_tcac_scoring_then_resume(tmp_path: Path, ray_local: None) -> N
     for name in ("tcac.parquet", "skipped.parquet", "captions.parquet"):
         assert pq.read_table(out / name).equals(pq.read_table(clean / name)), name
     assert json.loads((clean / "run.json").read_text())["tcac_summary"] == info["tcac_summary"]
+
+
+def _search_blocks(out: Path) -> int:
+    return len(list((out / "_search").glob("part-*.parquet")))
+
+
+def test_kill_mid_search_then_resume(tmp_path: Path, ray_local: None) -> None:
+    """DAF over emb: vectors through the sharded search, SIGKILLed once some query blocks are
+    written: the rerun keeps those blocks (stages.index.blocks_reused) and ends with the
+    same discrepancies as a clean run."""
+    from tests.corpora import clip_retrieval
+
+    probe = clip_retrieval(tmp_path / "probe", 30_000, 64, seed=1)
+    reference = clip_retrieval(tmp_path / "reference", 30_000, 48, seed=2)
+    args = ["--config", str(ROOT / "configs" / "daf-tiny.yaml"), f"models.probe=emb:{probe}",
+            f"models.reference=emb:{reference}", "knn.stage_min_rows=1000", "knn.query_block=300",
+            "knn.search_actors=1", "mining.cases=5", "report.rows=3", "attributes.enabled=false", "ray.num_cpus=2"]
+    out = tmp_path / "run"
+    command = [sys.executable, str(ROOT / "jobs" / "daf.py"), *args, f"output={out}"]
+    proc = subprocess.Popen(command, env=_env(), cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and _search_blocks(out) < 10 and proc.poll() is None:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the job finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started, mid-search
+    proc.wait()
+    written = _search_blocks(out)
+    assert written >= 10, written
+
+    daf = load_job("daf")
+    assert daf.main([*args, f"output={out}"]) == 0
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "done" and info["stages"]["index"]["where"] == "ray"
+    assert info["stages"]["index"]["blocks"] > info["stages"]["index"]["blocks_reused"] >= written
+    clean = tmp_path / "clean"
+    assert daf.main([*args, f"output={clean}"]) == 0
+    assert json.loads((clean / "run.json").read_text())["stages"]["index"]["blocks_reused"] == 0
+    for name in ("discrepancies.parquet", "pairs.parquet", "cases.parquet", "skipped.parquet"):
+        assert pq.read_table(out / name).equals(pq.read_table(clean / name)), name

@@ -8,7 +8,7 @@ each candidate the cosine under both models, computed where the vectors are. The
 merges the shard results per query and computes that row's discrepancy fields
 (``clipscan.stages.discrepancy.score``) on the spot; no process but a shard holds
 anything that grows with the corpus. DAF runs it over the run's parts
-(``clipscan.stages.run_search``); ``ShardedSearch`` holds TCAC's captions.
+(``clipscan.stages.run_search``); ``DatasetShards`` holds TCAC's captions.
 
 Exact results are those of ``clipscan.stages.index.self_knn`` over the rows in their
 numbering: FAISS proposes, float64 re-scoring decides, ties go by row number, the query
@@ -543,51 +543,39 @@ def merge_answers(answers: list[dict[str, Any]], model: str, kk: int, rows: np.n
 
 
 @dataclass
-class ShardedSearch:
-    """The search stage over a cluster: puts the vectors in shards of id-sorted rows, starts the shard actors,
-    and gives the query stream as a lazy Dataset of ``SEARCH_SCHEMA`` rows (``rows``).
+class DatasetShards:
+    """Vectors given as a Ray Dataset (TCAC's distinct captions) in; shard actors holding
+    them, in id order, out (``actors``), for callers that ask the shards themselves.
 
     Use as a context manager: the shard actors live until it closes. ``facts`` says how
-    it ran (for run.json); ``corpus`` is the input, materialised in the object store (its
-    ``id``, ``uri``, ``caption`` serve the caption look-ups of the cases), in id order where
-    the rows were sorted: always with ``id_order``, else only where there are several shards.
-    A single shard sorts its own rows by id, which gives the same rows, results and bits as
-    a distributed sort without the shuffle of every vector through the object store (about
-    10 s at 100,000 x 2 x 512 on 2 cores).
+    they were built (for run.json); ``corpus`` is the input, materialised in the object
+    store, in id order where the rows were sorted: always with ``id_order``, else only
+    where there are several shards (a single shard sorts its own rows by id, the same bits
+    without a shuffle).
     """
 
     vectors: ray.data.Dataset
     k: int = 10
-    rank_depth: int = 100
     index: str = "Flat"
     nprobe: int = 16
     shards: int | None = None
-    query_block: int = 16384
     train_sample: int = 100_000
-    recall_queries: int = 1000
-    probe_min: float = 0.95
-    reference_max: float = 0.6
-    search_actors: int = 2
     seed: int = 0
     device: str = "auto"  # "cpu": shards reserve no GPU
     models: tuple[str, ...] = MODELS  # the vector columns each shard holds and searches
     shard_cpus: float | None = None  # CPUs each shard reserves and FAISS threads (>= 1) it uses (None: from its node)
-    id_order: bool = False  # ``corpus`` and the query stream in id order even with one shard
+    id_order: bool = False  # ``corpus`` in id order even with one shard
     facts: dict[str, Any] = field(default_factory=dict)
     corpus: Any = None
-    k_used: int = 0
-    depth: int = 0
-    recall_rows: np.ndarray | None = None
-    shard_nodes: list[str] = field(default_factory=list)  # the node of each shard actor, once started
     _actors: list[Any] = field(default_factory=list)
 
-    def __enter__(self) -> ShardedSearch:
+    def __enter__(self) -> DatasetShards:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def start(self) -> ShardedSearch:
+    def start(self) -> DatasetShards:
         """Materialise the vectors (sorted by id where there are several shards, or with
         ``id_order``) and start the shard actors (waits until they hold their rows)."""
         import ray
@@ -602,8 +590,6 @@ class ShardedSearch:
         n = self.corpus.count()
         if n < 2:
             raise ValueError(f"search: {n} rows have every model's vectors; a search needs at least 2")
-        self.k_used = min(self.k, n - 1)
-        self.depth = min(max(self.k_used, self.rank_depth), n - 1)
         plans = plan_shards(nodes, None if self.shards is None else min(self.shards, n))  # never more than n
         bounds = ix.shard_bounds(n, len(plans))
         # split the materialised blocks in their sorted order (no re-execution, which could reorder them)
@@ -623,55 +609,21 @@ class ShardedSearch:
             self._actors.append(actor.options(**options).remote(
                 part.to_arrow_refs(), lo, self.index, self.nprobe, self.train_sample, self.seed, threads,
                 models=self.models))
-        self.shard_nodes = nodes = ray.get([a.node.remote() for a in self._actors])
+        nodes = ray.get([a.node.remote() for a in self._actors])
         approximate = self.index.strip().lower() != "flat"
-        sample = np.sort(np.random.default_rng(self.seed).choice(n, min(self.recall_queries, n), replace=False))
-        self.recall_rows = sample if approximate else None
         self.facts = {
-            "images": n, "k": self.k_used, "depth": self.depth, "shards": len(plans),
-            "nodes": len(set(nodes)), "index": self.index if approximate else "exact",
-            "shard_rows": [hi - lo for lo, hi in bounds][:8],
+            "images": n, "k": min(self.k, n - 1), "shards": len(plans), "nodes": len(set(nodes)),
+            "index": self.index if approximate else "exact", "shard_rows": [hi - lo for lo, hi in bounds][:8],
         }
         if approximate:
-            self.facts.update(nprobe=self.nprobe, recall_queries=len(sample))
+            self.facts.update(nprobe=self.nprobe)
         log.info("search: %s", self.facts)
         return self
 
     @property
     def actors(self) -> list[Any]:
-        """The shard actors (Ray handles of ``Shard``), while the stage is open."""
+        """The shard actors (Ray handles of ``Shard``), while they are open."""
         return list(self._actors)
-
-    def rows(self) -> ray.data.Dataset:
-        """The query stream: one ``SEARCH_SCHEMA`` row per image (lazy)."""
-        from ray.data import ActorPoolStrategy
-
-        # No projection before the stage: it would be a task wanting a whole CPU beside the shards.
-        return self.corpus.map_batches(
-            SearchBlock,
-            fn_constructor_kwargs={
-                "shards": self._actors, "k": self.k_used, "depth": self.depth,
-                "probe_min": self.probe_min, "reference_max": self.reference_max,
-                "recall_rows": self.recall_rows,
-            },
-            batch_size=self.query_block,
-            batch_format="pyarrow",
-            compute=ActorPoolStrategy(size=max(1, self.search_actors)),
-            num_cpus=STREAM_CPUS,
-        )
-
-    def reference_lists(self, ids: list[str]) -> dict[str, list[str]]:
-        """id -> that image's reference list to the mining depth (``reference_lists``)."""
-        return reference_lists(self._actors, _filter_ids(self.corpus, set(ids), ["id", *MODELS]),
-                               self.k_used, self.depth, self.query_block)
-
-    def write(self, path: str) -> None:
-        """Run the query stream into Parquet parts under ``path`` (local or object storage)."""
-        from clipscan import fs as cfs
-
-        cfs.remove_tree(path)
-        fsys, inner = cfs.resolve(path)
-        self.rows().write_parquet(inner, filesystem=fsys, ray_remote_args={"num_cpus": STREAM_CPUS})
 
     def close(self) -> None:
         """Stop the shard actors."""
@@ -702,25 +654,6 @@ def reference_lists(shards: list[Any], found: pa.Table, k: int, depth: int, quer
         for name, row_ids, row_names in zip(names, r["ids"], r["names"], strict=True):
             out[str(name)] = [str(v) for v in row_names[row_ids >= 0]]
     return out
-
-
-def _filter_ids(ds: ray.data.Dataset, wanted: set[str], columns: list[str]) -> pa.Table:
-    """The rows of ``ds`` whose ``id`` is in ``wanted``, ``columns`` only, filtered in the
-    stream (only they reach the driver)."""
-    import pyarrow.compute as pc
-
-    if not wanted:
-        return pa.table({c: pa.array([], pa.string()) for c in columns})
-    value_set = pa.array(sorted(wanted), type=pa.string())
-
-    def keep(batch: pa.Table) -> pa.Table:
-        batch = batch.select(columns)
-        return batch.filter(pc.is_in(batch.column("id"), value_set=value_set))
-
-    found = ds.select_columns(columns).map_batches(keep, batch_format="pyarrow")
-    tables = [b for b in found.iter_batches(batch_format="pyarrow", batch_size=None)
-              if isinstance(b, pa.Table) and b.num_rows]
-    return pa.concat_tables(tables) if tables else ds.schema().empty_table().select(columns)
 
 
 class _ShardActor(Shard):
