@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from clipscan import fs as cfs
 from clipscan.config import JobConfig
 from clipscan.pipeline.cluster import configure_data_context
+from clipscan.pipeline.parts import RunParts
 from clipscan.pipeline.progress import Progress
 
 if TYPE_CHECKING:
@@ -53,7 +54,7 @@ def embed_corpus(run: Run, cfg: JobConfig, models: dict[str, str]) -> dict[str, 
     from clipscan.stages import rows
 
     counts["skipped_by_stage"] = rows.write_skipped(run.path("skipped.parquet"),
-                                                     [cfs.join(staging, "skipped"), run.path("skipped")])
+                                                     [RunParts(staging).skipped(), RunParts(run.output).skipped()])
     if computed:
         cfs.remove_tree(staging)
     run.count(**{k: v for k, v in counts.items() if k not in ("nodes", "shards", "shards_reused")})
@@ -65,8 +66,8 @@ def _join_vectors(run: Run, cfg: JobConfig, models: dict[str, str], staging: str
     from clipscan.stages import embed
     from clipscan.stages.vectors import paired_vectors
 
-    for folder in ("embeddings", "corpus", "skipped"):
-        cfs.remove_tree(run.path(folder))  # a rerun writes them again whole
+    for folder in RunParts(run.output).folders():
+        cfs.remove_tree(folder)  # a rerun writes them again whole
     ds = paired_vectors(staging, models, rows_per_block=cfg.data.rows_per_block)
     probe, reference = models
     sink = embed.PairSink(run.output, (probe, reference))
@@ -90,8 +91,7 @@ def _embed_computed(run: Run, cfg: JobConfig, models: dict[str, str], out_dir: s
 
     def forget(shard: int) -> None:  # the input of this shard changed since an earlier run wrote it
         part = f"part-{shard:05d}.parquet"
-        for path in [cfs.join(run.output, "embeddings", m, part) for m in names] + [
-                cfs.join(run.output, d, part) for d in ("corpus", "skipped")]:
+        for path in RunParts(run.output).of_part(part, names):
             if cfs.exists(path):
                 fsys, inner = cfs.resolve(path)
                 fsys.delete_file(inner)
@@ -114,7 +114,8 @@ def _embed_computed(run: Run, cfg: JobConfig, models: dict[str, str], out_dir: s
             if repeated:
                 counts["embedded"] -= repeated
                 counts["skipped"] += repeated
-                counts["skipped_by_stage"] = rows.write_skipped(run.path("skipped.parquet"), [run.path("skipped")])
+                counts["skipped_by_stage"] = rows.write_skipped(run.path("skipped.parquet"),
+                                                                 [RunParts(run.output).skipped()])
             facts.update(rows_repeated=repeated)
         facts.update(rows_read=counts["read"], rows_embedded=counts["embedded"], rows_skipped=counts["skipped"],
                      shards=counts["shards"], shards_reused=counts["shards_reused"], nodes=counts["nodes"])

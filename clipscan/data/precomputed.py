@@ -92,10 +92,13 @@ def clip_retrieval_pairs(path: str) -> list[FilePair]:
 
 def run_pairs(run_dir: str, model: str) -> list[FilePair]:
     """The embed stage's parts of ``model`` in a run directory, each with its corpus part."""
-    files = cfs.list_files(cfs.join(run_dir, "embeddings", model), ".parquet", recursive=False)
+    from clipscan.pipeline.parts import RunParts
+
+    parts = RunParts(run_dir)
+    files = cfs.list_files(parts.embeddings(model), ".parquet", recursive=False)
     if not files:
         raise EmbeddingsError(f"{cfs.join(run_dir, 'embeddings', model)}: no embedding parts (did the embed stage run?)")
-    return [FilePair(f, cfs.join(run_dir, "corpus", posixpath.basename(f))) for f in files]
+    return [FilePair(f, parts.corpus(posixpath.basename(f))) for f in files]
 
 
 def vector_bytes(pairs: list[FilePair]) -> int:

@@ -15,6 +15,30 @@ from clipscan import fs as cfs
 
 
 @dataclass(frozen=True)
+class RunParts:
+    """Where a run directory's per-image parts are: ``corpus/``, ``embeddings/<model>/`` and
+    ``skipped/``, one file of the same name in each per input shard (or join write task)."""
+
+    root: str
+
+    def corpus(self, name: str | None = None) -> str:
+        return cfs.join(self.root, "corpus", *([name] if name else []))
+
+    def embeddings(self, model: str, name: str | None = None) -> str:
+        return cfs.join(self.root, "embeddings", model, *([name] if name else []))
+
+    def skipped(self, name: str | None = None) -> str:
+        return cfs.join(self.root, "skipped", *([name] if name else []))
+
+    def of_part(self, name: str, models: list[str] | tuple[str, ...]) -> list[str]:
+        """Every file of one part: each model's embeddings, then the corpus, then the skips."""
+        return [self.embeddings(m, name) for m in models] + [self.corpus(name), self.skipped(name)]
+
+    def folders(self) -> list[str]:
+        return [cfs.join(self.root, d) for d in ("embeddings", "corpus", "skipped")]
+
+
+@dataclass(frozen=True)
 class Layout:
     """The run's parts: their names (sorted) and row counts, read from the Parquet footers."""
 
@@ -26,12 +50,13 @@ class Layout:
     def of(cls, run_dir: str) -> Layout:
         import pyarrow.parquet as pq
 
-        names = tuple(p.rsplit("/", 1)[-1] for p in cfs.list_parquet(cfs.join(run_dir, "corpus")))
+        parts = RunParts(run_dir)
+        names = tuple(p.rsplit("/", 1)[-1] for p in cfs.list_parquet(parts.corpus()))
         if not names:
-            raise FileNotFoundError(f"search: no corpus parts under {cfs.join(run_dir, 'corpus')}")
+            raise FileNotFoundError(f"no corpus parts under {parts.corpus()}: the embedding stage wrote none")
         rows = []
         for name in names:
-            fsys, inner = cfs.resolve(cfs.join(run_dir, "corpus", name))
+            fsys, inner = cfs.resolve(parts.corpus(name))
             with fsys.open_input_file(inner) as f:
                 rows.append(pq.ParquetFile(f).metadata.num_rows)
         return cls(run_dir, names, tuple(rows))

@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from clipscan import fs as cfs
 from clipscan.arrays import embedding_array, embedding_matrix
+from clipscan.pipeline.parts import RunParts
 from clipscan.stages import rows
 from clipscan.stages.decode import Decode, require
 from clipscan.stages.rows import SKIPPED_SCHEMA, each, shard_pieces, units, write_skipped
@@ -177,8 +178,7 @@ def finished_shards(out_dir: str, shard_rows: dict[int, int], models: list[str])
     done = set()
     for shard, n in shard_rows.items():
         name = f"part-{shard:05d}.parquet"
-        paths = [cfs.join(out_dir, "embeddings", m, name) for m in models]
-        paths += [cfs.join(out_dir, "corpus", name), cfs.join(out_dir, "skipped", name)]
+        paths = RunParts(out_dir).of_part(name, models)
         if not all(cfs.exists(p) for p in paths):
             continue
         written = []
@@ -208,7 +208,8 @@ def collect(raw_dir: str, out_dir: str, models: list[str], shard_rows: dict[int,
                               "shards_reused": len(done)}
     for shard in done:
         out_name = f"part-{shard:05d}.parquet"
-        embedded, skipped = (_num_rows(cfs.join(out_dir, d, out_name)) for d in ("corpus", "skipped"))
+        parts = RunParts(out_dir)
+        embedded, skipped = _num_rows(parts.corpus(out_name)), _num_rows(parts.skipped(out_name))
         counts["read"] += embedded + skipped
         counts["embedded"] += embedded
     results = each(collect_shard, [(paths, out_dir, out_name, models)
@@ -221,7 +222,7 @@ def collect(raw_dir: str, out_dir: str, models: list[str], shard_rows: dict[int,
             counts["converted"][item] = counts["converted"].get(item, 0) + n
         for kind, values in got["nodes"].items():
             nodes.setdefault(kind, set()).update(values)
-    by_stage = write_skipped(cfs.join(out_dir, "skipped.parquet"), [cfs.join(out_dir, "skipped")])
+    by_stage = write_skipped(cfs.join(out_dir, "skipped.parquet"), [RunParts(out_dir).skipped()])
     counts["skipped"] = sum(by_stage.values())
     counts["skipped_by_stage"] = by_stage
     counts["nodes"] = {k: len(v) for k, v in nodes.items()}
@@ -258,14 +259,14 @@ def collect_shard(paths: list[str], out_dir: str, out_name: str, models: list[st
              for node in ("decode_node", "embed_node") if node in table.column_names}
     for model in models:
         cfs.write_parquet_atomic(
-            cfs.join(out_dir, "embeddings", model, out_name),
+            RunParts(out_dir).embeddings(model, out_name),
             pa.table({"id": table.column("id"), "embedding": table.column(f"emb_{model}")}),
         )
     cfs.write_parquet_atomic(
-        cfs.join(out_dir, "corpus", out_name),
+        RunParts(out_dir).corpus(out_name),
         table.select([c for c in ("id", "uri", "caption", "captions") if c in table.column_names]),
     )
-    cfs.write_parquet_atomic(cfs.join(out_dir, "skipped", out_name), skip)
+    cfs.write_parquet_atomic(RunParts(out_dir).skipped(out_name), skip)
     return {"read": table.num_rows + skip.num_rows, "embedded": table.num_rows, "converted": converted,
             "nodes": nodes}
 
@@ -292,7 +293,7 @@ def _split(table: pa.Table, seen: set[str]) -> tuple[pa.Table, pa.Table]:
 
 def load_embeddings(run_dir: str, model: str) -> tuple[np.ndarray, np.ndarray]:
     """``(ids, X)``: ids (n,) str sorted ascending, X (n, d) float32 L2-normalised in the same order."""
-    table = cfs.read_parquet(cfs.join(run_dir, "embeddings", model))
+    table = cfs.read_parquet(RunParts(run_dir).embeddings(model))
     ids = np.array(table.column("id").to_pylist(), dtype=object)
     order = np.argsort(ids, kind="stable")
     return ids[order], embedding_matrix(table.column("embedding"))[order]
@@ -300,7 +301,7 @@ def load_embeddings(run_dir: str, model: str) -> tuple[np.ndarray, np.ndarray]:
 
 def load_corpus(run_dir: str) -> pa.Table:
     """The embedded rows' ``id``, ``uri``, ``caption``, ``captions``, sorted by id."""
-    table = cfs.read_parquet(cfs.join(run_dir, "corpus"))
+    table = cfs.read_parquet(RunParts(run_dir).corpus())
     return table.sort_by("id")
 
 
@@ -335,13 +336,13 @@ class PairSink:
                 ok = usable(table, names)
                 bad = skips(table)
                 for model in names:
-                    cfs.write_parquet_atomic(cfs.join(root, "embeddings", model, name),
+                    cfs.write_parquet_atomic(RunParts(root).embeddings(model, name),
                                              pa.table({"id": ok.column("id"), "embedding": ok.column(model)}))
                 captions = pa.array([[c] for c in ok.column("caption").to_pylist()], pa.list_(pa.string()))
-                cfs.write_parquet_atomic(cfs.join(root, "corpus", name), pa.table({
+                cfs.write_parquet_atomic(RunParts(root).corpus(name), pa.table({
                     "id": ok.column("id"), "uri": ok.column("uri"), "caption": ok.column("caption"),
                     "captions": captions, "url": ok.column("url")}))
-                cfs.write_parquet_atomic(cfs.join(root, "skipped", name), bad)
+                cfs.write_parquet_atomic(RunParts(root).skipped(name), bad)
                 renorm = {m: int(np.asarray(table.column(f"renormalised_{m}")).sum()) for m in names}
                 return {"embedded": ok.num_rows, "skipped": bad.num_rows, "renormalised": renorm}
 

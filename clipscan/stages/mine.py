@@ -284,7 +284,9 @@ def lookup_rows(path: str, wanted: set[str], columns: list[str], executor: Execu
 def corpus_rows(run_dir: str, wanted: set[str], executor: Executor) -> pa.Table:
     """``id``, ``uri``, ``caption`` of the ``wanted`` ids, read from the run's ``corpus/`` parts."""
     schema = pa.schema([("id", pa.string()), ("uri", pa.string()), ("caption", pa.string())])
-    return lookup_rows(cfs.join(run_dir, "corpus"), wanted, schema.names, executor).cast(schema)
+    from clipscan.pipeline.parts import RunParts
+
+    return lookup_rows(RunParts(run_dir).corpus(), wanted, schema.names, executor).cast(schema)
 
 
 # ---------------------------------------------------------------------------------------

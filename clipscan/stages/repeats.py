@@ -21,14 +21,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from clipscan import fs as cfs
-from clipscan.pipeline.parts import Layout
+from clipscan.pipeline.parts import Layout, RunParts
 
 STAGE = "repeats"
 
 
 def part_keys(run_dir: str, name: str, offset: int) -> pa.Table:
     """``id``, ``key`` (its global row number) of one corpus part."""
-    ids = cfs.read_parquet(cfs.join(run_dir, "corpus", name), columns=["id"]).column("id")
+    ids = cfs.read_parquet(RunParts(run_dir).corpus(name), columns=["id"]).column("id")
     return pa.table({"id": ids, "key": pa.array(np.arange(offset, offset + len(ids), dtype=np.int64))})
 
 
@@ -78,7 +78,8 @@ def drop_later(layout: Layout, p: int, found: str, models: list[str]) -> int:
     offsets = layout.offsets()
     name, run_dir = layout.names[p], layout.run_dir
     local = later.column("key").to_numpy() - offsets[p]
-    corpus = cfs.read_parquet(cfs.join(run_dir, "corpus", name))
+    parts = RunParts(run_dir)
+    corpus = cfs.read_parquet(parts.corpus(name))
     keep = np.ones(corpus.num_rows, dtype=bool)
     keep[local] = False
     where = [_first_seen(layout, int(f)) for f in later.column("first").to_numpy()]
@@ -89,12 +90,12 @@ def drop_later(layout: Layout, p: int, found: str, models: list[str]) -> int:
     }).cast(SKIPPED_SCHEMA)
     mask = pa.array(keep)
     for model in models:
-        path = cfs.join(run_dir, "embeddings", model, name)
+        path = parts.embeddings(model, name)
         cfs.write_parquet_atomic(path, cfs.read_parquet(path).filter(mask))
-    skipped_path = cfs.join(run_dir, "skipped", name)
+    skipped_path = parts.skipped(name)
     before = cfs.read_parquet(skipped_path).cast(SKIPPED_SCHEMA) if cfs.exists(skipped_path) else None
     cfs.write_parquet_atomic(skipped_path, pa.concat_tables([t for t in (before, skipped) if t is not None]))
-    cfs.write_parquet_atomic(cfs.join(run_dir, "corpus", name), corpus.filter(mask))  # last: what resume reads
+    cfs.write_parquet_atomic(parts.corpus(name), corpus.filter(mask))  # last: what resume reads
     return len(local)
 
 
@@ -103,7 +104,7 @@ def _first_seen(layout: Layout, key: int) -> str:
     offsets = layout.offsets()
     p = int(np.searchsorted(offsets, key, side="right") - 1)
     row = key - int(offsets[p])
-    uri = cfs.read_parquet(cfs.join(layout.run_dir, "corpus", layout.names[p]), columns=["uri"]).column("uri")[row]
+    uri = cfs.read_parquet(RunParts(layout.run_dir).corpus(layout.names[p]), columns=["uri"]).column("uri")[row]
     return f"{uri.as_py()} (corpus/{layout.names[p]}, row {row})"
 
 

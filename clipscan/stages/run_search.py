@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from clipscan import fs as cfs
-from clipscan.pipeline.parts import Layout
+from clipscan.pipeline.parts import Layout, RunParts
 from clipscan.stages import index as ix
 from clipscan.stages.search import (
     MODELS,
@@ -41,10 +41,11 @@ log = logging.getLogger(__name__)
 def read_part(run_dir: str, name: str, models: tuple[str, ...] = MODELS) -> pa.Table:
     """``id`` and each model's vectors of one part of the run (``corpus`` and
     ``embeddings/<model>`` hold the same ids in the same order; checked)."""
-    corpus = cfs.read_parquet(cfs.join(run_dir, "corpus", name), columns=["id"])
+    parts = RunParts(run_dir)
+    corpus = cfs.read_parquet(parts.corpus(name), columns=["id"])
     table = pa.table({"id": corpus.column("id")})
     for model in models:
-        emb = cfs.read_parquet(cfs.join(run_dir, "embeddings", model, name))
+        emb = cfs.read_parquet(parts.embeddings(model, name))
         if not emb.column("id").equals(corpus.column("id")):
             raise RuntimeError(f"search: embeddings/{model}/{name} and corpus/{name} list different ids")
         table = table.append_column(model, emb.column("embedding"))
@@ -127,7 +128,7 @@ class SearchParts:
         qb = self.query_block
         for p in np.asarray(batch["part"]).tolist():
             name = self.layout.names[p]
-            ids = cfs.read_parquet(cfs.join(self.layout.run_dir, "corpus", name), columns=["id"]).column("id")
+            ids = cfs.read_parquet(RunParts(self.layout.run_dir).corpus(name), columns=["id"]).column("id")
             blocks = -(-len(ids) // qb)
             todo = [b for b in range(blocks) if _kept(cfs.join(self.out_dir, block_name(p, b))) !=
                     ids_digest(ids.slice(b * qb, qb))]
