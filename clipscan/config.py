@@ -59,11 +59,11 @@ class KnnConfig(Section):
     index: str = "Flat"  # FAISS factory string; "Flat" = exact sharded search, e.g. "IVF4096,Flat" approximate (one index per shard; "IVF,Flat" = 4*sqrt(shard rows) lists)
     nprobe: int = Field(default=16, ge=1)  # IVF lists visited per query (approximate index only)
     shards: int | None = Field(default=None, ge=1)  # database shards, one actor each holding both models' vectors of its rows; None = one per GPU, or one per CPU node
-    query_block: int = Field(default=16384, ge=1)  # queries per search call (rows per block of the query stream)
+    query_block: int = Field(default=16384, ge=1)  # queries per search call: each part of the run is cut into blocks of at most this many rows, each written once (a rerun keeps them)
     search_actors: int = Field(default=2, ge=1)  # query-stream actors (each sends its block to every shard and merges the answers)
-    train_sample: int = Field(default=100_000, ge=1)  # vectors used to train an approximate index
+    train_sample: int = Field(default=100_000, ge=1)  # vectors used to train an approximate index (at least 39 per IVF list where the shard has them)
     recall_queries: int = Field(default=1000, ge=1)  # queries checked against exact search for recall@k
-    device: Literal["auto", "cpu"] = "auto"  # auto = GPUs where the cluster has them (FAISS must see them), cpu = never
+    device: Literal["auto", "cpu"] = "auto"  # auto = GPUs where the cluster has them (FAISS must see them; an IVF index is searched on the shard's GPU), cpu = never
     stage_min_rows: int = Field(default=100_000, ge=2)  # corpora of at least this many images are searched and mined by the sharded Ray stage; smaller ones in the job's own process (same results, no per-stage start-up cost; memory ~ images x both widths)
 
 

@@ -34,6 +34,10 @@ class Local:
             yield fn(*a)
 
 
+# Arguments at least this large (a table's or an array's nbytes) are put in the object store once.
+SHARED_BYTES = 1 << 16
+
+
 class RayTasks:
     """Every call a Ray task of ``num_cpus``; at most ``in_flight`` submitted and not yet taken."""
 
@@ -47,12 +51,23 @@ class RayTasks:
 
         task = ray.remote(num_cpus=self.num_cpus, max_retries=self.max_retries)(fn)
         pending: deque[Any] = deque()
+        shared: dict[int, tuple[Any, Any]] = {}  # an argument every call shares goes to the object store once
         for a in args:
-            pending.append(task.remote(*a))
+            pending.append(task.remote(*(self._shared(v, shared, ray) for v in a)))
             if len(pending) >= self.in_flight:
                 yield ray.get(pending.popleft())
         while pending:
             yield ray.get(pending.popleft())
+
+    @staticmethod
+    def _shared(value: Any, shared: dict[int, tuple[Any, Any]], ray: Any) -> Any:
+        """A large table or array as one object-store reference for every call that passes it."""
+        nbytes = getattr(value, "nbytes", 0)
+        if not isinstance(nbytes, int) or nbytes < SHARED_BYTES:
+            return value
+        if id(value) not in shared:
+            shared[id(value)] = (value, ray.put(value))  # the value is kept so its id is not reused
+        return shared[id(value)][1]
 
 
 def for_rows(rows: int, stage_min_rows: int) -> Executor:
