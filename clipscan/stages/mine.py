@@ -137,14 +137,15 @@ def part_moments(search_dir: str, name: str) -> np.ndarray:
 def mine_part(search_dir: str, name: str, out_path: str, scales: tuple[tuple[float, float], tuple[float, float]],
               k: int, fraction: float, seed: int, rank_by: str, cases: int) -> dict[str, Any]:
     """One search part -> its discrepancy part at ``out_path`` (``IMAGES_SCHEMA``), its
-    pair candidates, its figures and its top ``cases`` rows that have a probe-only
-    neighbour (``rank_by`` order)."""
+    pair candidates, its figures and the sort keys (``SORT_KEYS``, id included) of its top
+    ``cases`` rows that have a probe-only neighbour (``rank_by`` order)."""
     search = cfs.read_parquet(cfs.join(search_dir, name))
     rows = dc.add_calibrated_gaps(search.select([f.name for f in dc.IMAGES_SCHEMA if f.name not in dc.CALIBRATED]),
                                   *scales).select(dc.IMAGES_SCHEMA.names).cast(dc.IMAGES_SCHEMA)
     cfs.write_parquet_atomic(out_path, rows)
     has_only = pc.greater(pc.list_value_length(rows.column("probe_only")), 0)
-    return {"figures": Figures.of(rows, k, fraction, seed), "top": best(rows.filter(has_only), rank_by, cases),
+    keys = rows.filter(has_only).select([c for c, _ in SORT_KEYS[rank_by]])  # the whole rows are read back for the winners
+    return {"figures": Figures.of(rows, k, fraction, seed), "top": best(keys, rank_by, cases),
             "pairs": pair_rows(search)}
 
 
@@ -198,8 +199,9 @@ def mine(search_dir: str, out_dir: str, pairs_dir: str, rank_by: str, k: int, ex
     """The search parts under ``search_dir`` -> ``out_dir`` (discrepancy parts numbered in
     the search parts' name order), ``pairs_dir`` (``PAIRS_SCHEMA`` parts) and the ranked top ``cases``.
 
-    Three passes over the parts: the cosine moments (what ``gap_z`` standardises by), the
-    rows (written, with each part's figures and top rows), and the ranks of the top rows.
+    Four passes over the parts: the cosine moments (what ``gap_z`` standardises by), the
+    rows (written, with each part's figures and the keys of its top rows), the ranks of
+    the global top rows, and their whole rows (read back by id).
     """
     if rank_by not in SORT_KEYS:
         raise ValueError(f"mine: rank_by must be one of {tuple(SORT_KEYS)}, got {rank_by!r}")
@@ -216,7 +218,7 @@ def mine(search_dir: str, out_dir: str, pairs_dir: str, rank_by: str, k: int, ex
     fraction = plot_fraction(rows, k)
     figures = Figures(k=k, overlap_counts=np.zeros(k + 1, np.int64),
                       points={c: np.zeros(0, np.float32) for c in ("px", "py", "ox", "oy")})
-    top = dc.IMAGES_SCHEMA.empty_table()
+    top = dc.IMAGES_SCHEMA.empty_table().select([c for c, _ in SORT_KEYS[rank_by]])
     candidates_dir = cfs.join(pairs_dir, "_candidates")
     cfs.remove_tree(pairs_dir)
     cfs.makedirs(candidates_dir)
@@ -229,11 +231,14 @@ def mine(search_dir: str, out_dir: str, pairs_dir: str, rank_by: str, k: int, ex
         if part["pairs"].num_rows:
             cfs.write_parquet_atomic(cfs.join(candidates_dir, name), part["pairs"])
     ranks = np.ones(top.num_rows, dtype=np.int64)
+    candidates = dc.DISCREPANCY_SCHEMA.empty_table()
     if top.num_rows:
-        keys = top.select([c for c, _ in SORT_KEYS[rank_by]])
-        for before in executor.map(part_ranks, [(out_dir, n, keys, rank_by) for n in outs]):
+        for before in executor.map(part_ranks, [(out_dir, n, top, rank_by) for n in outs]):
             ranks += before
-    candidates = top.add_column(0, "rank", pa.array(ranks.astype(np.int32))).cast(dc.DISCREPANCY_SCHEMA)
+        rows = lookup_rows(out_dir, set(top.column("id").to_pylist()), dc.IMAGES_SCHEMA.names, executor)
+        at = {i: r for r, i in enumerate(rows.column("id").to_pylist())}
+        rows = rows.take(pa.array([at[i] for i in top.column("id").to_pylist()]))  # rank order
+        candidates = rows.add_column(0, "rank", pa.array(ranks.astype(np.int32))).cast(dc.DISCREPANCY_SCHEMA)
     pair_count = write_pairs(candidates_dir, pairs_dir, executor)
     cfs.remove_tree(candidates_dir)
     return Mined(figures, candidates, pair_count)

@@ -52,20 +52,10 @@ def read_part(run_dir: str, name: str, models: tuple[str, ...] = MODELS) -> pa.T
     return table
 
 
-def read_rows(layout: Layout, lo: int, hi: int, models: tuple[str, ...] = MODELS) -> pa.Table:
-    """Global rows [lo, hi) of the run, from the parts that hold them."""
-    offsets = layout.offsets()
-    tables = []
-    for p, name in enumerate(layout.names):
-        a, b = max(lo, int(offsets[p])), min(hi, int(offsets[p + 1]))
-        if a < b:
-            tables.append(read_part(layout.run_dir, name, models).slice(a - int(offsets[p]), b - a))
-    return pa.concat_tables(tables)
-
-
 class PartShard(Shard):
     """A ``Shard`` of global rows [lo, hi), read from the run's parts where it is built (a Ray
-    actor or this process); each model's rows are copied once into one array, part by part."""
+    actor or this process): each model's rows when its index is built, part by part into one
+    array, so an approximate shard holds one model's vectors beside the lists built so far."""
 
     def __init__(self, layout: Layout, lo: int, hi: int, index: str, nprobe: int, train_sample: int, seed: int,
                  threads: int | None, models: tuple[str, ...] = MODELS, gpu: bool | None = None) -> None:
@@ -77,23 +67,35 @@ class PartShard(Shard):
             held = len(ray.get_gpu_ids()) if ray.is_initialized() else 0
             ix.require_faiss_gpu(held)
             gpu = held > 0
+        pieces = []  # (part name, first row in it, rows) of [lo, hi)
         offsets = layout.offsets()
-        x: dict[str, np.ndarray] = {}
-        ids = []
-        at = 0
         for p, name in enumerate(layout.names):
             a, b = max(lo, int(offsets[p])), min(hi, int(offsets[p + 1]))
-            if a >= b:
-                continue
-            part = read_part(layout.run_dir, name, models).slice(a - int(offsets[p]), b - a)
-            for m in models:
-                if m not in x:
-                    x[m] = np.empty((hi - lo, part.schema.field(m).type.list_size), dtype=np.float32)
-                x[m][at:at + part.num_rows] = embedding_matrix(part.column(m))
-            ids.append(part.column("id").combine_chunks().cast(pa.large_string()))
-            at += part.num_rows
-            del part
-        super().__init__(pa.concat_arrays(ids), x, lo, index, nprobe, train_sample, seed, threads, models, gpu=gpu)
+            if a < b:
+                pieces.append((name, a - int(offsets[p]), b - a))
+        parts = RunParts(layout.run_dir)
+        ids = pa.concat_arrays([cfs.read_parquet(parts.corpus(name), columns=["id"]).column("id").slice(at, n)
+                                .combine_chunks().cast(pa.large_string()) for name, at, n in pieces])
+
+        def vectors(model: str) -> Any:
+            def read() -> np.ndarray:  # one part at a time, into one array
+                out: np.ndarray | None = None
+                done = 0
+                for name, at, n in pieces:
+                    part = read_part(layout.run_dir, name, (model,)).slice(at, n)
+                    if not part.column("id").combine_chunks().cast(pa.large_string()).equals(ids.slice(done, n)):
+                        raise RuntimeError(f"search: {name} changed while the shard read it")
+                    matrix = embedding_matrix(part.column(model))
+                    if out is None:
+                        out = np.empty((hi - lo, matrix.shape[1]), dtype=np.float32)
+                    out[done:done + n] = matrix
+                    done += n
+                assert out is not None
+                return out
+            return read
+
+        super().__init__(ids, {m: vectors(m) for m in models}, lo, index, nprobe, train_sample, seed, threads,
+                         models, gpu=gpu)
 
 
 def block_name(part: int, block: int) -> str:

@@ -200,9 +200,10 @@ def _ascending(ids: pa.Array) -> bool:
 class Shard:
     """Rows [lo, lo + n) of the id-sorted corpus with every model's vectors; answers query blocks.
 
-    x: {model: (n, d) float32, L2-normalised} for each of ``models`` (DAF's probe and
-    reference; TCAC's captions have one, ``text``), rows in ``ids`` order (sorted
-    ascending). index: "Flat" (exact) or a FAISS factory string, one index per model
+    x: {model: (n, d) float32, L2-normalised, or a function that reads it} for each of
+    ``models`` (DAF's probe and reference; TCAC's captions have one, ``text``), rows in
+    ``ids`` order; a model given as a function is read when its index is built, so an
+    approximate shard holds one model's vectors beside the lists, not all of them. index: "Flat" (exact) or a FAISS factory string, one index per model
     built from these rows (an IVF with no list count gets 4 * sqrt(rows) lists).
 
     The shard keeps one copy of each model's vectors: ``x`` is taken over, and where the
@@ -213,7 +214,7 @@ class Shard:
     def __init__(
         self,
         ids: pa.Array | pa.ChunkedArray | np.ndarray,
-        x: dict[str, np.ndarray],
+        x: dict[str, Any],
         lo: int,
         index: str = "Flat",
         nprobe: int = 16,
@@ -234,23 +235,27 @@ class Shard:
         self.lo = int(lo)
         self.ids = ShardIds(ids, self.lo)
         self.x = x
-        for m in self.models:
-            x[m] = np.ascontiguousarray(x[m], dtype=np.float32)
+
+        def load(m: str) -> np.ndarray:  # a model's vectors, read now where they come as a loader
+            x[m] = np.ascontiguousarray(x[m]() if callable(x[m]) else x[m], dtype=np.float32)
+            return x[m]
+
         self.index = index
         self.gpu: dict[str, Any] = {}
         self.approx: dict[str, Any] | None = None
         self.exact: dict[str, Any] = {}
         if index.strip().lower() == "flat":
-            self.exact = {m: ix._FlatSearcher(x[m]) for m in self.models}
+            self.exact = {m: ix._FlatSearcher(load(m)) for m in self.models}
             return
         self.approx = {}
-        for m in self.models:
-            built = self.approx[m] = _build_index(x[m], index, nprobe, train_sample, seed)
+        for m in self.models:  # one model at a time: its vectors and its lists, not every model's vectors at once
+            xm = load(m)
+            built = self.approx[m] = _build_index(xm, index, nprobe, train_sample, seed)
             if ix.ListSearcher.holds_exactly(built):
-                self.exact[m] = ix.ListSearcher(built, ix._max_norm(x[m]))
-                del x[m]  # the lists are the vectors: one copy, not two
+                self.exact[m] = ix.ListSearcher(built, ix._max_norm(xm))
+                del x[m], xm  # the lists are the vectors: one copy, not two
             else:
-                self.exact[m] = ix._FlatSearcher(x[m])
+                self.exact[m] = ix._FlatSearcher(xm)
         # On a GPU the approximate search runs on a clone of each index; the CPU index stays
         # for the exact re-scoring and the recall sample.
         self.gpu = to_gpu(self.approx, nprobe) if gpu else {}
