@@ -138,12 +138,16 @@ class SearchParts:
             if not todo:
                 continue
             table = read_part(self.layout.run_dir, name)
-            for b in todo:
-                rows = table.slice(b * qb, qb)
-                out = self.block(rows)
-                out = out.replace_schema_metadata({IDS_KEY: ids_digest(rows.column("id"))})
-                cfs.write_parquet_atomic(cfs.join(self.out_dir, block_name(p, b)), out)
-                written += 1
+            pending: tuple[int, Any] | None = None
+            for b in [*todo, None]:  # each block sent before the one before it is merged and written
+                sent = None if b is None else (b, self.block.submit(table.slice(b * qb, qb)))
+                if pending is not None:
+                    done, submitted = pending
+                    out = self.block.finish(submitted)
+                    out = out.replace_schema_metadata({IDS_KEY: ids_digest(out.column("id"))})
+                    cfs.write_parquet_atomic(cfs.join(self.out_dir, block_name(p, done)), out)
+                    written += 1
+                pending = sent
         return {"written": np.array([written]), "reused": np.array([reused])}
 
 

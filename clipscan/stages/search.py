@@ -431,6 +431,12 @@ class SearchBlock:
         self.recall_rows = None if recall_rows is None else np.asarray(recall_rows, dtype=np.int64)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        return self.finish(self.submit(batch))
+
+    def submit(self, batch: pa.Table) -> tuple[Any, ...]:
+        """Send a block to the shards; ``finish`` takes their answers. A caller with several
+        blocks submits the next before it finishes this one, so the shards search one block
+        while this process merges and scores the other."""
         from clipscan.arrays import embedding_matrix
 
         require({c: None for c in batch.column_names}, self.needs, "search")
@@ -438,7 +444,14 @@ class SearchBlock:
         queries = {m: embedding_matrix(batch.column(m)) for m in MODELS}
         k, depth = self.k, self.depth
         lists = {"probe": k + 1, "reference": depth + 1}
-        answers = self._ask(ids, queries, lists, k + 1, exact=False, named=k + 1)
+        return ids, queries, ask_shards(self.shards, "search", ids, queries, lists, k + 1, False, k + 1, wait=False)
+
+    def finish(self, submitted: tuple[Any, ...]) -> pa.Table:
+        """The ``SEARCH_SCHEMA`` rows of a block ``submit`` sent."""
+        ids, queries, answers = submitted
+        answers = answers() if callable(answers) else answers
+        k, depth = self.k, self.depth
+        lists = {"probe": k + 1, "reference": depth + 1}
         rows = np.max([a["self"] for a in answers], axis=0)
         if (rows < 0).any():
             missing = ids[rows < 0][:5].tolist()
@@ -495,14 +508,18 @@ class SearchBlock:
         return {c: pa.array(v, mask=~sel) for c, v in values.items()}
 
 
-def ask_shards(shards: list[Any], method: str, *args: Any) -> list[dict[str, Any]]:
+def ask_shards(shards: list[Any], method: str, *args: Any, wait: bool = True) -> Any:
     """Every shard's answer to ``method(*args)``, in shard order: ``Shard`` objects are called
-    here, actor handles remotely, with the arguments put in the object store once for all."""
+    here, actor handles remotely, with the arguments put in the object store once for all.
+    ``wait=False``: actors are asked now and a function returns their answers when called."""
     if shards and hasattr(getattr(shards[0], method), "remote"):
         import ray
 
         refs = [ray.put(a) for a in args]
-        return list(ray.get([getattr(s, method).remote(*refs) for s in shards]))
+        asked = [getattr(s, method).remote(*refs) for s in shards]
+        if not wait:
+            return lambda: list(ray.get(asked))
+        return list(ray.get(asked))
     return [getattr(s, method)(*args) for s in shards]
 
 
