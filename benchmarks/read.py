@@ -79,13 +79,14 @@ def _count(batch: Any) -> Any:
 def _streamed(path: str) -> None:
     from clipscan.config import DataConfig
     from clipscan.data import read
+    from clipscan.data.corpus import read_corpus
     from clipscan.pipeline.cluster import start_local_ray
 
     work = tempfile.mkdtemp(prefix="clipscan-bench-stream-")
     start_local_ray(os.cpu_count(), os.path.join(work, "ray"), log_to_driver=False)
     before = vm_status()
     start = time.perf_counter()
-    ds, info = read.read_corpus(DataConfig(path=path, stream_min_rows=0), records=os.path.join(work, "records"))
+    ds, info = read_corpus(DataConfig(path=path, stream_min_rows=0), records=os.path.join(work, "records"))
     assert info.get("streamed"), info
     # the rows go where the pipeline's encoders would take them, a Ray worker: the driver sees counts
     rows = int(ds.map_batches(_count, batch_format="pyarrow", batch_size=None, num_cpus=read.READ_CPUS).sum("rows"))
