@@ -140,7 +140,7 @@ def test_daf_reads_and_writes_s3_and_matches_local(
     local = tmp_path / "local-run"
     assert daf.main(_args(local_corpus, str(local))) == 0
     assert info["stages"]["index"]["shards"] == 1 and json.loads((local / "run.json").read_text())[
-        "stages"]["index"]["where"] == "driver"
+        "stages"]["index"]["where"] == "local"
     for name in ("discrepancies.parquet", "pairs.parquet", "skipped.parquet"):  # both paths: the same bits
         remote = pq.read_table(f"{root}/{name}", filesystem=fs)
         assert remote.equals(pq.read_table(local / name)), name
