@@ -259,15 +259,10 @@ def _rows_in(path: str, names: list[str]) -> int:
 def ranks_of(out_dir: str, wanted: set[str], rank_by: str, executor: Executor) -> dict[str, int]:
     """id -> global rank of the ``wanted`` ids among the discrepancy parts: their rows are
     found by id, then every part counts its rows that come before them."""
-    if not wanted:
+    keys = lookup_rows(out_dir, wanted, [c for c, _ in SORT_KEYS[rank_by]], executor)
+    if not keys.num_rows:
         return {}
     names = [p.rsplit("/", 1)[-1] for p in cfs.list_parquet(out_dir)]
-    columns = [c for c, _ in SORT_KEYS[rank_by]]
-    value_set = pa.array(sorted(wanted), pa.string())
-    found = [t for t in executor.map(part_rows, [(out_dir, n, value_set, columns) for n in names]) if t.num_rows]
-    if not found:
-        return {}
-    keys = pa.concat_tables(found)
     ranks = np.ones(keys.num_rows, dtype=np.int64)
     for before in executor.map(part_ranks, [(out_dir, n, keys, rank_by) for n in names]):
         ranks += before
