@@ -134,11 +134,13 @@ def part_moments(search_dir: str, name: str) -> np.ndarray:
     return np.stack(out)
 
 
-def mine_part(search_dir: str, name: str, out_path: str, scales: tuple[tuple[float, float], tuple[float, float]],
+def mine_part(search_dir: str, name: str, out_path: str, pairs_path: str,
+              scales: tuple[tuple[float, float], tuple[float, float]],
               k: int, fraction: float, seed: int, rank_by: str, cases: int) -> dict[str, Any]:
     """One search part -> its discrepancy part at ``out_path`` (``IMAGES_SCHEMA``), its
-    pair candidates, its figures and the sort keys (``SORT_KEYS``, id included) of its top
-    ``cases`` rows that have a probe-only neighbour (``rank_by`` order)."""
+    pair candidates (written to ``pairs_path`` by the task itself; their count returned),
+    its figures and the sort keys (``SORT_KEYS``, id included) of its top ``cases`` rows
+    that have a probe-only neighbour (``rank_by`` order)."""
     search = cfs.read_parquet(cfs.join(search_dir, name))
     rows = dc.add_calibrated_gaps(search.select([f.name for f in dc.IMAGES_SCHEMA if f.name not in dc.CALIBRATED]),
                                   *scales).select(dc.IMAGES_SCHEMA.names).cast(dc.IMAGES_SCHEMA)
@@ -146,7 +148,14 @@ def mine_part(search_dir: str, name: str, out_path: str, scales: tuple[tuple[flo
     has_only = pc.greater(pc.list_value_length(rows.column("probe_only")), 0)
     keys = rows.filter(has_only).select([c for c, _ in SORT_KEYS[rank_by]])  # the whole rows are read back for the winners
     return {"figures": Figures.of(rows, k, fraction, seed), "top": best(keys, rank_by, cases),
-            "pairs": pair_rows(search)}
+            "pairs": _write_pairs_part(pair_rows(search), pairs_path)}
+
+
+def _write_pairs_part(pairs: pa.Table, path: str) -> int:
+    """A part's pair candidates written where the task runs (none: no file); their count."""
+    if pairs.num_rows:
+        cfs.write_parquet_atomic(path, pairs)
+    return pairs.num_rows
 
 
 def part_recall(search_dir: str, name: str) -> dict[str, tuple[float, int]]:
@@ -223,13 +232,11 @@ def mine(search_dir: str, out_dir: str, pairs_dir: str, rank_by: str, k: int, ex
     cfs.remove_tree(pairs_dir)
     cfs.makedirs(candidates_dir)
     outs = [f"part-{i:05d}.parquet" for i in range(len(names))]  # the search's order, numbered
-    args = [(search_dir, n, cfs.join(out_dir, o), scales, k, fraction, seed, rank_by, cases)
-            for n, o in zip(names, outs, strict=True)]
-    for name, part in zip(outs, executor.map(mine_part, args), strict=True):
+    args = [(search_dir, n, cfs.join(out_dir, o), cfs.join(candidates_dir, o), scales, k, fraction, seed, rank_by,
+             cases) for n, o in zip(names, outs, strict=True)]
+    for part in executor.map(mine_part, args):
         figures.add(part["figures"])
         top = best(pa.concat_tables([top, part["top"]]), rank_by, cases)
-        if part["pairs"].num_rows:
-            cfs.write_parquet_atomic(cfs.join(candidates_dir, name), part["pairs"])
     ranks = np.ones(top.num_rows, dtype=np.int64)
     candidates = dc.DISCREPANCY_SCHEMA.empty_table()
     if top.num_rows:
