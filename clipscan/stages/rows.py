@@ -195,8 +195,10 @@ class ShardSink:
                         name = f"shard-{shard:05d}/rows-{rows[0]:06d}-{rows[-1]:06d}.parquet"
                     cfs.write_parquet_atomic(cfs.join(self.root, name), piece)
                     written.append((int(shard), piece.num_rows))
-                if self.counter is not None:
-                    self.counter.add.remote(sum(n for s, n in written if s >= 0))
+                if self.counter is not None:  # waited for, so the count is whole when the write ends
+                    import ray
+
+                    ray.get(self.counter.add.remote(sum(n for s, n in written if s >= 0)))
                 return written
 
             def get_name(self) -> str:
