@@ -29,7 +29,6 @@ log = logging.getLogger("clipscan")
 def run_daf(cfg: DafConfig, overwrite: bool = False) -> Run:
     """Run every DAF stage into ``cfg.output``; returns the finished ``Run``."""
     from clipscan import report
-    from clipscan.pipeline.cluster import init_ray
     from clipscan.runner import embed_corpus, ensure_corpus
     from clipscan.stages import attributes
 
@@ -38,7 +37,6 @@ def run_daf(cfg: DafConfig, overwrite: bool = False) -> Run:
     ensure_corpus(cfg)
     run = Run(cfg.output, "daf", cfg, overwrite=overwrite)
     started = time.perf_counter()
-    init_ray(cfg)
     counts = embed_corpus(run, cfg, {"probe": cfg.models.probe, "reference": cfg.models.reference})
     if counts["embedded"] < 2:
         raise ValueError(f"only {counts['embedded']} images could be embedded; DAF needs at least 2 (see skipped.parquet)")
@@ -49,7 +47,8 @@ def run_daf(cfg: DafConfig, overwrite: bool = False) -> Run:
     if cfg.attributes.enabled:
         with run.stage("attributes") as facts:
             rows = mined.contrast()
-            contrast = attributes.run_contrast(rows, cfg.attributes)
+            contrast = attributes.run_contrast(rows, cfg.attributes,
+                                               use_ray=None if mined.executor.name == "ray" else False)
             cfs.write_json_atomic(run.path("attributes.json"), contrast)
             top = contrast["attributes"][0] if contrast["attributes"] else {}
             facts.update(rows=rows.num_rows, pairs=contrast["pairs"], top=top.get("name"), top_ci=top.get("ci"))
@@ -149,6 +148,7 @@ def search_and_mine(run: Run, cfg: DafConfig, rows: int) -> Mined:
     are Ray actors and every per-part step a Ray task. The same stage code and the same
     bits either way. A rerun after a kill keeps the query blocks the search wrote.
     """
+    from clipscan.pipeline.cluster import init_ray
     from clipscan.pipeline.executor import Local, RayTasks
     from clipscan.stages import discrepancy, mine
     from clipscan.stages.run_search import RunSearch
@@ -156,6 +156,8 @@ def search_and_mine(run: Run, cfg: DafConfig, rows: int) -> Mined:
     scratch = run.path("_search")
     knn, mining = cfg.knn, cfg.mining
     local = rows < knn.stage_min_rows
+    if not local:
+        init_ray(cfg)
     executor: Executor = Local() if local else RayTasks()
     common = dict(k=knn.k, rank_depth=mining.rank_depth, index=knn.index, nprobe=knn.nprobe,
                   query_block=knn.query_block, train_sample=knn.train_sample, recall_queries=knn.recall_queries,
@@ -221,7 +223,11 @@ def summarise_cases(cases: Any, cfg: DafConfig, run: Run) -> dict[str, Any]:
         cfs.write_json_atomic(run.path("failures.json"), failures)
         return failures
     from clipscan.models.registry import is_precomputed, load_encoder
+    from clipscan.pipeline.cluster import init_ray
     from clipscan.stages.summarise import summarise
+
+    if cfg.llm.backend == "vllm":
+        init_ray(cfg)  # Ray Data LLM serves the model; started as the job starts Ray
 
     text_encoder = None  # precomputed image embeddings come without a text tower
     if not is_precomputed(cfg.models.probe):

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from clipscan import fs as cfs
 from clipscan.config import JobConfig
-from clipscan.pipeline.cluster import configure_data_context
+from clipscan.pipeline.cluster import configure_data_context, in_process, init_ray
 from clipscan.pipeline.parts import RunParts
 from clipscan.pipeline.progress import Progress
 
@@ -40,6 +40,7 @@ def embed_corpus(run: Run, cfg: JobConfig, models: dict[str, str]) -> dict[str, 
         return _embed_computed(run, cfg, computed, run.output)
     staging = run.path("_embedded")  # the embed stage's own parts, joined below into the run's
     counts = _embed_computed(run, cfg, computed, staging) if computed else {}
+    init_ray(cfg)  # the join of precomputed vectors runs on Ray Data
     with run.stage("vectors") as facts:
         joined = _join_vectors(run, cfg, models, staging)
         repeated = settle_repeats(run, cfg, list(models), joined["embedded"])
@@ -77,7 +78,7 @@ def _join_vectors(run: Run, cfg: JobConfig, models: dict[str, str], staging: str
 
 def _embed_computed(run: Run, cfg: JobConfig, models: dict[str, str], out_dir: str) -> dict[str, Any]:
     """Embed the corpus with models that have an encoder; parts go under ``out_dir``."""
-    from clipscan.data.corpus import read_corpus
+    from clipscan.data.corpus import plan_corpus
     from clipscan.data.read import recorded_shard_rows
     from clipscan.stages import embed, rows
 
@@ -98,13 +99,23 @@ def _embed_computed(run: Run, cfg: JobConfig, models: dict[str, str], out_dir: s
         cfs.remove_tree(cfs.join(raw, f"shard-{shard:05d}"))
 
     with run.stage("read") as facts:
-        ds, info = read_corpus(cfg.data, done_shards, records=records, forget=forget)
+        corpus, info = plan_corpus(cfg.data, done_shards, records=records, forget=forget,
+                                   ray_up=lambda: init_ray(cfg))
         facts.update({k: v for k, v in info.items() if k not in ("shard_rows", "sources")})
     total = None if info["format"] == "webdataset" else sum(info["shard_rows"].values()) or None
+    here = corpus.blocks is not None and total is not None and in_process(cfg, total)
     with run.stage("embed") as facts:
-        if info["todo_shards"]:
-            built = embed.build_embed(ds, models, cfg.data, cfg.embed)
+        if info["todo_shards"] and here:
+            assert corpus.blocks is not None
+            done = [rows.rows_written(raw)]
+            with Progress("embed", lambda: done[0], total):
+                embed.embed_here(corpus.blocks, models, cfg.data, cfg.embed, raw,
+                                 lambda n: done.__setitem__(0, done[0] + n))
+        elif info["todo_shards"]:
+            init_ray(cfg)
+            built = embed.build_embed(corpus.dataset(), models, cfg.data, cfg.embed)
             write_shards(built, raw, "embed", total)
+        facts.update(executor="local" if here else "ray")
         if info.get("numbered"):  # WebDataset: the readers recorded each shard's row count as they read it
             info["shard_rows"] = recorded_shard_rows(records, info["sources"])[0]
         counts = embed.collect(raw, out_dir, names, info["shard_rows"])
@@ -136,7 +147,10 @@ def settle_repeats(run: Run, cfg: JobConfig, models: list[str], rows: int) -> in
     from clipscan.config import KnnConfig
 
     knn = getattr(cfg, "knn", None) or KnnConfig()
-    moved = repeats.settle(run.output, models, for_rows(rows, knn.stage_min_rows))
+    executor = for_rows(rows, knn.stage_min_rows)
+    if executor.name == "ray":
+        init_ray(cfg)
+    moved = repeats.settle(run.output, models, executor)
     if moved:
         log.info("%d rows repeat an id an earlier row of the run has; skipped (skipped.parquet)", moved)
     return moved

@@ -8,8 +8,9 @@ import pytest
 from PIL import Image
 
 from clipscan.models import planted
-from clipscan.stages import attributes, discrepancy
+from clipscan.stages import attributes
 from clipscan.stages.attributes import AttributeCounts, Counts, LexiconError, lift_ci, load_lexicons
+from tests import reference
 
 
 def test_lift_ci_matches_hand_computed_values() -> None:
@@ -108,15 +109,15 @@ def test_matched_pairs_do_not_depend_on_batching() -> None:
     y /= np.linalg.norm(y, axis=1, keepdims=True)
     pD, pI = _knn(x, k)
     rD, rI = _knn(y, 20)
-    table = discrepancy.mine(ids, pD, pI, rD, rI, x, y, k)
+    table = reference.mine(ids, pD, pI, rD, rI, x, y, k)
     target = np.asarray(table.column("probe_only_probe_cos").combine_chunks().flatten(), dtype=np.float64)
-    whole = attributes.matched_pairs(table, target, seed=3)
-    split = attributes.matched_pairs(pa.Table.from_batches(table.to_batches(max_chunksize=17)), target, seed=3)
+    whole = reference.matched_pairs(table, target, seed=3)
+    split = reference.matched_pairs(pa.Table.from_batches(table.to_batches(max_chunksize=17)), target, seed=3)
     assert whole == split and 0 < len(whole) < len(target)
     lists = dict(zip(table.column("id").to_pylist(), table.column("probe_neighbours").to_pylist(), strict=True))
     only = dict(zip(table.column("id").to_pylist(), table.column("probe_only").to_pylist(), strict=True))
     assert all(j in lists[i] and j not in only[i] for i, j in whole)  # agreeing pairs only
-    assert attributes.matched_pairs(table, target, seed=4) != whole
+    assert reference.matched_pairs(table, target, seed=4) != whole
 
 
 # ---------------------------------------------------------------------------------------
@@ -156,9 +157,9 @@ def _contrast(scenes: dict[str, object], probe: planted.Planted) -> list[dict[st
     x = _embed(probe, scenes["images"])  # type: ignore[arg-type]
     pD, pI = _knn(x, 10)
     rD, rI = _knn(ref, 100)  # type: ignore[arg-type]
-    table = discrepancy.mine(ids, pD, pI, rD, rI, x, ref, 10)  # type: ignore[arg-type]
-    rows = attributes.contrast_rows(table, scenes["corpus"], 600, seed=0,  # type: ignore[arg-type]
-                                    deep_reference=attributes.deep_lookup(ids, rI))
+    table = reference.mine(ids, pD, pI, rD, rI, x, ref, 10)  # type: ignore[arg-type]
+    rows = reference.contrast_rows(table, scenes["corpus"], 600, seed=0,  # type: ignore[arg-type]
+                                    deep_reference=reference.deep_lookup(ids, rI))
     summary = attributes.count_rows(rows, load_lexicons()).summary()
     for a in summary["attributes"]:
         print(f"{a['name']:9s} lift {a['lift']} ci {a['ci']} rate {a['rate']} control {a['control_rate']} pairs {a['pairs']}")

@@ -12,11 +12,10 @@ from clipscan.stages.discrepancy import (
     DISCREPANCY_SCHEMA,
     PAIRS_SCHEMA,
     cases,
-    mine,
     pair_cos,
-    pairs,
     reference_rank,
 )
+from tests.reference import mine, pairs
 
 K, DEPTH = 10, 40
 

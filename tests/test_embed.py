@@ -100,6 +100,42 @@ def test_every_bad_input_converted_or_skipped(tmp_path: Path, ray_local: None) -
     assert "\ufffd" in next(r["caption"] for r in corpus if r["id"] == "latin1")
 
 
+def test_in_process_embedding_writes_what_the_ray_pipeline_writes(tmp_path: Path, ray_local: None,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The embed stage below ``knn.stage_min_rows`` runs in the job's process (no Ray): the
+    same decode and encoder stage, the same pieces, skips, conversions and parts as on Ray."""
+    import pyarrow as pa
+
+    from clipscan import runner
+    from clipscan.pipeline.parts import RunParts
+
+    manifest, _ = corpora.bad_corpus(tmp_path / "bad")
+    out: dict[str, dict[str, object]] = {}
+    for where in ("local", "ray"):
+        monkeypatch.setattr(runner, "in_process", lambda cfg, rows, here=where == "local": here)
+        cfg = _job_config(manifest, tmp_path / where, "data.max_pixels=100000", "data.rows_per_block=4")
+        run = Run(cfg.output, "test", cfg)
+        counts = runner.embed_corpus(run, cfg, {"probe": TINY_PROBE, "reference": TINY_REFERENCE})
+        facts = run.info["stages"]["embed"]
+        parts = RunParts(cfg.output)
+        out[where] = {
+            "executor": facts["executor"],
+            "counts": {k: v for k, v in counts.items() if k != "nodes"},
+            "skipped": pq.read_table(run.path("skipped.parquet")).sort_by("id"),
+            "corpus": pa.concat_tables([pq.read_table(p) for p in sorted(Path(parts.corpus()).glob("*.parquet"))]),
+            "embeddings": {m: load_embeddings(cfg.output, m) for m in ("probe", "reference")},
+        }
+    here, ray = out["local"], out["ray"]
+    assert (here["executor"], ray["executor"]) == ("local", "ray")
+    assert here["counts"] == ray["counts"] and here["counts"]["skipped"] > 0  # type: ignore[index]
+    assert here["skipped"].equals(ray["skipped"])  # type: ignore[union-attr]
+    assert here["corpus"].equals(ray["corpus"])  # type: ignore[union-attr]
+    for model in ("probe", "reference"):
+        (ids_a, x_a), (ids_b, x_b) = here["embeddings"][model], ray["embeddings"][model]  # type: ignore[index]
+        assert list(ids_a) == list(ids_b)
+        np.testing.assert_allclose(x_a, x_b, atol=1e-5)
+
+
 def test_pipeline_matches_direct_embedding(tmp_path: Path, scene_corpus: str, ray_local: None) -> None:
     from clipscan.models.registry import load_encoder
     from clipscan.runner import embed_corpus

@@ -15,6 +15,7 @@ from clipscan.stages import discrepancy as dc
 from clipscan.stages import index as ix
 from clipscan.stages import mine as mn
 from clipscan.stages import search as sr
+from tests import reference
 
 K, DEPTH = 10, 40
 
@@ -103,8 +104,8 @@ def today(ids: np.ndarray, x_probe: np.ndarray, x_ref: np.ndarray, shards: int,
     """Today's exact path: self_knn per model, then the whole-table mine and pairs."""
     probe_D, probe_I = ix.self_knn(x_probe, K, shards=shards, query_block=64)
     ref_D, ref_I = ix.self_knn(x_ref, DEPTH, shards=shards, query_block=64)
-    table = dc.mine(ids, probe_D, probe_I, ref_D, ref_I, x_probe, x_ref, K, rank_by=rank_by)
-    pairs = dc.pairs(ids, probe_D, probe_I, ref_D, ref_I, x_probe, x_ref, probe_min=0.9, reference_max=0.6, k=K)
+    table = reference.mine(ids, probe_D, probe_I, ref_D, ref_I, x_probe, x_ref, K, rank_by=rank_by)
+    pairs = reference.pairs(ids, probe_D, probe_I, ref_D, ref_I, x_probe, x_ref, probe_min=0.9, reference_max=0.6, k=K)
     return table, pairs
 
 
@@ -159,6 +160,36 @@ def test_block_search_equals_today_and_brute_force(name: str, shards: int, block
     if name == "generated":
         directions = set(want_pairs.column("direction").to_pylist())
         assert directions == {"probe_close", "reference_close"}, directions
+
+
+def test_shard_replies_are_bounded_by_k_and_ranks_counted_where_the_lists_are() -> None:
+    """The reference lists to the mining depth stay on the shards: each reply carries k + 1
+    columns whatever the depth, the ranks are counted there and summed, and the kept lists
+    are let go once counted."""
+    ids, x_probe, x_ref = sorted_inputs("generated")
+    table = vectors_table(ids, x_probe, x_ref)
+    held = [sr.Shard.from_table(table.slice(lo, hi - lo), lo) for lo, hi in ix.shard_bounds(table.num_rows, 3)]
+    replies: list[dict] = []
+    for shard in held:
+        search = shard.search
+
+        def spy(*a, _search=search, **kw):  # type: ignore[no-untyped-def]
+            out = _search(*a, **kw)
+            replies.append(out)
+            return out
+
+        shard.search = spy  # type: ignore[method-assign]
+    stage = sr.SearchBlock(held, K, DEPTH)
+    rows = stage(table.slice(0, 50))
+    assert replies and all(r[m]["ids"].shape[1] == K + 1 for r in replies for m in ("probe", "reference"))
+    assert all(not shard._held for shard in held)
+    want, _ = today(ids, x_probe, x_ref, 3)
+    wanted = want.sort_by("id").filter(pyarrow.compute.is_in(want.sort_by("id").column("id"),
+                                                             value_set=rows.column("id"))).sort_by("id")
+    got = rows.sort_by("id")
+    assert got.column("probe_only_reference_rank").to_pylist() == wanted.column("probe_only_reference_rank").to_pylist()
+    assert any(r is None for rr in got.column("probe_only_reference_rank").to_pylist() for r in rr)  # beyond the depth
+    assert any(r for rr in got.column("probe_only_reference_rank").to_pylist() for r in rr if r)
 
 
 def _flat_valid(batch: pa.RecordBatch, column: str) -> tuple[np.ndarray, np.ndarray]:

@@ -29,6 +29,21 @@ def init_ray(cfg: JobConfig) -> None:
         start_local_ray(cfg.ray.num_cpus)
 
 
+def in_process(cfg: JobConfig, rows: int) -> bool:
+    """Whether a per-row stage over ``rows`` rows runs in the job's own process rather than on
+    Ray: fewer than ``knn.stage_min_rows`` rows, no cluster named (``ray.address``,
+    ``RAY_ADDRESS``) and no Ray started by the caller. Starting Ray and its workers (about
+    6 s, then 9-10 s of imports per worker on 2 cores) would be most of a small job's time;
+    a job sent to a cluster runs its stages there, where the GPUs are."""
+    import ray
+
+    from clipscan.config import KnnConfig
+
+    knn = getattr(cfg, "knn", None) or KnnConfig()
+    named = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    return rows < knn.stage_min_rows and not named and not ray.is_initialized()
+
+
 def start_local_ray(num_cpus: int | None, temp_dir: str | None = None, **init_kwargs: Any) -> None:
     """Start a Ray on this machine the way a clipscan job runs one, and configure Ray Data for it.
 

@@ -18,8 +18,9 @@ pairs are counted because two captions of a rich corpus almost always differ som
 an attribute such as colour, which would leave every rate near 1.
 
 ``AttributeCounts`` is the batch stage (rows in, one row of counts out), ``Counts`` folds them,
-``Counts.summary`` gives ``attributes.json``; ``contrast_rows`` builds the input rows from
-``mine``'s table; ``count_dataset`` is the thin Ray Data wiring.
+``Counts.summary`` gives ``attributes.json``; ``build_rows`` builds the input rows from
+the mine stage's top cases, ``matched_pairs_parts`` samples the agreeing pairs from the
+discrepancy parts; ``count_dataset`` is the thin Ray Data wiring.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -382,42 +383,6 @@ def count_dataset(ds: Any, lexicons: Lexicons, examples: int = 8, batch_size: in
 # Input rows from the mined table
 
 
-def contrast_rows(
-    discrepancies: pa.Table,
-    corpus: pa.Table,
-    cases: int,
-    seed: int = 0,
-    bins: int = 10,
-    deep_reference: Callable[[list[str]], Mapping[str, Sequence[str]]] | None = None,
-) -> pa.Table:
-    """``ROWS_SCHEMA`` rows for the top ``cases`` images of ``mine``'s table that have a
-    probe-only neighbour (the whole table in memory; ``build_rows`` is the streaming form).
-
-    Each row: the image's caption, its probe-only neighbours' captions, its reference
-    neighbours' captions (control) and ``matched_captions``: agreeing pairs (j in both top-k
-    lists of image i, any image) sampled so their probe cosines follow the probe-only pairs'
-    (``bins`` quantile bins, one agreeing pair per probe-only pair where there are enough),
-    each kept or not by a hash of (seed, id, position), so the choice does not depend on
-    how the table is split. A matched pair is attached to the image it comes from.
-    ``rank_matched_captions``: for each probe-only neighbour at reference rank r, the
-    image's reference neighbour nearest to rank r that is not a probe neighbour (so as far
-    from the image, to the reference, as the probe-only one, but not singled out by the
-    probe), from ``deep_reference`` (case ids -> each one's reference list to the mining
-    depth, best first; ``deep_lookup`` builds it); without it this control stays empty.
-    corpus: ``id``, ``caption`` (and ``uri``) of every image.
-    """
-    from clipscan.stages.discrepancy import corpus_lookup
-
-    missing = [c for c in CASE_COLUMNS + ("probe_cos",) if c not in discrepancies.column_names]
-    if missing:
-        raise KeyError(f"stage 'attributes' needs columns {missing}; the table has {discrepancies.column_names}")
-    has_only = pc.greater(pc.list_value_length(discrepancies.column("probe_only")), 0)
-    top = discrepancies.filter(has_only).sort_by("rank").slice(0, max(0, cases))
-    matched = matched_pairs(discrepancies, probe_only_cosines(top), seed, bins)
-    return build_rows(top, matched, lambda ids: _ranks(discrepancies, ids),
-                      lambda wanted: corpus_lookup(corpus, wanted), deep_reference)
-
-
 # The discrepancy columns a case row of the contrast is made from.
 CASE_COLUMNS = ("rank", "id", "probe_neighbours", "probe_only", "probe_only_probe_cos",
                 "probe_only_reference_rank", "reference_neighbours")
@@ -439,8 +404,16 @@ def build_rows(
 ) -> pa.Table:
     """``ROWS_SCHEMA`` rows from the case rows ``top`` (``CASE_COLUMNS``, rank order), the
     ``matched`` agreeing pairs, and look-ups that touch only the ids asked for: ``ranks``
-    (ids -> rank), ``captions`` (ids -> (uri, caption)) and ``deep_reference`` (see
-    ``contrast_rows``). Memory: the cases and their pairs, never the corpus."""
+    (ids -> rank), ``captions`` (ids -> (uri, caption)) and ``deep_reference`` (case ids ->
+    each one's reference list to the mining depth, best first).
+
+    Each row: the image's caption, its probe-only neighbours' captions, its reference
+    neighbours' captions (control), ``matched_captions`` (agreeing pairs attached to the
+    image they come from) and ``rank_matched_captions``: for each probe-only neighbour at
+    reference rank r, the image's reference neighbour nearest to rank r that is not a probe
+    neighbour (as far from the image, to the reference, as the probe-only one, but not
+    singled out by the probe); without ``deep_reference`` this control stays empty.
+    Memory: the cases and their pairs, never the corpus."""
     case_rows = top.select(list(CASE_COLUMNS)).to_pylist()
     deep = deep_reference([r["id"] for r in case_rows]) if deep_reference is not None else {}
     wanted = {r["id"] for r in case_rows}
@@ -504,31 +477,16 @@ def rank_matched(own: str, probe: Sequence[str], ranks: Sequence[int | None], de
     return out
 
 
-def matched_pairs(discrepancies: pa.Table, target_cos: np.ndarray, seed: int, bins: int = 10) -> list[tuple[str, str]]:
-    """Agreeing pairs (i, j): j in both top-k lists of i, sampled to the distribution of
-    ``target_cos`` (the probe cosines of the probe-only pairs) over ``bins`` quantile bins.
-
-    Two passes over the table's record batches (counting, then sampling), so the memory is
-    one batch plus the chosen pairs; ``matched_pairs_parts`` runs the same passes part by
-    part.
-    """
-    plan = _MatchPlan.of(target_cos, bins)
-    if plan is None:
-        return []
-    for batch in discrepancies.to_batches():
-        plan.have += plan.count(batch)
-    out: list[tuple[str, str]] = []
-    for batch in discrepancies.to_batches():
-        ids, nbr = plan.choose(batch, seed)
-        out += list(zip(ids.tolist(), nbr.tolist(), strict=True))
-    return out
-
-
 def matched_pairs_parts(path: str, target_cos: np.ndarray, seed: int, bins: int, executor: Any,
                         ) -> list[tuple[str, str]]:
-    """``matched_pairs`` over the discrepancy parts under ``path``, each pass a call per part
-    run by ``executor`` (``clipscan.pipeline.executor``): the caller receives per-part bin
-    counts, then only the chosen pairs."""
+    """Agreeing pairs (i, j): j in both top-k lists of i, sampled to the distribution of
+    ``target_cos`` (the probe cosines of the probe-only pairs) over ``bins`` quantile bins,
+    one agreeing pair per probe-only pair where there are enough; each kept or not by a hash
+    of (seed, id, position), so the choice does not depend on how the rows are split.
+
+    Two passes over the discrepancy parts under ``path`` (counting, then sampling), each a
+    call per part run by ``executor`` (``clipscan.pipeline.executor``): the caller receives
+    per-part bin counts, then only the chosen pairs."""
     from clipscan import fs as cfs
 
     plan = _MatchPlan.of(target_cos, bins)
@@ -623,38 +581,8 @@ def _agreeing(batch: pa.RecordBatch, edges: np.ndarray) -> tuple[np.ndarray, np.
     return ids[parent], nbr, key, b
 
 
-def _ranks(discrepancies: pa.Table, ids: Iterable[str]) -> dict[str, int]:
-    wanted = sorted(ids)
-    if not wanted:
-        return {}
-    small = discrepancies.select(["id", "rank"]).filter(
-        pc.is_in(discrepancies.column("id"), value_set=pa.array(wanted, type=pa.string()))
-    )
-    return dict(zip(small.column("id").to_pylist(), small.column("rank").to_pylist(), strict=True))
-
-
 # ---------------------------------------------------------------------------------------
 # The job step
-
-
-def deep_lookup(ids: Any, ref_I: np.ndarray) -> Callable[[list[str]], dict[str, list[str]]]:
-    """id -> that image's reference list (``ref_I`` row as ids, best first, -1 dropped), for
-    the ids asked; ``ids`` (n,) and ``ref_I`` (n, depth) int64 as ``mine`` takes them."""
-    ids_pa = pa.array(np.asarray(ids, dtype=object), type=pa.string())
-
-    def lookup(wanted: list[str]) -> dict[str, list[str]]:
-        if not wanted:
-            return {}
-        rows = pc.index_in(pa.array(wanted, type=pa.string()), value_set=ids_pa).to_numpy(zero_copy_only=False)
-        out = {}
-        for w, r in zip(wanted, rows, strict=True):
-            if r is None or not np.isfinite(r):
-                continue
-            lst = ref_I[int(r)]
-            out[w] = ids_pa.take(pa.array(lst[lst >= 0])).to_pylist()
-        return out
-
-    return lookup
 
 
 def run_contrast(rows: pa.Table, cfg: Any, use_ray: bool | None = None) -> dict[str, Any]:

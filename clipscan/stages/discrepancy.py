@@ -2,15 +2,16 @@
 
 DAF (section 3.1 of the paper): an image whose nearest neighbours under the probe model
 (CLIP) differ from its nearest neighbours under the reference model (DINOv2) shows where
-the probe encodes different things alike. ``mine`` scores every image (overlap@k, Jaccard,
-the probe-only neighbours with their reference cosine and rank) and ranks the images;
-``pairs`` lists single pairs that one model calls near-duplicates and the other does not
-("Eyes Wide Shut"); ``cases`` picks the top failure cases and attaches the captions in the
-order of the paper's prompt (Figure 2: the image's own caption first, then its probe-only
+the probe encodes different things alike. ``score`` scores a block of images (overlap@k,
+Jaccard, the probe-only neighbours with their reference cosine and rank) and
+``row_columns`` writes them as ``DISCREPANCY_SCHEMA`` columns; the search stage
+(``stages.search``) calls both per query block and the mine stage (``stages.mine``) ranks
+the rows. ``cases`` picks the top failure cases and attaches the captions in the order of
+the paper's prompt (Figure 2: the image's own caption first, then its probe-only
 neighbours' captions).
 
-Everything here is plain numpy and pyarrow over arrays held by the driver: n * k values,
-never an n x n matrix. Neighbour lists follow ``clipscan.stages.index``: row indices, best
+Everything here is plain numpy and pyarrow over one block of rows: m * k values, never
+an n x n matrix. Neighbour lists follow ``clipscan.stages.index``: row indices, best
 first, self excluded, missing entries I = -1 (an approximate index that found fewer).
 """
 
@@ -95,76 +96,6 @@ CASES_SCHEMA = pa.schema(
 _BLOCK_ELEMENTS = 1 << 23
 
 
-def mine(
-    ids: np.ndarray,
-    probe_D: np.ndarray,
-    probe_I: np.ndarray,
-    ref_D: np.ndarray,
-    ref_I: np.ndarray,
-    x_probe: np.ndarray,
-    x_ref: np.ndarray,
-    k: int,
-    rank_by: RankBy = "overlap",
-) -> pa.Table:
-    """Score and rank every image by how much its probe and reference neighbours disagree.
-
-    ids: (n,) str (object array, list or pyarrow array), row i's image id.
-    probe_D, probe_I: (n, kp) float32 cosine / int64 row index, kp >= k, best first, self
-    excluded, I = -1 where missing; the first k columns are the probe top-k (P).
-    ref_D, ref_I: (n, depth), depth >= k, the same under the reference model; the first k
-    columns are the reference top-k (R), all depth columns give the reference rank of a
-    probe-only neighbour (null when it is beyond depth).
-    x_probe: (n, d_probe) and x_ref: (n, d_ref) float32, L2-normalised, for the cosine of
-    any neighbour under the other model (row-wise float64 dot, rounded to float32).
-    rank_by: "overlap" (ascending overlap, then descending gap), "jaccard" (ascending
-    Jaccard, then descending gap), "gap" (descending gap_z) or "max_gap" (descending
-    max_gap_z, then gap_z); ties always go by id. gap_z and max_gap_z are the gaps in
-    standardised cosines (``calibrated_gaps``): two models whose cosines live on different
-    scales are compared by how unusual a pair is to each, not by raw cosine.
-
-    Returns the ``DISCREPANCY_SCHEMA`` table, one row per image in rank order.
-    """
-    if rank_by not in RANK_BY:
-        raise ValueError(f"mine: rank_by must be one of {RANK_BY}, got {rank_by!r}")
-    ids_pa = _as_ids(ids, "mine")
-    n = len(ids_pa)
-    probe_D, probe_I, ref_D, ref_I, x_probe, x_ref = _check_lists(
-        "mine", n, probe_D, probe_I, ref_D, ref_I, x_probe, x_ref
-    )
-    if not 1 <= k <= probe_I.shape[1]:
-        raise ValueError(
-            f"mine: k={k} must be in 1..{probe_I.shape[1]} (probe_I has shape {probe_I.shape})"
-        )
-    if k > ref_I.shape[1]:
-        raise ValueError(
-            f"mine: k={k} exceeds the reference depth: ref_I has shape {ref_I.shape}; "
-            "the reference lists need depth >= k"
-        )
-
-    P, PD = probe_I[:, :k], probe_D[:, :k].astype(np.float32)
-    R, RD = ref_I[:, :k], ref_D[:, :k].astype(np.float32)
-    rows = np.broadcast_to(np.arange(n, dtype=np.int64)[:, None], (n, k))
-    s = score(P, PD, ref_I, RD, pair_cos(x_ref, rows, P), pair_cos(x_probe, rows, R))
-    scales = scale_of(cosine_moments(PD, s.valid_p)), scale_of(cosine_moments(RD, s.valid_r))
-    gap_z, max_gap_z = calibrated_gaps(s.probe_cos, s.probe_ref_cos, s.p_only, *scales)
-
-    id_key = _id_key(ids_pa)
-    if rank_by == "overlap":
-        order = np.lexsort((id_key, -s.gap, s.overlap))
-    elif rank_by == "jaccard":
-        order = np.lexsort((id_key, -s.gap, s.jaccard))
-    elif rank_by == "max_gap":
-        order = np.lexsort((id_key, -gap_z, -max_gap_z))
-    else:
-        order = np.lexsort((id_key, -gap_z))
-    names_p = ids_pa.take(pa.array(np.maximum(P[order], 0).reshape(-1)))
-    names_r = ids_pa.take(pa.array(np.maximum(R[order], 0).reshape(-1)))
-    columns = {"rank": pa.array(np.arange(1, n + 1, dtype=np.int32))}
-    columns.update(row_columns(ids_pa.take(pa.array(order)), names_p, names_r, s.take(order)))
-    columns.update(gap_z=pa.array(gap_z[order]), max_gap_z=pa.array(max_gap_z[order]))
-    return pa.Table.from_pydict(columns, schema=DISCREPANCY_SCHEMA)
-
-
 @dataclass(frozen=True)
 class Scores:
     """Per-image discrepancy arrays for m images (the fields of ``DISCREPANCY_SCHEMA`` but
@@ -196,6 +127,7 @@ def score(
     RD: np.ndarray,
     probe_ref_cos: np.ndarray,
     ref_probe_cos: np.ndarray,
+    ref_rank: np.ndarray | None = None,
 ) -> Scores:
     """Overlap@k, Jaccard, probe-only / reference-only masks, reference ranks and gaps of m images.
 
@@ -204,14 +136,17 @@ def score(
     list in the same numbering (its first k columns are the reference top-k R; all of it
     gives the rank of a probe-only neighbour); RD: (m, k) float32 the top-k's reference
     cosine. probe_ref_cos: (m, k) the reference cosine of each P entry; ref_probe_cos:
-    (m, k) the probe cosine of each R entry. Row-wise and pure: a block of rows gives the
-    same values as the whole table.
+    (m, k) the probe cosine of each R entry. ref_rank: (m, k) int32, each P entry's 1-based
+    reference rank, 0 beyond the depth, where it was counted elsewhere (the search shards
+    count it; ``ref_I`` then needs only its k columns); by default its place in ``ref_I``.
+    Row-wise and pure: a block of rows gives the same values as the whole table.
     """
     k = P.shape[1]
     R = ref_I[:, :k]
     valid_p, valid_r = P >= 0, R >= 0
-    ref_rank = reference_rank(P, ref_I)  # (m, k), 0 = not within depth
-    p_in_r = valid_p & (ref_rank >= 1) & (ref_rank <= k)
+    if ref_rank is None:
+        ref_rank = reference_rank(P, ref_I)  # (m, k), 0 = not within depth
+    p_in_r = valid_p & _member(P, R)
     r_in_p = valid_r & _member(R, P)
     inter = p_in_r.sum(axis=1)
     union = valid_p.sum(axis=1) + valid_r.sum(axis=1) - inter
@@ -264,74 +199,6 @@ def row_columns(
         "gap": pa.array(s.gap),
         "max_gap": pa.array(s.max_gap),
     }
-
-
-def pairs(
-    ids: np.ndarray,
-    probe_D: np.ndarray,
-    probe_I: np.ndarray,
-    ref_D: np.ndarray,
-    ref_I: np.ndarray,
-    x_probe: np.ndarray,
-    x_ref: np.ndarray,
-    probe_min: float = 0.95,
-    reference_max: float = 0.6,
-    k: int | None = None,
-) -> pa.Table:
-    """MMVP-style pairs ("Eyes Wide Shut"): near-duplicates to one model, far apart to the other.
-
-    Inputs as for ``mine``. "probe_close": pairs (i, j) with j in i's probe list, probe
-    cosine >= probe_min and reference cosine <= reference_max (the probe conflates them);
-    "reference_close": j in i's reference list, reference cosine >= probe_min and probe
-    cosine <= reference_max. ``k`` limits both lists to their first k columns (None = all
-    columns given). Both cosines are recomputed from the embeddings (float64 dot rounded
-    to float32), so a pair found from either end has the same values.
-
-    Returns the ``PAIRS_SCHEMA`` table, id_a < id_b, one row per (direction, pair), sorted
-    by direction, then |probe cos - reference cos| descending (the most discrepant first
-    in each direction), then id_a, id_b.
-    """
-    ids_pa = _as_ids(ids, "pairs")
-    n = len(ids_pa)
-    probe_D, probe_I, ref_D, ref_I, x_probe, x_ref = _check_lists(
-        "pairs", n, probe_D, probe_I, ref_D, ref_I, x_probe, x_ref
-    )
-    if k is not None and not 1 <= k <= min(probe_I.shape[1], ref_I.shape[1]):
-        raise ValueError(
-            f"pairs: k={k} must be in 1..min(probe_I {probe_I.shape}, ref_I {ref_I.shape}) columns"
-        )
-    id_key = _id_key(ids_pa)
-    found = []
-    for which, (lists, sims) in enumerate(((probe_I, probe_D), (ref_I, ref_D))):
-        lists, sims = (lists, sims) if k is None else (lists[:, :k], sims[:, :k])
-        rows = np.repeat(np.arange(n, dtype=np.int64), lists.shape[1])
-        cols = lists.reshape(-1).astype(np.int64)
-        # A cheap screen on the listed similarity (with slack for rounding), then exact cosines.
-        keep = (cols >= 0) & (cols != rows) & (sims.reshape(-1) >= probe_min - 1e-5)
-        rows, cols = rows[keep], cols[keep]
-        a = np.where(id_key[rows] <= id_key[cols], rows, cols)
-        b = np.where(id_key[rows] <= id_key[cols], cols, rows)
-        _, first = np.unique(a * n + b, return_index=True)
-        a, b = a[first], b[first]
-        p_cos, r_cos = pair_cos(x_probe, a, b), pair_cos(x_ref, a, b)
-        close, far = (p_cos, r_cos) if which == 0 else (r_cos, p_cos)
-        hit = (close >= probe_min) & (far <= reference_max)
-        found.append((np.full(int(hit.sum()), which), a[hit], b[hit], p_cos[hit], r_cos[hit]))
-    codes, a, b, p_cos, r_cos = (np.concatenate(parts) for parts in zip(*found, strict=True))
-    p_cos, r_cos = p_cos.astype(np.float32), r_cos.astype(np.float32)
-    spread = np.abs(p_cos.astype(np.float64) - r_cos.astype(np.float64))
-    order = np.lexsort((id_key[b], id_key[a], -spread, codes))
-    names = np.array(["probe_close", "reference_close"], dtype=object)
-    return pa.Table.from_pydict(
-        {
-            "id_a": ids_pa.take(pa.array(a[order])),
-            "id_b": ids_pa.take(pa.array(b[order])),
-            "probe_cos": pa.array(p_cos[order]),
-            "reference_cos": pa.array(r_cos[order]),
-            "direction": pa.array(names[codes[order]], type=pa.string()),
-        },
-        schema=PAIRS_SCHEMA,
-    )
 
 
 def cases(discrepancies: pa.Table, corpus: pa.Table, n: int) -> pa.Table:
@@ -560,78 +427,9 @@ def corpus_lookup(corpus: pa.Table, wanted: list[str]) -> dict[str, tuple[str, s
 # Internals
 
 
-def _as_ids(ids: object, fn: str) -> pa.Array:
-    if isinstance(ids, pa.ChunkedArray):
-        ids = ids.combine_chunks()
-    if isinstance(ids, pa.Array):
-        arr = ids.cast(pa.string())
-    else:
-        a = np.asarray(ids, dtype=object)
-        if a.ndim != 1:
-            raise ValueError(f"{fn}: ids must be 1-D (n,), got shape {a.shape}")
-        arr = pa.array(a, type=pa.string())
-    if arr.null_count:
-        raise ValueError(f"{fn}: ids has {arr.null_count} null entries")
-    return arr
-
-
-def _check_lists(
-    fn: str,
-    n: int,
-    probe_D: np.ndarray,
-    probe_I: np.ndarray,
-    ref_D: np.ndarray,
-    ref_I: np.ndarray,
-    x_probe: np.ndarray,
-    x_ref: np.ndarray,
-) -> tuple[np.ndarray, ...]:
-    """Shapes, dtypes and index ranges, with a message naming the argument and the shapes."""
-    arrays = {
-        "probe_D": np.asarray(probe_D),
-        "probe_I": np.asarray(probe_I),
-        "ref_D": np.asarray(ref_D),
-        "ref_I": np.asarray(ref_I),
-        "x_probe": np.asarray(x_probe),
-        "x_ref": np.asarray(x_ref),
-    }
-    shapes = ", ".join(f"{name} {a.shape}" for name, a in arrays.items())
-    for name, a in arrays.items():
-        if a.ndim != 2 or a.shape[0] != n:
-            raise ValueError(
-                f"{fn}: {name} must be 2-D with n = len(ids) = {n} rows, got shape {a.shape} "
-                f"(all: {shapes})"
-            )
-    for d_name, i_name in (("probe_D", "probe_I"), ("ref_D", "ref_I")):
-        if arrays[d_name].shape != arrays[i_name].shape:
-            raise ValueError(
-                f"{fn}: {d_name} has shape {arrays[d_name].shape} but {i_name} has shape "
-                f"{arrays[i_name].shape}; they must match"
-            )
-        if arrays[i_name].dtype.kind not in "iu":
-            raise ValueError(
-                f"{fn}: {i_name} must hold integer row indices, got {arrays[i_name].dtype}"
-            )
-        index = arrays[i_name]
-        if index.size and (index.min() < -1 or index.max() >= n):
-            raise ValueError(
-                f"{fn}: {i_name} has row indices in [{index.min()}, {index.max()}], "
-                f"outside [-1, {n})"
-            )
-        arrays[i_name] = index.astype(np.int64, copy=False)
-    return tuple(arrays.values())
-
-
 def _member(A: np.ndarray, B: np.ndarray) -> np.ndarray:
     """(n, k) bool: A[i, j] occurs in row i of B (both (n, *) int64)."""
     return reference_rank(A, B) > 0
-
-
-def _id_key(ids_pa: pa.Array) -> np.ndarray:
-    """(n,) int64: each id's position in sorted id order, a numeric tie-break key."""
-    order = pc.sort_indices(ids_pa).to_numpy()
-    key = np.empty(len(ids_pa), dtype=np.int64)
-    key[order] = np.arange(len(ids_pa), dtype=np.int64)
-    return key
 
 
 def _lists(values: pa.Array, mask: np.ndarray) -> pa.Array:

@@ -175,26 +175,13 @@ class ShardSink:
                 self.root, self.counter = root, counter
 
             def write(self, blocks: Any, ctx: Any) -> list[tuple[int, int]]:
-                import uuid
-
-                import pyarrow.compute as pc
                 from ray.data.block import BlockAccessor
 
                 tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
                 tables = [t for t in tables if t.num_rows]
                 if not tables:
                     return []
-                table = pa.concat_tables(tables)
-                written = []
-                for shard in sorted(set(table.column("shard").to_pylist())):
-                    piece = table.filter(pc.equal(table.column("shard"), shard)).sort_by("row")
-                    rows = piece.column("row").to_pylist()
-                    if shard < 0:
-                        name = f"shard-unnumbered/task-{ctx.task_idx:06d}-{uuid.uuid4().hex[:8]}.parquet"
-                    else:
-                        name = f"shard-{shard:05d}/rows-{rows[0]:06d}-{rows[-1]:06d}.parquet"
-                    cfs.write_parquet_atomic(cfs.join(self.root, name), piece)
-                    written.append((int(shard), piece.num_rows))
+                written = write_pieces(self.root, pa.concat_tables(tables), ctx.task_idx)
                 if self.counter is not None:  # waited for, so the count is whole when the write ends
                     import ray
 
@@ -205,6 +192,26 @@ class ShardSink:
                 return "ClipscanShards"
 
         return _Sink(root, counter)
+
+
+def write_pieces(root: str, table: pa.Table, task: int) -> list[tuple[int, int]]:
+    """Rows with ``shard``/``row`` -> one piece per input shard under ``root`` (``ShardSink``'s
+    layout); ``task`` names the pieces of rows without a shard. Returns (shard, rows) per piece."""
+    import uuid
+
+    import pyarrow.compute as pc
+
+    written = []
+    for shard in sorted(set(table.column("shard").to_pylist())):
+        piece = table.filter(pc.equal(table.column("shard"), shard)).sort_by("row")
+        rows = piece.column("row").to_pylist()
+        if shard < 0:
+            name = f"shard-unnumbered/task-{task:06d}-{uuid.uuid4().hex[:8]}.parquet"
+        else:
+            name = f"shard-{shard:05d}/rows-{rows[0]:06d}-{rows[-1]:06d}.parquet"
+        cfs.write_parquet_atomic(cfs.join(root, name), piece)
+        written.append((int(shard), piece.num_rows))
+    return written
 
 
 def shard_pieces(raw_dir: str) -> dict[str, list[str]]:

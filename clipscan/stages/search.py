@@ -67,6 +67,10 @@ STREAM_CPUS = 0.25
 # Gathered candidate vectors per step when computing cosines: (rows, candidates, d) float64.
 _COS_VALUES = 1 << 19
 
+# A FAISS score this close to a carried cosine is scored again as the cosine was (float64
+# dot): float32 scores of unit vectors are within about 1e-6 of it.
+_NEAR = 1e-4
+
 
 # ---------------------------------------------------------------------------------------
 # Where the shards run
@@ -235,6 +239,7 @@ class Shard:
         self.lo = int(lo)
         self.ids = ShardIds(ids, self.lo)
         self.x = x
+        self._held: dict[tuple[str, str], tuple[np.ndarray, ...]] = {}  # lists ``search`` keeps for ``count_before``
 
         def load(m: str) -> np.ndarray:  # a model's vectors, read now where they come as a loader
             x[m] = np.ascontiguousarray(x[m]() if callable(x[m]) else x[m], dtype=np.float32)
@@ -297,7 +302,7 @@ class Shard:
 
     def search(
         self, ids: np.ndarray, queries: dict[str, np.ndarray], depth: dict[str, int], carry: int,
-        exact: bool = False, named: int | None = None,
+        exact: bool = False, named: int | None = None, keep: str | None = None,
     ) -> dict[str, Any]:
         """Each query's best ``depth[model]`` rows of this shard under each model.
 
@@ -306,9 +311,13 @@ class Shard:
         (m,) int64, the query's global row when it is in this shard, else -1, and per
         model: ``sims`` (m, depth) float32, ``ids`` (m, depth) int64 global rows (-1
         missing), ``names`` the ids of the first ``named`` columns (all by default; flat
-        Arrow strings, row-major: deep lists travel as numbers only), and for the first ``carry`` columns
-        ``cos_probe``, ``cos_reference`` (m, carry) float32, the candidate's cosine to the
-        query under each model (float64 dot rounded to float32; NaN where missing).
+        Arrow strings, row-major), and for the first ``carry`` columns ``cos_probe``,
+        ``cos_reference`` (m, carry) float32, the candidate's cosine to the query under each
+        model (float64 dot rounded to float32; NaN where missing).
+
+        ``keep`` (a token): a list deeper than ``carry`` stays here under that token and only
+        its first ``carry`` columns are sent; ``count_before`` then answers rank questions
+        about it, so the reply is bounded by ``carry`` whatever the depth.
         """
         pos = self.ids.find(ids)
         out: dict[str, Any] = {"self": np.where(pos >= 0, pos + self.lo, -1).astype(np.int64)}
@@ -319,7 +328,7 @@ class Shard:
         if len(models) < 2 or threads < 2 or faiss.get_num_gpus():
             for model in models:
                 out[model] = self._search_model(model, queries, depth[model], carry, exact, named)
-            return out
+            return self._kept(keep, out, queries, pos, carry)
         # The models are searched side by side, each on its share of the threads: two
         # independent searches keep both cores busy where one search on both waits at every
         # block for its slower thread (any other process on the node slows one of them),
@@ -334,7 +343,56 @@ class Shard:
 
         with ThreadPoolExecutor(len(models)) as pool:
             out.update(zip(models, pool.map(one, models), strict=True))
+        return self._kept(keep, out, queries, pos, carry)
+
+    def _kept(self, keep: str | None, out: dict[str, Any], queries: dict[str, np.ndarray], pos: np.ndarray,
+              carry: int) -> dict[str, Any]:
+        """``search``'s reply with every list deeper than ``carry`` kept here under ``keep``
+        (its rows, cosines and queries) and cut to ``carry`` columns."""
+        if keep is None:
+            return out
+        for model in self.models:
+            got = out.get(model)
+            if got is None or got["sims"].shape[1] <= carry:
+                continue
+            self._held[(keep, model)] = (got["sims"], got["ids"], queries[model], pos)
+            out[model] = {**got, "sims": got["sims"][:, :carry], "ids": got["ids"][:, :carry]}
         return out
+
+    def count_before(self, keep: str, model: str, rows: np.ndarray, cos: np.ndarray) -> np.ndarray:
+        """(m, k) int32: how many rows of each query's ``model`` list kept under ``keep``
+        (``search``) come before global row ``rows[i, j]`` at cosine ``cos[i, j]``: a higher
+        cosine, or the same and a lower row; the query itself is not counted. Summed over
+        the shards and plus one, that is the row's rank in the merged list. The kept list
+        is let go.
+
+        Cosines are the float64 dot rounded to float32 that ``search`` carries; an entry whose
+        FAISS score is within ``_NEAR`` of the cosine is scored that way here too, so a tie is
+        decided on the same bits whichever shard holds the row."""
+        sims, found, q, pos = self._held.pop((keep, model))
+        m, k = rows.shape
+        out = np.zeros((m, k), dtype=np.int32)
+        own = np.where(pos >= 0, pos + self.lo, -2)[:, None]  # the query's own row, where it is here
+        usable = (found >= 0) & (found != own)
+        step = max(1, _COS_VALUES // max(1, k * sims.shape[1]))
+        for r0 in range(0, m, step):
+            r1 = min(m, r0 + step)
+            s, f, ok = sims[r0:r1, None, :], found[r0:r1, None, :], usable[r0:r1, None, :]
+            t, who = cos[r0:r1, :, None], rows[r0:r1, :, None]
+            before = ok & (s > t + _NEAR)
+            near = ok & (np.abs(s - t) <= _NEAR)
+            if near.any():
+                i, j, e = np.nonzero(near)
+                exact = dc.dot_rows(self._gather(model, f[i, 0, e] - self.lo), q[r0 + i])
+                before[i, j, e] = (exact > t[i, j, 0]) | ((exact == t[i, j, 0]) & (f[i, 0, e] < who[i, j, 0]))
+            valid = (rows[r0:r1] >= 0) & np.isfinite(cos[r0:r1])
+            out[r0:r1] = np.where(valid, before.sum(axis=2), 0)
+        return out
+
+    def release(self, keep: str) -> None:
+        """Let go of every list kept under ``keep`` (a block given up before ``count_before``)."""
+        for key in [key for key in self._held if key[0] == keep]:
+            del self._held[key]
 
     def _search_model(self, model: str, queries: dict[str, np.ndarray], kk: int, carry: int,
                       exact: bool, named: int | None = None) -> dict[str, Any]:
@@ -437,6 +495,8 @@ class SearchBlock:
         """Send a block to the shards; ``finish`` takes their answers. A caller with several
         blocks submits the next before it finishes this one, so the shards search one block
         while this process merges and scores the other."""
+        import uuid
+
         from clipscan.arrays import embedding_matrix
 
         require({c: None for c in batch.column_names}, self.needs, "search")
@@ -444,23 +504,32 @@ class SearchBlock:
         queries = {m: embedding_matrix(batch.column(m)) for m in MODELS}
         k, depth = self.k, self.depth
         lists = {"probe": k + 1, "reference": depth + 1}
-        return ids, queries, ask_shards(self.shards, "search", ids, queries, lists, k + 1, False, k + 1, wait=False)
+        keep = uuid.uuid4().hex  # the shards keep the reference lists to the depth; only k + 1 columns come back
+        asked = ask_shards(self.shards, "search", ids, queries, lists, k + 1, False, k + 1, keep, wait=False)
+        return ids, queries, asked, keep
 
     def finish(self, submitted: tuple[Any, ...]) -> pa.Table:
-        """The ``SEARCH_SCHEMA`` rows of a block ``submit`` sent."""
-        ids, queries, answers = submitted
+        """The ``SEARCH_SCHEMA`` rows of a block ``submit`` sent.
+
+        The reference rank of each probe neighbour is counted where the reference lists are:
+        each shard counts the rows of its list that come before the neighbour's cosine, and
+        the counts are summed (``Shard.count_before``)."""
+        ids, queries, answers, keep = submitted
         answers = answers() if callable(answers) else answers
         k, depth = self.k, self.depth
-        lists = {"probe": k + 1, "reference": depth + 1}
         rows = np.max([a["self"] for a in answers], axis=0)
         if (rows < 0).any():
+            ask_shards(self.shards, "release", keep)
             missing = ids[rows < 0][:5].tolist()
             raise RuntimeError(f"search: {int((rows < 0).sum())} query ids are in no shard, e.g. {missing}")
-        p = merge_answers(answers, "probe", lists["probe"], rows, named=k)
-        r = merge_answers(answers, "reference", lists["reference"], rows, named=k)
+        p = merge_answers(answers, "probe", k + 1, rows, named=k)
+        r = merge_answers(answers, "reference", k + 1, rows, named=k)
+        cos = np.ascontiguousarray(p["cos_reference"][:, :k])
+        before = sum(ask_shards(self.shards, "count_before", keep, "reference", p["ids"][:, :k], cos))
+        rank = np.where((p["ids"][:, :k] >= 0) & np.isfinite(cos) & (before < depth), before + 1, 0).astype(np.int32)
 
-        s = dc.score(p["ids"][:, :k], p["sims"][:, :k], r["ids"], r["sims"][:, :k],
-                     p["cos_reference"][:, :k], r["cos_probe"][:, :k])
+        s = dc.score(p["ids"][:, :k], p["sims"][:, :k], r["ids"][:, :k], r["sims"][:, :k],
+                     p["cos_reference"][:, :k], r["cos_probe"][:, :k], ref_rank=rank)
         p_names = pa.array(p["names"][:, :k].reshape(-1), type=pa.string())
         r_names = pa.array(r["names"][:, :k].reshape(-1), type=pa.string())
         columns = dc.row_columns(pa.array(ids, type=pa.string()), p_names, r_names, s)
