@@ -306,3 +306,52 @@ def test_training_sample_grows_with_the_list_count(caplog) -> None:
     assert ix._ivf_or_none(idx).nlist == 256 and "too few" not in caplog.text
     small = ix.build_index(x[:5000], "IVF256,Flat", 4, 1000, 0, "test")  # 5000 // 39 = 128 lists at most
     assert ix._ivf_or_none(small).nlist == 128
+
+
+class _Pieces:
+    """``ix.Rows`` over an array cut into uneven pieces, counting how often it is read whole."""
+
+    def __init__(self, x: np.ndarray, cuts: list[int]) -> None:
+        self.x, self.cuts, self.rows, self.whole = x, cuts, len(x), 0
+
+    def chunks(self):  # type: ignore[no-untyped-def]
+        edges = [0, *self.cuts, len(self.x)]
+        for a, b in zip(edges[:-1], edges[1:], strict=True):
+            yield self.x[a:b].copy()
+
+    def __call__(self) -> np.ndarray:
+        self.whole += 1
+        return self.x.copy()
+
+
+def test_ivf_flat_built_piece_by_piece_equals_the_whole_array() -> None:
+    """A shard that reads its rows piece by piece fills an IVF-Flat index without the whole
+    array: the same lists, ids, bytes and answers as ``build_index`` over the array. Other
+    indexes, and a training sample as large as the rows, read the array whole."""
+    import faiss
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((9_000, 16), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    source = _Pieces(x, [1, 700, 701, 4000, 8999])
+    whole = ix.build_index(x, "IVF16,Flat", 4, 2000, 5, "test")
+    built, kept, norm = ix.build_index_chunked(source, "IVF16,Flat", 4, 2000, 5, "test")
+    assert kept is None and source.whole == 0 and norm == pytest.approx(ix._max_norm(x))
+    a, b = faiss.extract_index_ivf(whole), faiss.extract_index_ivf(built)
+    assert a.ntotal == b.ntotal == len(x) and a.nprobe == b.nprobe == 4
+    for lst in range(16):
+        size = a.invlists.list_size(lst)
+        assert b.invlists.list_size(lst) == size
+        for get, width in ((a.invlists.get_ids, 1), (a.invlists.get_codes, 64)):
+            other = getattr(b.invlists, get.__name__)
+            np.testing.assert_array_equal(faiss.rev_swig_ptr(get(lst), size * width),
+                                          faiss.rev_swig_ptr(other(lst), size * width))
+    for got, want in zip(built.search(x[:300], 10), whole.search(x[:300], 10), strict=True):
+        np.testing.assert_array_equal(got, want)
+    _, kept, _ = ix.build_index_chunked(source, "IVF16,SQ8", 4, 2000, 5, "test")
+    assert kept is not None and source.whole == 1
+    _, kept, _ = ix.build_index_chunked(source, "IVF16,Flat", 4, 10**6, 5, "test")
+    assert kept is not None and source.whole == 2
+    blocks = list(ix._reblocked(source, 37))
+    assert [at for at, _ in blocks] == list(range(0, len(x), 37))
+    np.testing.assert_array_equal(np.concatenate([b for _, b in blocks]), x)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -253,6 +253,114 @@ def build_index(x: np.ndarray, spec: str, nprobe: int, train_sample: int, seed: 
     if ivf is not None:
         ivf.nprobe = min(nprobe, ivf.nlist)
     return idx
+
+
+class Rows(Protocol):
+    """A shard's rows of one model read piece by piece: ``rows`` of them, ``chunks()`` (r, d)
+    float32 arrays in row order, or all at once by calling it."""
+
+    rows: int
+
+    def chunks(self) -> Iterator[np.ndarray]: ...
+
+    def __call__(self) -> np.ndarray: ...
+
+
+def build_index_chunked(source: Rows, spec: str, nprobe: int, train_sample: int, seed: int, who: str,
+                        batch: int = 65536) -> tuple[Any, np.ndarray | None, float]:
+    """``build_index`` over rows read piece by piece: ``(index, x, max_norm)``.
+
+    An IVF-Flat index trained on a sample (fewer rows than the shard) is filled without
+    ever holding every row: its training sample is read in one pass, each row's list in a
+    second (asked in the same batches of ``batch`` rows as ``add_vectors``), and the rows
+    written into lists sized exactly in a third, so the process holds the lists, one piece
+    and a list number per row. The same lists, entries and order as ``build_index``; ``x``
+    is None. Any other index, or one trained on every row, reads the rows whole and is
+    built by ``build_index`` (``x`` then holds them)."""
+    import faiss
+
+    n = source.rows
+    n_train = min(max(train_sample, TRAIN_PER_LIST * _nlist_of(spec)), n)
+    sized = _clamp_nlist(spec, n_train)
+    first = next(iter(source.chunks()), None)
+    d = 0 if first is None else first.shape[1]
+    probe = None
+    if n_train < n and d:
+        try:
+            probe = faiss.index_factory(d, sized, faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError:
+            probe = None  # build_index raises with the caller's name
+    if probe is None or type(faiss.downcast_index(probe)) is not faiss.IndexIVFFlat:
+        x = np.ascontiguousarray(source(), dtype=np.float32)
+        return build_index(x, spec, nprobe, train_sample, seed, who), x, _max_norm(x)
+    del first
+    idx: Any = probe
+    ivf: Any = faiss.downcast_index(idx)
+    ivf.cp.seed = seed
+    sample = np.sort(np.random.default_rng(seed).choice(n, n_train, replace=False))
+    idx.train(_take_rows(source, sample, d))
+    lists = np.empty(n, dtype=np.int64)
+    for at, block in _reblocked(source, batch):
+        lists[at:at + len(block)] = ivf.quantizer.assign(block, 1).reshape(-1)
+    counts = np.bincount(lists, minlength=ivf.nlist)
+    invlists = ivf.invlists
+    for grown in np.flatnonzero(counts):
+        invlists.resize(int(grown), int(counts[grown]))
+    filled = np.zeros(ivf.nlist, dtype=np.int64)
+    at, norm = 0, 0.0
+    for chunk in source.chunks():
+        chunk = np.ascontiguousarray(chunk, dtype=np.float32)
+        mine = lists[at:at + len(chunk)]
+        order = np.argsort(mine, kind="stable")
+        for list_no, start, size in _runs(mine[order]):
+            rows = order[start:start + size]
+            codes = np.ascontiguousarray(chunk[rows]).view(np.uint8)
+            ids = (rows + at).astype(np.int64)
+            invlists.update_entries(list_no, int(filled[list_no]), size, faiss.swig_ptr(ids), faiss.swig_ptr(codes))
+            filled[list_no] += size
+        norm = max(norm, _max_norm(chunk))
+        at += len(chunk)
+    ivf.ntotal = n
+    ivf.nprobe = min(nprobe, ivf.nlist)
+    return idx, None, norm
+
+
+def _take_rows(source: Rows, rows: np.ndarray, d: int) -> np.ndarray:
+    """(len(rows), d) float32: the rows (sorted, ascending) of ``source``, in one pass."""
+    out = np.empty((len(rows), d), dtype=np.float32)
+    at = done = 0
+    for chunk in source.chunks():
+        hi = int(np.searchsorted(rows, at + len(chunk)))
+        out[done:hi] = chunk[rows[done:hi] - at]
+        done, at = hi, at + len(chunk)
+    return out
+
+
+def _reblocked(source: Rows, batch: int) -> Iterator[tuple[int, np.ndarray]]:
+    """``source``'s rows again in blocks of ``batch`` rows (the last shorter): (first row, block)."""
+    pending: list[np.ndarray] = []
+    have = at = 0
+    for chunk in source.chunks():
+        pending.append(np.ascontiguousarray(chunk, dtype=np.float32))
+        have += len(chunk)
+        while have >= batch:
+            joined = np.concatenate(pending) if len(pending) > 1 else pending[0]
+            yield at, joined[:batch]
+            at += batch
+            pending, have = [joined[batch:]], have - batch
+    if have:
+        yield at, np.concatenate(pending) if len(pending) > 1 else pending[0]
+
+
+def _runs(sorted_values: np.ndarray) -> Iterator[tuple[int, int, int]]:
+    """(value, start, length) of each run of equal values in a sorted array."""
+    if not len(sorted_values):
+        return
+    edges = np.flatnonzero(np.diff(sorted_values)) + 1
+    starts = np.concatenate([[0], edges])
+    ends = np.concatenate([edges, [len(sorted_values)]])
+    for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+        yield int(sorted_values[a]), a, b - a
 
 
 def add_vectors(idx: Any, x: np.ndarray, batch: int = 65536) -> None:

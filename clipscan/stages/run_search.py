@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,7 +60,6 @@ class PartShard(Shard):
 
     def __init__(self, layout: Layout, lo: int, hi: int, index: str, nprobe: int, train_sample: int, seed: int,
                  threads: int | None, models: tuple[str, ...] = MODELS, gpu: bool | None = None) -> None:
-        from clipscan.arrays import embedding_matrix
 
         if gpu is None:  # in a Ray actor: the GPUs Ray gave it
             import ray
@@ -77,25 +77,38 @@ class PartShard(Shard):
         ids = pa.concat_arrays([cfs.read_parquet(parts.corpus(name), columns=["id"]).column("id").slice(at, n)
                                 .combine_chunks().cast(pa.large_string()) for name, at, n in pieces])
 
-        def vectors(model: str) -> Any:
-            def read() -> np.ndarray:  # one part at a time, into one array
-                out: np.ndarray | None = None
-                done = 0
-                for name, at, n in pieces:
-                    part = read_part(layout.run_dir, name, (model,)).slice(at, n)
-                    if not part.column("id").combine_chunks().cast(pa.large_string()).equals(ids.slice(done, n)):
-                        raise RuntimeError(f"search: {name} changed while the shard read it")
-                    matrix = embedding_matrix(part.column(model))
-                    if out is None:
-                        out = np.empty((hi - lo, matrix.shape[1]), dtype=np.float32)
-                    out[done:done + n] = matrix
-                    done += n
-                assert out is not None
-                return out
-            return read
+        super().__init__(ids, {m: PartRows(layout.run_dir, pieces, m, ids) for m in models}, lo, index, nprobe,
+                         train_sample, seed, threads, models, gpu=gpu)
 
-        super().__init__(ids, {m: vectors(m) for m in models}, lo, index, nprobe, train_sample, seed, threads,
-                         models, gpu=gpu)
+
+class PartRows:
+    """One model's vectors of a shard's rows, read from the run's parts piece by piece
+    (``chunks``) or into one array (called); ``ix.Rows``."""
+
+    def __init__(self, run_dir: str, pieces: list[tuple[str, int, int]], model: str, ids: pa.Array) -> None:
+        self.run_dir, self.pieces, self.model, self.ids = run_dir, pieces, model, ids
+        self.rows = sum(n for _, _, n in pieces)
+
+    def chunks(self) -> Iterator[np.ndarray]:
+        from clipscan.arrays import embedding_matrix
+
+        done = 0
+        for name, at, n in self.pieces:
+            part = read_part(self.run_dir, name, (self.model,)).slice(at, n)
+            if not part.column("id").combine_chunks().cast(pa.large_string()).equals(self.ids.slice(done, n)):
+                raise RuntimeError(f"search: {name} changed while the shard read it")
+            yield embedding_matrix(part.column(self.model))
+            done += n
+
+    def __call__(self) -> np.ndarray:
+        out: np.ndarray | None = None
+        done = 0
+        for matrix in self.chunks():  # one part at a time, into one array
+            if out is None:
+                out = np.empty((self.rows, matrix.shape[1]), dtype=np.float32)
+            out[done:done + len(matrix)] = matrix
+            done += len(matrix)
+        return out if out is not None else np.zeros((0, 0), dtype=np.float32)
 
 
 def block_name(part: int, block: int) -> str:

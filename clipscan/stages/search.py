@@ -254,12 +254,20 @@ class Shard:
             return
         self.approx = {}
         for m in self.models:  # one model at a time: its vectors and its lists, not every model's vectors at once
-            xm = load(m)
-            built = self.approx[m] = _build_index(xm, index, nprobe, train_sample, seed)
-            if ix.ListSearcher.holds_exactly(built):
-                self.exact[m] = ix.ListSearcher(built, ix._max_norm(xm))
-                del x[m], xm  # the lists are the vectors: one copy, not two
+            if hasattr(x[m], "chunks"):  # read piece by piece: an IVF-Flat is filled without the whole array
+                built, xm, norm = ix.build_index_chunked(x[m], sized_index(index, x[m].rows), nprobe, train_sample,
+                                                         seed, "search")
             else:
+                xm = load(m)
+                built, norm = _build_index(xm, index, nprobe, train_sample, seed), ix._max_norm(xm)
+            self.approx[m] = built
+            if ix.ListSearcher.holds_exactly(built):
+                self.exact[m] = ix.ListSearcher(built, norm)
+                x.pop(m, None)  # the lists are the vectors: one copy, not two
+                del xm
+            else:
+                assert xm is not None
+                x[m] = xm
                 self.exact[m] = ix._FlatSearcher(xm)
         # On a GPU the approximate search runs on a clone of each index; the CPU index stays
         # for the exact re-scoring and the recall sample.
