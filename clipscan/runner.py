@@ -160,13 +160,16 @@ def write_shards(ds: Any, raw: str, stage: str, total: int | None) -> None:
     """Run a per-row pipeline into ``raw`` (``rows.ShardSink``: pieces per input shard, what
     resume counts), logging its progress as ``stage``. DAF's embedding and TCAC's scoring.
 
-    The write tasks add the rows they wrote to a counter actor, so a progress line costs
-    one call, never a listing of the pieces; rows an earlier run left are counted once."""
+    The write tasks add the rows they wrote to a counter actor on the driver's node (which
+    lives as long as the job), so a progress line costs one call, never a listing of the
+    pieces; rows an earlier run left are counted once."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from clipscan.stages import rows
 
-    counter: Any = ray.remote(num_cpus=0)(rows.RowCounter).remote(rows.rows_written(raw))
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    counter: Any = ray.remote(num_cpus=0, scheduling_strategy=here)(rows.RowCounter).remote(rows.rows_written(raw))
     try:
         with Progress(stage, lambda: ray.get(counter.total.remote()), total):
             ds.write_datasink(rows.ShardSink(raw, counter), ray_remote_args={"num_cpus": rows.IO_CPUS})

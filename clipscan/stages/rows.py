@@ -185,7 +185,10 @@ class ShardSink:
                 if self.counter is not None:  # waited for, so the count is whole when the write ends
                     import ray
 
-                    ray.get(self.counter.add.remote(sum(n for s, n in written if s >= 0)))
+                    try:
+                        ray.get(self.counter.add.remote(sum(n for s, n in written if s >= 0)))
+                    except ray.exceptions.RayError:  # progress is best effort; the rows are written
+                        pass
                 return written
 
             def get_name(self) -> str:
