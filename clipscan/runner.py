@@ -169,7 +169,8 @@ def write_shards(ds: Any, raw: str, stage: str, total: int | None) -> None:
     from clipscan.stages import rows
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    counter: Any = ray.remote(num_cpus=0, scheduling_strategy=here)(rows.RowCounter).remote(rows.rows_written(raw))
+    counted: Any = ray.remote(rows.RowCounter)
+    counter = counted.options(num_cpus=0, scheduling_strategy=here).remote(rows.rows_written(raw))
     try:
         with Progress(stage, lambda: ray.get(counter.total.remote()), total):
             ds.write_datasink(rows.ShardSink(raw, counter), ray_remote_args={"num_cpus": rows.IO_CPUS})
