@@ -1,9 +1,11 @@
 """A job's corpus in; the run's per-image parts (``corpus/``, ``embeddings/<model>/``, ``skipped/``) and counts out.
 
 The read -> embed -> sink -> collect -> counts loop every job starts with: the corpus is
-read (``data.corpus``), each input shard's rows go through the encoder actors into the
-sink's pieces, the pieces are collected into the run's parts, ids repeated across parts
-are settled, and the row accounting is checked and recorded.
+read (``data.corpus``), each input shard's rows go through the encoder stage into the
+sink's pieces (in this process below ``knn.stage_min_rows`` rows, without starting Ray;
+else in a Ray actor pool), the pieces are collected into the run's parts, ids repeated
+across parts are settled, and the row accounting is checked and recorded. Ray is started
+(or joined) only where a stage runs on it.
 """
 
 from __future__ import annotations

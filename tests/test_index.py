@@ -279,18 +279,25 @@ def test_ivf_flat_lists_filled_list_by_list_equal_faiss_add() -> None:
     a = built("IVF32,Flat", lambda i: i.add(x))
     b = built("IVF32,Flat", lambda i: add_vectors(i, x, batch=3000))
     assert a.ntotal == b.ntotal == len(x)
-    for lst in range(32):
-        size = a.invlists.list_size(lst)
-        assert b.invlists.list_size(lst) == size
-        for get, width in ((a.invlists.get_ids, 1), (a.invlists.get_codes, 64)):
-            other = getattr(b.invlists, get.__name__)
-            np.testing.assert_array_equal(faiss.rev_swig_ptr(get(lst), size * width),
-                                          faiss.rev_swig_ptr(other(lst), size * width))
+    _assert_same_lists(a, b, 32, 16)
     a.nprobe = b.nprobe = 4
     for got, want in zip(b.search(x[:500], 10), a.search(x[:500], 10), strict=True):
         np.testing.assert_array_equal(got, want)
     sq = built("IVF8,SQ8", lambda i: add_vectors(i, x))  # not IVF-Flat: FAISS's add
     assert sq.ntotal == len(x)
+
+
+def _assert_same_lists(a, b, nlist: int, d: int) -> None:  # type: ignore[no-untyped-def]
+    """Two IVF-Flat indexes hold the same lists: sizes, ids and vector bytes, in order."""
+    import faiss
+
+    for lst in range(nlist):
+        size = a.invlists.list_size(lst)
+        assert b.invlists.list_size(lst) == size
+        for get, width in ((a.invlists.get_ids, 1), (a.invlists.get_codes, 4 * d)):
+            other = getattr(b.invlists, get.__name__)
+            np.testing.assert_array_equal(faiss.rev_swig_ptr(get(lst), size * width),
+                                          faiss.rev_swig_ptr(other(lst), size * width))
 
 
 def test_training_sample_grows_with_the_list_count(caplog) -> None:
@@ -339,13 +346,7 @@ def test_ivf_flat_built_piece_by_piece_equals_the_whole_array() -> None:
     assert kept is None and source.whole == 0 and norm == pytest.approx(ix._max_norm(x))
     a, b = faiss.extract_index_ivf(whole), faiss.extract_index_ivf(built)
     assert a.ntotal == b.ntotal == len(x) and a.nprobe == b.nprobe == 4
-    for lst in range(16):
-        size = a.invlists.list_size(lst)
-        assert b.invlists.list_size(lst) == size
-        for get, width in ((a.invlists.get_ids, 1), (a.invlists.get_codes, 64)):
-            other = getattr(b.invlists, get.__name__)
-            np.testing.assert_array_equal(faiss.rev_swig_ptr(get(lst), size * width),
-                                          faiss.rev_swig_ptr(other(lst), size * width))
+    _assert_same_lists(a, b, 16, 16)
     for got, want in zip(built.search(x[:300], 10), whole.search(x[:300], 10), strict=True):
         np.testing.assert_array_equal(got, want)
     _, kept, _ = ix.build_index_chunked(source, "IVF16,SQ8", 4, 2000, 5, "test")
