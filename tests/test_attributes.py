@@ -9,7 +9,8 @@ from PIL import Image
 
 from clipscan.models import planted
 from clipscan.stages import attributes
-from clipscan.stages.attributes import AttributeCounts, Counts, LexiconError, lift_ci, load_lexicons
+from clipscan.stages.attributes import AttributeCounts, Counts, LexiconError, load_lexicons
+from clipscan.stats import lift_ci
 from tests import reference
 
 

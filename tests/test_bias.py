@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from clipscan.stages import bias
+from clipscan.stats import wilson
 from tests.conftest import ROOT, load_job
 
 ZIP_VOCAB = ["red circle", "green square", "blue rectangle", "yellow triangle", "purple diamond",
@@ -124,9 +125,9 @@ def test_scene_facts_against_a_brute_force_loop(tmp_path: Path) -> None:
 
 
 def test_wilson_interval() -> None:
-    lo, hi = bias.wilson(0.5, 100)
+    lo, hi = wilson(0.5, 100)
     assert abs(lo - 0.4038) < 1e-4 and abs(hi - 0.5962) < 1e-4
-    assert bias.wilson(0.0, 20)[0] == 0.0 and bias.wilson(1.0, 20)[1] == 1.0
+    assert wilson(0.0, 20)[0] == 0.0 and wilson(1.0, 20)[1] == 1.0
 
 
 # --- figures recomputed with numpy from bias.parquet ------------------------------------
@@ -236,7 +237,7 @@ def test_probes_of_known_bias_show_it_and_unbiased_ones_do_not(py_runs: tuple[Pa
     lo, hi = fig["ci"][0]
     assert lo <= chance[0] <= hi
     for p in range(5):
-        lo, hi = bias.wilson(fig["share"][p], scenes[p], z=3.29)
+        lo, hi = wilson(fig["share"][p], scenes[p], z=3.29)
         assert lo <= chance[p] <= hi, (p, fig["share"][p], chance[p], (lo, hi))
     assert sum(fig["share"][p] * scenes[p] for p in range(5)) == pytest.approx(64)  # every scene hits one of its objects
     assert abs(even["matching"]["largest_first"] - even["matching"]["largest_last"]) < 0.2

@@ -592,8 +592,8 @@ def judge_rows(n: int) -> pa.Table:
 
 
 def test_judge_counts_hits_and_orders_by_validated_lift() -> None:
-    from clipscan.stages.attributes import lift_ci
     from clipscan.stages.summarise import judge as jd
+    from clipscan.stats import lift_ci
 
     held, controls = jd.pairs_from_rows(judge_rows(30), exclude={"c00", "c01"}, n=20)
     assert len(held) == len(controls) == 20 and held[0].case_id == "c02" and not held[0].control

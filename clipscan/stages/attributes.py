@@ -39,10 +39,10 @@ import pyarrow.compute as pc
 
 from clipscan.stages.discrepancy import hash_ids
 from clipscan.stages.discrepancy import uniform as dc_uniform
+from clipscan.stats import lift_ci
 
 ATTRIBUTES: tuple[str, ...] = ("colour", "count", "size", "position", "object", "action", "scene")
 LEXICON_DIR = Path(__file__).resolve().parents[1] / "data" / "lexicons"
-Z95 = 1.959963984540054  # two-sided 95 % normal quantile
 GROUPS = ("probe_only", "reference", "matched", "rank_matched")  # probe-only pairs, then the controls
 # Which groups the lift compares against, per ``attributes.control``.
 CONTROLS: dict[str, tuple[int, ...]] = {"rank_matched": (3,), "reference": (1,), "matched": (2,), "pooled": (1, 2)}
@@ -145,35 +145,6 @@ def load_lexicons(
             f"attributes.lexicons names {sorted(overrides)}, which are not in attributes.names {list(names)}"
         )
     return Lexicons(words, sources)
-
-
-# ---------------------------------------------------------------------------------------
-# Interval arithmetic
-
-
-def lift_ci(
-    differ: int, pairs: int, control_differ: int, control_pairs: int, z: float = Z95
-) -> tuple[float | None, float | None, float | None]:
-    """Ratio of two proportions, (differ/pairs) / (control_differ/control_pairs), with its
-    Katz log interval: exp(log lift +- z * sqrt(1/a - 1/n1 + 1/c - 1/n2)).
-
-    When a cell of the 2 x 2 table is zero, 0.5 is added to all four (Haldane), for the
-    lift and the interval alike. Returns (lift, lo, hi); all None when a group has no
-    pairs or neither group has a differing pair (nothing to compare).
-    """
-    a, n1, c, n2 = float(differ), float(pairs), float(control_differ), float(control_pairs)
-    if not (0 <= a <= n1 and 0 <= c <= n2):
-        raise ValueError(
-            f"lift_ci: counts must satisfy 0 <= differ <= pairs, got {differ}/{pairs} and "
-            f"{control_differ}/{control_pairs}"
-        )
-    if n1 == 0 or n2 == 0 or a + c == 0:
-        return None, None, None
-    if 0 in (a, n1 - a, c, n2 - c):
-        a, c, n1, n2 = a + 0.5, c + 0.5, n1 + 1.0, n2 + 1.0
-    lift = (a / n1) / (c / n2)
-    se = math.sqrt(1 / a - 1 / n1 + 1 / c - 1 / n2)
-    return lift, lift * math.exp(-z * se), lift * math.exp(z * se)
 
 
 # ---------------------------------------------------------------------------------------

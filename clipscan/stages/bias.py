@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import io
 import itertools
-import math
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -32,9 +31,9 @@ import numpy as np
 import pyarrow as pa
 
 from clipscan import fs as cfs
+from clipscan.stats import wilson
 
 TIE_TOL = 1e-6  # cosines this close to a row's best are a tie
-Z95 = 1.959963984540054
 
 SCENES_SCHEMA = pa.schema([
     ("id", pa.string()),
@@ -388,16 +387,6 @@ def matching(scenes: pa.Table, captions: pa.Table, scene_image: np.ndarray, text
 
 # ---------------------------------------------------------------------------------------
 # Figures
-
-
-def wilson(share: float, n: int, z: float = Z95) -> tuple[float, float]:
-    """95 % Wilson score interval of a share over n scenes ((0, 1) when n is 0)."""
-    if n <= 0:
-        return 0.0, 1.0
-    denom = 1 + z * z / n
-    centre = (share + z * z / (2 * n)) / denom
-    half = z * math.sqrt(max(share * (1 - share), 0.0) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def _shares(values: np.ndarray, n_obj: np.ndarray, width: int) -> dict[str, Any]:

@@ -6,7 +6,7 @@ discrepant pairs (an image's caption and a probe-only neighbour's, from cases th
 not derived from) and on control pairs (the image's caption and that of a reference
 neighbour at the probe-only neighbour's reference rank). Per type: the hit rate on
 held-out pairs, the rate on controls, their ratio (lift) with a 95 % interval
-(``clipscan.stages.attributes.lift_ci``); a type whose lower bound is not above 1 is
+(``clipscan.stats.lift_ci``); a type whose lower bound is not above 1 is
 unconfirmed. Captions and the LLM's own type names are fenced as data in the prompt.
 """
 
@@ -119,7 +119,7 @@ def judge_types(
     are counted in ``failed``, not judged), rates, ``lift``, ``ci``, ``confirmed`` (lower
     bound above 1).
     """
-    from clipscan.stages.attributes import lift_ci
+    from clipscan.stats import lift_ci
 
     pairs = [*held_out, *controls]
     plan = [(t, p) for t in range(len(types)) for p in pairs]
