@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from clipscan.columns import MissingColumns
 from clipscan.models import planted
 from clipscan.stages import attributes
 from clipscan.stages.attributes import AttributeCounts, Counts, LexiconError, load_lexicons
@@ -86,7 +87,7 @@ def test_counts_words_and_pairs_by_hand() -> None:
     col = next(a for a in s["attributes"] if a["name"] == "colour")
     assert col["rate"] == 0.8 and col["control_rate"] == 0.0 and col["pairs"] == 3
     assert col["lift"] == pytest.approx(lift_ci(4, 5, 0, 1)[0], abs=1e-4)
-    with pytest.raises(KeyError, match="stage 'attributes' needs columns"):
+    with pytest.raises(MissingColumns, match="stage 'attributes' needs columns"):
         AttributeCounts(lex).counts(rows.drop_columns(["matched_captions"]))
 
 

@@ -4,6 +4,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from clipscan.columns import MissingColumns
 from clipscan.config import DafConfig, load_config
 from clipscan.rundir import Run
 from clipscan.stages.decode import Decode, SkipImage, decode_image
@@ -28,7 +29,7 @@ def test_decode_resizes_and_centre_crops() -> None:
 
 
 def test_decode_stage_checks_columns() -> None:
-    with pytest.raises(KeyError, match="stage 'decode' needs columns \\['uri'"):
+    with pytest.raises(MissingColumns, match="stage 'decode' needs columns \\['uri'"):
         Decode(16, 100)({"id": np.array(["a"]), "skip_stage": np.array([""]), "skip_reason": np.array([""])})
 
 

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from clipscan.arrays import embedding_array
+from clipscan.columns import MissingColumns
 from clipscan.report import daf_figures
 from clipscan.stages import discrepancy as dc
 from clipscan.stages import index as ix
@@ -237,7 +238,7 @@ def test_sized_index_and_missing_ids() -> None:
     stage = sr.SearchBlock([sr.Shard.from_table(table.slice(0, 100), 0)], K, DEPTH)
     with pytest.raises(RuntimeError, match="in no shard"):
         stage(table.slice(150, 10))
-    with pytest.raises(KeyError, match=r"stage .search. needs columns \[.reference.\]"):
+    with pytest.raises(MissingColumns, match=r"stage .search. needs columns \[.reference.\]"):
         stage(table.select(["id", "probe"]))
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from clipscan.columns import MissingColumns
 from clipscan.config import LlmConfig
 from clipscan.stages import summarise as sm
 from clipscan.stages.summarise import (
@@ -344,7 +345,7 @@ def test_backend_off_writes_an_empty_summary(tmp_path: Path) -> None:
 
 
 def test_missing_columns_name_the_stage_and_the_keys(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"summarise: cases table lacks columns \['texts'\]; present: \['id'"):
+    with pytest.raises(MissingColumns, match=r"stage .summarise. needs columns \['texts'\]; it has \['caption', 'id'\]"):
         summarise(pa.table({"id": ["a"], "caption": ["x"]}), LlmConfig(backend="openai"), None, str(tmp_path))
 
 

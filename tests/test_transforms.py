@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+from clipscan.columns import MissingColumns
 from clipscan.config import TcacSection
 from clipscan.stages.transforms import (
     SeededTransforms,
@@ -135,7 +136,7 @@ def test_transform_stage_batch() -> None:
     np.testing.assert_array_equal(out["versions"][:, 0][[0, 2]], pixels[[0, 2]])
     assert not out["versions"][1].any()  # a skipped row stays zeros
     np.testing.assert_array_equal(out["versions"][2, 2], stage.transforms.apply(pixels[2], "c", "rotation"))
-    with pytest.raises(KeyError, match="stage 'transform' needs columns \\['pixels'\\]"):
+    with pytest.raises(MissingColumns, match="stage 'transform' needs columns \\['pixels'\\]"):
         stage({"id": batch["id"], "skip_stage": batch["skip_stage"]})
 
 

@@ -37,6 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from clipscan.columns import require
 from clipscan.stages.discrepancy import hash_ids
 from clipscan.stages.discrepancy import uniform as dc_uniform
 from clipscan.stats import lift_ci
@@ -312,10 +313,7 @@ class AttributeCounts:
 
 
 def _columns(batch: pa.Table | Mapping[str, Any], needs: tuple[str, ...], stage: str) -> dict[str, list[Any]]:
-    present = batch.column_names if isinstance(batch, pa.Table) else list(batch)
-    missing = [k for k in needs if k not in present]
-    if missing:
-        raise KeyError(f"stage {stage!r} needs columns {missing}; the batch has {sorted(present)}")
+    require(batch, needs, stage)
     if isinstance(batch, pa.Table):
         return {k: batch.column(k).to_pylist() for k in needs}
     return {k: [v.tolist() if isinstance(v, np.ndarray) else v for v in batch[k]] for k in needs}

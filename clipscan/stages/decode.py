@@ -467,6 +467,9 @@ class Decode:
         return self.decoder.decode(data, self.size, self.max_pixels)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # imported here: the decoder process imports this module, and needs no pyarrow
+        from clipscan.columns import require
+
         require(batch, self.needs, "decode")
         n = len(batch["id"])
         pixels = np.zeros((n, self.size, self.size, 3), dtype=np.uint8)
@@ -497,10 +500,3 @@ class Decode:
             notes=np.array(notes, dtype=object),
         )
         return out
-
-
-def require(batch: dict[str, Any], keys: tuple[str, ...], stage: str) -> None:
-    """Fail with the stage name, the missing keys and the keys present."""
-    missing = [k for k in keys if k not in batch]
-    if missing:
-        raise KeyError(f"stage {stage!r} needs columns {missing}; the batch has {sorted(batch)}")

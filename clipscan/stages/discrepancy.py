@@ -24,6 +24,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from clipscan.columns import require
+
 RankBy = Literal["overlap", "jaccard", "gap", "max_gap"]
 RANK_BY: tuple[str, ...] = ("overlap", "jaccard", "gap", "max_gap")
 
@@ -210,8 +212,8 @@ def cases(discrepancies: pa.Table, corpus: pa.Table, n: int) -> pa.Table:
     followed by its probe-only neighbours' captions, as the summary prompt takes them.
     """
     needs = ("rank", "id", "probe_only", "probe_only_probe_cos", "probe_only_reference_cos")
-    _require_columns(discrepancies, needs, "cases", "discrepancies")
-    _require_columns(corpus, ("id", "uri", "caption"), "cases", "corpus")
+    require(discrepancies, needs, "cases")
+    require(corpus, ("id", "uri", "caption"), "cases")
     if n < 0:
         raise ValueError(f"cases: n must be >= 0, got {n}")
     has_only = pc.greater(pc.list_value_length(discrepancies.column("probe_only")), 0)
@@ -449,9 +451,3 @@ def _name_lists(names: pa.Array, mask: np.ndarray) -> pa.Array:
 
 def _float_lists(values: np.ndarray, mask: np.ndarray) -> pa.Array:
     return _lists(pa.array(values[mask].astype(np.float32)), mask)
-
-
-def _require_columns(table: pa.Table, names: tuple[str, ...], fn: str, arg: str) -> None:
-    missing = [c for c in names if c not in table.column_names]
-    if missing:
-        raise ValueError(f"{fn}: {arg} lacks columns {missing}; it has {table.column_names}")

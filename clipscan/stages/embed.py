@@ -20,9 +20,10 @@ import pyarrow as pa
 
 from clipscan import fs as cfs
 from clipscan.arrays import embedding_array, embedding_matrix
+from clipscan.columns import require
 from clipscan.pipeline.parts import RunParts
 from clipscan.stages import rows
-from clipscan.stages.decode import Decode, require
+from clipscan.stages.decode import Decode
 from clipscan.stages.rows import SKIPPED_SCHEMA, each, shard_pieces, units, write_skipped
 
 if TYPE_CHECKING:

@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from clipscan.stages.decode import Decode, SkipImage, read_image_bytes, require
+from clipscan.columns import require
+from clipscan.stages.decode import Decode, SkipImage, read_image_bytes
 
 GPU_MODES = ("RGB", "L")  # JPEG colour modes nvJPEG decodes to RGB; CMYK/YCCK go to the CPU
 

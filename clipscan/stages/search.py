@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
+from clipscan.columns import require
 from clipscan.stages import discrepancy as dc
 from clipscan.stages import index as ix
-from clipscan.stages.decode import require
 
 if TYPE_CHECKING:
     import ray.data
@@ -233,7 +233,7 @@ class Shard:
         self.models = tuple(models)
         missing = [m for m in self.models if m not in x]
         if missing:
-            raise KeyError(f"stage 'search' needs columns {missing}; the shard has {sorted(x)}")
+            require(x, self.models, "search")
         if threads is not None:
             faiss.omp_set_num_threads(max(1, int(threads)))
         self.lo = int(lo)
@@ -278,7 +278,7 @@ class Shard:
         """A shard of ``table``'s rows: ``id`` (each once) and a vector column per model."""
         from clipscan.arrays import embedding_matrix
 
-        require({c: None for c in table.column_names}, ("id", *models), "search")
+        require(table, ("id", *models), "search")
         x = {m: embedding_matrix(table.column(m)) for m in models}
         return cls(table.column("id"), x, lo, models=models, **kwargs)
 
@@ -507,7 +507,7 @@ class SearchBlock:
 
         from clipscan.arrays import embedding_matrix
 
-        require({c: None for c in batch.column_names}, self.needs, "search")
+        require(batch, self.needs, "search")
         ids = np.asarray(batch.column("id").to_pylist(), dtype=object)
         queries = {m: embedding_matrix(batch.column(m)) for m in MODELS}
         k, depth = self.k, self.depth

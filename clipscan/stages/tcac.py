@@ -39,7 +39,8 @@ import pyarrow as pa
 
 from clipscan import fs as cfs
 from clipscan.arrays import embedding_array
-from clipscan.stages.decode import Decode, require
+from clipscan.columns import require
+from clipscan.stages.decode import Decode
 from clipscan.stages.rows import SKIPPED_SCHEMA, each, shard_pieces, units, write_skipped
 
 if TYPE_CHECKING:

@@ -212,7 +212,7 @@ class Transform:
         self.transforms = SeededTransforms(transforms, seed)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from clipscan.stages.decode import require
+        from clipscan.columns import require
 
         require(batch, self.needs, "transform")
         pixels = batch["pixels"]

@@ -20,6 +20,7 @@ from typing import Any
 import pyarrow as pa
 
 from clipscan import fs as cfs
+from clipscan.columns import require
 
 log = logging.getLogger("clipscan")
 
@@ -54,11 +55,7 @@ class Prompt:
 
 def cases_from_table(cases: pa.Table) -> list[Case]:
     """``cases.parquet`` rows (``id``, ``texts``; ``caption`` if ``texts`` is empty) in table order."""
-    missing = [c for c in REQUIRED_COLUMNS if c not in cases.column_names]
-    if missing:
-        raise ValueError(
-            f"{STAGE}: cases table lacks columns {missing}; present: {cases.column_names}"
-        )
+    require(cases, REQUIRED_COLUMNS, STAGE)
     ids = [str(x) for x in cases.column("id").to_pylist()]
     texts = cases.column("texts").to_pylist()
     captions = cases.column("caption").to_pylist() if "caption" in cases.column_names else [None] * len(ids)
