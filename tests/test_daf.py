@@ -212,3 +212,41 @@ def test_a_key_repeated_across_webdataset_tars_is_settled_before_the_search(tmp_
         tables[label] = pq.read_table(out / "discrepancies.parquet")
         assert tables[label].column("id").to_pylist().count("twice") == 1
     assert tables["local"].equals(tables["one"]) and tables["local"].equals(tables["three"])
+
+
+def test_a_small_job_runs_in_its_own_process_without_ray_and_matches_the_ray_run(
+        tmp_path: Path, scene_corpus: str, ray_local: None) -> None:
+    """Below ``knn.stage_min_rows`` a job started without a cluster never starts Ray: the
+    embedding, search, mining and attribute contrast run in its process, with the same
+    results as the same job run on Ray."""
+    import os
+
+    on_ray, here = tmp_path / "ray", tmp_path / "here"
+    assert daf.main(_args(scene_corpus, on_ray, "knn.stage_min_rows=2")) == 0
+    code = ("import runpy, sys, ray\n"
+            f"sys.argv = ['daf.py', *{_args(scene_corpus, here)!r}]\n"
+            "try:\n    runpy.run_path('jobs/daf.py', run_name='__main__')\n"
+            "except SystemExit as e:\n    assert not e.code, e.code\n"
+            "print('ray started:', ray.is_initialized())\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ray started: False" in proc.stdout
+    stages = json.loads((here / "run.json").read_text())["stages"]
+    assert stages["embed"]["executor"] == stages["mine"]["executor"] == "local"
+    assert json.loads((on_ray / "run.json").read_text())["stages"]["embed"]["executor"] == "ray"
+    a = pq.read_table(here / "discrepancies.parquet").sort_by("id")
+    b = pq.read_table(on_ray / "discrepancies.parquet").sort_by("id")
+    assert a.num_rows == b.num_rows == 120
+    for name in a.column_names:
+        x, y = a.column(name).to_pylist(), b.column(name).to_pylist()
+        if pa.types.is_floating(a.schema.field(name).type) or (
+                pa.types.is_list(a.schema.field(name).type) and pa.types.is_floating(a.schema.field(name).type.value_type)):
+            flat = [v for r in x for v in (r if isinstance(r, list) else [r])]
+            other = [v for r in y for v in (r if isinstance(r, list) else [r])]
+            assert len(flat) == len(other) and all(abs(p - q) <= 1e-5 for p, q in zip(flat, other, strict=True)), name
+        else:
+            assert x == y, name
+    assert json.loads((here / "attributes.json").read_text())["attributes"] == \
+        json.loads((on_ray / "attributes.json").read_text())["attributes"]
