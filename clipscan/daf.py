@@ -197,7 +197,8 @@ def search_and_mine(run: Run, cfg: DafConfig, rows: int) -> Mined:
                 deep = stage.reference_lists(candidates.slice(0, cfg.attributes.cases).column("id").to_pylist())
             cfs.remove_tree(scratch)
             facts.update(images=result.figures.images, pairs=result.pairs, cases=case_table.num_rows,
-                         mean_overlap=round(result.figures.mean_overlap, 4), executor=executor.name)
+                         mean_overlap=round(result.figures.mean_overlap, 4), executor=executor.name,
+                         parts_reused=result.reused)
     finally:
         stage.close()
     return Mined(k, result.figures, result.pairs, case_table, candidates, top, recall, deep, cfg.output, cfg,

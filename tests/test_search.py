@@ -376,6 +376,44 @@ def test_local_search_and_mine_equal_today(tmp_path, name: str, block: int, rank
         sorted(ids[:3])
 
 
+def test_mine_keeps_the_parts_a_killed_run_wrote(tmp_path) -> None:
+    """A rerun of the mine stage keeps every discrepancy part (and its pair candidates) written
+    from the same search parts and settings: the same outputs; another seed mines again."""
+    from clipscan.pipeline.executor import Local
+    from clipscan.stages.run_search import RunSearch
+
+    _, _, _, table = shuffled_run("generated", 0)
+    write_run(tmp_path / "run", table, 4)
+    search, out, pairs = tmp_path / "search", tmp_path / "d", tmp_path / "p"
+    with RunSearch(str(tmp_path / "run"), k=K, rank_depth=DEPTH, query_block=40, probe_min=0.9) as stage:
+        stage.write(str(search))
+
+    def run(seed: int = 0) -> mn.Mined:
+        return mn.mine(str(search), str(out), str(pairs), "overlap", K, Local(), seed=seed, cases=20)
+
+    clean = run()
+    assert clean.reused == 0 and clean.pairs > 0
+    discrepancies, pair_table = pq.read_table(out), pq.read_table(pairs)
+    assert run().reused == 0  # the pair candidates of a finished stage are gone: mined again
+
+    def killed(*a, **kw):  # type: ignore[no-untyped-def]
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patch:  # killed once every part is mined, before the pairs
+        patch.setattr(mn, "write_pairs", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run()
+    parts = sorted(out.glob("part-*.parquet"))
+    for part in parts[2:]:  # and two parts lost
+        part.unlink()
+    again = run()
+    assert again.reused == 2
+    assert pq.read_table(out).equals(discrepancies) and pq.read_table(pairs).equals(pair_table)
+    assert again.candidates.equals(clean.candidates) and again.pairs == clean.pairs
+    assert again.figures.overlap_counts.tolist() == clean.figures.overlap_counts.tolist()
+    assert run(seed=1).reused == 0
+
+
 def test_search_keeps_the_blocks_a_killed_run_wrote(tmp_path) -> None:
     """A rerun keeps every block it finds (the same plan) and computes the rest: the same bits;
     another plan (here knn.k) starts over."""

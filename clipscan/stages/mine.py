@@ -134,21 +134,73 @@ def part_moments(search_dir: str, name: str) -> np.ndarray:
     return np.stack(out)
 
 
+# A discrepancy part's schema metadata: what it was mined from and with (``_stamp``), and
+# how many pair candidates its task wrote beside it.
+MINED_KEY, PAIRS_KEY = b"clipscan.mined", b"clipscan.pairs"
+
+
 def mine_part(search_dir: str, name: str, out_path: str, pairs_path: str,
               scales: tuple[tuple[float, float], tuple[float, float]],
               k: int, fraction: float, seed: int, rank_by: str, cases: int) -> dict[str, Any]:
     """One search part -> its discrepancy part at ``out_path`` (``IMAGES_SCHEMA``), its
     pair candidates (written to ``pairs_path`` by the task itself; their count returned),
     its figures and the sort keys (``SORT_KEYS``, id included) of its top ``cases`` rows
-    that have a probe-only neighbour (``rank_by`` order)."""
-    search = cfs.read_parquet(cfs.join(search_dir, name))
-    rows = dc.add_calibrated_gaps(search.select([f.name for f in dc.IMAGES_SCHEMA if f.name not in dc.CALIBRATED]),
-                                  *scales).select(dc.IMAGES_SCHEMA.names).cast(dc.IMAGES_SCHEMA)
-    cfs.write_parquet_atomic(out_path, rows)
+    that have a probe-only neighbour (``rank_by`` order).
+
+    A part an earlier, killed run wrote from the same search part with the same settings
+    (its stamp in the part's metadata, written after the pair candidates) is read back,
+    not mined again (``reused``)."""
+    stamp = _stamp(search_dir, name, scales, k, fraction, seed)
+    rows, pairs = _kept_part(out_path, stamp)
+    if rows is not None and pairs and not cfs.exists(pairs_path):
+        rows = None  # its pair candidates are gone (the stage ended after writing the pairs): mined again
+    reused = rows is not None
+    if rows is None:
+        search = cfs.read_parquet(cfs.join(search_dir, name))
+        rows = dc.add_calibrated_gaps(search.select([f.name for f in dc.IMAGES_SCHEMA if f.name not in dc.CALIBRATED]),
+                                      *scales).select(dc.IMAGES_SCHEMA.names).cast(dc.IMAGES_SCHEMA)
+        pairs = _write_pairs_part(pair_rows(search), pairs_path)
+        del search
+        cfs.write_parquet_atomic(out_path, rows.replace_schema_metadata({MINED_KEY: stamp,
+                                                                          PAIRS_KEY: str(pairs).encode()}))
     has_only = pc.greater(pc.list_value_length(rows.column("probe_only")), 0)
     keys = rows.filter(has_only).select([c for c, _ in SORT_KEYS[rank_by]])  # the whole rows are read back for the winners
-    return {"figures": Figures.of(rows, k, fraction, seed), "top": best(keys, rank_by, cases),
-            "pairs": _write_pairs_part(pair_rows(search), pairs_path)}
+    return {"figures": Figures.of(rows, k, fraction, seed), "top": best(keys, rank_by, cases), "pairs": pairs,
+            "reused": reused}
+
+
+def _stamp(search_dir: str, name: str, scales: tuple[tuple[float, float], tuple[float, float]], k: int,
+           fraction: float, seed: int) -> bytes:
+    """What a discrepancy part depends on: its search part (name, size, the digest of its
+    query ids) and the mining settings."""
+    import hashlib
+    import json
+
+    import pyarrow.parquet as pq
+
+    from clipscan.stages.run_search import IDS_KEY
+
+    path = cfs.join(search_dir, name)
+    fsys, inner = cfs.resolve(path)
+    with cfs.named(path), fsys.open_input_file(inner) as f:
+        size = f.size()
+        ids = (pq.read_schema(f).metadata or {}).get(IDS_KEY, b"").hex()
+    facts = [name, size, ids, [list(s) for s in scales], k, fraction, seed]
+    return hashlib.sha256(json.dumps(facts).encode()).hexdigest().encode()
+
+
+def _kept_part(path: str, stamp: bytes) -> tuple[pa.Table | None, int]:
+    """A discrepancy part written with ``stamp`` and its pair count; (None, 0) otherwise."""
+    import pyarrow.parquet as pq
+
+    if not cfs.exists(path):
+        return None, 0
+    fsys, inner = cfs.resolve(path)
+    with cfs.named(path), fsys.open_input_file(inner) as f:
+        meta = pq.read_schema(f).metadata or {}
+    if meta.get(MINED_KEY) != stamp:
+        return None, 0
+    return cfs.read_parquet(path).replace_schema_metadata(None).cast(dc.IMAGES_SCHEMA), int(meta.get(PAIRS_KEY, b"0"))
 
 
 def _write_pairs_part(pairs: pa.Table, path: str) -> int:
@@ -201,6 +253,7 @@ class Mined:
     figures: Figures
     candidates: pa.Table  # the top ``cases`` rows with a probe-only neighbour, rank order, ``DISCREPANCY_SCHEMA``
     pairs: int  # MMVP pairs written
+    reused: int = 0  # discrepancy parts a killed run had written, kept
 
 
 def mine(search_dir: str, out_dir: str, pairs_dir: str, rank_by: str, k: int, executor: Executor,
@@ -210,7 +263,9 @@ def mine(search_dir: str, out_dir: str, pairs_dir: str, rank_by: str, k: int, ex
 
     Four passes over the parts: the cosine moments (what ``gap_z`` standardises by), the
     rows (written, with each part's figures and the keys of its top rows), the ranks of
-    the global top rows, and their whole rows (read back by id).
+    the global top rows, and their whole rows (read back by id). A rerun after a kill
+    keeps the discrepancy parts (and their pair candidates) it finds from the same search
+    parts and settings (``Mined.reused``).
     """
     if rank_by not in SORT_KEYS:
         raise ValueError(f"mine: rank_by must be one of {tuple(SORT_KEYS)}, got {rank_by!r}")
@@ -221,22 +276,23 @@ def mine(search_dir: str, out_dir: str, pairs_dir: str, rank_by: str, k: int, ex
     for moments in executor.map(part_moments, [(search_dir, n) for n in names]):
         total += moments
     scales = dc.scale_of(total[0]), dc.scale_of(total[1])
-    cfs.remove_tree(out_dir)
-    cfs.makedirs(out_dir)
+    outs = [f"part-{i:05d}.parquet" for i in range(len(names))]  # the search's order, numbered
+    candidates_dir = cfs.join(pairs_dir, "_candidates")
+    _keep_only(out_dir, outs)
+    _keep_only(candidates_dir, outs)
+    _keep_only(pairs_dir, [])  # the pairs are written again from the candidates
     rows = _rows_in(search_dir, names)
     fraction = plot_fraction(rows, k)
     figures = Figures(k=k, overlap_counts=np.zeros(k + 1, np.int64),
                       points={c: np.zeros(0, np.float32) for c in ("px", "py", "ox", "oy")})
     top = dc.IMAGES_SCHEMA.empty_table().select([c for c, _ in SORT_KEYS[rank_by]])
-    candidates_dir = cfs.join(pairs_dir, "_candidates")
-    cfs.remove_tree(pairs_dir)
-    cfs.makedirs(candidates_dir)
-    outs = [f"part-{i:05d}.parquet" for i in range(len(names))]  # the search's order, numbered
     args = [(search_dir, n, cfs.join(out_dir, o), cfs.join(candidates_dir, o), scales, k, fraction, seed, rank_by,
              cases) for n, o in zip(names, outs, strict=True)]
+    reused = 0
     for part in executor.map(mine_part, args):
         figures.add(part["figures"])
         top = best(pa.concat_tables([top, part["top"]]), rank_by, cases)
+        reused += part["reused"]
     ranks = np.ones(top.num_rows, dtype=np.int64)
     candidates = dc.DISCREPANCY_SCHEMA.empty_table()
     if top.num_rows:
@@ -248,7 +304,17 @@ def mine(search_dir: str, out_dir: str, pairs_dir: str, rank_by: str, k: int, ex
         candidates = rows.add_column(0, "rank", pa.array(ranks.astype(np.int32))).cast(dc.DISCREPANCY_SCHEMA)
     pair_count = write_pairs(candidates_dir, pairs_dir, executor)
     cfs.remove_tree(candidates_dir)
-    return Mined(figures, candidates, pair_count)
+    return Mined(figures, candidates, pair_count, reused)
+
+
+def _keep_only(path: str, names: list[str]) -> None:
+    """Remove the ``.parquet`` files directly under ``path`` not named in ``names``; make ``path``."""
+    keep = set(names)
+    for part in cfs.list_parquet(path):
+        if part.rsplit("/", 1)[-1] not in keep:
+            fsys, inner = cfs.resolve(part)
+            fsys.delete_file(inner)
+    cfs.makedirs(path)
 
 
 def _rows_in(path: str, names: list[str]) -> int:
