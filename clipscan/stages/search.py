@@ -389,10 +389,16 @@ class Shard:
             t, who = cos[r0:r1, :, None], rows[r0:r1, :, None]
             before = ok & (s > t + _NEAR)
             near = ok & (np.abs(s - t) <= _NEAR)
-            if near.any():
+            if near.any():  # each near (query, entry) scored once, a bounded number of vectors at a time
+                qi, qe = np.nonzero(near.any(axis=1))
+                key = np.full(sims[r0:r1].shape, np.nan, dtype=np.float32)
+                step_pairs = max(1, _COS_VALUES // max(1, q.shape[1]))
+                for c in range(0, len(qi), step_pairs):
+                    ii, ee = qi[c:c + step_pairs], qe[c:c + step_pairs]
+                    key[ii, ee] = dc.dot_rows(self._gather(model, found[r0 + ii, ee] - self.lo), q[r0 + ii])
                 i, j, e = np.nonzero(near)
-                exact = dc.dot_rows(self._gather(model, f[i, 0, e] - self.lo), q[r0 + i])
-                before[i, j, e] = (exact > t[i, j, 0]) | ((exact == t[i, j, 0]) & (f[i, 0, e] < who[i, j, 0]))
+                kv, tv = key[i, e], t[i, j, 0]
+                before[i, j, e] = (kv > tv) | ((kv == tv) & (f[i, 0, e] < who[i, j, 0]))
             valid = (rows[r0:r1] >= 0) & np.isfinite(cos[r0:r1])
             out[r0:r1] = np.where(valid, before.sum(axis=2), 0)
         return out
