@@ -191,6 +191,9 @@ def test_shard_replies_are_bounded_by_k_and_ranks_counted_where_the_lists_are() 
     assert got.column("probe_only_reference_rank").to_pylist() == wanted.column("probe_only_reference_rank").to_pylist()
     assert any(r is None for rr in got.column("probe_only_reference_rank").to_pylist() for r in rr)  # beyond the depth
     assert any(r for rr in got.column("probe_only_reference_rank").to_pylist() for r in rr if r)
+    shallow = sr.SearchBlock(held, K, K)(table.slice(0, 50))  # a reference list no deeper than k
+    assert shallow.column("reference_neighbours").equals(rows.column("reference_neighbours"))
+    assert all(not shard._held for shard in held)
 
 
 def _flat_valid(batch: pa.RecordBatch, column: str) -> tuple[np.ndarray, np.ndarray]:

@@ -310,7 +310,7 @@ class Shard:
 
     def search(
         self, ids: np.ndarray, queries: dict[str, np.ndarray], depth: dict[str, int], carry: int,
-        exact: bool = False, named: int | None = None, keep: str | None = None,
+        exact: bool = False, named: int | None = None, keep: tuple[str, str] | None = None,
     ) -> dict[str, Any]:
         """Each query's best ``depth[model]`` rows of this shard under each model.
 
@@ -323,9 +323,9 @@ class Shard:
         ``cos_reference`` (m, carry) float32, the candidate's cosine to the query under each
         model (float64 dot rounded to float32; NaN where missing).
 
-        ``keep`` (a token): a list deeper than ``carry`` stays here under that token and only
-        its first ``carry`` columns are sent; ``count_before`` then answers rank questions
-        about it, so the reply is bounded by ``carry`` whatever the depth.
+        ``keep`` (a token, a model): that model's list stays here under the token and only its
+        first ``carry`` columns are sent; ``count_before`` then answers rank questions about
+        it, so the reply is bounded by ``carry`` whatever the depth.
         """
         pos = self.ids.find(ids)
         out: dict[str, Any] = {"self": np.where(pos >= 0, pos + self.lo, -1).astype(np.int64)}
@@ -353,18 +353,16 @@ class Shard:
             out.update(zip(models, pool.map(one, models), strict=True))
         return self._kept(keep, out, queries, pos, carry)
 
-    def _kept(self, keep: str | None, out: dict[str, Any], queries: dict[str, np.ndarray], pos: np.ndarray,
-              carry: int) -> dict[str, Any]:
-        """``search``'s reply with every list deeper than ``carry`` kept here under ``keep``
-        (its rows, cosines and queries) and cut to ``carry`` columns."""
+    def _kept(self, keep: tuple[str, str] | None, out: dict[str, Any], queries: dict[str, np.ndarray],
+              pos: np.ndarray, carry: int) -> dict[str, Any]:
+        """``search``'s reply with the list ``keep`` names kept here (its rows, cosines and
+        queries) and cut to ``carry`` columns."""
         if keep is None:
             return out
-        for model in self.models:
-            got = out.get(model)
-            if got is None or got["sims"].shape[1] <= carry:
-                continue
-            self._held[(keep, model)] = (got["sims"], got["ids"], queries[model], pos)
-            out[model] = {**got, "sims": got["sims"][:, :carry], "ids": got["ids"][:, :carry]}
+        token, model = keep
+        got = out[model]
+        self._held[(token, model)] = (got["sims"], got["ids"], queries[model], pos)
+        out[model] = {**got, "sims": got["sims"][:, :carry], "ids": got["ids"][:, :carry]}
         return out
 
     def count_before(self, keep: str, model: str, rows: np.ndarray, cos: np.ndarray) -> np.ndarray:
@@ -519,7 +517,8 @@ class SearchBlock:
         k, depth = self.k, self.depth
         lists = {"probe": k + 1, "reference": depth + 1}
         keep = uuid.uuid4().hex  # the shards keep the reference lists to the depth; only k + 1 columns come back
-        asked = ask_shards(self.shards, "search", ids, queries, lists, k + 1, False, k + 1, keep, wait=False)
+        asked = ask_shards(self.shards, "search", ids, queries, lists, k + 1, False, k + 1, (keep, "reference"),
+                           wait=False)
         return ids, queries, asked, keep
 
     def finish(self, submitted: tuple[Any, ...]) -> pa.Table:
