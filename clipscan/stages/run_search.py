@@ -26,6 +26,7 @@ from clipscan import fs as cfs
 from clipscan.pipeline.parts import Layout, RunParts
 from clipscan.stages import index as ix
 from clipscan.stages.search import (
+    COUNT_GROUP,
     MODELS,
     STREAM_CPUS,
     SearchBlock,
@@ -236,7 +237,7 @@ class RunSearch:
             if self.device == "cpu":
                 cluster = [(nid, cpus, 0.0) for nid, cpus, _ in cluster]
             plans = plan_shards(cluster, None if self.shards is None else min(self.shards, n))
-            actor = ray.remote(PartShard)
+            actor = ray.remote(concurrency_groups={COUNT_GROUP: 1})(PartShard)  # type: ignore[call-overload]
             for plan, (lo, hi) in zip(plans, ix.shard_bounds(n, len(plans)), strict=True):
                 self._shards.append(actor.options(
                     num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, max_restarts=2, max_task_retries=3,

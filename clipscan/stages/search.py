@@ -532,13 +532,14 @@ class SearchBlock:
         k, depth = self.k, self.depth
         rows = np.max([a["self"] for a in answers], axis=0)
         if (rows < 0).any():
-            ask_shards(self.shards, "release", keep)
+            ask_shards(self.shards, "release", keep, group=COUNT_GROUP)
             missing = ids[rows < 0][:5].tolist()
             raise RuntimeError(f"search: {int((rows < 0).sum())} query ids are in no shard, e.g. {missing}")
         p = merge_answers(answers, "probe", k + 1, rows, named=k)
         r = merge_answers(answers, "reference", k + 1, rows, named=k)
         cos = np.ascontiguousarray(p["cos_reference"][:, :k])
-        before = sum(ask_shards(self.shards, "count_before", keep, "reference", p["ids"][:, :k], cos))
+        before = sum(ask_shards(self.shards, "count_before", keep, "reference", p["ids"][:, :k], cos,
+                                group=COUNT_GROUP))
         rank = np.where((p["ids"][:, :k] >= 0) & np.isfinite(cos) & (before < depth), before + 1, 0).astype(np.int32)
 
         s = dc.score(p["ids"][:, :k], p["sims"][:, :k], r["ids"][:, :k], r["sims"][:, :k],
@@ -590,15 +591,25 @@ class SearchBlock:
         return {c: pa.array(v, mask=~sel) for c, v in values.items()}
 
 
-def ask_shards(shards: list[Any], method: str, *args: Any, wait: bool = True) -> Any:
+# The concurrency group of a shard actor that answers rank counts (``Shard.count_before``)
+# while its default group searches the next block: the query stream asks for a block's
+# counts after it has sent the next block, and one group would queue them behind it.
+COUNT_GROUP = "count"
+
+
+def ask_shards(shards: list[Any], method: str, *args: Any, wait: bool = True, group: str | None = None) -> Any:
     """Every shard's answer to ``method(*args)``, in shard order: ``Shard`` objects are called
-    here, actor handles remotely, with the arguments put in the object store once for all.
-    ``wait=False``: actors are asked now and a function returns their answers when called."""
+    here, actor handles remotely (in their concurrency ``group``, where given), with the
+    arguments put in the object store once for all. ``wait=False``: actors are asked now
+    and a function returns their answers when called."""
     if shards and hasattr(getattr(shards[0], method), "remote"):
         import ray
 
         refs = [ray.put(a) for a in args]
-        asked = [getattr(s, method).remote(*refs) for s in shards]
+        calls = [getattr(s, method) for s in shards]
+        if group is not None:
+            calls = [c.options(concurrency_group=group) for c in calls]
+        asked = [c.remote(*refs) for c in calls]
         if not wait:
             return lambda: list(ray.get(asked))
         return list(ray.get(asked))
