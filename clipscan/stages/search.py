@@ -236,6 +236,9 @@ class Shard:
             require(x, self.models, "search")
         if threads is not None:
             faiss.omp_set_num_threads(max(1, int(threads)))
+        # OpenMP's thread count is per thread: ``search``, served on whatever thread the actor
+        # runs it on (a Ray actor with concurrency groups runs calls on its own threads), sets it again
+        self.threads = ix.faiss_threads()
         self.lo = int(lo)
         self.ids = ShardIds(ids, self.lo)
         self.x = x
@@ -332,7 +335,8 @@ class Shard:
         import faiss
 
         models = list(depth)
-        threads = ix.faiss_threads()
+        threads = self.threads
+        faiss.omp_set_num_threads(threads)
         if len(models) < 2 or threads < 2 or faiss.get_num_gpus():
             for model in models:
                 out[model] = self._search_model(model, queries, depth[model], carry, exact, named)
