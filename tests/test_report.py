@@ -29,7 +29,8 @@ from clipscan.report import (
     thumbnail_data_uri,
     write_daf_report,
 )
-from clipscan.stages.discrepancy import cases, mine
+from clipscan.stages.discrepancy import cases
+from tests.reference import mine
 
 MALICIOUS = '<script>alert(1)</script>"}'
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
