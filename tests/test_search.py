@@ -194,6 +194,20 @@ def test_shard_replies_are_bounded_by_k_and_ranks_counted_where_the_lists_are() 
     shallow = sr.SearchBlock(held, K, K)(table.slice(0, 50))  # a reference list no deeper than k
     assert shallow.column("reference_neighbours").equals(rows.column("reference_neighbours"))
     assert all(not shard._held for shard in held)
+    # a shard that restarts between the search and the count has lost its lists: the block is searched again
+    restarted = held[1]
+    count = restarted.count_before
+    calls: list[int] = []
+
+    def lost_once(*a, **kw):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 1:
+            restarted._held.clear()
+        return count(*a, **kw)
+
+    restarted.count_before = lost_once  # type: ignore[method-assign]
+    assert stage(table.slice(0, 50)).equals(rows) and len(calls) == 2
+    assert all(not shard._held for shard in held)
 
 
 def _flat_valid(batch: pa.RecordBatch, column: str) -> tuple[np.ndarray, np.ndarray]:

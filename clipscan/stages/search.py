@@ -369,7 +369,7 @@ class Shard:
         out[model] = {**got, "sims": got["sims"][:, :carry], "ids": got["ids"][:, :carry]}
         return out
 
-    def count_before(self, keep: str, model: str, rows: np.ndarray, cos: np.ndarray) -> np.ndarray:
+    def count_before(self, keep: str, model: str, rows: np.ndarray, cos: np.ndarray) -> np.ndarray | None:
         """(m, k) int32: how many rows of each query's ``model`` list kept under ``keep``
         (``search``) come before global row ``rows[i, j]`` at cosine ``cos[i, j]``: a higher
         cosine, or the same and a lower row; the query itself is not counted. Summed over
@@ -378,8 +378,12 @@ class Shard:
 
         Cosines are the float64 dot rounded to float32 that ``search`` carries; an entry whose
         FAISS score is within ``_NEAR`` of the cosine is scored that way here too, so a tie is
-        decided on the same bits whichever shard holds the row."""
-        sims, found, q, pos = self._held.pop((keep, model))
+        decided on the same bits whichever shard holds the row. None where no list is kept
+        under ``keep`` (a shard actor restarted since the search: the caller searches again)."""
+        held = self._held.pop((keep, model), None)
+        if held is None:
+            return None
+        sims, found, q, pos = held
         m, k = rows.shape
         out = np.zeros((m, k), dtype=np.int32)
         own = np.where(pos >= 0, pos + self.lo, -2)[:, None]  # the query's own row, where it is here
@@ -523,15 +527,17 @@ class SearchBlock:
         keep = uuid.uuid4().hex  # the shards keep the reference lists to the depth; only k + 1 columns come back
         asked = ask_shards(self.shards, "search", ids, queries, lists, k + 1, False, k + 1, (keep, "reference"),
                            wait=False)
-        return ids, queries, asked, keep
+        return ids, queries, asked, keep, batch
 
-    def finish(self, submitted: tuple[Any, ...]) -> pa.Table:
+    def finish(self, submitted: tuple[Any, ...], tries: int = 3) -> pa.Table:
         """The ``SEARCH_SCHEMA`` rows of a block ``submit`` sent.
 
         The reference rank of each probe neighbour is counted where the reference lists are:
         each shard counts the rows of its list that come before the neighbour's cosine, and
-        the counts are summed (``Shard.count_before``)."""
-        ids, queries, answers, keep = submitted
+        the counts are summed (``Shard.count_before``). A shard that lost its kept lists (its
+        actor restarted between the two calls) has the block searched again, ``tries`` times
+        at most."""
+        ids, queries, answers, keep, batch = submitted
         answers = answers() if callable(answers) else answers
         k, depth = self.k, self.depth
         rows = np.max([a["self"] for a in answers], axis=0)
@@ -542,8 +548,14 @@ class SearchBlock:
         p = merge_answers(answers, "probe", k + 1, rows, named=k)
         r = merge_answers(answers, "reference", k + 1, rows, named=k)
         cos = np.ascontiguousarray(p["cos_reference"][:, :k])
-        before = sum(ask_shards(self.shards, "count_before", keep, "reference", p["ids"][:, :k], cos,
-                                group=COUNT_GROUP))
+        counts = ask_shards(self.shards, "count_before", keep, "reference", p["ids"][:, :k], cos, group=COUNT_GROUP)
+        if any(c is None for c in counts):
+            ask_shards(self.shards, "release", keep, group=COUNT_GROUP)
+            if tries <= 1:
+                raise RuntimeError("search: a shard lost the block's reference lists again and again (restarts)")
+            log.warning("search: a shard restarted during a block; searching the block again")
+            return self.finish(self.submit(batch), tries - 1)
+        before = sum(counts)
         rank = np.where((p["ids"][:, :k] >= 0) & np.isfinite(cos) & (before < depth), before + 1, 0).astype(np.int32)
 
         s = dc.score(p["ids"][:, :k], p["sims"][:, :k], r["ids"][:, :k], r["sims"][:, :k],
