@@ -310,9 +310,10 @@ def mine(search_dir: str, out_dir: str, pairs_dir: str, rank_by: str, k: int, ex
 def _keep_only(path: str, names: list[str]) -> None:
     """Remove the ``.parquet`` files directly under ``path`` not named in ``names``; make ``path``."""
     keep = set(names)
-    for part in cfs.list_parquet(path):
-        if part.rsplit("/", 1)[-1] not in keep:
-            fsys, inner = cfs.resolve(part)
+    for listed in cfs.list_parquet(path):  # paths within their file system: named again under ``path``
+        name = listed.rsplit("/", 1)[-1]
+        if name not in keep:
+            fsys, inner = cfs.resolve(cfs.join(path, name))
             fsys.delete_file(inner)
     cfs.makedirs(path)
 
