@@ -148,17 +148,13 @@ def search_and_mine(run: Run, cfg: DafConfig, rows: int) -> Mined:
     are Ray actors and every per-part step a Ray task. The same stage code and the same
     bits either way. A rerun after a kill keeps the query blocks the search wrote.
     """
-    from clipscan.pipeline.cluster import init_ray
-    from clipscan.pipeline.executor import Local, RayTasks
+    from clipscan.pipeline.cluster import executor_for
     from clipscan.stages import discrepancy, mine
     from clipscan.stages.run_search import RunSearch
 
     scratch = run.path("_search")
     knn, mining = cfg.knn, cfg.mining
-    local = rows < knn.stage_min_rows
-    if not local:
-        init_ray(cfg)
-    executor: Executor = Local() if local else RayTasks()
+    executor = executor_for(cfg, rows)
     common = dict(k=knn.k, rank_depth=mining.rank_depth, index=knn.index, nprobe=knn.nprobe,
                   query_block=knn.query_block, train_sample=knn.train_sample, recall_queries=knn.recall_queries,
                   probe_min=mining.pair_probe_min, reference_max=mining.pair_reference_max, seed=cfg.seed,

@@ -141,18 +141,12 @@ def _embed_computed(run: Run, cfg: JobConfig, models: dict[str, str], out_dir: s
 def settle_repeats(run: Run, cfg: JobConfig, models: list[str], rows: int) -> int:
     """Settle ids repeated across the run's parts (``stages.repeats``): in this process below
     ``knn.stage_min_rows`` rows, else on Ray. Returns the rows moved to ``skipped/``."""
-    from clipscan.pipeline.executor import for_rows
+    from clipscan.pipeline.cluster import executor_for
     from clipscan.stages import repeats
 
     if rows == 0:
         return 0
-    from clipscan.config import KnnConfig
-
-    knn = getattr(cfg, "knn", None) or KnnConfig()
-    executor = for_rows(rows, knn.stage_min_rows)
-    if executor.name == "ray":
-        init_ray(cfg)
-    moved = repeats.settle(run.output, models, executor)
+    moved = repeats.settle(run.output, models, executor_for(cfg, rows))
     if moved:
         log.info("%d rows repeat an id an earlier row of the run has; skipped (skipped.parquet)", moved)
     return moved

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from clipscan.config import JobConfig
+    from clipscan.pipeline.executor import Executor
 
 
 def init_ray(cfg: JobConfig) -> None:
@@ -37,11 +38,26 @@ def in_process(cfg: JobConfig, rows: int) -> bool:
     a job sent to a cluster runs its stages there, where the GPUs are."""
     import ray
 
+    named = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    return rows < stage_min_rows(cfg) and not named and not ray.is_initialized()
+
+
+def stage_min_rows(cfg: JobConfig) -> int:
+    """``knn.stage_min_rows`` of a job's config (its default for a job without ``knn``)."""
     from clipscan.config import KnnConfig
 
-    knn = getattr(cfg, "knn", None) or KnnConfig()
-    named = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    return rows < knn.stage_min_rows and not named and not ray.is_initialized()
+    return int((getattr(cfg, "knn", None) or KnnConfig()).stage_min_rows)
+
+
+def executor_for(cfg: JobConfig, rows: int) -> Executor:
+    """The executor of a per-part stage over ``rows`` rows (``executor.for_rows`` at
+    ``knn.stage_min_rows``), with the job's Ray started or joined where it is ``RayTasks``."""
+    from clipscan.pipeline.executor import for_rows
+
+    executor = for_rows(rows, stage_min_rows(cfg))
+    if executor.name == "ray":
+        init_ray(cfg)
+    return executor
 
 
 def start_local_ray(num_cpus: int | None, temp_dir: str | None = None, **init_kwargs: Any) -> None:
