@@ -255,7 +255,7 @@ def tcac_pieces(root: Path, n: int, shard_rows: int, seed: int = 0) -> str:
     import pyarrow as pa
 
     from clipscan import fs as cfs
-    from clipscan.stages.tcac import ROW_SCHEMA
+    from clipscan.stages.tcac.score import ROW_SCHEMA
 
     raw = root / f"tcac-rows-{n}-{shard_rows}"
     if (raw / "done").exists():
@@ -309,7 +309,8 @@ def tcac_one(work: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
 
     import ray
 
-    from clipscan.stages.tcac import caption_shifts, collect
+    from clipscan.stages.tcac.collect import collect
+    from clipscan.stages.tcac.figures import caption_shifts
 
     raw = tcac_pieces(work, n, args.rows_per_block)
     out = work / f"run-tcac-{n}"

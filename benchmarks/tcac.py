@@ -98,7 +98,7 @@ def model_only(spec: str, manifest: str, images: int, transforms: dict[str, dict
 
     from clipscan.models.registry import load_encoder
     from clipscan.stages.decode import decode_image
-    from clipscan.stages.tcac import forward_fixed
+    from clipscan.stages.text import forward_fixed
     from clipscan.stages.transforms import SeededTransforms
 
     enc = load_encoder(spec)
@@ -136,27 +136,29 @@ def caption_pool(cfg: Any) -> Any:
     """The job's ``CaptionPool`` for the whole corpus, built in this process (untimed)."""
     from clipscan.data.read import read_table
     from clipscan.models.registry import load_encoder
-    from clipscan.stages import tcac
     from clipscan.stages.index import self_knn
+    from clipscan.stages.tcac.pool import CaptionPool, caption_inputs
+    from clipscan.stages.text import forward_fixed
 
-    texts, ids, own = tcac.caption_inputs(read_table(cfg.data.model_copy(update={"limit": None}))[0])
-    emb = tcac.forward_fixed(load_encoder(cfg.models.probe).embed_texts, texts, cfg.tcac.forward_rows, "")
+    texts, ids, own = caption_inputs(read_table(cfg.data.model_copy(update={"limit": None}))[0])
+    emb = forward_fixed(load_encoder(cfg.models.probe).embed_texts, texts, cfg.tcac.forward_rows, "")
     _, near = self_knn(emb, min(cfg.tcac.pool_k, len(texts) - 1))
-    return tcac.CaptionPool.build(texts, emb, ids, own, near)
+    return CaptionPool.build(texts, emb, ids, own, near)
 
 
 def scoring(cfg: Any, pool_ref: Any) -> None:
     """The job's scoring pipeline: read, decode, transform, score, write tcac.parquet."""
     from clipscan.data.corpus import read_corpus
-    from clipscan.stages import tcac
     from clipscan.stages.rows import ShardSink
+    from clipscan.stages.tcac.collect import collect
+    from clipscan.stages.tcac.score import build_tcac
 
     raw = os.path.join(cfg.output, "_rows")
     shutil.rmtree(cfg.output, ignore_errors=True)
     ds, info = read_corpus(cfg.data)
-    built = tcac.build_tcac(ds, pool_ref, cfg.models.probe, cfg.data, cfg.embed, cfg.tcac, cfg.seed)
+    built = build_tcac(ds, pool_ref, cfg.models.probe, cfg.data, cfg.embed, cfg.tcac, cfg.seed)
     built.write_datasink(ShardSink(raw))
-    counts, _ = tcac.collect(raw, cfg.output, list(cfg.tcac.transforms), info["shard_rows"])
+    counts, _ = collect(raw, cfg.output, list(cfg.tcac.transforms), info["shard_rows"])
     if counts["scored"] != cfg.data.limit:
         raise RuntimeError(f"scored {counts['scored']} of {cfg.data.limit} images: {counts}")
 

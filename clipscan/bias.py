@@ -147,7 +147,7 @@ def embed_captions(run: Run, name: str, spec: str, captions: pa.Table, cfg: Bias
 
     from clipscan.arrays import embedding_matrix
     from clipscan.stages.bias import known_text_tower, probe_has_text
-    from clipscan.stages.tcac import build_caption_embed
+    from clipscan.stages.text import build_caption_embed
 
     path = run.path("text_embeddings", f"{name}.parquet")
     if cfs.exists(path):

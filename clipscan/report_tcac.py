@@ -33,7 +33,7 @@ from clipscan.report import (
 )
 
 if TYPE_CHECKING:
-    from clipscan.stages.tcac import Figures
+    from clipscan.stages.tcac.figures import Figures
 
 TCAC_CSS = """
 .tcase { display: grid; grid-template-columns: calc(var(--thumb) * 2 + 12px) minmax(0, 1fr) minmax(0, 1fr);
@@ -220,10 +220,10 @@ def write_tcac_report(
 
     overview: figures of the run (``images``, ``skipped``, ``probe``, ... get labels);
     summary: ``Figures.summary``'s per-transform figures; figures: ``tcac.parquet``'s
-    histograms and largest changes (``clipscan.stages.tcac.Figures``); transforms, seed, image_size, max_pixels: the job's, to re-render
+    histograms and largest changes (``clipscan.stages.tcac.figures.Figures``); transforms, seed, image_size, max_pixels: the job's, to re-render
     the transformed thumbnails; images: cases shown per transform.
     """
-    from clipscan.stages.tcac import largest_changes
+    from clipscan.stages.tcac.figures import largest_changes
 
     renderer = Renderer(transforms, seed, image_size, max_pixels, thumb)
     labelled = {_LABELS.get(k, k.replace("_", " ")): v for k, v in overview.items()}

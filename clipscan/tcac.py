@@ -3,7 +3,7 @@
 Section 3.2 of "Unveiling Glitches": every caption of the corpus is embedded once; each
 image is scored against its pool of candidate captions before and after each harmless
 transformation, and the images whose ranking moves most go to an LLM that names the
-failure types per transformation. The stages themselves live in ``clipscan.stages.tcac``.
+failure types per transformation. The stages themselves live in the ``clipscan.stages.tcac`` package.
 
 Resume: the scoring pipeline writes its rows per input shard under ``_rows/``; a rerun
 of the same config after a kill scores only the shards that were not written whole, and
@@ -25,20 +25,19 @@ import pyarrow.fs as pafs
 from clipscan import fs as cfs
 from clipscan.config import DataConfig, TcacConfig
 from clipscan.rundir import Run
-from clipscan.stages.tcac import (
+from clipscan.stages.tcac.collect import collect
+from clipscan.stages.tcac.figures import caption_shifts
+from clipscan.stages.tcac.pool import (
     CAPTION_MODEL,
     CaptionPool,
     ShardPool,
-    build_caption_embed,
-    build_tcac,
     caption_inputs,
-    caption_shifts,
     caption_texts,
-    caption_vectors,
-    collect,
-    settle_repeats,
     text_digest,
 )
+from clipscan.stages.tcac.repeats import settle_repeats
+from clipscan.stages.tcac.score import build_tcac
+from clipscan.stages.text import build_caption_embed, caption_vectors
 
 if TYPE_CHECKING:
     import ray.data

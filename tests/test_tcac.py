@@ -11,9 +11,28 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from clipscan.stages import tcac
 from clipscan.stages.index import self_knn
 from clipscan.stages.rows import ShardSink
+from clipscan.stages.tcac.collect import _skip_repeats, collect
+from clipscan.stages.tcac.figures import Figures, caption_shifts, summarise
+from clipscan.stages.tcac.pool import (
+    CAPTION_MODEL,
+    CaptionPool,
+    ShardPool,
+    caption_inputs,
+    pools_from,
+    text_digest,
+)
+from clipscan.stages.tcac.repeats import _first_of_id, _firsts_of, _repeats_of
+from clipscan.stages.tcac.score import (
+    OUTPUT_COLUMNS,
+    ROW_SCHEMA,
+    TcacScore,
+    build_tcac,
+    score_versions,
+    scoring_batch,
+)
+from clipscan.stages.text import forward_fixed
 from clipscan.stages.transforms import SeededTransforms
 from tests import corpora
 from tests.conftest import TINY_PROBE, load_job
@@ -37,7 +56,7 @@ def test_caption_inputs_dedupe_and_skip() -> None:
         "captions": [["x", "y", "x"], ["y", "z"], ["w"], ["q"], []],
         "skip_stage": ["", "", "read", "", ""],
     })
-    texts, ids, own = tcac.caption_inputs(rows)
+    texts, ids, own = caption_inputs(rows)
     assert texts == ["x", "y", "z"] and ids == ["a", "b"]  # skipped c, repeated a, caption-less d
     assert own == [[0, 1], [1, 2]]
 
@@ -62,7 +81,7 @@ def test_pool_matches_numpy_brute_force() -> None:
     own = [sorted(rng.choice(m, size=int(rng.integers(1, 6)), replace=False).tolist()) for _ in range(25)]
     ids = [f"img-{i:03d}" for i in range(25)][::-1]  # stored sorted; lookups go by id
     _, near = self_knn(x, k)  # the DAF neighbour search
-    pool = tcac.CaptionPool.build([f"t{j}" for j in range(m)], x, ids, own, near)
+    pool = CaptionPool.build([f"t{j}" for j in range(m)], x, ids, own, near)
     want = brute_force_pool(x, own, k)
     for i, image_id in enumerate(ids):
         members, n_own = pool.lookup(image_id)
@@ -79,7 +98,7 @@ def test_pool_matches_numpy_brute_force() -> None:
 def test_score_versions_against_softmax_reference() -> None:
     rng = np.random.default_rng(1)
     z, text = unit(rng, 4, 8), unit(rng, 12, 8)
-    s = tcac.score_versions(z, text, n_own=2, logit_scale=30.0, top=5)
+    s = score_versions(z, text, n_own=2, logit_scale=30.0, top=5)
     logits = 30.0 * z.astype(np.float64) @ text.astype(np.float64).T
     p = np.exp(logits - logits.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
@@ -91,18 +110,18 @@ def test_score_versions_against_softmax_reference() -> None:
     for t in range(1, 4):
         assert s.changed[t - 1] == 5 - len(set(order[0, :5]) & set(order[t, :5]))
         np.testing.assert_allclose(s.kl[t - 1], (p[0] * np.log(p[0] / p[t])).sum(), rtol=1e-5)
-    same = tcac.score_versions(np.repeat(z[:1], 3, 0), text, 2, 30.0, 5)
+    same = score_versions(np.repeat(z[:1], 3, 0), text, 2, 30.0, 5)
     assert not same.changed.any() and not same.kl.any() and len(set(same.own_rank)) == 1
     # changes beyond the margin, brute force: an entered caption counts when it gained at
     # least the margin on every caption that left
     for margin in (0.0, 0.01, 0.05):
-        m = tcac.score_versions(z, text, n_own=2, logit_scale=30.0, top=5, margin=margin)
+        m = score_versions(z, text, n_own=2, logit_scale=30.0, top=5, margin=margin)
         for t in range(1, 4):
             entered = [c for c in order[t, :5] if c not in order[0, :5]]
             left = [d for d in order[0, :5] if d not in order[t, :5]]
             want = sum(all((p[t, c] - p[t, d]) - (p[0, c] - p[0, d]) >= margin for d in left) for c in entered)
             assert m.changed_margin[t - 1] == want <= m.changed[t - 1]
-    assert (tcac.score_versions(z, text, 2, 30.0, 5, margin=0.0).changed_margin == s.changed).all()
+    assert (score_versions(z, text, 2, 30.0, 5, margin=0.0).changed_margin == s.changed).all()
 
 
 def test_near_tie_swap_is_not_a_change_beyond_the_margin() -> None:
@@ -111,7 +130,7 @@ def test_near_tie_swap_is_not_a_change_beyond_the_margin() -> None:
     z0 = np.array([0.9, 0.3, 0.3 - 1e-4], dtype=np.float64)
     z1 = np.array([0.9, 0.3 - 1e-4, 0.3], dtype=np.float64)
     z = np.stack([z0 / np.linalg.norm(z0), z1 / np.linalg.norm(z1)]).astype(np.float32)
-    s = tcac.score_versions(z, text, n_own=1, logit_scale=100.0, top=2, margin=0.01)
+    s = score_versions(z, text, n_own=1, logit_scale=100.0, top=2, margin=0.01)
     assert s.changed.tolist() == [1] and s.changed_margin.tolist() == [0]
 
 
@@ -121,26 +140,26 @@ def test_forward_fixed_same_bits_whatever_the_split() -> None:
     enc = load_encoder(TINY_PROBE)
     x = np.random.default_rng(2).integers(0, 256, size=(11, 32, 32, 3), dtype=np.uint8)
     pad = np.zeros((32, 32, 3), np.uint8)
-    whole = tcac.forward_fixed(enc.embed_images, x, 8, pad)
-    parts = np.concatenate([tcac.forward_fixed(enc.embed_images, x[i:i + 3], 8, pad) for i in range(0, 11, 3)])
+    whole = forward_fixed(enc.embed_images, x, 8, pad)
+    parts = np.concatenate([forward_fixed(enc.embed_images, x[i:i + 3], 8, pad) for i in range(0, 11, 3)])
     np.testing.assert_array_equal(whole, parts)
     texts = ["a red circle", "two objects", "x", "a blue star on grey"]
-    np.testing.assert_array_equal(tcac.forward_fixed(enc.embed_texts, texts, 4, ""),
-                                  np.concatenate([tcac.forward_fixed(enc.embed_texts, [t], 4, "") for t in texts]))
+    np.testing.assert_array_equal(forward_fixed(enc.embed_texts, texts, 4, ""),
+                                  np.concatenate([forward_fixed(enc.embed_texts, [t], 4, "") for t in texts]))
 
 
 def test_scoring_batch_fills_whole_forward_passes() -> None:
-    assert tcac.scoring_batch(16, 64, 2) == 32 and tcac.scoring_batch(64, 64, 8) == 64
-    assert tcac.scoring_batch(5, 16, 4) == 8 and tcac.scoring_batch(16, 64, 7) == 64
-    assert tcac.scoring_batch(8, 64, 7) == 8  # 64 images would be too many: padding is cheaper
+    assert scoring_batch(16, 64, 2) == 32 and scoring_batch(64, 64, 8) == 64
+    assert scoring_batch(5, 16, 4) == 8 and scoring_batch(16, 64, 7) == 64
+    assert scoring_batch(8, 64, 7) == 8  # 64 images would be too many: padding is cheaper
 
 
-def _pool_for(enc, captions: dict[str, list[str]], k: int = 4) -> tcac.CaptionPool:
+def _pool_for(enc, captions: dict[str, list[str]], k: int = 4) -> CaptionPool:
     rows = pa.table({"id": list(captions), "captions": list(captions.values()), "skip_stage": [""] * len(captions)})
-    texts, ids, own = tcac.caption_inputs(rows)
-    emb = tcac.forward_fixed(enc.embed_texts, texts, 16, "")
+    texts, ids, own = caption_inputs(rows)
+    emb = forward_fixed(enc.embed_texts, texts, 16, "")
     _, near = self_knn(emb, min(k, len(texts) - 1))
-    return tcac.CaptionPool.build(texts, emb, ids, own, near)
+    return CaptionPool.build(texts, emb, ids, own, near)
 
 
 def test_score_stage_identity_and_shared_pool(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -160,10 +179,10 @@ def test_score_stage_identity_and_shared_pool(monkeypatch: pytest.MonkeyPatch) -
         "skip_stage": np.array([""] * 6 + ["decode"], dtype=object),
         "skip_reason": np.array([""] * 6 + ["zero-byte file"], dtype=object),
     }
-    stage = tcac.TcacScore(TINY_PROBE, pool, list(TRANSFORMS), top=5, forward_rows=8)
+    stage = TcacScore(TINY_PROBE, pool, list(TRANSFORMS), top=5, forward_rows=8)
     monkeypatch.setattr(stage.encoder, "embed_texts", lambda texts: pytest.fail("text embedded per image"))
     out = stage(batch)
-    assert out.schema == tcac.ROW_SCHEMA and out.num_rows == 6 * 3 + 1
+    assert out.schema == ROW_SCHEMA and out.num_rows == 6 * 3 + 1
     skip = out.filter(pc.equal(out.column("skip_stage"), "decode")).to_pylist()
     assert [(r["id"], r["transform"], r["skip_reason"]) for r in skip] == [("bad", "", "zero-byte file")]
     rows = [r for r in out.to_pylist() if not r["skip_stage"]]
@@ -186,9 +205,9 @@ def test_score_stage_identity_and_shared_pool(monkeypatch: pytest.MonkeyPatch) -
 
     table = pa.table({"id": pa.array(pool.texts.tolist(), pa.string()),
                       "embedding": embedding_array(pool.text_emb)})
-    shards = [Shard.from_table(table.slice(lo, 9), lo, models=(tcac.CAPTION_MODEL,))
+    shards = [Shard.from_table(table.slice(lo, 9), lo, models=(CAPTION_MODEL,))
               for lo in range(0, table.num_rows, 9)]
-    sharded = tcac.TcacScore(TINY_PROBE, tcac.ShardPool(shards, 4), list(TRANSFORMS), top=5, forward_rows=8)
+    sharded = TcacScore(TINY_PROBE, ShardPool(shards, 4), list(TRANSFORMS), top=5, forward_rows=8)
     with_captions = {**batch, "captions": np.array([caps[i] for i in ids] + [None], dtype=object)}
     assert sharded(with_captions).equals(out)
     with pytest.raises(KeyError, match="needs the rows' 'captions'"):
@@ -220,14 +239,14 @@ def test_bad_images_skipped_with_reasons(tmp_path: Path, ray_local: None) -> Non
     manifest, expected = corpora.bad_corpus(tmp_path / "bad")
     cfg = _cfg(manifest, tmp_path / "run", "data.max_pixels=100000", "data.rows_per_block=4")
     configure_data_context()
-    texts, ids, own = tcac.caption_inputs(read_table(cfg.data)[0])
-    emb = tcac.forward_fixed(load_encoder(TINY_PROBE).embed_texts, texts, 16, "")
+    texts, ids, own = caption_inputs(read_table(cfg.data)[0])
+    emb = forward_fixed(load_encoder(TINY_PROBE).embed_texts, texts, 16, "")
     _, near = self_knn(emb, 2)
-    pool = ray.put(tcac.CaptionPool.build(texts, emb, ids, own, near))
+    pool = ray.put(CaptionPool.build(texts, emb, ids, own, near))
     ds, info = read_corpus(cfg.data)
-    built = tcac.build_tcac(ds, pool, TINY_PROBE, cfg.data, cfg.embed, cfg.tcac, cfg.seed)
+    built = build_tcac(ds, pool, TINY_PROBE, cfg.data, cfg.embed, cfg.tcac, cfg.seed)
     built.write_datasink(ShardSink(str(tmp_path / "raw")))
-    counts, figures = tcac.collect(str(tmp_path / "raw"), str(tmp_path / "run"), list(TRANSFORMS),
+    counts, figures = collect(str(tmp_path / "raw"), str(tmp_path / "run"), list(TRANSFORMS),
                                    info["shard_rows"], top=5, keep=3)
     assert counts["read"] == len(expected) + 1 == counts["scored"] + counts["skipped"]
     assert counts["rows"] == counts["scored"] * len(TRANSFORMS)
@@ -245,11 +264,11 @@ def test_bad_images_skipped_with_reasons(tmp_path: Path, ray_local: None) -> Non
     assert any(r["id"] == "dup" and r["stage"] == "read" and "duplicate" in r["reason"] for r in skipped)
     assert counts["converted"].get("CMYK->RGB") == 1
     # the figures gathered shard by shard are those of the whole table
-    whole = tcac.Figures.of(pq.read_table(tmp_path / "run" / "tcac.parquet"), list(TRANSFORMS), 5, 3)
+    whole = Figures.of(pq.read_table(tmp_path / "run" / "tcac.parquet"), list(TRANSFORMS), 5, 3)
     np.testing.assert_array_equal(figures.sums, whole.sums)
     np.testing.assert_array_equal(figures.counts, whole.counts)
     assert figures.largest.equals(whole.largest) and figures.largest.num_rows == 3 * len(TRANSFORMS)
-    assert figures.summary() == tcac.summarise(pq.read_table(tmp_path / "run" / "tcac.parquet"), list(TRANSFORMS), 5)
+    assert figures.summary() == summarise(pq.read_table(tmp_path / "run" / "tcac.parquet"), list(TRANSFORMS), 5)
 
 
 def test_job_end_to_end_and_deterministic(tmp_path: Path, ray_local: None) -> None:
@@ -285,14 +304,14 @@ def test_job_end_to_end_and_deterministic(tmp_path: Path, ray_local: None) -> No
     for column in ("notes", "skip_stage", "skip_reason"):
         piece = piece.append_column(column, pa.array([""] * n, pa.string()))
     (b / "_rows" / "shard-00000").mkdir(parents=True)
-    pq.write_table(piece.select(tcac.ROW_SCHEMA.names).cast(tcac.ROW_SCHEMA),
+    pq.write_table(piece.select(ROW_SCHEMA.names).cast(ROW_SCHEMA),
                    b / "_rows" / "shard-00000" / f"rows-000000-{n // len(TRANSFORMS) - 1:06d}.parquet")
     assert main([*common, f"output={b}", "embed.batch_size=5", "embed.actors=2", "embed.cpus_per_actor=0.5",
                  "data.rows_per_block=3", "knn.stage_min_rows=2", "knn.shards=2"]) == 0
     again = json.loads((b / "run.json").read_text())["stages"]
     assert again["read"]["todo_shards"] == 5 and again["caption_pool"]["reused"] is True
     assert pq.read_table(b / "tcac.parquet").equals(table)
-    assert table.num_rows == 16 * 3 and table.column_names == tcac.OUTPUT_COLUMNS
+    assert table.num_rows == 16 * 3 and table.column_names == OUTPUT_COLUMNS
 
     rows = table.to_pylist()
     assert all(r["changed"] == 0 and r["kl"] == 0 for r in rows if r["transform"] == "rot0")
@@ -320,7 +339,7 @@ def test_job_end_to_end_and_deterministic(tmp_path: Path, ray_local: None) -> No
     assert "http://" not in html.replace("http://www.w3.org/2000/svg", "") and "<script" not in html
     assert html.count('class="tcase"') == 3 * len(TRANSFORMS)
     assert all((a / "plots" / f"changes_{n}.png").exists() for n in TRANSFORMS)
-    shifts = tcac.caption_shifts(table, list(TRANSFORMS), n=2)
+    shifts = caption_shifts(table, list(TRANSFORMS), n=2)
     case = shifts["elastic"][0]
     assert len(shifts["hflip"]) == 2 and case["changed"] == max(r["changed"] for r in rows if r["transform"] == "elastic")
     assert set(case["entered"]) == set(case["after"]) - set(case["before"])
@@ -336,10 +355,10 @@ def test_report_escapes_captions(tmp_path: Path) -> None:
         "top_after": ["a blue square", "a <i>new</i> one"], "p_after": [0.7, 0.3], "changed": 1,
         "own_rank_before": 1, "own_rank_after": 3, "kl": 0.2,
     }
-    table = pa.Table.from_pylist([row], schema=pa.schema([tcac.ROW_SCHEMA.field(c) for c in tcac.OUTPUT_COLUMNS]))
-    summary = tcac.summarise(table, ["hflip"], top=2)
+    table = pa.Table.from_pylist([row], schema=pa.schema([ROW_SCHEMA.field(c) for c in OUTPUT_COLUMNS]))
+    summary = summarise(table, ["hflip"], top=2)
     assert summary["hflip"]["own_left_top1"] == 1.0 and summary["hflip"]["own_left_top2"] == 1.0
-    figures = tcac.Figures.of(table, ["hflip"], 2, 5)
+    figures = Figures.of(table, ["hflip"], 2, 5)
     path = write_tcac_report(str(tmp_path), {"images": 1}, summary, figures, {"hflip": {}}, seed=0,
                              image_size=32, max_pixels=10**6, top=2, images=5, thumb=32)
     html = Path(path).read_text()
@@ -365,18 +384,18 @@ def test_pools_from_caption_shards_equal_the_whole_pool(shards: int) -> None:
     own = [list(rng.choice(len(texts), size=int(rng.integers(1, 4)), replace=True)) for _ in images]
     pool_k = 4
     _, near = self_knn(emb, pool_k)
-    whole = tcac.pools_from(tcac.CaptionPool.build(texts, emb, images, own, near), images)
+    whole = pools_from(CaptionPool.build(texts, emb, images, own, near), images)
 
     table = pa.table({"id": pa.array(texts, pa.string()), "embedding": embedding_array(emb)})
-    parts = [Shard.from_table(table.slice(lo, hi - lo), lo, models=(tcac.CAPTION_MODEL,))
+    parts = [Shard.from_table(table.slice(lo, hi - lo), lo, models=(CAPTION_MODEL,))
              for lo, hi in ix.shard_bounds(len(texts), shards)]
-    asked = tcac.ShardPool(parts, pool_k).pools([[texts[c] for c in mine] + ["not a caption"] for mine in own])
+    asked = ShardPool(parts, pool_k).pools([[texts[c] for c in mine] + ["not a caption"] for mine in own])
     for a, b in zip(whole, asked, strict=True):
         assert a is not None and b is not None
         assert a.texts.tolist() == b.texts.tolist() and a.n_own == b.n_own
         assert np.array_equal(a.emb, b.emb)
-    assert tcac.ShardPool(parts, pool_k).pools([["not a caption"], []]) == [None, None]
-    assert tcac.ShardPool(parts, pool_k).recall(texts) == 1.0  # exact shards find every neighbour
+    assert ShardPool(parts, pool_k).pools([["not a caption"], []]) == [None, None]
+    assert ShardPool(parts, pool_k).recall(texts) == 1.0  # exact shards find every neighbour
 
 
 def test_caption_shards_recall_of_an_approximate_index() -> None:
@@ -393,8 +412,8 @@ def test_caption_shards_recall_of_an_approximate_index() -> None:
     table = pa.table({"id": pa.array(texts, pa.string()), "embedding": embedding_array(emb)})
     pool_k, queries = 5, texts[::7]
 
-    def shards(nprobe: int) -> tcac.ShardPool:
-        return tcac.ShardPool([Shard.from_table(table.slice(lo, hi - lo), lo, models=(tcac.CAPTION_MODEL,),
+    def shards(nprobe: int) -> ShardPool:
+        return ShardPool([Shard.from_table(table.slice(lo, hi - lo), lo, models=(CAPTION_MODEL,),
                                                 index="IVF8,Flat", nprobe=nprobe)
                                for lo, hi in ix.shard_bounds(len(texts), 2)], pool_k)
 
@@ -417,9 +436,9 @@ def test_text_digest_changes_with_any_caption_not_with_order(ray_local: None) ->
 
     configure_data_context()
     texts = [f"caption {i}" for i in range(50)]
-    one = tcac.text_digest(ray.data.from_items([{"text": t} for t in texts], override_num_blocks=3))
-    other = tcac.text_digest(ray.data.from_items([{"text": t} for t in texts[::-1]], override_num_blocks=5))
-    changed = tcac.text_digest(ray.data.from_items([{"text": t} for t in [*texts[:-1], "caption x"]]))
+    one = text_digest(ray.data.from_items([{"text": t} for t in texts], override_num_blocks=3))
+    other = text_digest(ray.data.from_items([{"text": t} for t in texts[::-1]], override_num_blocks=5))
+    changed = text_digest(ray.data.from_items([{"text": t} for t in [*texts[:-1], "caption x"]]))
     assert one == other and one["captions"] == 50 and changed["digest"] != one["digest"]
 
 
@@ -475,7 +494,7 @@ def test_webdataset_corpus_scores_on_caption_shards(tmp_path: Path, ray_local: N
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "manifest.parquet")
     assert main([*common, f"data.path={tmp_path / 'manifest.parquet'}", f"output={tmp_path / 'm'}"]) == 0
     want = pq.read_table(tmp_path / "m" / "tcac.parquet").sort_by([("id", "ascending"), ("transform", "ascending")])
-    keep = [c for c in tcac.OUTPUT_COLUMNS if c != "uri"]
+    keep = [c for c in OUTPUT_COLUMNS if c != "uri"]
     assert got.select(keep).equals(want.select(keep))
     assert [r["reason"] for r in pq.read_table(tmp_path / "m" / "skipped.parquet").to_pylist()] == [
         "duplicate id (first seen at row 3)"]
@@ -489,14 +508,14 @@ def test_first_row_of_an_id_and_its_repeats_skipped_once() -> None:
                       "row": pa.array([0, 5, 1, 0], pa.int32()), "captions": [["x"], ["y"], ["z"], []],
                       "skip_stage": ["", "read", "", "read"],
                       "skip_reason": ["", "cannot read the image member", "", "no caption"]})
-    settled = tcac._first_of_id(group)
+    settled = _first_of_id(group)
     assert settled.column("uri").to_pylist() == ["a#k", "b#k", "c#k", "d#k"]  # by shard, row
     assert settled.column("repeat").to_pylist() == [False, False, True, True]  # b#k claims first; "no caption" repeats
     assert set(settled.column("first_uri").to_pylist()) == {"b#k"}
-    twice = tcac._first_of_id(group.set_column(2, "shard", pa.array([-1] * 4, pa.int32())).set_column(
+    twice = _first_of_id(group.set_column(2, "shard", pa.array([-1] * 4, pa.int32())).set_column(
         1, "uri", pa.array(["t#k"] * 4)))  # unnumbered rows of one uri: a key twice in one tar, left to collect
     assert not any(twice.column("repeat").to_pylist())
-    assert tcac._firsts_of(settled).column("captions").to_pylist() == [["y"], ["z"]]
+    assert _firsts_of(settled).column("captions").to_pylist() == [["y"], ["z"]]
 
     def rows(shard: int) -> pa.Table:  # image "k" scored under two transforms, "m" skipped at decode
         return pa.Table.from_pylist([
@@ -504,15 +523,15 @@ def test_first_row_of_an_id_and_its_repeats_skipped_once() -> None:
             {"id": "k", "uri": "c#k", "transform": "t1", "shard": shard, "row": 0, "skip_stage": "", "skip_reason": ""},
             {"id": "m", "uri": "c#m", "transform": None, "shard": shard, "row": 1, "skip_stage": "decode",
              "skip_reason": "zero-byte file"},
-        ], schema=pa.schema([tcac.ROW_SCHEMA.field(n) for n in ("id", "uri", "transform", "shard", "row",
+        ], schema=pa.schema([ROW_SCHEMA.field(n) for n in ("id", "uri", "transform", "shard", "row",
                                                                   "skip_stage", "skip_reason")]))
 
-    repeats = tcac._repeats_of(settled.slice(2, 1).set_column(2, "shard", pa.array([-1], pa.int32())))
+    repeats = _repeats_of(settled.slice(2, 1).set_column(2, "shard", pa.array([-1], pa.int32())))
     position = np.array([0, 1, 2])
-    for table, known in ((rows(2), tcac._repeats_of(settled)), (rows(-1), repeats)):
-        got, pos = tcac._skip_repeats(table, position, known, numbered=table.column("shard")[0].as_py() >= 0)
+    for table, known in ((rows(2), _repeats_of(settled)), (rows(-1), repeats)):
+        got, pos = _skip_repeats(table, position, known, numbered=table.column("shard")[0].as_py() >= 0)
         assert got.column("id").to_pylist() == ["k", "m"] and pos.tolist() == [0, 2]
         assert got.column("skip_stage").to_pylist() == ["read", "decode"]
         assert got.column("skip_reason").to_pylist() == ["duplicate id (first seen at b#k)", "zero-byte file"]
-    other = tcac._repeats_of(settled.slice(3, 1).set_column(2, "shard", pa.array([-1], pa.int32())))  # d#k
-    assert tcac._skip_repeats(rows(-1), position, other, numbered=False)[0].equals(rows(-1))
+    other = _repeats_of(settled.slice(3, 1).set_column(2, "shard", pa.array([-1], pa.int32())))  # d#k
+    assert _skip_repeats(rows(-1), position, other, numbered=False)[0].equals(rows(-1))

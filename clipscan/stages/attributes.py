@@ -580,7 +580,7 @@ def run_contrast(rows: pa.Table, cfg: Any, use_ray: bool | None = None) -> dict[
 
 
 def shift_rows(shifts: Sequence[Mapping[str, Any]]) -> pa.Table:
-    """TCAC: one transform's caption shifts (``clipscan.stages.tcac.caption_shifts``) as
+    """TCAC: one transform's caption shifts (``clipscan.stages.tcac.figures.caption_shifts``) as
     ``ROWS_SCHEMA`` rows: the image's caption against the captions that entered its top list
     (in the probe-only place) and, as the control, against those that left it (in the
     ``reference_captions`` place; summarise with ``control="reference"``)."""
@@ -599,7 +599,7 @@ def tcac_contrast(table: pa.Table, transforms: Sequence[str], cfg: Any, use_ray:
     """TCAC ``tcac.parquet`` in; per transform, the ``attributes.json`` mapping of the
     ``cfg.cases`` images whose top list changed most: which attributes the captions that
     entered the top list differ in from the image's caption more often than those that left."""
-    from clipscan.stages.tcac import caption_shifts
+    from clipscan.stages.tcac.figures import caption_shifts
 
     shifts = caption_shifts(table, transforms, cfg.cases)
     per: dict[str, Any] = {}
