@@ -83,7 +83,7 @@ def run_bias(cfg: BiasConfig, overwrite: bool = False) -> Run:
         raise RuntimeError(f"{counts['skipped']} probe images could not be embedded (see skipped.parquet)")
 
     with run.stage("caption_embed") as facts:
-        text_towers = {name: embed_captions(run, name, spec, captions, cfg) for name, spec in names.items()}
+        text_towers = {name: text_tower_vectors(run, name, spec, captions, cfg) for name, spec in names.items()}
         cfs.remove_tree(run.path("_captions"))
         facts.update(models=len(names), with_text=sum(v is not None for v in text_towers.values()),
                      captions=captions.num_rows)
@@ -137,23 +137,22 @@ def image_matrices(run_dir: str, name: str, scenes: pa.Table, n_vocab: int) -> t
     return x[[row[i] for i in wanted]], x[[row[i] for i in singles]]
 
 
-def embed_captions(run: Run, name: str, spec: str, captions: pa.Table, cfg: BiasConfig) -> np.ndarray | None:
+def text_tower_vectors(run: Run, name: str, spec: str, captions: pa.Table, cfg: BiasConfig) -> np.ndarray | None:
     """(C, d) float32 caption embeddings by ``caption_id`` from the probe's text tower, or None without one.
 
-    Kept in ``text_embeddings/<name>.parquet`` (``caption_id``, ``embedding``) and reused by a
-    rerun when it covers the same captions.
+    Kept in ``text_embeddings/<name>.parquet`` (``caption_id``, ``text``, ``embedding``;
+    ``clipscan.stages.text.embed_captions``) and reused by a rerun over the same captions.
     """
     import ray
 
-    from clipscan.arrays import embedding_matrix
     from clipscan.stages.bias import known_text_tower, probe_has_text
-    from clipscan.stages.text import build_caption_embed
+    from clipscan.stages.text import embed_captions
 
     path = run.path("text_embeddings", f"{name}.parquet")
     if cfs.exists(path):
-        table = cfs.read_parquet(path)
-        if table.num_rows == captions.num_rows:
-            return embedding_matrix(table.column("embedding")) if table.num_columns > 1 else None
+        kept = cfs.read_parquet(path)
+        if kept.num_rows == captions.num_rows and "embedding" not in kept.column_names:
+            return None  # an earlier run found no text tower
     has_text = known_text_tower(spec)
     if has_text is None:  # loaded in a worker, not in the driver
         has_text = ray.get(ray.remote(num_cpus=1)(probe_has_text).remote(spec))
@@ -161,14 +160,7 @@ def embed_captions(run: Run, name: str, spec: str, captions: pa.Table, cfg: Bias
         log.info("%s has no text tower: image-size bias from image retrieval only", spec)
         cfs.write_parquet_atomic(path, pa.table({"caption_id": captions.column("caption_id")}))  # no embedding column
         return None
-    raw = run.path("_captions", name)
-    cfs.remove_tree(raw)
-    texts = captions.column("text").to_pylist()
-    build_caption_embed(texts, spec, cfg.embed, cfg.bias.forward_rows).write_parquet(raw)
-    table = cfs.read_parquet(raw).sort_by("caption_id")
-    cfs.remove_tree(raw)
-    if table.column("caption_id").to_pylist() != list(range(len(texts))):
-        raise RuntimeError(f"caption embedding of {spec} returned {table.num_rows} rows for {len(texts)} captions")
-    cfs.write_parquet_atomic(path, table.select(["caption_id", "embedding"]))
-    return embedding_matrix(table.column("embedding"))
+    emb, _ = embed_captions(path, captions.column("text").to_pylist(), spec, cfg.embed, cfg.bias.forward_rows,
+                            here=False)  # the job's Ray is up: the text towers load in its workers
+    return emb
 

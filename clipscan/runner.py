@@ -11,6 +11,7 @@ across parts are settled, and the row accounting is checked and recorded. Ray is
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from clipscan import fs as cfs
@@ -20,6 +21,9 @@ from clipscan.pipeline.parts import RunParts
 from clipscan.pipeline.progress import Progress
 
 if TYPE_CHECKING:
+    import numpy as np
+    import pyarrow as pa
+
     from clipscan.rundir import Run
 
 log = logging.getLogger("clipscan")
@@ -109,10 +113,7 @@ def _embed_computed(run: Run, cfg: JobConfig, models: dict[str, str], out_dir: s
     with run.stage("embed") as facts:
         if info["todo_shards"] and here:
             assert corpus.blocks is not None
-            done = [rows.rows_written(raw)]
-            with Progress("embed", lambda: done[0], total):
-                embed.embed_here(corpus.blocks, models, cfg.data, cfg.embed, raw,
-                                 lambda n: done.__setitem__(0, done[0] + n))
+            write_here(corpus.blocks, *embed.local_stage(models, cfg.data, cfg.embed), raw, "embed", total)
         elif info["todo_shards"]:
             init_ray(cfg)
             built = embed.build_embed(corpus.dataset(), models, cfg.data, cfg.embed)
@@ -150,6 +151,26 @@ def settle_repeats(run: Run, cfg: JobConfig, models: list[str], rows: int) -> in
     if moved:
         log.info("%d rows repeat an id an earlier row of the run has; skipped (skipped.parquet)", moved)
     return moved
+
+
+def write_here(blocks: list[pa.Table], stage: Callable[[dict[str, np.ndarray]], pa.Table], batch_size: int,
+               raw: str, name: str, total: int | None) -> None:
+    """``write_shards`` in this process: ``stage`` over every block's rows, ``batch_size`` at a
+    time, written under ``raw`` as the sink writes them (``rows.write_pieces``), so collect
+    and resume see the same pieces; progress logged as ``name``."""
+    from ray.data.block import BlockAccessor  # Ray Data's own batch conversion; Ray is not started
+
+    from clipscan.stages import rows
+
+    done = [rows.rows_written(raw)]
+    task = 0
+    with Progress(name, lambda: done[0], total):
+        for block in blocks:
+            for start in range(0, block.num_rows, batch_size):
+                batch = BlockAccessor.for_block(block.slice(start, batch_size)).to_batch_format("numpy")
+                written = rows.write_pieces(raw, stage(batch), task)
+                task += 1
+                done[0] += sum(n for shard, n in written if shard >= 0)
 
 
 def write_shards(ds: Any, raw: str, stage: str, total: int | None) -> None:

@@ -18,7 +18,6 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
@@ -37,7 +36,7 @@ from clipscan.stages.tcac.pool import (
 )
 from clipscan.stages.tcac.repeats import settle_repeats
 from clipscan.stages.tcac.score import build_tcac
-from clipscan.stages.text import build_caption_embed, caption_vectors
+from clipscan.stages.text import caption_vectors, embed_captions
 
 if TYPE_CHECKING:
     import ray.data
@@ -52,45 +51,47 @@ def run_tcac(cfg: TcacConfig, overwrite: bool = False) -> Run:
     ``plots/`` and ``report.html``; ``run.json`` gets the counts, the stage timings and
     ``tcac_summary``.
     """
-    import ray
-
-    from clipscan.data.corpus import read_corpus
-    from clipscan.pipeline.cluster import init_ray
+    from clipscan.data.corpus import plan_corpus, read_corpus
+    from clipscan.pipeline.cluster import in_process, init_ray
     from clipscan.report_tcac import write_tcac_report
-    from clipscan.runner import write_shards
+    from clipscan.runner import write_here, write_shards
     from clipscan.stages import rows
+    from clipscan.stages.tcac.score import local_stage
     from clipscan.stages.transforms import SeededTransforms
 
     SeededTransforms(cfg.tcac.transforms, cfg.seed)  # a bad transform fails here, before any work
     run = Run(cfg.output, "tcac", cfg, overwrite=overwrite)
     started = time.perf_counter()
-    init_ray(cfg)
     names = list(cfg.tcac.transforms)
     raw = run.path("_rows")
 
     with run.stage("read") as facts:
-        ds, info = read_corpus(cfg.data, lambda shard_rows: rows.complete_shards(raw, shard_rows),
-                               scratch=run.path("_read"))
+        corpus, info = plan_corpus(cfg.data, lambda shard_rows: rows.complete_shards(raw, shard_rows),
+                                   scratch=run.path("_read"), ray_up=lambda: init_ray(cfg))
         images = None if info["format"] == "webdataset" else sum(info["shard_rows"].values())
         facts.update({k: v for k, v in info.items() if k != "shard_rows"}, shards=len(info["shard_rows"]))
     # Small corpora build the caption pool in this process, large ones on caption shards, with
     # the same results. WebDataset, whose size is known only once read, goes to the shards.
-    in_process = images is not None and images < cfg.knn.stage_min_rows
+    whole = images is not None and images < cfg.knn.stage_min_rows
+    # ...and are scored in this process too where no cluster is named: Ray is never started
+    here = whole and corpus.blocks is not None and in_process(cfg, images or 0)
+    if not here:
+        init_ray(cfg)
     # WebDataset: the read marks an id repeated within a block; the caption pool stage finds the rest
     repeats = run.path("_repeats") if info["format"] == "webdataset" else None
     pool: CaptionPool | ShardPool | None = None
     shards = None
     try:
         with run.stage("caption_pool") as facts:
-            if in_process:
-                pool, pool_facts = whole_pool(run, cfg)
+            if whole:
+                pool, pool_facts = whole_pool(run, cfg, here)
             elif info["todo_shards"]:
                 # every caption of the corpus, the scored shards' too: the pools do not depend on what a
                 # killed run finished (a second read, of the caption columns)
                 again = len(info["shard_rows"]) > info["todo_shards"]
-                corpus, _ = read_corpus(cfg.data, scratch=run.path("_read")) if again else (ds, info)
+                ds = read_corpus(cfg.data, scratch=run.path("_read"))[0] if again else corpus.dataset()
                 partitions = max(1, int(info.get("shards") or len(info["shard_rows"])))
-                shards, reused = caption_shards(cfg, corpus, run.path("captions.parquet"), partitions, repeats)
+                shards, reused = caption_shards(cfg, ds, run.path("captions.parquet"), partitions, repeats)
                 n_captions = shards.facts["images"]
                 pool = ShardPool(shards.actors, min(cfg.tcac.pool_k, n_captions - 1))
                 pool_facts = {"where": "shards", "captions": n_captions, "pool_k": pool.pool_k, "reused": reused,
@@ -103,11 +104,19 @@ def run_tcac(cfg: TcacConfig, overwrite: bool = False) -> Run:
                               "reused": True}
             facts.update(pool_facts)
         with run.stage("score") as facts:
-            if info["todo_shards"]:
-                scored_with = ray.put(pool) if in_process else pool  # once; every scoring actor reads this one copy
-                built = build_tcac(ds, scored_with, cfg.models.probe, cfg.data, cfg.embed, cfg.tcac, cfg.seed)
+            if info["todo_shards"] and here:
+                assert isinstance(pool, CaptionPool) and corpus.blocks is not None
+                write_here(corpus.blocks, *local_stage(pool, cfg.models.probe, cfg.data, cfg.embed, cfg.tcac,
+                                                       cfg.seed), raw, "score", images)
+            elif info["todo_shards"]:
+                import ray
+
+                scored_with = ray.put(pool) if whole else pool  # once; every scoring actor reads this one copy
+                built = build_tcac(corpus.dataset(), scored_with, cfg.models.probe, cfg.data, cfg.embed, cfg.tcac,
+                                   cfg.seed)
                 write_shards(built, raw, "score", images or None)
                 del scored_with
+            facts.update(executor="local" if here else "ray")
             keep = max(cfg.tcac.report_top, cfg.attributes.cases if cfg.attributes.enabled else 0)
             counts, figures = collect(raw, run.output, names, info["shard_rows"], cfg.tcac.top, keep, repeats)
             facts.update(images_read=counts["read"], images_scored=counts["scored"],
@@ -159,16 +168,18 @@ def run_tcac(cfg: TcacConfig, overwrite: bool = False) -> Run:
     return run
 
 
-def whole_pool(run: Run, cfg: TcacConfig) -> tuple[CaptionPool, dict[str, Any]]:
+def whole_pool(run: Run, cfg: TcacConfig, here: bool) -> tuple[CaptionPool, dict[str, Any]]:
     """The caption pool of a small corpus, built in this process: every caption embedded once
-    (``captions.parquet``, reused when an earlier run wrote the same captions) and searched
-    with ``self_neighbours``. Returns the pool and its facts for run.json."""
+    (``captions.parquet``, reused when an earlier run wrote the same captions; ``here``: by
+    this process, else on Ray) and searched with ``self_neighbours``. Returns the pool and
+    its facts for run.json."""
     from clipscan.stages.index import self_neighbours
 
     texts, ids, own = caption_inputs(caption_rows(cfg.data))
     if not texts:
         raise ValueError(f"no usable captions in {cfg.data.path}; TCAC needs captioned images")
-    text_emb, reused = embed_captions(run, texts, cfg)
+    text_emb, reused = embed_captions(run.path("captions.parquet"), texts, cfg.models.probe, cfg.embed,
+                                      cfg.tcac.forward_rows, here)
     near, facts = None, {"where": "driver", "images_with_captions": len(ids)}
     if len(texts) > 1:
         _, near, search = self_neighbours(text_emb, cfg.knn, cfg.tcac.pool_k, cfg.seed)
@@ -261,33 +272,6 @@ def caption_rows(data: DataConfig) -> pa.Table:
     return read_table(data)[0].select(["id", "captions", "skip_stage"])
 
 
-def embed_captions(run: Run, texts: Sequence[str], cfg: TcacConfig) -> tuple[np.ndarray, bool]:
-    """((m, d) float32 text embeddings of ``texts``, reused); written to ``captions.parquet`` (caption_id, text, embedding).
-
-    An earlier run of the same config into this directory that wrote ``captions.parquet``
-    for the same captions is reused (reused = True).
-    """
-    from clipscan.arrays import embedding_matrix
-
-    path = run.path("captions.parquet")
-    if cfs.exists(path):
-        table = cfs.read_parquet(path)
-        if table.column("text").to_pylist() == list(texts):
-            return embedding_matrix(table.column("embedding")), True
-    raw = run.path("_captions")
-    cfs.remove_tree(raw)
-    build_caption_embed(texts, cfg.models.probe, cfg.embed, cfg.tcac.forward_rows).write_parquet(raw)
-    table = cfs.read_parquet(raw).sort_by("caption_id")
-    cfs.remove_tree(raw)
-    if table.num_rows != len(texts) or table.column("caption_id").to_pylist() != list(range(len(texts))):
-        raise RuntimeError(f"caption embedding returned {table.num_rows} rows for {len(texts)} captions")
-    cfs.write_parquet_atomic(path, pa.table({
-        "caption_id": table.column("caption_id"), "text": pa.array(list(texts), pa.string()),
-        "embedding": table.column("embedding"),
-    }))
-    return embedding_matrix(table.column("embedding")), False
-
-
 def shift_cases(shifts: list[dict[str, Any]]) -> pa.Table:
     """One transform's caption shifts as the summarise stage's cases: own caption, then the captions that entered."""
     return pa.table({
@@ -313,8 +297,11 @@ def name_failure_types(table: pa.Table, transforms: Sequence[str], cfg: TcacConf
         cfs.write_json_atomic(run.path("failures.json"), failures)
         return failures
     from clipscan.models.registry import load_encoder
+    from clipscan.pipeline.cluster import init_ray
     from clipscan.stages.summarise import summarise_many
 
+    if cfg.llm.backend == "vllm":
+        init_ray(cfg)  # Ray Data LLM serves the model; started as the job starts Ray
     encoder = load_encoder(cfg.models.probe)
     shifts = caption_shifts(table, transforms, cfg.tcac.report_top)
     groups = {name: (shift_cases([s for s in shifts[name] if s["entered"]]), run.path("llm", name))

@@ -293,6 +293,30 @@ def test_job_end_to_end_and_deterministic(tmp_path: Path, ray_local: None) -> No
     caps_a, caps_b = pq.read_table(a / "captions.parquet"), pq.read_table(b / "captions.parquet")  # a file; parts
     assert caps_a.select(["text", "embedding"]).equals(caps_b.select(["text", "embedding"]))
 
+    # c: the same job as a, started without a cluster: below knn.stage_min_rows it never starts
+    # Ray (the captions embedded and the images scored in its own process), with the same bits
+    import os
+    import subprocess
+    import sys
+
+    c = tmp_path / "c"
+    code = ("import runpy, sys, ray\n"
+            f"sys.argv = ['tcac.py', *{[*common, f'output={c}', 'embed.batch_size=8']!r}]\n"
+            "try:\n    runpy.run_path('jobs/tcac.py', run_name='__main__')\n"
+            "except SystemExit as e:\n    assert not e.code, e.code\n"
+            "print('ray started:', ray.is_initialized())\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ray started: False" in proc.stdout
+    run_a, run_c = (json.loads((d / "run.json").read_text()) for d in (a, c))
+    assert (run_a["stages"]["score"]["executor"], run_c["stages"]["score"]["executor"]) == ("ray", "local")
+    assert pq.read_table(c / "tcac.parquet").equals(table)
+    assert pq.read_table(c / "skipped.parquet").equals(pq.read_table(a / "skipped.parquet"))
+    assert pq.read_table(c / "captions.parquet").equals(caps_a)
+    assert run_c["tcac_summary"] == run_a["tcac_summary"] and run_c["counts"] == run_a["counts"]
+
     # b again, as after a kill with its first input shard scored: the pools still cover every
     # caption (the captions are read back, not embedded again) and the rows are the same
     import pyarrow as pa

@@ -12,7 +12,6 @@ table and ``skipped.parquet``.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -133,28 +132,15 @@ def build_embed(
     return rows.on_actors(ds, stage, kwargs, pool)
 
 
-def embed_here(blocks: list[pa.Table], models: dict[str, str], data: DataConfig, cfg: EmbedConfig, raw: str,
-               done: Callable[[int], None] | None = None) -> None:
-    """``build_embed``'s stage in this process: every block's rows decoded and embedded in
-    batches by one ``DecodeEmbed`` and written under ``raw`` as the sink writes them
-    (``rows.write_pieces``), so collect and resume see the same pieces. ``done(rows)`` is
-    told after each batch. For corpora small enough that starting Ray and its workers
-    would be most of the time."""
+def local_stage(models: dict[str, str], data: DataConfig, cfg: EmbedConfig) -> tuple[DecodeEmbed, int]:
+    """``build_embed``'s stage for this process (one ``DecodeEmbed``) and its batch size: for
+    corpora small enough that starting Ray and its workers would be most of the time."""
     import torch
-    from ray.data.block import BlockAccessor  # Ray Data's own batch conversion; Ray is not started
 
     if cfg.decode == "gpu" and not torch.cuda.is_available():
         raise ValueError("embed.decode=gpu needs a GPU, and this process has none (set embed.decode=auto)")
     size = cfg.batch_size or (rows.GPU_BATCH if torch.cuda.is_available() else rows.CPU_BATCH)
-    stage = DecodeEmbed(models, cfg.precision, cfg.threads, cfg.image_size, data, gpu_decode=cfg.decode == "gpu")
-    task = 0
-    for block in blocks:
-        for start in range(0, block.num_rows, size):
-            batch = BlockAccessor.for_block(block.slice(start, size)).to_batch_format("numpy")
-            written = rows.write_pieces(raw, stage(batch), task)
-            task += 1
-            if done is not None:
-                done(sum(n for shard, n in written if shard >= 0))
+    return DecodeEmbed(models, cfg.precision, cfg.threads, cfg.image_size, data, gpu_decode=cfg.decode == "gpu"), size
 
 
 class DecodeEmbed:

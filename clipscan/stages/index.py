@@ -10,6 +10,7 @@ Missing neighbours (an approximate index that found fewer than k) are I = -1, D 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -839,8 +840,8 @@ def require_faiss_gpu(gpus_held: int) -> None:
 def self_neighbours(x: np.ndarray, cfg: KnnConfig, depth: int, seed: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Top-``depth`` neighbours of every row of x (n, d) float32 L2-normalised, self excluded.
 
-    The in-process search of DAF's small corpora and of TCAC's caption pool. Exact sharded
-    search for ``knn.index: Flat``; otherwise the FAISS factory index, with
+    The in-process search of TCAC's caption pool. Exact sharded search for ``knn.index:
+    Flat`` (Ray tasks where the job's Ray is up, else in this process); otherwise the FAISS factory index, with
     its recall@k against exact search measured on ``knn.recall_queries`` rows. Returns
     D (n, depth) float32, I (n, depth) int64 and facts for run.json (index, wall_s; the
     number of nodes that ran search tasks; the recall).
@@ -848,9 +849,15 @@ def self_neighbours(x: np.ndarray, cfg: KnnConfig, depth: int, seed: int) -> tup
     depth = min(depth, len(x) - 1)
     start = time.perf_counter()
     if cfg.index.strip().lower() == "flat":
+        import ray
+
         nodes: set[str] = set()
-        D, I = sharded_self_knn(x, depth, shards=cfg.shards, query_block=cfg.query_block, nodes=nodes,
-                                device=cfg.device)
+        if ray.is_initialized():
+            D, I = sharded_self_knn(x, depth, shards=cfg.shards, query_block=cfg.query_block, nodes=nodes,
+                                    device=cfg.device)
+        else:  # the same shards as a local Ray's tasks would be, so the same bits
+            D, I = self_knn(x, depth, shards=cfg.shards or os.cpu_count() or 1, query_block=cfg.query_block)
+            nodes.add("")
         return D, I, {"index": "exact", "nodes": len(nodes), "wall_s": round(time.perf_counter() - start, 3)}
     D, I = approx_self_knn(x, depth, index=cfg.index, nprobe=cfg.nprobe,
                            train_sample=cfg.train_sample, seed=seed, query_block=cfg.query_block)

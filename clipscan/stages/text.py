@@ -108,3 +108,40 @@ def caption_vectors(texts: ray.data.Dataset, probe: str, cfg: EmbedConfig, forwa
     """``text`` rows -> the caption shards' input: ``id`` (the text), ``embedding`` (the
     probe's text tower). Builds; executes nothing."""
     return _embed_texts(texts, probe, cfg, forward_rows, "id", batch_size=max(forward_rows, 1024))
+
+
+def embed_captions(path: str, texts: Sequence[str], probe: str, cfg: EmbedConfig, forward_rows: int,
+                   here: bool) -> tuple[np.ndarray, bool]:
+    """((m, d) float32 vectors of ``texts`` from ``probe``'s text tower, reused), kept in ``path``
+    (``caption_id``, ``text``, ``embedding``): a rerun over the same texts reads them back.
+
+    here: ``EmbedText`` in this process, block by block; else an actor pool on Ray
+    (``build_caption_embed``) writing under a scratch folder beside ``path``. Both give the
+    same bits (``forward_fixed``).
+    """
+    from clipscan import fs as cfs
+    from clipscan.arrays import embedding_matrix
+
+    if cfs.exists(path):
+        table = cfs.read_parquet(path)
+        if "text" in table.column_names and table.column("text").to_pylist() == list(texts):
+            return embedding_matrix(table.column("embedding")), True
+    if here:
+        stage = EmbedText(probe, forward_rows, cfg.precision, cfg.threads)
+        step = max(forward_rows, 1024)
+        table = pa.concat_tables([
+            stage({"caption_id": np.arange(lo, min(lo + step, len(texts))), "text": np.asarray(texts[lo:lo + step])})
+            for lo in range(0, len(texts), step)])
+    else:
+        raw = cfs.join(cfs.dirname(path), "_" + path.rsplit("/", 1)[-1].removesuffix(".parquet"))
+        cfs.remove_tree(raw)
+        fsys, inner = cfs.resolve(raw)
+        build_caption_embed(texts, probe, cfg, forward_rows).write_parquet(inner, filesystem=fsys)
+        table = cfs.read_parquet(raw).sort_by("caption_id")
+        cfs.remove_tree(raw)
+    if table.column("caption_id").to_pylist() != list(range(len(texts))):
+        raise RuntimeError(f"caption embedding of {probe} returned {table.num_rows} rows for {len(texts)} captions")
+    cfs.write_parquet_atomic(path, pa.table({"caption_id": table.column("caption_id"),
+                                             "text": pa.array(list(texts), pa.string()),
+                                             "embedding": table.column("embedding")}))
+    return embedding_matrix(table.column("embedding")), False

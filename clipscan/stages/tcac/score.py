@@ -217,16 +217,48 @@ def _append(cols: dict[str, list[Any]], row: dict[str, Any]) -> None:
         values.append(row.get(name))
 
 
-def prepare_batch(batch: dict[str, np.ndarray], size: int, max_pixels: int,
-                  transforms: dict[str, dict[str, Any]], seed: int) -> dict[str, np.ndarray]:
-    """Decode then transform one batch (a CPU task): rows -> rows with ``versions``."""
-    import torch
-
+def prepare(batch: dict[str, np.ndarray], size: int, max_pixels: int,
+            transforms: dict[str, dict[str, Any]], seed: int) -> dict[str, np.ndarray]:
+    """Decode then transform one batch: rows -> rows with ``versions``."""
     from clipscan.stages.transforms import Transform
 
-    torch.set_num_threads(1)  # many small ops per image; the tasks give the parallelism
     decoded = Decode(size, max_pixels)(batch)  # keeps each row's captions: caption shards build pools from them
     return Transform(transforms, seed)(decoded)
+
+
+def prepare_batch(batch: dict[str, np.ndarray], size: int, max_pixels: int,
+                  transforms: dict[str, dict[str, Any]], seed: int) -> dict[str, np.ndarray]:
+    """``prepare`` as a CPU task of its own, on one thread."""
+    import torch
+
+    torch.set_num_threads(1)  # many small ops per image; the tasks give the parallelism
+    return prepare(batch, size, max_pixels, transforms, seed)
+
+
+class PrepareScore:
+    """``build_tcac``'s two steps in this process, one batch at a time: ``prepare``, then ``TcacScore``."""
+
+    def __init__(self, pool: CaptionPool, probe: str, data: DataConfig, embed: EmbedConfig, tcac: TcacSection,
+                 seed: int) -> None:
+        self.kwargs: dict[str, Any] = {"size": embed.image_size, "max_pixels": data.max_pixels,
+                       "transforms": {k: dict(v) for k, v in tcac.transforms.items()}, "seed": seed}
+        self.score = TcacScore(probe, pool, list(tcac.transforms), tcac.top, tcac.forward_rows, embed.precision,
+                               embed.threads, tcac.margin)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        return self.score(prepare(batch, **self.kwargs))
+
+
+def local_stage(pool: CaptionPool, probe: str, data: DataConfig, embed: EmbedConfig, tcac: TcacSection,
+                seed: int) -> tuple[PrepareScore, int]:
+    """``build_tcac``'s stage for this process and its batch size (as ``scoring_batch`` rounds it)."""
+    import torch
+
+    from clipscan.stages import rows
+
+    size = embed.batch_size or (rows.GPU_BATCH if torch.cuda.is_available() else rows.CPU_BATCH)
+    batch = scoring_batch(size, tcac.forward_rows, 1 + len(tcac.transforms))
+    return PrepareScore(pool, probe, data, embed, tcac, seed), batch
 
 
 def scoring_batch(batch_size: int, forward_rows: int, versions: int) -> int:
