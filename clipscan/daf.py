@@ -22,6 +22,7 @@ from clipscan.rundir import Run
 if TYPE_CHECKING:
     from clipscan.pipeline.executor import Executor
     from clipscan.stages.mine import Figures
+    from clipscan.stages.summarise.result import Failures
 
 log = logging.getLogger("clipscan")
 
@@ -55,16 +56,15 @@ def run_daf(cfg: DafConfig, overwrite: bool = False) -> Run:
 
     with run.stage("summarise") as facts:
         failures = summarise_cases(mined.cases, cfg, run)
-        facts.update(backend=cfg.llm.backend, types=len(failures.get("types", [])),
-                     status=failures.get("status", "done"), reason=failures.get("reason"),
-                     **{k: failures[k] for k in ("prompts", "parsed", "failed") if k in failures})
+        facts.update(backend=failures.backend, types=len(failures.types), status=failures.status,
+                     reason=failures.reason, prompts=failures.prompts, parsed=failures.parsed, failed=failures.failed)
 
-    if failures.get("types"):
+    if failures.types:
         with run.stage("judge") as facts:
             from clipscan.stages.summarise.judge import validate
 
             failures = validate(failures, rows, set(mined.cases.column("id").to_pylist()), cfg.llm, run.output)
-            facts.update(failures.get("judge", {}))
+            facts.update(failures.judge or {})
 
     with run.stage("report") as facts:
         summary = {
@@ -201,27 +201,25 @@ def search_and_mine(run: Run, cfg: DafConfig, rows: int) -> Mined:
                  executor)
 
 
-def report_ids(mined: Mined, rows: int, failures: dict[str, Any]) -> set[str]:
+def report_ids(mined: Mined, rows: int, failures: Failures) -> set[str]:
     """The ids the report shows that the cases do not carry: the shown cases' reference
     neighbours and the failure types' examples."""
     top = mined.cases.sort_by("rank").slice(0, rows).column("id")
     shown = mined.shown.filter(pc.is_in(mined.shown.column("id"), value_set=top.combine_chunks()))
     wanted = {i for lst in shown.column("reference_neighbours").to_pylist() for i in lst}
-    for f in failures.get("failure_types") or failures.get("types") or []:
-        if isinstance(f, dict):
-            wanted.update(str(e) for e in (f.get("examples") or [])[:8])
+    for f in failures.types:
+        wanted.update(str(e) for e in (f.get("examples") or [])[:8])
     return wanted
 
 
-def summarise_cases(cases: Any, cfg: DafConfig, run: Run) -> dict[str, Any]:
+def summarise_cases(cases: Any, cfg: DafConfig, run: Run) -> Failures:
     """Name the failure types of the top cases with the configured LLM backend (``failures.json``)."""
+    from clipscan.stages.summarise import summarise
+
     if cfg.llm.backend == "off":
-        failures: dict[str, Any] = {"backend": "off", "types": []}
-        cfs.write_json_atomic(run.path("failures.json"), failures)
-        return failures
+        return summarise(cases, cfg.llm, None, run.output)
     from clipscan.models.registry import is_precomputed, load_encoder
     from clipscan.pipeline.cluster import init_ray
-    from clipscan.stages.summarise import summarise
 
     if cfg.llm.backend == "vllm":
         init_ray(cfg)  # Ray Data LLM serves the model; started as the job starts Ray

@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 from clipscan import __version__
 from clipscan import fs as cfs
 from clipscan.stages.mine import Figures
+from clipscan.stages.summarise.result import Failures
 
 # Thumbnails refuse images above this many pixels before decoding (decompression bombs).
 THUMB_MAX_PIXELS = 1 << 27
@@ -327,7 +328,7 @@ def write_daf_report(
     summary: Mapping[str, Any],
     discrepancies: pa.Table,
     cases: pa.Table,
-    failures: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+    failures: Failures | None = None,
     rows: int = 50,
     thumb: int = 128,
     corpus: pa.Table | None = None,
@@ -344,9 +345,8 @@ def write_daf_report(
     table, or only those rows when ``figures`` is given. figures: the plots' streaming
     aggregates (``clipscan.stages.mine.Figures``); None = computed from the whole table
     ``discrepancies``. cases: ``clipscan.stages.discrepancy.cases``'s table, the top ``rows`` shown.
-    failures: the summary's failures.json (a mapping whose ``failure_types`` (or
-    ``types``/``failures``) list holds {type, description, prompts, cases, examples}),
-    or that list itself; None or ``backend: "off"`` says the LLM summary was not run.
+    failures: the summary's ``Failures`` (types {type, description, prompts, cases,
+    examples}); None is ``Failures.off()``: the LLM summary was not run.
     corpus: ``id``, ``uri``, ``caption`` of the images, to show the reference neighbours;
     without it only images named in ``cases`` get thumbnails. attributes: the
     ``attributes.json`` mapping, shown first (``attributes_html``); None leaves it out.
@@ -355,7 +355,8 @@ def write_daf_report(
 
     thumbs = Thumbs(thumb)
     top = cases.sort_by("rank").slice(0, max(0, rows)).to_pylist()
-    failure_list, failure_note = _failure_list(failures)
+    failures = failures or Failures.off()
+    failure_list, failure_note = failures.types, "" if failures.types else failures.note()
 
     case_ids = [c["id"] for c in top]
     refs = _reference_lists(discrepancies, case_ids)
@@ -558,36 +559,8 @@ def _reference_lists(discrepancies: pa.Table, ids: list[str]) -> dict[str, dict[
     return {r["id"]: r for r in small.to_pylist()}
 
 
-def _failure_list(
-    failures: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None,
-) -> tuple[list[Mapping[str, Any]], str]:
-    """(failure types, a note); the note says why the list is empty."""
-    off = (
-        "The LLM summary was not run (llm.backend is off), so failures are not grouped into types."
-    )
-    if failures is None:
-        return [], off
-    if isinstance(failures, Mapping):
-        if failures.get("backend") == "off":
-            return [], off
-        prompts, failed = failures.get("prompts"), failures.get("failed")
-        if isinstance(prompts, int) and prompts > 0 and failed == prompts:
-            return [], (f"None of the {prompts} LLM answers could be parsed into failure types "
-                        "(see llm_raw.jsonl for the raw answers and reasons).")
-        for key in ("failure_types", "types", "failures"):
-            if isinstance(failures.get(key), list):
-                note = ""
-                if isinstance(prompts, int) and prompts:
-                    note = (f"{failures.get('parsed', prompts)} of {prompts} LLM answers parsed "
-                            f"({failures.get('backend', 'llm')}: {failures.get('model', '')}).")
-                types = [f for f in failures[key] if isinstance(f, Mapping)]
-                return types, note if not types else ""
-        return [], "The LLM summary found no failure types."
-    return [f for f in failures if isinstance(f, Mapping)], ""
-
-
 def _failures_html(
-    failures: list[Mapping[str, Any]],
+    failures: Sequence[Mapping[str, Any]],
     note: str,
     lookup: Mapping[str, tuple[str, str]],
     thumbs: Thumbs,

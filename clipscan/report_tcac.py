@@ -31,6 +31,7 @@ from clipscan.report import (
     section,
     summary_table,
 )
+from clipscan.stages.summarise.result import OFF_NOTE, Failures
 
 if TYPE_CHECKING:
     from clipscan.stages.tcac.figures import Figures
@@ -214,7 +215,7 @@ def write_tcac_report(
     top: int = 10,
     images: int = 100,
     thumb: int = 128,
-    failures: Mapping[str, Any] | None = None,
+    failures: Mapping[str, Failures] | None = None,
 ) -> str:
     """Write ``plots/changes_<transform>.png`` and ``report.html`` under ``run_dir``; return the report's path.
 
@@ -262,18 +263,16 @@ def write_tcac_report(
     return path
 
 
-def _failures_html(failures: Mapping[str, Any] | None) -> str:
-    """The LLM's failure types per transform, or a line saying the summary was not run."""
-    if not failures or failures.get("backend") == "off":
-        return ('<p class="muted">The LLM summary was not run (llm.backend is off), so caption shifts '
-                "are not grouped into failure types.</p>")
+def _failures_html(failures: Mapping[str, Failures] | None) -> str:
+    """The LLM's failure types per transform, or the line saying why there are none."""
+    if not failures or all(f.status == "off" for f in failures.values()):
+        return f'<p class="muted">{esc(OFF_NOTE)}</p>'
     parts = []
-    for name, result in failures.get("transforms", {}).items():
-        types = result.get("types", [])
+    for name, result in failures.items():
         items = "".join(
             f"<li><b>{esc(t.get('type', ''))}</b>: {esc(t.get('description', ''))} "
             f'<span class="muted">({t.get("prompts", 0)} prompts, {t.get("cases", 0)} cases)</span></li>'
-            for t in types
-        ) or f'<li class="muted">no failure type ({result.get("parsed", 0)} of {result.get("prompts", 0)} answers parsed)</li>'
+            for t in result.types
+        ) or f'<li class="muted">{esc(result.note())}</li>'
         parts.append(f"<h3>{esc(name)}</h3><ul>{items}</ul>")
     return "".join(parts)

@@ -41,6 +41,8 @@ from clipscan.stages.text import caption_vectors, embed_captions
 if TYPE_CHECKING:
     import ray.data
 
+    from clipscan.stages.summarise.result import Failures
+
 log = logging.getLogger("clipscan")
 
 
@@ -146,9 +148,8 @@ def run_tcac(cfg: TcacConfig, overwrite: bool = False) -> Run:
 
     with run.stage("summarise") as facts:
         failures = name_failure_types(figures.largest, names, cfg, run)
-        facts.update(backend=cfg.llm.backend,
-                     types={t: len(f.get("types", [])) for t, f in failures.get("transforms", {}).items()},
-                     failed=[t for t, f in failures.get("transforms", {}).items() if f.get("status") == "failed"])
+        facts.update(backend=cfg.llm.backend, types={t: len(f.types) for t, f in failures.items()},
+                     failed=[t for t, f in failures.items() if f.status == "failed"])
 
     with run.stage("report") as facts:
         overview = {
@@ -283,8 +284,9 @@ def shift_cases(shifts: list[dict[str, Any]]) -> pa.Table:
     })
 
 
-def name_failure_types(table: pa.Table, transforms: Sequence[str], cfg: TcacConfig, run: Run) -> dict[str, Any]:
-    """Per transform, the LLM's failure types for the images whose captions moved most (``failures.json``).
+def name_failure_types(table: pa.Table, transforms: Sequence[str], cfg: TcacConfig, run: Run) -> dict[str, Failures]:
+    """Per transform, the LLM's failure types for the images whose captions moved most
+    (``failures.json``: the backend, the model and each transform's ``Failures``).
 
     table: at least the ``tcac.report_top`` largest changes of each transform (``Figures.largest``).
 
@@ -292,22 +294,25 @@ def name_failure_types(table: pa.Table, transforms: Sequence[str], cfg: TcacConf
     ``tcac.report_top`` images with the largest change, each as its own caption followed
     by the captions that entered its top list after the transform (the paper's 4.2).
     """
-    if cfg.llm.backend == "off":
-        failures: dict[str, Any] = {"backend": "off", "transforms": {}}
-        cfs.write_json_atomic(run.path("failures.json"), failures)
-        return failures
-    from clipscan.models.registry import load_encoder
-    from clipscan.pipeline.cluster import init_ray
-    from clipscan.stages.summarise import summarise_many
+    from clipscan.stages.summarise.result import Failures
 
-    if cfg.llm.backend == "vllm":
-        init_ray(cfg)  # Ray Data LLM serves the model; started as the job starts Ray
-    encoder = load_encoder(cfg.models.probe)
-    shifts = caption_shifts(table, transforms, cfg.tcac.report_top)
-    groups = {name: (shift_cases([s for s in shifts[name] if s["entered"]]), run.path("llm", name))
-              for name in transforms}
-    # one backend run for every transform's prompts: one set of vLLM engines, not one per transform
-    per = summarise_many(groups, cfg.llm, encoder.embed_texts if encoder.has_text else None)
-    failures = {"backend": cfg.llm.backend, "model": cfg.llm.model, "transforms": {n: per[n] for n in transforms}}
-    cfs.write_json_atomic(run.path("failures.json"), failures)
-    return failures
+    off = cfg.llm.backend == "off"
+    if off:
+        per = {name: Failures.off() for name in transforms}
+    else:
+        from clipscan.models.registry import load_encoder
+        from clipscan.pipeline.cluster import init_ray
+        from clipscan.stages.summarise import summarise_many
+
+        if cfg.llm.backend == "vllm":
+            init_ray(cfg)  # Ray Data LLM serves the model; started as the job starts Ray
+        encoder = load_encoder(cfg.models.probe)
+        shifts = caption_shifts(table, transforms, cfg.tcac.report_top)
+        groups = {name: (shift_cases([s for s in shifts[name] if s["entered"]]), run.path("llm", name))
+                  for name in transforms}
+        # one backend run for every transform's prompts: one set of vLLM engines, not one per transform
+        per = summarise_many(groups, cfg.llm, encoder.embed_texts if encoder.has_text else None)
+    cfs.write_json_atomic(run.path("failures.json"), {
+        "backend": cfg.llm.backend, "model": None if off else cfg.llm.model,
+        "transforms": {name: per[name].to_json() for name in transforms}})
+    return per

@@ -199,7 +199,7 @@ def test_openai_backend_against_vllm_serve(vllm_server: str, tiny_llm: str, tmp_
         max_prompt_tokens=2000, max_tokens=600, temperature=1.0, concurrency=2,
         retries=1, backoff_s=0.5, timeout_s=120,
     )
-    failures = summarise(cases_table(), cfg, hashed_encoder, str(tmp_path))
+    failures = summarise(cases_table(), cfg, hashed_encoder, str(tmp_path)).to_json()
     assert failures["backend"] == "openai" and failures["model"] == SERVED_NAME
     assert failures["token_count"] == f"tokenizer:{tiny_llm}"
     assert failures["prompts"] == 3  # 5 cases, 2 a prompt
@@ -282,7 +282,7 @@ def main():
     cfg = LlmConfig(backend="vllm", model=model, cases_per_prompt=2, max_prompt_tokens=2000, max_tokens=600,
                     temperature=0.0, engine_kwargs={"load_format": "dummy", "max_model_len": 4096,
                                                     "max_num_seqs": 8, "enforce_eager": True})
-    failures = summarise(cases, cfg, None, out_dir)
+    failures = summarise(cases, cfg, None, out_dir).to_json()
     import clipscan
     print("CLIPSCAN " + clipscan.__file__, flush=True)
     print("RESULT " + json.dumps(failures), flush=True)

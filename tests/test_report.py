@@ -30,6 +30,7 @@ from clipscan.report import (
     write_daf_report,
 )
 from clipscan.stages.discrepancy import cases
+from clipscan.stages.summarise.result import Failures
 from tests.reference import mine
 
 MALICIOUS = '<script>alert(1)</script>"}'
@@ -82,9 +83,9 @@ def run(tmp_path_factory) -> dict:
     )
     table = mine(ids, probe_D, probe_I, ref_D, ref_I, x_probe, x_ref, K)
     picked = cases(table, corpus, N)
-    failures = {
-        "backend": "openai",
-        "failure_types": [
+    failures = Failures(
+        "openai",
+        [
             {
                 "type": "Colour <b>confusion</b>",
                 "description": MALICIOUS,
@@ -94,7 +95,9 @@ def run(tmp_path_factory) -> dict:
                 "examples": ["scene-000000", "scene-000001", "scene-000002"],
             }
         ],
-    }
+        prompts=3,
+        parsed=3,
+    )
     summary = {
         "images": N,
         "skipped": 1,
@@ -162,7 +165,7 @@ def test_missing_image_gets_a_placeholder(run, tmp_path):
 
 
 def test_failures_off_says_the_summary_was_not_run(run, tmp_path):
-    for failures in (None, {"backend": "off"}):
+    for failures in (None, Failures.off()):
         out = tmp_path / ("none" if failures is None else "off")
         path = write_daf_report(
             str(out), {}, run["table"], run["cases"], failures, rows=3, thumb=64

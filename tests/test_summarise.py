@@ -34,6 +34,7 @@ from clipscan.stages.summarise import (
     summarise,
     unfence,
 )
+from clipscan.stages.summarise.result import Failures
 
 WORDS = "dog cat man woman child red blue green runs jumps sits beach street field ball two three".split()
 
@@ -340,8 +341,10 @@ def test_merge_survives_a_failing_encoder() -> None:
 
 def test_backend_off_writes_an_empty_summary(tmp_path: Path) -> None:
     out = summarise(cases_table(make_cases(3)), LlmConfig(backend="off"), None, str(tmp_path))
-    assert out == {"backend": "off", "types": []}
-    assert json.loads((tmp_path / "failures.json").read_text()) == out
+    assert out == Failures.off() and out.note().startswith("The LLM summary was not run")
+    assert json.loads((tmp_path / "failures.json").read_text()) == out.to_json() == {
+        "backend": "off", "status": "off", "types": []}
+    assert Failures.of(out.to_json()) == out
 
 
 def test_missing_columns_name_the_stage_and_the_keys(tmp_path: Path) -> None:
@@ -449,33 +452,33 @@ def test_openai_backoff_then_parse_retry_once(fake_server: Any, tmp_path: Path) 
     assert [d["captions"] for d in data] == [list(c.captions) for c in cases]
     assert srv.requests[3]["temperature"] == sm.RETRY_TEMPERATURE  # the parse retry samples
 
-    assert (out["prompts"], out["parsed"], out["failed"], out["retried"]) == (1, 1, 0, 1)
-    assert out["token_count"] == "chars/4"
-    assert [t["type"] for t in out["types"]] == ["Colour confusion"]
-    assert out["types"][0]["examples"] == [c.id for c in cases] and out["types"][0]["cases"] == 3
+    assert (out.prompts, out.parsed, out.failed, out.retried) == (1, 1, 0, 1)
+    assert out.facts["token_count"] == "chars/4"
+    assert [t["type"] for t in out.types] == ["Colour confusion"]
+    assert out.types[0]["examples"] == [c.id for c in cases] and out.types[0]["cases"] == 3
     raw = read_raw(tmp_path)
     assert [(r["prompt"], r["attempt"], r["status"]) for r in raw] == [(0, 0, "failed"), (0, 1, "ok")]
     assert raw[0]["answer"] == "garbage, not JSON" and "not JSON" in raw[0]["reason"]
-    assert json.loads((tmp_path / "failures.json").read_text()) == out
+    assert json.loads((tmp_path / "failures.json").read_text()) == out.to_json()
 
 
 def test_openai_garbage_twice_is_counted_not_raised(fake_server: Any, tmp_path: Path) -> None:
     srv = fake_server([(200, "no"), (200, '{"failures": "nope"}'), (200, VALID)])
     out = summarise(cases_table(make_cases(12)), llm(srv.url, cases_per_prompt=6), None, str(tmp_path))
-    assert out["prompts"] == 2 and out["parsed"] + out["failed"] == 2
+    assert out.prompts == 2 and out.parsed + out.failed == 2
     raw = read_raw(tmp_path)
     assert sum(r["status"] == "failed" for r in raw) == 2
-    assert out["failed"] == 1 and out["retried"] == 1 and len(srv.requests) == 3
-    assert out["status"] == "done" and out["reason"] is None  # one of two parsed: not a failed stage
+    assert out.failed == 1 and out.retried == 1 and len(srv.requests) == 3
+    assert out.status == "done" and out.reason is None  # one of two parsed: not a failed stage
 
 
 def test_openai_client_errors_are_not_retried(fake_server: Any, tmp_path: Path) -> None:
     srv = fake_server([(400, "prompt too long")])
     out = summarise(cases_table(make_cases(2)), llm(srv.url), None, str(tmp_path))
     assert len(srv.requests) == 1
-    assert (out["parsed"], out["failed"], out["types"]) == (0, 1, [])
+    assert (out.parsed, out.failed, out.types) == (0, 1, [])
     assert "HTTP 400" in read_raw(tmp_path)[0]["reason"]
-    assert out["status"] == "failed" and "HTTP 400" in out["reason"]
+    assert out.status == "failed" and "HTTP 400" in out.reason
 
 
 def test_openai_unreachable_server_and_timeouts(fake_server: Any, tmp_path: Path) -> None:
@@ -485,13 +488,13 @@ def test_openai_unreachable_server_and_timeouts(fake_server: Any, tmp_path: Path
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"  # bound, never listening: refused
     out = summarise(cases_table(make_cases(2)), llm(dead, retries=1, backoff_s=0.01), None, str(tmp_path / "a"))
-    assert (out["parsed"], out["failed"]) == (0, 1)
+    assert (out.parsed, out.failed) == (0, 1)
     assert "request failed" in read_raw(tmp_path / "a")[0]["reason"]
 
     slow = fake_server([(200, VALID)], delay_s=1.0)
     out = summarise(cases_table(make_cases(2)), llm(slow.url, retries=1, backoff_s=0.01, timeout_s=0.2),
                     None, str(tmp_path / "b"))
-    assert len(slow.requests) == 2 and out["failed"] == 1
+    assert len(slow.requests) == 2 and out.failed == 1
     assert "timed out" in read_raw(tmp_path / "b")[0]["reason"]
 
 
@@ -504,10 +507,10 @@ def test_openai_concurrency_limit_and_merge(fake_server: Any, tmp_path: Path) ->
     cases = make_cases(12)
     out = summarise(cases_table(cases), llm(srv.url, cases_per_prompt=2, concurrency=2), concept_encoder,
                     str(tmp_path))
-    assert out["prompts"] == 6 and out["parsed"] == 6
+    assert out.prompts == 6 and out.parsed == 6
     assert srv.max_in_flight == 2
-    assert out["merge"] == "embedding"
-    by = {t["type"]: t for t in out["types"]}
+    assert out.facts["merge"] == "embedding"
+    by = {t["type"]: t for t in out.types}
     assert set(by) == {"Colour confusion", "Counting"} or set(by) == {"Color mix-up", "Counting"}
     colour = by.get("Colour confusion") or by["Color mix-up"]
     assert colour["prompts"] == 6 and colour["cases"] == 12
@@ -554,9 +557,9 @@ def test_vllm_engine_failure_is_recorded(monkeypatch: pytest.MonkeyPatch, tmp_pa
     monkeypatch.setattr(sm, "run_vllm", boom)
     out = summarise(cases_table(make_cases(4)), LlmConfig(backend="vllm", tokenizer="/nonexistent",
                                                           cases_per_prompt=2), None, str(tmp_path))
-    assert (out["prompts"], out["parsed"], out["failed"], out["types"]) == (2, 0, 2, [])
+    assert (out.prompts, out.parsed, out.failed, out.types) == (2, 0, 2, [])
     assert all("engine failed: RuntimeError: no GPU memory" in r["reason"] for r in read_raw(tmp_path))
-    assert out["status"] == "failed" and "every one of the 2 prompts failed: engine failed" in out["reason"]
+    assert out.status == "failed" and "every one of the 2 prompts failed: engine failed" in out.reason
 
 
 def test_answer_schema_asks_for_at_least_one_type_and_parsing_validates_with_the_model() -> None:
@@ -631,19 +634,20 @@ def test_judge_through_an_openai_server_rewrites_failures(fake_server: Any, tmp_
     from clipscan.stages.summarise import judge as jd
 
     srv = fake_server([(200, '{"holds": true, "reason": "fits"}')])
-    failures = {"backend": "openai", "types": [{"type": "Colour", "description": "d", "examples": ["c00"]}]}
+    failures = Failures("openai", [{"type": "Colour", "description": "d", "examples": ["c00"]}])
     out = jd.validate(failures, judge_rows(6), {"c00"}, llm(srv.url, judge_cases=3), str(tmp_path))
-    assert out["judge"] == {"status": "done", "held_out": 3, "controls": 3, "prompts": 6, "judged_types": 1,
+    assert out.judge == {"status": "done", "held_out": 3, "controls": 3, "prompts": 6, "judged_types": 1,
                             "confirmed": 0}
-    j = out["types"][0]["judge"]
+    j = out.types[0]["judge"]
     assert (j["rate"], j["control_rate"], j["lift"], j["confirmed"]) == (1.0, 1.0, 1.0, False)
-    assert json.loads((tmp_path / "failures.json").read_text()) == out
+    assert json.loads((tmp_path / "failures.json").read_text()) == out.to_json()
+    assert Failures.of(out.to_json()) == out
     assert all(r["response_format"]["json_schema"]["schema"] == jd.JUDGE_SCHEMA for r in srv.requests)
     assert '"caption_a"' in srv.requests[0]["messages"][0]["content"]
     verdicts = [json.loads(x) for x in (tmp_path / "llm_judge.jsonl").read_text().splitlines()]
     assert len(verdicts) == 6 and sum(v["control"] for v in verdicts) == 3
     skipped = jd.validate(failures, None, set(), llm(srv.url), str(tmp_path))
-    assert skipped["judge"]["status"] == "skipped" and "attributes" in skipped["judge"]["reason"]
+    assert skipped.judge["status"] == "skipped" and "attributes" in skipped.judge["reason"]
 
 
 def test_summarise_many_asks_the_backend_once_for_every_group(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -660,10 +664,10 @@ def test_summarise_many_asks_the_backend_once_for_every_group(monkeypatch: pytes
               "b": (cases_table(make_cases(6, seed=1)), str(tmp_path / "b"))}
     out = sm.summarise_many(groups, cfg, None)
     assert calls == [list(range(5))]  # 2 + 3 prompts in one run, indices global
-    assert (out["a"]["prompts"], out["b"]["prompts"]) == (2, 3) and out["a"]["parsed"] == 2
+    assert (out["a"].prompts, out["b"].prompts) == (2, 3) and out["a"].parsed == 2
     raw_b = read_raw(tmp_path / "b")
     assert [r["prompt"] for r in raw_b] == [0, 1, 2]  # each group's own numbering
-    assert json.loads((tmp_path / "b" / "failures.json").read_text()) == out["b"]
+    assert json.loads((tmp_path / "b" / "failures.json").read_text()) == out["b"].to_json()
 
 
 def test_parse_verdict() -> None:

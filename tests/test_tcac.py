@@ -11,6 +11,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from clipscan.columns import MissingColumns
 from clipscan.stages.index import self_knn
 from clipscan.stages.rows import ShardSink
 from clipscan.stages.tcac.collect import _skip_repeats, collect
@@ -210,7 +211,7 @@ def test_score_stage_identity_and_shared_pool(monkeypatch: pytest.MonkeyPatch) -
     sharded = TcacScore(TINY_PROBE, ShardPool(shards, 4), list(TRANSFORMS), top=5, forward_rows=8)
     with_captions = {**batch, "captions": np.array([caps[i] for i in ids] + [None], dtype=object)}
     assert sharded(with_captions).equals(out)
-    with pytest.raises(KeyError, match="needs the rows' 'captions'"):
+    with pytest.raises(MissingColumns, match=r"caption shards\)' needs columns \['captions'\]; it has \["):
         sharded(batch)
 
 

@@ -18,7 +18,6 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -74,6 +73,7 @@ from clipscan.stages.summarise.prompts import (
     render_prompt,
     unfence,
 )
+from clipscan.stages.summarise.result import Failures
 
 __all__ = [
     "CASES_PLACEHOLDER", "CHARS_PER_TOKEN", "CHAT_OVERHEAD_TOKENS", "DEFAULT_TEMPLATE", "FAILURES_SCHEMA",
@@ -95,11 +95,11 @@ def summarise(
     cfg: LlmConfig,
     text_encoder: Callable[[list[str]], np.ndarray] | None,
     out_dir: str,
-) -> dict[str, Any]:
+) -> Failures:
     """Name and merge the failure types of ``cases``; writes ``failures.json`` and ``llm_raw.jsonl``.
 
     ``text_encoder``: texts -> (n, d) float32 L2-normalised (the probe's), used to merge
-    failure types; None merges by normalised heading only. Returns the failures dict.
+    failure types; None merges by normalised heading only. Returns the ``Failures``.
     Answers that do not parse are recorded and counted; no answer makes this raise. When
     not one prompt's answer parses, ``status`` is "failed" with the ``reason`` (the job
     records the stage as failed and carries on to the report).
@@ -111,16 +111,14 @@ def summarise_many(
     groups: Mapping[str, tuple[pa.Table, str]],
     cfg: LlmConfig,
     text_encoder: Callable[[list[str]], np.ndarray] | None,
-) -> dict[str, dict[str, Any]]:
+) -> dict[str, Failures]:
     """``summarise`` for several case tables (name -> (cases, out_dir)) with one backend run
     for the prompts of all of them: one set of vLLM engines for every TCAC transform, not
     one per transform. Each group gets its own ``failures.json`` and ``llm_raw.jsonl``."""
     if cfg.backend == "off":
-        off: dict[str, dict[str, Any]] = {}
-        for name, (_, out_dir) in groups.items():
-            off[name] = {"backend": "off", "types": []}
-            cfs.write_json_atomic(cfs.join(out_dir, "failures.json"), off[name])
-        return off
+        for _, out_dir in groups.values():
+            cfs.write_json_atomic(cfs.join(out_dir, "failures.json"), Failures.off().to_json())
+        return {name: Failures.off() for name in groups}
 
     started = time.perf_counter()
     template = load_template(cfg.prompt)
@@ -171,7 +169,7 @@ def _finish(
     template: PromptTemplate,
     counter: TokenCounter,
     started: float,
-) -> dict[str, Any]:
+) -> Failures:
     failures_path = cfs.join(out_dir, "failures.json")
     by_prompt = {p.index: p for p in prompts}
     final: dict[int, Attempt] = {}
@@ -201,27 +199,18 @@ def _finish(
         (log.error if failed == len(prompts) else log.warning)(
             "%s: %d of %d answers could not be parsed or fetched (reasons in llm_raw.jsonl)", STAGE, failed, len(prompts))
     reasons = sorted({a.reason or "" for a in final.values() if not a.ok})
-    failures = {
-        "backend": cfg.backend,
-        "model": cfg.model,
+    failures = Failures(
+        cfg.backend, types,
         # failed: there were prompts and not one answer parsed; the reason says why
-        "status": "failed" if prompts and not parsed else "done",
-        "reason": f"every one of the {len(prompts)} prompts failed: {'; '.join(reasons)[:1000]}"
+        status="failed" if prompts and not parsed else "done",
+        reason=f"every one of the {len(prompts)} prompts failed: {'; '.join(reasons)[:1000]}"
         if prompts and not parsed else None,
-        "prompts": len(prompts),
-        "parsed": parsed,
-        "failed": failed,
-        "retried": sum(1 for a in attempts if a.attempt > 0),
-        "cases": len(case_list),
-        "truncated": [c for p in prompts for c in p.truncated],
-        "token_count": counter.name,
-        "template": template.source,
-        "merge": method,
-        "merge_threshold": cfg.merge_threshold,
-        "wall_s": round(time.perf_counter() - started, 3),
-        "types": types,
-    }
-    cfs.write_json_atomic(failures_path, failures)
+        prompts=len(prompts), parsed=parsed, failed=failed, retried=sum(1 for a in attempts if a.attempt > 0),
+        facts={"model": cfg.model, "cases": len(case_list), "truncated": [c for p in prompts for c in p.truncated],
+               "token_count": counter.name, "template": template.source, "merge": method,
+               "merge_threshold": cfg.merge_threshold, "wall_s": round(time.perf_counter() - started, 3)},
+    )
+    cfs.write_json_atomic(failures_path, failures.to_json())
     log.info("%s: %d failure types from %d/%d parsed answers (%.1f s)", STAGE, len(types), parsed,
-             len(prompts), failures["wall_s"])
+             len(prompts), failures.facts["wall_s"])
     return failures

@@ -25,6 +25,7 @@ from clipscan.config import LlmConfig
 from clipscan.stages.summarise.backends import AnswerKind, Attempt
 from clipscan.stages.summarise.parsing import inline_schema
 from clipscan.stages.summarise.prompts import STAGE, Prompt, fence
+from clipscan.stages.summarise.result import Failures
 
 log = logging.getLogger("clipscan")
 
@@ -161,8 +162,8 @@ def judge_types(
     return out, attempts, plan
 
 
-def validate(failures: dict[str, Any], rows: pa.Table | None, exclude: set[str], cfg: LlmConfig,
-             out_dir: str) -> dict[str, Any]:
+def validate(failures: Failures, rows: pa.Table | None, exclude: set[str], cfg: LlmConfig,
+             out_dir: str) -> Failures:
     """Judge the first ``llm.judge_types`` types of ``failures`` on ``llm.judge_cases`` held-out
     cases of ``rows`` (not in ``exclude``) and as many controls; rewrites ``failures.json``
     (types in validated order, each with ``judge``; a ``judge`` summary) and writes
@@ -170,7 +171,7 @@ def validate(failures: dict[str, Any], rows: pa.Table | None, exclude: set[str],
     from clipscan import fs as cfs
     from clipscan.stages.summarise.backends import run_openai, run_vllm
 
-    types = list(failures.get("types") or [])
+    types = list(failures.types)
     skip = None
     if cfg.backend == "off" or not types:
         skip = "no failure types to judge"
@@ -182,8 +183,8 @@ def validate(failures: dict[str, Any], rows: pa.Table | None, exclude: set[str],
     if skip is None and not held:
         skip = "no held-out case beyond the ones the types came from (raise attributes.cases)"
     if skip is not None:
-        failures = {**failures, "judge": {"status": "skipped", "reason": skip}}
-        cfs.write_json_atomic(cfs.join(out_dir, "failures.json"), failures)
+        failures = failures.replace(judge={"status": "skipped", "reason": skip})
+        cfs.write_json_atomic(cfs.join(out_dir, "failures.json"), failures.to_json())
         return failures
 
     def backend(prompts: Sequence[Prompt], cfg: LlmConfig, kind: AnswerKind) -> list[Attempt]:
@@ -204,9 +205,9 @@ def validate(failures: dict[str, Any], rows: pa.Table | None, exclude: set[str],
         "status": "ok" if a.ok else "failed", "reason": a.reason, "answer": a.answer,
     }, ensure_ascii=False) for a in attempts]
     cfs.write_bytes_atomic(cfs.join(out_dir, "llm_judge.jsonl"), ("\n".join(lines) + "\n").encode() if lines else b"")
-    failures = {**failures, "types": judged + rest, "judge": {
+    failures = failures.replace(types=judged + rest, judge={
         "status": "done", "held_out": len(held), "controls": len(controls), "prompts": len(plan),
         "judged_types": len(judged), "confirmed": sum(t["judge"]["confirmed"] for t in judged),
-    }}
-    cfs.write_json_atomic(cfs.join(out_dir, "failures.json"), failures)
+    })
+    cfs.write_json_atomic(cfs.join(out_dir, "failures.json"), failures.to_json())
     return failures

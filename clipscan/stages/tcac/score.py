@@ -205,9 +205,8 @@ class TcacScore:
         usable = [i for i in range(len(ids)) if not stage[i]]
         if isinstance(self.pool, CaptionPool):
             return pools_from(self.pool, [ids[i] for i in usable])
-        captions = batch.get("captions")
-        if captions is None:
-            raise KeyError("stage 'tcac-score' asks caption shards for pools and needs the rows' 'captions'")
+        require(batch, ("captions",), "tcac-score (pools asked of caption shards)")
+        captions = batch["captions"]
         return self.pool.pools([[str(t) for t in (captions[i] if captions[i] is not None else [])]
                                 for i in usable])
 
