@@ -54,7 +54,7 @@ def run_bias(cfg: BiasConfig, overwrite: bool = False) -> Run:
     timings and ``bias_summary`` (chance levels, scenes per position, per-object-count figures).
     """
     from clipscan.pipeline.cluster import init_ray
-    from clipscan.report_bias import write_bias_report
+    from clipscan.report.bias import write_bias_report
     from clipscan.runner import embed_corpus
     from clipscan.stages import bias
 

@@ -29,7 +29,7 @@ log = logging.getLogger("clipscan")
 
 def run_daf(cfg: DafConfig, overwrite: bool = False) -> Run:
     """Run every DAF stage into ``cfg.output``; returns the finished ``Run``."""
-    from clipscan import report
+    from clipscan.report.daf import write_daf_report
     from clipscan.runner import embed_corpus, ensure_corpus
     from clipscan.stages import attributes
 
@@ -76,7 +76,7 @@ def run_daf(cfg: DafConfig, overwrite: bool = False) -> Run:
         if mined.recall is not None:
             summary["recall"] = mined.recall
         corpus = mined.lookup(report_ids(mined, cfg.report.rows, failures))
-        path = report.write_daf_report(run.output, summary, mined.shown, mined.cases, failures,
+        path = write_daf_report(run.output, summary, mined.shown, mined.cases, failures,
                                        rows=cfg.report.rows, thumb=cfg.report.thumb, corpus=corpus,
                                        attributes=contrast, figures=mined.figures)
         facts.update(path=path)

@@ -55,7 +55,7 @@ def run_tcac(cfg: TcacConfig, overwrite: bool = False) -> Run:
     """
     from clipscan.data.corpus import plan_corpus, read_corpus
     from clipscan.pipeline.cluster import in_process, init_ray
-    from clipscan.report_tcac import write_tcac_report
+    from clipscan.report.tcac import write_tcac_report
     from clipscan.runner import write_here, write_shards
     from clipscan.stages import rows
     from clipscan.stages.tcac.score import local_stage

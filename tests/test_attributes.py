@@ -204,7 +204,7 @@ def test_ray_stage_counts_as_the_plain_function(ray_local: None) -> None:
 
 
 def test_report_section_names_the_top_attribute_and_escapes() -> None:
-    from clipscan.report import attributes_html
+    from clipscan.report.daf import attributes_html
 
     data = {"control": "rank_matched", "planted": "colour", "planted_found": True, "attributes": [
         {"name": "colour", "lift": 1.5, "ci": [1.2, 1.9], "rate": 0.6, "control_rate": 0.4, "pairs": 100,

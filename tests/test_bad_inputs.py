@@ -253,7 +253,7 @@ def _img2dataset_shards(root: Path, shards: int, per: int, seed: int = 0) -> Non
 
 def test_webdataset_from_the_webdataset_library(tmp_path: Path, ray_local: None) -> None:
     """Numbered by (shard, member): read facts count the shards, reruns reuse them, a replaced shard is read again."""
-    from clipscan.report import placeholder_data_uri
+    from clipscan.report.kit import placeholder_data_uri
 
     root = tmp_path / "wds"
     _img2dataset_shards(root, shards=3, per=8)

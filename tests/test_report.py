@@ -1,4 +1,4 @@
-"""Tests for clipscan.report: a DAF report built from a real generated scene corpus."""
+"""Tests for clipscan.report (the kit and DAF's page): a DAF report built from a real generated scene corpus."""
 
 from __future__ import annotations
 
@@ -17,9 +17,8 @@ import pytest
 from PIL import Image
 
 from clipscan.data.scenes import write_corpus
-from clipscan.report import (
-    daf_figures,
-    daf_plots,
+from clipscan.report.daf import daf_plots, write_daf_report
+from clipscan.report.kit import (
     esc,
     figure_to_png,
     new_figure,
@@ -27,9 +26,9 @@ from clipscan.report import (
     png_data_uri,
     summary_table,
     thumbnail_data_uri,
-    write_daf_report,
 )
 from clipscan.stages.discrepancy import cases
+from clipscan.stages.mine import Figures
 from clipscan.stages.summarise.result import Failures
 from tests.reference import mine
 
@@ -236,7 +235,7 @@ def test_report_from_streaming_aggregates_equals_whole_table(run, tmp_path):
         pa.compute.is_in(run["table"].column("id"), value_set=run["cases"].column("id").combine_chunks())
     )
     assert shown.num_rows < run["table"].num_rows
-    figures = daf_figures(run["table"])
+    figures = Figures.of_table(run["table"])
     assert figures.images == N and figures.k == K and int(figures.overlap_counts.sum()) == N
     assert figures.points["px"].size == N * K  # 40 x 5 points: all of them, below the sample bound
     path = write_daf_report(str(tmp_path), run["summary"], shown, run["cases"], None, rows=N, thumb=96,

@@ -11,7 +11,6 @@ import pytest
 
 from clipscan.arrays import embedding_array
 from clipscan.columns import MissingColumns
-from clipscan.report import daf_figures
 from clipscan.stages import discrepancy as dc
 from clipscan.stages import index as ix
 from clipscan.stages import mine as mn
@@ -329,7 +328,7 @@ def check_mined(out, result, ids, x_probe, x_ref, shards: int, rank_by: str, cas
     got_pairs = pq.read_table(out / "p")
     assert result.pairs == got_pairs.num_rows == want_pairs.num_rows
     assert_same_rows(got_pairs, want_pairs)
-    expected = daf_figures(want)
+    expected = mn.Figures.of_table(want)
     figures = result.figures
     assert figures.images == len(ids) and figures.k == K
     np.testing.assert_array_equal(figures.overlap_counts, expected.overlap_counts)

@@ -371,7 +371,7 @@ def test_job_end_to_end_and_deterministic(tmp_path: Path, ray_local: None) -> No
 
 
 def test_report_escapes_captions(tmp_path: Path) -> None:
-    from clipscan.report_tcac import write_tcac_report
+    from clipscan.report.tcac import write_tcac_report
 
     evil = '<script>alert("x")</script> & a red circle'
     row = {

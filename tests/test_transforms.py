@@ -142,7 +142,7 @@ def test_transform_stage_batch() -> None:
 
 def test_tcac_modules_import_light() -> None:
     code = (
-        "import sys, clipscan.stages.transforms, clipscan.stages.tcac.pool, clipscan.stages.tcac.score, clipscan.stages.tcac.collect, clipscan.stages.tcac.figures, clipscan.stages.tcac.repeats, clipscan.stages.text, clipscan.report_tcac\n"
+        "import sys, clipscan.stages.transforms, clipscan.stages.tcac.pool, clipscan.stages.tcac.score, clipscan.stages.tcac.collect, clipscan.stages.tcac.figures, clipscan.stages.tcac.repeats, clipscan.stages.text, clipscan.report.tcac\n"
         "print(','.join(m for m in ('torch', 'torchvision', 'faiss', 'ray', 'open_clip') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

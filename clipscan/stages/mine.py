@@ -65,6 +65,15 @@ class Figures:
                   "ox": _flat(shown, "probe_only_probe_cos"), "oy": _flat(shown, "probe_only_reference_cos")}
         return cls(rows.num_rows, k, counts, float(overlap.sum()), points, shown.num_rows)
 
+    @classmethod
+    def of_table(cls, discrepancies: pa.Table, seed: int = 0) -> Figures:
+        """The aggregates of a whole discrepancy table (the stage sums the same part by part):
+        its k from its longest probe list, the plot's sample as ``plot_fraction`` sizes it."""
+        k = 0
+        if discrepancies.num_rows:
+            k = int(pc.max(pc.list_value_length(discrepancies.column("probe_neighbours"))).as_py() or 0)
+        return cls.of(discrepancies, k, plot_fraction(discrepancies.num_rows, k), seed)
+
     def add(self, other: Figures) -> None:
         self.images += other.images
         self.overlap_counts = self.overlap_counts + other.overlap_counts

@@ -1,6 +1,6 @@
 """``bias.json`` figures and the probe set in; ``plots/bias_*.png`` and a self-contained ``report.html`` out.
 
-A thin page on the shared report kit (``clipscan.report``): one table per bias with one
+A thin page on the shared report kit (``clipscan.report.kit``): one table per bias with one
 row per model (share and 95 % interval per position or size rank, the chance level in
 the last row), a bar plot of each with its chance level, the matching drop, and a few
 probe scenes with their captions. Captions are escaped.
@@ -14,7 +14,7 @@ from typing import Any
 import pyarrow as pa
 
 from clipscan import fs as cfs
-from clipscan.report import (
+from clipscan.report.kit import (
     Thumbs,
     card,
     esc,

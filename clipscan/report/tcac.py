@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from clipscan import fs as cfs
-from clipscan.report import (
+from clipscan.report.kit import (
     CSS,
     THUMB_MAX_PIXELS,
     esc,
