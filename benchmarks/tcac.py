@@ -8,7 +8,7 @@ For each model and each transform count T, in one run on the same generated corp
 * end to end: the job's scoring pipeline (``build_tcac`` + ``collect``, what
   ``jobs/tcac.py`` runs after the caption pool) on a local Ray with every core, on the
   first N and on all 2N images: read, decode, transform, score, write ``tcac.parquet``.
-  The caption pool is built beforehand, untimed (its cost grows with captions, not with
+  The caption shards are started beforehand, untimed (its cost grows with captions, not with
   transforms); ``--whole-job`` also times ``run_tcac`` from start to report.
 
 Throughput is (image, transform) pairs per second, images x T / seconds. "ratio" is the
@@ -132,18 +132,24 @@ def encoder_rate(spec: str, size: int, forward_rows: int) -> float:
     return forward_rows / (time.perf_counter() - start)
 
 
-def caption_pool(cfg: Any) -> Any:
-    """The job's ``CaptionPool`` for the whole corpus, built in this process (untimed)."""
+def caption_shards(cfg: Any) -> Any:
+    """The job's caption shard actors over the corpus's distinct captions (``DatasetShards``,
+    as ``jobs/tcac.py`` starts them on Ray), built beforehand, untimed; close when done."""
+    import pyarrow as pa
+    import ray.data
+
+    from clipscan.arrays import embedding_array
     from clipscan.data.read import read_table
     from clipscan.models.registry import load_encoder
-    from clipscan.stages.index import self_knn
-    from clipscan.stages.tcac.pool import CaptionPool, caption_inputs
+    from clipscan.stages.search import DatasetShards
+    from clipscan.stages.tcac.pool import CAPTION_MODEL, distinct_texts
     from clipscan.stages.text import forward_fixed
 
-    texts, ids, own = caption_inputs(read_table(cfg.data.model_copy(update={"limit": None}))[0])
+    rows = read_table(cfg.data.model_copy(update={"limit": None}))[0]
+    texts = sorted(distinct_texts(rows).column("text").to_pylist())
     emb = forward_fixed(load_encoder(cfg.models.probe).embed_texts, texts, cfg.tcac.forward_rows, "")
-    _, near = self_knn(emb, min(cfg.tcac.pool_k, len(texts) - 1))
-    return CaptionPool.build(texts, emb, ids, own, near)
+    vectors = ray.data.from_arrow(pa.table({"id": texts, "embedding": embedding_array(emb)}))
+    return DatasetShards(vectors, k=cfg.tcac.pool_k, models=(CAPTION_MODEL,), shard_cpus=0.0, id_order=True).start()
 
 
 def scoring(cfg: Any, pool_ref: Any) -> None:
@@ -182,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from clipscan.data.scenes import write_corpus
     from clipscan.pipeline.cluster import start_local_ray
+    from clipscan.stages.tcac.pool import ShardPool
 
     logging.basicConfig(level=logging.WARNING)
     work = tempfile.mkdtemp(prefix="clipscan-bench-tcac-")
@@ -209,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
                 out = os.path.join(work, f"run-{name}-{t}")
                 cfgs = {m: config(spec, manifest, transforms, size, args.batch_size, args.forward_rows, out, m)
                         for m in (n, 2 * n)}
-                pool_ref = ray.put(caption_pool(cfgs[n]))
+                shards = caption_shards(cfgs[n])
+                pool_ref = ShardPool(shards.actors, cfgs[n].tcac.pool_k)
                 if not warm:  # the first pipeline of a Ray session also starts its task workers
                     scoring(config(spec, manifest, transforms, size, args.batch_size, args.forward_rows, out,
                                    args.batch_size), pool_ref)
@@ -221,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
                 wall, cpu = timed(functools.partial(scoring, cfgs[2 * n], pool_ref))
                 after = timed(encode)
                 model_wall, model_cpu = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
+                shards.close()
                 del pool_ref, encode
                 pairs = 2 * n * t
                 row: dict[str, Any] = {

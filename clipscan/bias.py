@@ -53,7 +53,6 @@ def run_bias(cfg: BiasConfig, overwrite: bool = False) -> Run:
     ``bias.json``, ``plots/`` and ``report.html``; ``run.json`` gets the counts, the stage
     timings and ``bias_summary`` (chance levels, scenes per position, per-object-count figures).
     """
-    from clipscan.pipeline.cluster import init_ray
     from clipscan.report.bias import write_bias_report
     from clipscan.runner import embed_corpus
     from clipscan.stages import bias
@@ -64,8 +63,7 @@ def run_bias(cfg: BiasConfig, overwrite: bool = False) -> Run:
     started = time.perf_counter()
     root = run.path("probe_set")
     manifest = cfs.join(root, "manifest.parquet")
-    job = corpus_config(cfg, manifest)
-    init_ray(job)
+    job = corpus_config(cfg, manifest)  # the probe set is small: embedded in this process unless a cluster is named
 
     with run.stage("probe_set") as facts:
         reused = cfs.exists(manifest)
@@ -153,14 +151,15 @@ def text_tower_vectors(run: Run, name: str, spec: str, captions: pa.Table, cfg: 
         kept = cfs.read_parquet(path)
         if kept.num_rows == captions.num_rows and "embedding" not in kept.column_names:
             return None  # an earlier run found no text tower
+    here = not ray.is_initialized()  # the embedding stage ran in this process: no Ray was started
     has_text = known_text_tower(spec)
-    if has_text is None:  # loaded in a worker, not in the driver
-        has_text = ray.get(ray.remote(num_cpus=1)(probe_has_text).remote(spec))
+    if has_text is None:  # loaded to see: in a worker where the job runs on Ray
+        has_text = probe_has_text(spec) if here else ray.get(ray.remote(num_cpus=1)(probe_has_text).remote(spec))
     if not has_text:
         log.info("%s has no text tower: image-size bias from image retrieval only", spec)
         cfs.write_parquet_atomic(path, pa.table({"caption_id": captions.column("caption_id")}))  # no embedding column
         return None
     emb, _ = embed_captions(path, captions.column("text").to_pylist(), spec, cfg.embed, cfg.bias.forward_rows,
-                            here=False)  # the job's Ray is up: the text towers load in its workers
+                            here=here)
     return emb
 

@@ -18,20 +18,21 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
 from clipscan import fs as cfs
-from clipscan.config import DataConfig, TcacConfig
+from clipscan.config import TcacConfig
 from clipscan.rundir import Run
 from clipscan.stages.tcac.collect import collect
 from clipscan.stages.tcac.figures import caption_shifts
 from clipscan.stages.tcac.pool import (
     CAPTION_MODEL,
-    CaptionPool,
     ShardPool,
-    caption_inputs,
     caption_texts,
+    distinct_texts,
+    local_shard,
     text_digest,
 )
 from clipscan.stages.tcac.repeats import settle_repeats
@@ -72,21 +73,21 @@ def run_tcac(cfg: TcacConfig, overwrite: bool = False) -> Run:
                                    scratch=run.path("_read"), ray_up=lambda: init_ray(cfg))
         images = None if info["format"] == "webdataset" else sum(info["shard_rows"].values())
         facts.update({k: v for k, v in info.items() if k != "shard_rows"}, shards=len(info["shard_rows"]))
-    # Small corpora build the caption pool in this process, large ones on caption shards, with
-    # the same results. WebDataset, whose size is known only once read, goes to the shards.
-    whole = images is not None and images < cfg.knn.stage_min_rows
-    # ...and are scored in this process too where no cluster is named: Ray is never started
-    here = whole and corpus.blocks is not None and in_process(cfg, images or 0)
+    # Below knn.stage_min_rows, with no cluster named, the captions are embedded, held by one
+    # caption shard and the images scored in this process, and Ray is never started; else on
+    # Ray, by caption shard actors and an actor pool, with the same results. WebDataset, whose
+    # size is known only once read, goes to Ray.
+    here = images is not None and corpus.blocks is not None and in_process(cfg, images)
     if not here:
         init_ray(cfg)
     # WebDataset: the read marks an id repeated within a block; the caption pool stage finds the rest
     repeats = run.path("_repeats") if info["format"] == "webdataset" else None
-    pool: CaptionPool | ShardPool | None = None
+    pool: ShardPool | None = None
     shards = None
     try:
         with run.stage("caption_pool") as facts:
-            if whole:
-                pool, pool_facts = whole_pool(run, cfg, here)
+            if here:
+                pool, pool_facts = local_pool(run, cfg)
             elif info["todo_shards"]:
                 # every caption of the corpus, the scored shards' too: the pools do not depend on what a
                 # killed run finished (a second read, of the caption columns)
@@ -107,17 +108,13 @@ def run_tcac(cfg: TcacConfig, overwrite: bool = False) -> Run:
             facts.update(pool_facts)
         with run.stage("score") as facts:
             if info["todo_shards"] and here:
-                assert isinstance(pool, CaptionPool) and corpus.blocks is not None
+                assert pool is not None and corpus.blocks is not None
                 write_here(corpus.blocks, *local_stage(pool, cfg.models.probe, cfg.data, cfg.embed, cfg.tcac,
                                                        cfg.seed), raw, "score", images)
             elif info["todo_shards"]:
-                import ray
-
-                scored_with = ray.put(pool) if whole else pool  # once; every scoring actor reads this one copy
-                built = build_tcac(corpus.dataset(), scored_with, cfg.models.probe, cfg.data, cfg.embed, cfg.tcac,
-                                   cfg.seed)
+                assert pool is not None
+                built = build_tcac(corpus.dataset(), pool, cfg.models.probe, cfg.data, cfg.embed, cfg.tcac, cfg.seed)
                 write_shards(built, raw, "score", images or None)
-                del scored_with
             facts.update(executor="local" if here else "ray")
             keep = max(cfg.tcac.report_top, cfg.attributes.cases if cfg.attributes.enabled else 0)
             counts, figures = collect(raw, run.output, names, info["shard_rows"], cfg.tcac.top, keep, repeats)
@@ -169,27 +166,28 @@ def run_tcac(cfg: TcacConfig, overwrite: bool = False) -> Run:
     return run
 
 
-def whole_pool(run: Run, cfg: TcacConfig, here: bool) -> tuple[CaptionPool, dict[str, Any]]:
-    """The caption pool of a small corpus, built in this process: every caption embedded once
-    (``captions.parquet``, reused when an earlier run wrote the same captions; ``here``: by
-    this process, else on Ray) and searched with ``self_neighbours``. Returns the pool and
-    its facts for run.json."""
-    from clipscan.stages.index import self_neighbours
+def local_pool(run: Run, cfg: TcacConfig) -> tuple[ShardPool, dict[str, Any]]:
+    """The caption pool of a corpus scored in this process: its distinct captions embedded
+    once (``captions.parquet``, reused when an earlier run wrote the same captions) and held
+    by one caption shard here, searched as the shard actors search. Returns the pool and its
+    facts for run.json."""
+    from clipscan.data.read import read_table
 
-    texts, ids, own = caption_inputs(caption_rows(cfg.data))
-    if not texts:
-        raise ValueError(f"no usable captions in {cfg.data.path}; TCAC needs captioned images")
-    text_emb, reused = embed_captions(run.path("captions.parquet"), texts, cfg.models.probe, cfg.embed,
-                                      cfg.tcac.forward_rows, here)
-    near, facts = None, {"where": "driver", "images_with_captions": len(ids)}
-    if len(texts) > 1:
-        _, near, search = self_neighbours(text_emb, cfg.knn, cfg.tcac.pool_k, cfg.seed)
-        facts.update(search=search)
-    pool = CaptionPool.build(texts, text_emb, ids, own, near)
-    sizes = pool.sizes()
-    facts.update(captions=len(texts), reused=reused, pool_k=min(cfg.tcac.pool_k, len(texts) - 1),
-                 mean_pool=round(float(sizes.mean()), 2), max_pool=int(sizes.max()))
-    return pool, facts
+    rows = read_table(cfg.data)[0].select(["captions", "skip_stage"])  # the captions side, parsed again
+    texts = sorted(distinct_texts(rows).column("text").to_pylist())
+    if len(texts) < 2:
+        raise ValueError(f"{cfg.data.path}: {len(texts)} distinct usable captions; TCAC needs captioned images")
+    emb, reused = embed_captions(run.path("captions.parquet"), texts, cfg.models.probe, cfg.embed,
+                                 cfg.tcac.forward_rows, here=True)
+    pool = ShardPool([local_shard(texts, emb, cfg.knn, cfg.seed)], min(cfg.tcac.pool_k, len(texts) - 1))
+    approximate = cfg.knn.index.strip().lower() != "flat"
+    search: dict[str, Any] = {"shards": 1, "index": cfg.knn.index if approximate else "exact"}
+    if approximate:  # its recall, on sampled captions
+        rng = np.random.default_rng(cfg.seed)
+        sample = rng.choice(len(texts), size=min(cfg.knn.recall_queries, len(texts)), replace=False)
+        search["recall_at_k"] = round(pool.recall([texts[i] for i in sorted(sample)]), 4)
+        run.record("recall", {"captions": search["recall_at_k"]})
+    return pool, {"where": "local", "captions": len(texts), "pool_k": pool.pool_k, "reused": reused, "search": search}
 
 
 def caption_shards(cfg: TcacConfig, ds: ray.data.Dataset, path: str, partitions: int = 1,
@@ -263,14 +261,6 @@ def captions_count(path: str) -> int:
         with cfs.named(part):
             total += pq.ParquetFile(fsys.open_input_file(inner)).metadata.num_rows
     return total
-
-
-def caption_rows(data: DataConfig) -> pa.Table:
-    """``id``, ``captions``, ``skip_stage`` of every row of a corpus below ``knn.stage_min_rows``,
-    in this process (its captions side is parsed again, metadata only)."""
-    from clipscan.data.read import read_table
-
-    return read_table(data)[0].select(["id", "captions", "skip_stage"])
 
 
 def shift_cases(shifts: list[dict[str, Any]]) -> pa.Table:

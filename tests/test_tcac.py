@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -12,18 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from clipscan.columns import MissingColumns
-from clipscan.stages.index import self_knn
 from clipscan.stages.rows import ShardSink
 from clipscan.stages.tcac.collect import _skip_repeats, collect
 from clipscan.stages.tcac.figures import Figures, caption_shifts, summarise
-from clipscan.stages.tcac.pool import (
-    CAPTION_MODEL,
-    CaptionPool,
-    ShardPool,
-    caption_inputs,
-    pools_from,
-    text_digest,
-)
+from clipscan.stages.tcac.pool import CAPTION_MODEL, ShardPool, distinct_texts, text_digest
 from clipscan.stages.tcac.repeats import _first_of_id, _firsts_of, _repeats_of
 from clipscan.stages.tcac.score import (
     OUTPUT_COLUMNS,
@@ -51,15 +44,24 @@ def unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
 # Caption pool
 
 
-def test_caption_inputs_dedupe_and_skip() -> None:
+def test_distinct_texts_of_the_usable_rows() -> None:
     rows = pa.table({
         "id": ["a", "b", "c", "a", "d"],
         "captions": [["x", "y", "x"], ["y", "z"], ["w"], ["q"], []],
-        "skip_stage": ["", "", "read", "", ""],
+        "skip_stage": ["", "", "read", "", None],
     })
-    texts, ids, own = caption_inputs(rows)
-    assert texts == ["x", "y", "z"] and ids == ["a", "b"]  # skipped c, repeated a, caption-less d
-    assert own == [[0, 1], [1, 2]]
+    assert sorted(distinct_texts(rows).column("text").to_pylist()) == ["q", "x", "y", "z"]  # not skipped c's
+
+
+def _shards(texts: list[str], emb: np.ndarray, n: int, **kwargs: Any) -> list[Any]:
+    """``n`` in-process caption shards over ``texts`` (sorted) and their vectors."""
+    from clipscan.arrays import embedding_array
+    from clipscan.stages import index as ix
+    from clipscan.stages.search import Shard
+
+    table = pa.table({"id": pa.array(texts, pa.string()), "embedding": embedding_array(emb)})
+    return [Shard.from_table(table.slice(lo, hi - lo), lo, models=(CAPTION_MODEL,), **kwargs)
+            for lo, hi in ix.shard_bounds(len(texts), n)]
 
 
 def brute_force_pool(x: np.ndarray, own: list[list[int]], k: int) -> list[list[int]]:
@@ -75,21 +77,17 @@ def brute_force_pool(x: np.ndarray, own: list[list[int]], k: int) -> list[list[i
     return pools
 
 
-def test_pool_matches_numpy_brute_force() -> None:
+@pytest.mark.parametrize("shards", [1, 3])
+def test_pool_matches_numpy_brute_force(shards: int) -> None:
     rng = np.random.default_rng(0)
     m, k = 80, 6
     x = unit(rng, m, 16)
+    texts = [f"t{j:03d}" for j in range(m)]  # sorted: row j is text j
     own = [sorted(rng.choice(m, size=int(rng.integers(1, 6)), replace=False).tolist()) for _ in range(25)]
-    ids = [f"img-{i:03d}" for i in range(25)][::-1]  # stored sorted; lookups go by id
-    _, near = self_knn(x, k)  # the DAF neighbour search
-    pool = CaptionPool.build([f"t{j}" for j in range(m)], x, ids, own, near)
-    want = brute_force_pool(x, own, k)
-    for i, image_id in enumerate(ids):
-        members, n_own = pool.lookup(image_id)
-        assert members.tolist() == want[i] and n_own == len(own[i])
-        assert len(members) <= len(own[i]) * (k + 1)
-    assert pool.lookup("nope") is None
-    np.testing.assert_array_equal(np.sort(pool.sizes()), np.sort([len(p) for p in want]))
+    pools = ShardPool(_shards(texts, x, shards), k).pools([[texts[c] for c in mine] for mine in own])
+    for mine, want, pool in zip(own, brute_force_pool(x, own, k), pools, strict=True):
+        assert pool is not None and pool.texts.tolist() == [texts[c] for c in want] and pool.n_own == len(mine)
+        np.testing.assert_array_equal(pool.emb, x[want])
 
 
 # ---------------------------------------------------------------------------------------
@@ -155,12 +153,9 @@ def test_scoring_batch_fills_whole_forward_passes() -> None:
     assert scoring_batch(8, 64, 7) == 8  # 64 images would be too many: padding is cheaper
 
 
-def _pool_for(enc, captions: dict[str, list[str]], k: int = 4) -> CaptionPool:
-    rows = pa.table({"id": list(captions), "captions": list(captions.values()), "skip_stage": [""] * len(captions)})
-    texts, ids, own = caption_inputs(rows)
-    emb = forward_fixed(enc.embed_texts, texts, 16, "")
-    _, near = self_knn(emb, min(k, len(texts) - 1))
-    return CaptionPool.build(texts, emb, ids, own, near)
+def _pool_for(enc, captions: dict[str, list[str]], k: int = 4, shards: int = 1) -> ShardPool:
+    texts = sorted({t for caps in captions.values() for t in caps})
+    return ShardPool(_shards(texts, forward_fixed(enc.embed_texts, texts, 16, ""), shards), k)
 
 
 def test_score_stage_identity_and_shared_pool(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -176,6 +171,7 @@ def test_score_stage_identity_and_shared_pool(monkeypatch: pytest.MonkeyPatch) -
     batch = {
         "id": np.array(ids + ["bad"], dtype=object), "uri": np.array([""] * 7, dtype=object),
         "caption": np.array(["c"] * 7, dtype=object),
+        "captions": np.array([caps[i] for i in ids] + [None], dtype=object),
         "versions": np.concatenate([versions, np.zeros((1, *versions.shape[1:]), np.uint8)]),
         "skip_stage": np.array([""] * 6 + ["decode"], dtype=object),
         "skip_reason": np.array([""] * 6 + ["zero-byte file"], dtype=object),
@@ -200,19 +196,11 @@ def test_score_stage_identity_and_shared_pool(monkeypatch: pytest.MonkeyPatch) -
     halves = [stage({k: v[s] for k, v in batch.items()}) for s in (slice(0, 4), slice(4, 7))]
     assert pa.concat_tables(halves).equals(out)
 
-    # the same rows scored against caption shards (pools asked per batch) give the same table
-    from clipscan.arrays import embedding_array
-    from clipscan.stages.search import Shard
-
-    table = pa.table({"id": pa.array(pool.texts.tolist(), pa.string()),
-                      "embedding": embedding_array(pool.text_emb)})
-    shards = [Shard.from_table(table.slice(lo, 9), lo, models=(CAPTION_MODEL,))
-              for lo in range(0, table.num_rows, 9)]
-    sharded = TcacScore(TINY_PROBE, ShardPool(shards, 4), list(TRANSFORMS), top=5, forward_rows=8)
-    with_captions = {**batch, "captions": np.array([caps[i] for i in ids] + [None], dtype=object)}
-    assert sharded(with_captions).equals(out)
-    with pytest.raises(MissingColumns, match=r"caption shards\)' needs columns \['captions'\]; it has \["):
-        sharded(batch)
+    # the same rows scored against three caption shards give the same table
+    sharded = TcacScore(TINY_PROBE, _pool_for(enc, caps, shards=3), list(TRANSFORMS), top=5, forward_rows=8)
+    assert sharded(batch).equals(out)
+    with pytest.raises(MissingColumns, match=r"'tcac-score' needs columns \['captions'\]; it has \["):
+        sharded({k: v for k, v in batch.items() if k != "captions"})
 
 
 # ---------------------------------------------------------------------------------------
@@ -232,21 +220,23 @@ def _cfg(manifest: Path | str, out: Path, *extra: str):
 def test_bad_images_skipped_with_reasons(tmp_path: Path, ray_local: None) -> None:
     import ray
 
+    from clipscan.arrays import embedding_array
     from clipscan.data.corpus import read_corpus
     from clipscan.data.read import read_table
     from clipscan.models.registry import load_encoder
     from clipscan.pipeline.cluster import configure_data_context
+    from clipscan.stages.search import DatasetShards
 
     manifest, expected = corpora.bad_corpus(tmp_path / "bad")
     cfg = _cfg(manifest, tmp_path / "run", "data.max_pixels=100000", "data.rows_per_block=4")
     configure_data_context()
-    texts, ids, own = caption_inputs(read_table(cfg.data)[0])
+    texts = sorted(distinct_texts(read_table(cfg.data)[0]).column("text").to_pylist())
     emb = forward_fixed(load_encoder(TINY_PROBE).embed_texts, texts, 16, "")
-    _, near = self_knn(emb, 2)
-    pool = ray.put(CaptionPool.build(texts, emb, ids, own, near))
+    vectors = ray.data.from_arrow(pa.table({"id": texts, "embedding": embedding_array(emb)}))
     ds, info = read_corpus(cfg.data)
-    built = build_tcac(ds, pool, TINY_PROBE, cfg.data, cfg.embed, cfg.tcac, cfg.seed)
-    built.write_datasink(ShardSink(str(tmp_path / "raw")))
+    with DatasetShards(vectors, k=2, models=(CAPTION_MODEL,), shard_cpus=0.0, id_order=True) as shards:
+        built = build_tcac(ds, ShardPool(shards.actors, 2), TINY_PROBE, cfg.data, cfg.embed, cfg.tcac, cfg.seed)
+        built.write_datasink(ShardSink(str(tmp_path / "raw")))
     counts, figures = collect(str(tmp_path / "raw"), str(tmp_path / "run"), list(TRANSFORMS),
                                    info["shard_rows"], top=5, keep=3)
     assert counts["read"] == len(expected) + 1 == counts["scored"] + counts["skipped"]
@@ -279,7 +269,7 @@ def test_job_end_to_end_and_deterministic(tmp_path: Path, ray_local: None) -> No
               "embed.image_size=48", f"tcac.transforms={json.dumps(TRANSFORMS)}", "tcac.pool_k=4",
               "tcac.report_top=3", "tcac.forward_rows=16", "report.thumb=48"]
     assert main([*common, f"output={tmp_path / 'a'}", "embed.batch_size=8"]) == 0
-    # b: other batches, and the caption pool on caption shards asked batch by batch, not in this process
+    # b: other batches, two caption shards, six input shards
     assert main([*common, f"output={tmp_path / 'b'}", "embed.batch_size=5", "embed.actors=2",
                  "embed.cpus_per_actor=0.5", "data.rows_per_block=3", "knn.stage_min_rows=2", "knn.shards=2"]) == 0
     a, b = tmp_path / "a", tmp_path / "b"
@@ -289,9 +279,9 @@ def test_job_end_to_end_and_deterministic(tmp_path: Path, ray_local: None) -> No
     assert len(list((b / "tcac.parquet").iterdir())) == 6
     assert pq.read_table(a / "skipped.parquet").equals(pq.read_table(b / "skipped.parquet"))
     pool_a, pool_b = (json.loads((d / "run.json").read_text())["stages"]["caption_pool"] for d in (a, b))
-    assert (pool_a["where"], pool_b["where"], pool_b["search"]["shards"]) == ("driver", "shards", 2)
+    assert (pool_a["where"], pool_b["where"], pool_b["search"]["shards"]) == ("shards", "shards", 2)
     assert pool_a["captions"] == pool_b["captions"] > 16
-    caps_a, caps_b = pq.read_table(a / "captions.parquet"), pq.read_table(b / "captions.parquet")  # a file; parts
+    caps_a, caps_b = pq.read_table(a / "captions.parquet"), pq.read_table(b / "captions.parquet")
     assert caps_a.select(["text", "embedding"]).equals(caps_b.select(["text", "embedding"]))
 
     # c: the same job as a, started without a cluster: below knn.stage_min_rows it never starts
@@ -313,9 +303,10 @@ def test_job_end_to_end_and_deterministic(tmp_path: Path, ray_local: None) -> No
     assert "ray started: False" in proc.stdout
     run_a, run_c = (json.loads((d / "run.json").read_text()) for d in (a, c))
     assert (run_a["stages"]["score"]["executor"], run_c["stages"]["score"]["executor"]) == ("ray", "local")
+    assert run_c["stages"]["caption_pool"]["where"] == "local"
     assert pq.read_table(c / "tcac.parquet").equals(table)
     assert pq.read_table(c / "skipped.parquet").equals(pq.read_table(a / "skipped.parquet"))
-    assert pq.read_table(c / "captions.parquet").equals(caps_a)
+    assert pq.read_table(c / "captions.parquet").select(["text", "embedding"]).equals(caps_a.select(["text", "embedding"]))
     assert run_c["tcac_summary"] == run_a["tcac_summary"] and run_c["counts"] == run_a["counts"]
 
     # b again, as after a kill with its first input shard scored: the pools still cover every
@@ -391,36 +382,27 @@ def test_report_escapes_captions(tmp_path: Path) -> None:
     assert 'class="left own"' in html and 'class="entered"' in html
 
 
-@pytest.mark.parametrize("shards", [1, 2, 3])
-def test_pools_from_caption_shards_equal_the_whole_pool(shards: int) -> None:
-    """An image's pool asked of caption shards, batch by batch, is the one ``CaptionPool``
-    builds from every caption at once: the same texts in the same order, the same vectors."""
-    from clipscan.arrays import embedding_array
-    from clipscan.stages import index as ix
-    from clipscan.stages.search import Shard
-
+def test_pools_from_caption_shards_ties_and_unknown_captions() -> None:
+    """Pools asked of 1, 2 and 3 caption shards are the same texts in the same order and the
+    same vectors, an exact tie broken by text as brute force breaks it by row; captions no
+    shard holds are left out, and an image with none gets no pool."""
     rng = np.random.default_rng(3)
     texts = sorted({f"a {c} {s}" for c in ("red", "blue", "green", "grey") for s in ("cube", "ball", "cone", "ring",
                                                                                      "star", "disc")})
     emb = rng.normal(size=(len(texts), 8)).astype(np.float32)
     emb[5] = emb[4]  # an exact tie
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    images = [f"img-{i:03d}" for i in range(40)]
-    own = [list(rng.choice(len(texts), size=int(rng.integers(1, 4)), replace=True)) for _ in images]
+    own = [list(rng.choice(len(texts), size=int(rng.integers(1, 4)), replace=True)) for _ in range(40)]
     pool_k = 4
-    _, near = self_knn(emb, pool_k)
-    whole = pools_from(CaptionPool.build(texts, emb, images, own, near), images)
-
-    table = pa.table({"id": pa.array(texts, pa.string()), "embedding": embedding_array(emb)})
-    parts = [Shard.from_table(table.slice(lo, hi - lo), lo, models=(CAPTION_MODEL,))
-             for lo, hi in ix.shard_bounds(len(texts), shards)]
-    asked = ShardPool(parts, pool_k).pools([[texts[c] for c in mine] + ["not a caption"] for mine in own])
-    for a, b in zip(whole, asked, strict=True):
-        assert a is not None and b is not None
-        assert a.texts.tolist() == b.texts.tolist() and a.n_own == b.n_own
-        assert np.array_equal(a.emb, b.emb)
-    assert ShardPool(parts, pool_k).pools([["not a caption"], []]) == [None, None]
-    assert ShardPool(parts, pool_k).recall(texts) == 1.0  # exact shards find every neighbour
+    want = brute_force_pool(emb, [list(dict.fromkeys(int(c) for c in mine)) for mine in own], pool_k)
+    asked = [[texts[c] for c in mine] + ["not a caption"] for mine in own]
+    for n in (1, 2, 3):
+        parts = _shards(texts, emb, n)
+        for w, got in zip(want, ShardPool(parts, pool_k).pools(asked), strict=True):
+            assert got is not None and got.texts.tolist() == [texts[c] for c in w]
+            assert np.array_equal(got.emb, emb[w])
+        assert ShardPool(parts, pool_k).pools([["not a caption"], []]) == [None, None]
+        assert ShardPool(parts, pool_k).recall(texts) == 1.0  # exact shards find every neighbour
 
 
 def test_caption_shards_recall_of_an_approximate_index() -> None:

@@ -1,8 +1,10 @@
 """TCAC's caption pool: every image's candidate captions (its own and their nearest others) and their text vectors.
 
-Written once, run two ways by ``tcac.pool``'s switch: ``CaptionPool`` holds the whole pool
-(built in the job's process and shared through the object store), ``ShardPool`` asks the
-caption shards (``clipscan.stages.search.Shard`` actors) for one scoring batch's pools.
+Written once (``ShardPool``) over the corpus's distinct captions held by caption shards,
+``clipscan.stages.search.Shard``: one in the job's process where the images are scored
+there (``local_shard``), Ray actors otherwise (``DatasetShards``), chosen by the switch
+that runs DAF's search (``knn.stage_min_rows``, no cluster named). A scoring batch asks
+the shards for its pools: no process holds the corpus's pools.
 """
 
 from __future__ import annotations
@@ -17,106 +19,19 @@ import pyarrow as pa
 if TYPE_CHECKING:
     import ray.data
 
-
-def caption_inputs(rows: pa.Table) -> tuple[list[str], list[str], list[list[int]]]:
-    """Rows (``id``, ``captions``, ``skip_stage``) -> (texts, ids, own).
-
-    texts: every distinct caption of the usable rows (``skip_stage`` empty), sorted (the
-    order caption shards number them in, so that both break ties the same way); ids: those
-    rows' image ids (the first row of a repeated id wins); own[i]: the indices into texts of
-    image i's captions, deduplicated, in the image's order.
-    """
-    index: dict[str, int] = {}
-    texts: list[str] = []
-    ids: list[str] = []
-    own: list[list[int]] = []
-    seen: set[str] = set()
-    skip = rows.column("skip_stage").to_pylist()
-    for row_id, captions, stage in zip(rows.column("id").to_pylist(), rows.column("captions").to_pylist(), skip, strict=True):
-        if stage or row_id in seen or not captions:
-            continue
-        seen.add(row_id)
-        mine: list[int] = []
-        for text in captions:
-            if text not in index:
-                index[text] = len(texts)
-                texts.append(text)
-            if index[text] not in mine:
-                mine.append(index[text])
-        ids.append(row_id)
-        own.append(mine)
-    order = sorted(range(len(texts)), key=texts.__getitem__)
-    position = {old: new for new, old in enumerate(order)}
-    return [texts[i] for i in order], ids, [[position[c] for c in mine] for mine in own]
-
-
-def pool_members(own: Sequence[Sequence[int]], neighbours: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Each image's pool: its own captions, then the neighbours of each own caption in rank order, deduplicated.
-
-    own: per image, caption indices; neighbours: (m, k) int64 nearest other captions of
-    every caption, best first (-1 = none), or None for no neighbours. Returns offsets
-    (n + 1,) int64, members (offsets[-1],) int32 caption indices (image i's pool is
-    members[offsets[i]:offsets[i + 1]]) and n_own (n,) int32 (its first n_own[i] members
-    are its own captions).
-    """
-    offsets = np.zeros(len(own) + 1, dtype=np.int64)
-    members: list[int] = []
-    n_own = np.zeros(len(own), dtype=np.int32)
-    for i, mine in enumerate(own):
-        pool = dict.fromkeys(int(c) for c in mine)
-        n_own[i] = len(pool)
-        if neighbours is not None:
-            for c in mine:
-                pool.update(dict.fromkeys(int(j) for j in neighbours[c] if j >= 0))
-        members.extend(pool)
-        offsets[i + 1] = len(members)
-    return offsets, np.asarray(members, dtype=np.int32), n_own
-
-
-@dataclass(frozen=True)
-class CaptionPool:
-    """Every image's candidate captions and the text embeddings, shared by all scoring actors.
-
-    texts (m,) str; text_emb (m, d) float32 L2-normalised, row j = texts[j]; ids (n,) str
-    sorted; offsets, members, n_own as in ``pool_members``, in ``ids`` order.
-    """
-
-    texts: np.ndarray
-    text_emb: np.ndarray
-    ids: np.ndarray
-    offsets: np.ndarray
-    members: np.ndarray
-    n_own: np.ndarray
-
-    @classmethod
-    def build(cls, texts: Sequence[str], text_emb: np.ndarray, ids: Sequence[str],
-              own: Sequence[Sequence[int]], neighbours: np.ndarray | None) -> CaptionPool:
-        if len(text_emb) != len(texts):
-            raise ValueError(f"caption pool: {len(texts)} captions but {len(text_emb)} text embeddings")
-        order = np.argsort(np.asarray(ids, dtype=object), kind="stable")
-        offsets, members, n_own = pool_members([own[i] for i in order], neighbours)
-        return cls(
-            texts=np.asarray(list(texts), dtype=object),
-            text_emb=np.ascontiguousarray(text_emb, dtype=np.float32),
-            ids=np.asarray([ids[i] for i in order], dtype=str),
-            offsets=offsets,
-            members=members,
-            n_own=n_own,
-        )
-
-    def lookup(self, image_id: str) -> tuple[np.ndarray, int] | None:
-        """(members (P,) int32 caption indices, own count) of an image, None if it has no pool."""
-        i = int(np.searchsorted(self.ids, image_id))
-        if i >= len(self.ids) or self.ids[i] != image_id:
-            return None
-        return self.members[self.offsets[i]:self.offsets[i + 1]], int(self.n_own[i])
-
-    def sizes(self) -> np.ndarray:
-        """(n,) int64 pool size per image."""
-        return np.diff(self.offsets)
+    from clipscan.config import KnnConfig
 
 
 CAPTION_MODEL = "embedding"  # the one model of the caption shards: ids are the texts
+
+
+def local_shard(texts: Sequence[str], emb: np.ndarray, knn: KnnConfig, seed: int) -> Any:
+    """A caption shard in this process: every one of ``texts`` (distinct, sorted) with its
+    (m, d) vector, searched as ``knn`` says (exact, or the FAISS index it names)."""
+    from clipscan.stages.search import Shard
+
+    return Shard(pa.array(list(texts), pa.string()), {CAPTION_MODEL: emb}, 0, knn.index, knn.nprobe,
+                 knn.train_sample, seed, models=(CAPTION_MODEL,))
 
 
 @dataclass(frozen=True)
@@ -127,15 +42,6 @@ class Pool:
     texts: np.ndarray
     emb: np.ndarray
     n_own: int
-
-
-def pools_from(pool: CaptionPool, ids: Sequence[str]) -> list[Pool | None]:
-    """Each id's ``Pool`` from a whole ``CaptionPool`` (None: no pool for that id)."""
-    out: list[Pool | None] = []
-    for image_id in ids:
-        found = pool.lookup(image_id)
-        out.append(None if found is None else Pool(pool.texts[found[0]], pool.text_emb[found[0]], found[1]))
-    return out
 
 
 class ShardPool:
@@ -220,12 +126,13 @@ def caption_texts(ds: ray.data.Dataset, partitions: int | None = None) -> ray.da
     """Corpus rows -> one ``text`` row per distinct caption of the usable rows (a Ray Data
     group-by into ``partitions`` hash partitions, default Ray Data's 200: no process holds
     the corpus's captions). Builds; executes nothing."""
-    fn: Any = _texts_of
+    fn: Any = distinct_texts
     texts = ds.select_columns(["captions", "skip_stage"]).map_batches(fn, batch_format="pyarrow")
     return texts.groupby("text", num_partitions=partitions).count().select_columns(["text"])
 
 
-def _texts_of(batch: pa.Table) -> pa.Table:
+def distinct_texts(batch: pa.Table) -> pa.Table:
+    """Rows (``captions``, ``skip_stage``) -> ``text``: the distinct captions of the usable rows."""
     import pyarrow.compute as pc
 
     usable = batch.filter(pc.equal(pc.fill_null(batch.column("skip_stage"), ""), ""))

@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from clipscan.columns import require
 from clipscan.stages.decode import Decode
-from clipscan.stages.tcac.pool import CaptionPool, Pool, ShardPool, pools_from
+from clipscan.stages.tcac.pool import ShardPool
 from clipscan.stages.text import forward_fixed, load_probe
 
 if TYPE_CHECKING:
@@ -128,21 +128,17 @@ def score_versions(z: np.ndarray, text: np.ndarray, n_own: int, logit_scale: flo
 class TcacScore:
     """Batch stage: ``versions`` (n, 1 + T, S, S, 3) uint8 -> one ``ROW_SCHEMA`` row per (image, transform).
 
-    pool: a ``CaptionPool`` or an object-store reference to one (fetched once per actor),
-    or a ``ShardPool`` that asks the caption shards for each batch's pools from the rows'
-    ``captions`` (the actor then holds one batch's captions only). All versions of the batch's images go through the image tower in chunks of exactly
-    ``forward_rows``. Skipped rows, and images without a pool, give one row with the reason.
+    pool: a ``ShardPool`` that asks the caption shards for each batch's pools from the rows'
+    ``captions`` (a scoring actor holds one batch's captions only). All versions of the
+    batch's images go through the image tower in chunks of exactly ``forward_rows``.
+    Skipped rows, and images without a pool, give one row with the reason.
     """
 
-    needs = ("id", "uri", "caption", "versions", "skip_stage", "skip_reason")
+    needs = ("id", "uri", "caption", "captions", "versions", "skip_stage", "skip_reason")
 
-    def __init__(self, probe: str, pool: Any, transforms: Sequence[str], top: int, forward_rows: int,
+    def __init__(self, probe: str, pool: ShardPool, transforms: Sequence[str], top: int, forward_rows: int,
                  precision: str = "auto", threads: int | None = None, margin: float = 0.0) -> None:
-        if not isinstance(pool, (CaptionPool, ShardPool)):
-            import ray
-
-            pool = ray.get(pool)
-        self.pool: CaptionPool | ShardPool = pool
+        self.pool = pool
         self.transforms = list(transforms)
         self.top = top
         self.margin = float(margin)
@@ -159,7 +155,10 @@ class TcacScore:
         ids = [str(i) for i in batch["id"]]
         stage = [str(s or "") for s in batch["skip_stage"]]
         reason = [str(r or "") for r in batch["skip_reason"]]
-        pools = dict(zip([i for i in range(n) if not stage[i]], self._pools(batch, ids, stage), strict=True))
+        usable = [i for i in range(n) if not stage[i]]
+        captions = batch["captions"]
+        pools = dict(zip(usable, self.pool.pools([[str(t) for t in (captions[i] if captions[i] is not None else [])]
+                                                  for i in usable]), strict=True))
         for i, pool in pools.items():
             if pool is None:
                 stage[i], reason[i] = "tcac", "no caption pool for this id (it had no usable caption at read)"
@@ -200,16 +199,6 @@ class TcacScore:
                 })
         return pa.table(cols, schema=ROW_SCHEMA)
 
-    def _pools(self, batch: dict[str, np.ndarray], ids: list[str], stage: list[str]) -> list[Pool | None]:
-        """The pools of the batch's rows that are not skipped, in row order."""
-        usable = [i for i in range(len(ids)) if not stage[i]]
-        if isinstance(self.pool, CaptionPool):
-            return pools_from(self.pool, [ids[i] for i in usable])
-        require(batch, ("captions",), "tcac-score (pools asked of caption shards)")
-        captions = batch["captions"]
-        return self.pool.pools([[str(t) for t in (captions[i] if captions[i] is not None else [])]
-                                for i in usable])
-
 
 def _append(cols: dict[str, list[Any]], row: dict[str, Any]) -> None:
     for name, values in cols.items():
@@ -237,7 +226,7 @@ def prepare_batch(batch: dict[str, np.ndarray], size: int, max_pixels: int,
 class PrepareScore:
     """``build_tcac``'s two steps in this process, one batch at a time: ``prepare``, then ``TcacScore``."""
 
-    def __init__(self, pool: CaptionPool, probe: str, data: DataConfig, embed: EmbedConfig, tcac: TcacSection,
+    def __init__(self, pool: ShardPool, probe: str, data: DataConfig, embed: EmbedConfig, tcac: TcacSection,
                  seed: int) -> None:
         self.kwargs: dict[str, Any] = {"size": embed.image_size, "max_pixels": data.max_pixels,
                        "transforms": {k: dict(v) for k, v in tcac.transforms.items()}, "seed": seed}
@@ -248,7 +237,7 @@ class PrepareScore:
         return self.score(prepare(batch, **self.kwargs))
 
 
-def local_stage(pool: CaptionPool, probe: str, data: DataConfig, embed: EmbedConfig, tcac: TcacSection,
+def local_stage(pool: ShardPool, probe: str, data: DataConfig, embed: EmbedConfig, tcac: TcacSection,
                 seed: int) -> tuple[PrepareScore, int]:
     """``build_tcac``'s stage for this process and its batch size (as ``scoring_batch`` rounds it)."""
     import torch
@@ -273,12 +262,11 @@ def scoring_batch(batch_size: int, forward_rows: int, versions: int) -> int:
     return rounded if rounded <= 4 * batch_size else batch_size
 
 
-def build_tcac(ds: ray.data.Dataset, pool: Any, probe: str, data: DataConfig, embed: EmbedConfig,
+def build_tcac(ds: ray.data.Dataset, pool: ShardPool, probe: str, data: DataConfig, embed: EmbedConfig,
                tcac: TcacSection, seed: int) -> ray.data.Dataset:
     """Corpus rows -> ``ROW_SCHEMA`` rows: decode and transform in CPU tasks, score in one actor pool.
 
-    pool: an object-store reference to the ``CaptionPool`` (put once by the caller).
-    Builds; executes nothing.
+    pool: a ``ShardPool`` over caption shard actors. Builds; executes nothing.
     """
     from clipscan.stages import rows
 
