@@ -55,6 +55,7 @@ def run_tcac(cfg: TcacConfig, overwrite: bool = False) -> Run:
     ``tcac_summary``.
     """
     from clipscan.data.corpus import plan_corpus, read_corpus
+    from clipscan.data.read import recorded_shard_rows
     from clipscan.pipeline.cluster import in_process, init_ray
     from clipscan.report.tcac import write_tcac_report
     from clipscan.runner import write_here, write_shards
@@ -68,11 +69,18 @@ def run_tcac(cfg: TcacConfig, overwrite: bool = False) -> Run:
     names = list(cfg.tcac.transforms)
     raw = run.path("_rows")
 
+    records = run.path("inputs")  # each input shard's digest or tar facts: resume checks them as DAF's does
+
+    def forget(shard: int) -> None:  # the input of this shard changed since an earlier run scored it
+        cfs.remove_tree(cfs.join(raw, f"shard-{shard:05d}"))
+
     with run.stage("read") as facts:
         corpus, info = plan_corpus(cfg.data, lambda shard_rows: rows.complete_shards(raw, shard_rows),
-                                   scratch=run.path("_read"), ray_up=lambda: init_ray(cfg))
+                                   records=records, forget=forget, scratch=run.path("_read"),
+                                   ray_up=lambda: init_ray(cfg))
         images = None if info["format"] == "webdataset" else sum(info["shard_rows"].values())
-        facts.update({k: v for k, v in info.items() if k != "shard_rows"}, shards=len(info["shard_rows"]))
+        facts.update({k: v for k, v in info.items() if k not in ("shard_rows", "sources")},
+                     shards=len(info["shard_rows"]))
     # Below knn.stage_min_rows, with no cluster named, the captions are embedded, held by one
     # caption shard and the images scored in this process, and Ray is never started; else on
     # Ray, by caption shard actors and an actor pool, with the same results. WebDataset, whose
@@ -92,7 +100,7 @@ def run_tcac(cfg: TcacConfig, overwrite: bool = False) -> Run:
                 # every caption of the corpus, the scored shards' too: the pools do not depend on what a
                 # killed run finished (a second read, of the caption columns)
                 again = len(info["shard_rows"]) > info["todo_shards"]
-                ds = read_corpus(cfg.data, scratch=run.path("_read"))[0] if again else corpus.dataset()
+                ds = read_corpus(cfg.data, records=records, scratch=run.path("_read"))[0] if again else corpus.dataset()
                 partitions = max(1, int(info.get("shards") or len(info["shard_rows"])))
                 shards, reused = caption_shards(cfg, ds, run.path("captions.parquet"), partitions, repeats)
                 n_captions = shards.facts["images"]
@@ -116,6 +124,8 @@ def run_tcac(cfg: TcacConfig, overwrite: bool = False) -> Run:
                 built = build_tcac(corpus.dataset(), pool, cfg.models.probe, cfg.data, cfg.embed, cfg.tcac, cfg.seed)
                 write_shards(built, raw, "score", images or None)
             facts.update(executor="local" if here else "ray")
+            if info.get("numbered"):  # WebDataset: the readers recorded each tar's row count as they read it
+                info["shard_rows"] = recorded_shard_rows(records, info["sources"])[0]
             keep = max(cfg.tcac.report_top, cfg.attributes.cases if cfg.attributes.enabled else 0)
             counts, figures = collect(raw, run.output, names, info["shard_rows"], cfg.tcac.top, keep, repeats)
             facts.update(images_read=counts["read"], images_scored=counts["scored"],

@@ -484,6 +484,29 @@ def test_webdataset_corpus_scores_on_caption_shards(tmp_path: Path, ray_local: N
     assert "a repeated key" not in captions.column("text").to_pylist()
     assert json.loads((tmp_path / "w" / "captions.json").read_text())["captions"] == captions.num_rows
 
+    # resume: each tar is numbered as it is read, so a run killed with the first tar scored
+    # reuses it; a tar changed since (another modification time) is scored again
+    import os
+
+    w = tmp_path / "w"
+    first = pq.read_table(w / "tcac.parquet" / "part-00000.parquet")
+    n = first.num_rows
+    piece = first.append_column("shard", pa.array([0] * n, pa.int32())).append_column(
+        "row", pa.array([i // len(TRANSFORMS) for i in range(n)], pa.int32()))
+    for column in ("notes", "skip_stage", "skip_reason"):
+        piece = piece.append_column(column, pa.array([""] * n, pa.string()))
+    for changed in (False, True):
+        (w / "_rows" / "shard-00000").mkdir(parents=True)
+        pq.write_table(piece.select(ROW_SCHEMA.names).cast(ROW_SCHEMA),
+                       w / "_rows" / "shard-00000" / f"rows-000000-{n // len(TRANSFORMS) - 1:06d}.parquet")
+        if changed:
+            os.utime(root / "00000.tar", (1e9, 1e9))
+        assert main([*common, f"data.path={root}/{{00000..00002}}.tar", f"output={w}",
+                     "knn.index=IVF2,Flat", "knn.nprobe=2"]) == 0
+        assert json.loads((w / "run.json").read_text())["stages"]["read"]["todo_shards"] == (3 if changed else 2)
+        again = pq.read_table(w / "tcac.parquet").sort_by([("id", "ascending"), ("transform", "ascending")])
+        assert again.equals(got) and pq.read_table(w / "skipped.parquet").to_pylist() == skipped
+
     # the same images and captions as a manifest, below the threshold: pools built in this process
     import tarfile
 

@@ -205,22 +205,22 @@ def _append(cols: dict[str, list[Any]], row: dict[str, Any]) -> None:
         values.append(row.get(name))
 
 
-def prepare(batch: dict[str, np.ndarray], size: int, max_pixels: int,
+def prepare(batch: dict[str, np.ndarray], size: int, data: DataConfig,
             transforms: dict[str, dict[str, Any]], seed: int) -> dict[str, np.ndarray]:
-    """Decode then transform one batch: rows -> rows with ``versions``."""
+    """Decode (with ``data``'s limits and plugins) then transform one batch: rows -> rows with ``versions``."""
     from clipscan.stages.transforms import Transform
 
-    decoded = Decode(size, max_pixels)(batch)  # keeps each row's captions: caption shards build pools from them
+    decoded = Decode.for_data(size, data)(batch)  # keeps each row's captions: caption shards build pools from them
     return Transform(transforms, seed)(decoded)
 
 
-def prepare_batch(batch: dict[str, np.ndarray], size: int, max_pixels: int,
+def prepare_batch(batch: dict[str, np.ndarray], size: int, data: DataConfig,
                   transforms: dict[str, dict[str, Any]], seed: int) -> dict[str, np.ndarray]:
     """``prepare`` as a CPU task of its own, on one thread."""
     import torch
 
     torch.set_num_threads(1)  # many small ops per image; the tasks give the parallelism
-    return prepare(batch, size, max_pixels, transforms, seed)
+    return prepare(batch, size, data, transforms, seed)
 
 
 class PrepareScore:
@@ -228,7 +228,7 @@ class PrepareScore:
 
     def __init__(self, pool: ShardPool, probe: str, data: DataConfig, embed: EmbedConfig, tcac: TcacSection,
                  seed: int) -> None:
-        self.kwargs: dict[str, Any] = {"size": embed.image_size, "max_pixels": data.max_pixels,
+        self.kwargs: dict[str, Any] = {"size": embed.image_size, "data": data,
                        "transforms": {k: dict(v) for k, v in tcac.transforms.items()}, "seed": seed}
         self.score = TcacScore(probe, pool, list(tcac.transforms), tcac.top, tcac.forward_rows, embed.precision,
                                embed.threads, tcac.margin)
@@ -275,7 +275,7 @@ def build_tcac(ds: ray.data.Dataset, pool: ShardPool, probe: str, data: DataConf
     batch = scoring_batch(plan.batch_size, tcac.forward_rows, 1 + len(tcac.transforms))
     prepared = ds.map_batches(
         prepare_batch,  # type: ignore[arg-type]  # ray's stub has no room for fn_kwargs
-        fn_kwargs={"size": embed.image_size, "max_pixels": data.max_pixels,
+        fn_kwargs={"size": embed.image_size, "data": data,
                    "transforms": {k: dict(v) for k, v in tcac.transforms.items()}, "seed": seed},
         num_cpus=embed.decode_cpus,
         batch_size=batch,
