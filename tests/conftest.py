@@ -36,6 +36,24 @@ def load_job(name: str) -> ModuleType:
     return module
 
 
+def run_without_ray(job: str, argv: list[str]) -> None:
+    """Run ``jobs/<job>.py argv`` as a user would, in a fresh process with no cluster named
+    (no ``RAY_ADDRESS``), and check that it ends with exit 0 without ever starting Ray."""
+    import subprocess
+    import sys
+
+    code = ("import runpy, sys, ray\n"
+            f"sys.argv = ['{job}.py', *{argv!r}]\n"
+            f"try:\n    runpy.run_path('jobs/{job}.py', run_name='__main__')\n"
+            "except SystemExit as e:\n    assert not e.code, e.code\n"
+            "print('ray started:', ray.is_initialized())\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ray started: False" in proc.stdout, proc.stdout[-2000:]
+
+
 def overrides(*items: str) -> list[str]:
     """``key=value`` overrides with later ones replacing earlier ones of the same key.
 

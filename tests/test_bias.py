@@ -14,7 +14,7 @@ import pytest
 
 from clipscan.stages import bias
 from clipscan.stats import wilson
-from tests.conftest import ROOT, load_job
+from tests.conftest import ROOT, load_job, run_without_ray
 
 ZIP_VOCAB = ["red circle", "green square", "blue rectangle", "yellow triangle", "purple diamond",
              "orange star", "cyan cross", "pink hexagon"]
@@ -284,20 +284,8 @@ def test_tiny_config_end_to_end(tmp_path: Path, ray_local: None) -> None:
     assert (out / "plots" / "bias_text_order.png").stat().st_size > 1000
     assert not (out / "_captions").exists() and not (out / "_rows").exists()
     # the same job started without a cluster never starts Ray (the probe set is small) and ends the same
-    import os
-    import subprocess
-    import sys
-
     here = tmp_path / "here"
-    code = ("import runpy, sys, ray\n"
-            f"sys.argv = ['bias.py', *{[*argv[:-2], f'output={here}', argv[-1]]!r}]\n"
-            "try:\n    runpy.run_path('jobs/bias.py', run_name='__main__')\n"
-            "except SystemExit as e:\n    assert not e.code, e.code\n"
-            "print('ray started:', ray.is_initialized())\n")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env,
-                          timeout=600)
-    assert proc.returncode == 0 and "ray started: False" in proc.stdout, proc.stderr[-3000:]
+    run_without_ray("bias", [*argv[:-2], f"output={here}", argv[-1]])
     assert (here / "bias.json").read_bytes() == (out / "bias.json").read_bytes()
     assert json.loads((here / "run.json").read_text())["stages"]["embed"]["executor"] == "local"
     # a rerun of the same config into the same directory reuses what it finds and ends the same

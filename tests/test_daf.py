@@ -8,7 +8,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import ROOT, TINY_PROBE, TINY_REFERENCE, load_job, overrides
+from tests.conftest import ROOT, TINY_PROBE, TINY_REFERENCE, load_job, overrides, run_without_ray
 
 daf = load_job("daf")  # the job script itself, run in-process
 
@@ -219,20 +219,9 @@ def test_a_small_job_runs_in_its_own_process_without_ray_and_matches_the_ray_run
     """Below ``knn.stage_min_rows`` a job started without a cluster never starts Ray: the
     embedding, search, mining and attribute contrast run in its process, with the same
     results as the same job run on Ray."""
-    import os
-
     on_ray, here = tmp_path / "ray", tmp_path / "here"
     assert daf.main(_args(scene_corpus, on_ray, "knn.stage_min_rows=2")) == 0
-    code = ("import runpy, sys, ray\n"
-            f"sys.argv = ['daf.py', *{_args(scene_corpus, here)!r}]\n"
-            "try:\n    runpy.run_path('jobs/daf.py', run_name='__main__')\n"
-            "except SystemExit as e:\n    assert not e.code, e.code\n"
-            "print('ray started:', ray.is_initialized())\n")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "ray started: False" in proc.stdout
+    run_without_ray("daf", _args(scene_corpus, here))
     stages = json.loads((here / "run.json").read_text())["stages"]
     assert stages["embed"]["executor"] == stages["mine"]["executor"] == "local"
     assert json.loads((on_ray / "run.json").read_text())["stages"]["embed"]["executor"] == "ray"

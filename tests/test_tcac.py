@@ -29,7 +29,7 @@ from clipscan.stages.tcac.score import (
 from clipscan.stages.text import forward_fixed
 from clipscan.stages.transforms import SeededTransforms
 from tests import corpora
-from tests.conftest import TINY_PROBE, load_job
+from tests.conftest import TINY_PROBE, load_job, run_without_ray
 
 ROOT = Path(__file__).resolve().parents[1]
 TRANSFORMS = {"rot0": {"op": "rotation", "degrees": 0}, "hflip": {"p": 1.0}, "elastic": {"alpha": 50.0, "sigma": 5.0}}
@@ -262,6 +262,20 @@ def test_bad_images_skipped_with_reasons(tmp_path: Path, ray_local: None) -> Non
     assert figures.summary() == summarise(pq.read_table(tmp_path / "run" / "tcac.parquet"), list(TRANSFORMS), 5)
 
 
+def _scored_first_shard(run: Path) -> None:
+    """The sink's piece of input shard 0, rebuilt from a finished run's ``tcac.parquet``, left in
+    ``_rows/`` as a run killed after scoring that shard (and no other) leaves it."""
+    first = pq.read_table(run / "tcac.parquet" / "part-00000.parquet")
+    n = first.num_rows
+    piece = first.append_column("shard", pa.array([0] * n, pa.int32())).append_column(
+        "row", pa.array([i // len(TRANSFORMS) for i in range(n)], pa.int32()))
+    for column in ("notes", "skip_stage", "skip_reason"):
+        piece = piece.append_column(column, pa.array([""] * n, pa.string()))
+    (run / "_rows" / "shard-00000").mkdir(parents=True)
+    pq.write_table(piece.select(ROW_SCHEMA.names).cast(ROW_SCHEMA),
+                   run / "_rows" / "shard-00000" / f"rows-000000-{n // len(TRANSFORMS) - 1:06d}.parquet")
+
+
 def test_job_end_to_end_and_deterministic(tmp_path: Path, ray_local: None) -> None:
     main = load_job("tcac").main
     manifest = tmp_path / "corpus" / "manifest.parquet"
@@ -286,21 +300,8 @@ def test_job_end_to_end_and_deterministic(tmp_path: Path, ray_local: None) -> No
 
     # c: the same job as a, started without a cluster: below knn.stage_min_rows it never starts
     # Ray (the captions embedded and the images scored in its own process), with the same bits
-    import os
-    import subprocess
-    import sys
-
     c = tmp_path / "c"
-    code = ("import runpy, sys, ray\n"
-            f"sys.argv = ['tcac.py', *{[*common, f'output={c}', 'embed.batch_size=8']!r}]\n"
-            "try:\n    runpy.run_path('jobs/tcac.py', run_name='__main__')\n"
-            "except SystemExit as e:\n    assert not e.code, e.code\n"
-            "print('ray started:', ray.is_initialized())\n")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "ray started: False" in proc.stdout
+    run_without_ray("tcac", [*common, f"output={c}", "embed.batch_size=8"])
     run_a, run_c = (json.loads((d / "run.json").read_text()) for d in (a, c))
     assert (run_a["stages"]["score"]["executor"], run_c["stages"]["score"]["executor"]) == ("ray", "local")
     assert run_c["stages"]["caption_pool"]["where"] == "local"
@@ -311,17 +312,7 @@ def test_job_end_to_end_and_deterministic(tmp_path: Path, ray_local: None) -> No
 
     # b again, as after a kill with its first input shard scored: the pools still cover every
     # caption (the captions are read back, not embedded again) and the rows are the same
-    import pyarrow as pa
-
-    first = pq.read_table(b / "tcac.parquet" / "part-00000.parquet")
-    n = first.num_rows
-    piece = first.append_column("shard", pa.array([0] * n, pa.int32())).append_column(
-        "row", pa.array([i // len(TRANSFORMS) for i in range(n)], pa.int32()))
-    for column in ("notes", "skip_stage", "skip_reason"):
-        piece = piece.append_column(column, pa.array([""] * n, pa.string()))
-    (b / "_rows" / "shard-00000").mkdir(parents=True)
-    pq.write_table(piece.select(ROW_SCHEMA.names).cast(ROW_SCHEMA),
-                   b / "_rows" / "shard-00000" / f"rows-000000-{n // len(TRANSFORMS) - 1:06d}.parquet")
+    _scored_first_shard(b)
     assert main([*common, f"output={b}", "embed.batch_size=5", "embed.actors=2", "embed.cpus_per_actor=0.5",
                  "data.rows_per_block=3", "knn.stage_min_rows=2", "knn.shards=2"]) == 0
     again = json.loads((b / "run.json").read_text())["stages"]
@@ -489,16 +480,8 @@ def test_webdataset_corpus_scores_on_caption_shards(tmp_path: Path, ray_local: N
     import os
 
     w = tmp_path / "w"
-    first = pq.read_table(w / "tcac.parquet" / "part-00000.parquet")
-    n = first.num_rows
-    piece = first.append_column("shard", pa.array([0] * n, pa.int32())).append_column(
-        "row", pa.array([i // len(TRANSFORMS) for i in range(n)], pa.int32()))
-    for column in ("notes", "skip_stage", "skip_reason"):
-        piece = piece.append_column(column, pa.array([""] * n, pa.string()))
     for changed in (False, True):
-        (w / "_rows" / "shard-00000").mkdir(parents=True)
-        pq.write_table(piece.select(ROW_SCHEMA.names).cast(ROW_SCHEMA),
-                       w / "_rows" / "shard-00000" / f"rows-000000-{n // len(TRANSFORMS) - 1:06d}.parquet")
+        _scored_first_shard(w)
         if changed:
             os.utime(root / "00000.tar", (1e9, 1e9))
         assert main([*common, f"data.path={root}/{{00000..00002}}.tar", f"output={w}",
