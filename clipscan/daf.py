@@ -218,14 +218,9 @@ def summarise_cases(cases: Any, cfg: DafConfig, run: Run) -> Failures:
 
     if cfg.llm.backend == "off":
         return summarise(cases, cfg.llm, None, run.output)
-    from clipscan.models.registry import is_precomputed, load_encoder
     from clipscan.pipeline.cluster import init_ray
+    from clipscan.stages.text import text_tower
 
     if cfg.llm.backend == "vllm":
         init_ray(cfg)  # Ray Data LLM serves the model; started as the job starts Ray
-
-    text_encoder = None  # precomputed image embeddings come without a text tower
-    if not is_precomputed(cfg.models.probe):
-        encoder = load_encoder(cfg.models.probe)
-        text_encoder = encoder.embed_texts if encoder.has_text else None
-    return summarise(cases, cfg.llm, text_encoder, run.output)
+    return summarise(cases, cfg.llm, text_tower(cfg.models.probe), run.output)

@@ -300,18 +300,17 @@ def name_failure_types(table: pa.Table, transforms: Sequence[str], cfg: TcacConf
     if off:
         per = {name: Failures.off() for name in transforms}
     else:
-        from clipscan.models.registry import load_encoder
         from clipscan.pipeline.cluster import init_ray
         from clipscan.stages.summarise import summarise_many
+        from clipscan.stages.text import text_tower
 
         if cfg.llm.backend == "vllm":
             init_ray(cfg)  # Ray Data LLM serves the model; started as the job starts Ray
-        encoder = load_encoder(cfg.models.probe)
         shifts = caption_shifts(table, transforms, cfg.tcac.report_top)
         groups = {name: (shift_cases([s for s in shifts[name] if s["entered"]]), run.path("llm", name))
                   for name in transforms}
         # one backend run for every transform's prompts: one set of vLLM engines, not one per transform
-        per = summarise_many(groups, cfg.llm, encoder.embed_texts if encoder.has_text else None)
+        per = summarise_many(groups, cfg.llm, text_tower(cfg.models.probe))
     cfs.write_json_atomic(run.path("failures.json"), {
         "backend": cfg.llm.backend, "model": None if off else cfg.llm.model,
         "transforms": {name: per[name].to_json() for name in transforms}})

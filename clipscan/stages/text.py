@@ -145,3 +145,15 @@ def embed_captions(path: str, texts: Sequence[str], probe: str, cfg: EmbedConfig
                                              "text": pa.array(list(texts), pa.string()),
                                              "embedding": table.column("embedding")}))
     return embedding_matrix(table.column("embedding")), False
+
+
+def text_tower(spec: str) -> Callable[[list[str]], np.ndarray] | None:
+    """The text tower of the model ``spec`` names, texts -> (n, d) float32 L2-normalised, in
+    this process (the LLM summary merges failure types with it); None for a model without
+    one (an image-only model, precomputed ``emb:`` vectors)."""
+    from clipscan.models.registry import is_precomputed, load_encoder
+
+    if is_precomputed(spec):
+        return None
+    encoder = load_encoder(spec)
+    return encoder.embed_texts if encoder.has_text else None
