@@ -139,8 +139,8 @@ def local_stage(models: dict[str, str], data: DataConfig, cfg: EmbedConfig) -> t
 
     if cfg.decode == "gpu" and not torch.cuda.is_available():
         raise ValueError("embed.decode=gpu needs a GPU, and this process has none (set embed.decode=auto)")
-    size = cfg.batch_size or (rows.GPU_BATCH if torch.cuda.is_available() else rows.CPU_BATCH)
-    return DecodeEmbed(models, cfg.precision, cfg.threads, cfg.image_size, data, gpu_decode=cfg.decode == "gpu"), size
+    stage = DecodeEmbed(models, cfg.precision, cfg.threads, cfg.image_size, data, gpu_decode=cfg.decode == "gpu")
+    return stage, rows.local_batch(cfg)
 
 
 class DecodeEmbed:

@@ -88,6 +88,14 @@ def plan_resources(cluster: dict[str, float], cfg: EmbedConfig, node_cpus: list[
                      threads=cfg.threads or max(1, math.ceil(per_actor)), decode=decode)
 
 
+def local_batch(cfg: EmbedConfig) -> int:
+    """Images per batch of a stage run in the job's own process: ``embed.batch_size``, else
+    the GPU or CPU actor's default by what this process has."""
+    import torch
+
+    return cfg.batch_size or (GPU_BATCH if torch.cuda.is_available() else CPU_BATCH)
+
+
 def plan(cfg: EmbedConfig) -> EmbedPlan:
     """``plan_resources`` for the running cluster: its resources (``cluster_resources``) and nodes."""
     return plan_resources(cluster_resources(), cfg, node_cpus())

@@ -228,10 +228,8 @@ class PrepareScore:
 
     def __init__(self, pool: ShardPool, probe: str, data: DataConfig, embed: EmbedConfig, tcac: TcacSection,
                  seed: int) -> None:
-        self.kwargs: dict[str, Any] = {"size": embed.image_size, "data": data,
-                       "transforms": {k: dict(v) for k, v in tcac.transforms.items()}, "seed": seed}
-        self.score = TcacScore(probe, pool, list(tcac.transforms), tcac.top, tcac.forward_rows, embed.precision,
-                               embed.threads, tcac.margin)
+        self.kwargs = _prepare_kwargs(data, embed, tcac, seed)
+        self.score = TcacScore(**_score_kwargs(probe, pool, embed, tcac), threads=embed.threads)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         return self.score(prepare(batch, **self.kwargs))
@@ -240,12 +238,9 @@ class PrepareScore:
 def local_stage(pool: ShardPool, probe: str, data: DataConfig, embed: EmbedConfig, tcac: TcacSection,
                 seed: int) -> tuple[PrepareScore, int]:
     """``build_tcac``'s stage for this process and its batch size (as ``scoring_batch`` rounds it)."""
-    import torch
-
     from clipscan.stages import rows
 
-    size = embed.batch_size or (rows.GPU_BATCH if torch.cuda.is_available() else rows.CPU_BATCH)
-    batch = scoring_batch(size, tcac.forward_rows, 1 + len(tcac.transforms))
+    batch = scoring_batch(rows.local_batch(embed), tcac.forward_rows, 1 + len(tcac.transforms))
     return PrepareScore(pool, probe, data, embed, tcac, seed), batch
 
 
@@ -275,13 +270,21 @@ def build_tcac(ds: ray.data.Dataset, pool: ShardPool, probe: str, data: DataConf
     batch = scoring_batch(plan.batch_size, tcac.forward_rows, 1 + len(tcac.transforms))
     prepared = ds.map_batches(
         prepare_batch,  # type: ignore[arg-type]  # ray's stub has no room for fn_kwargs
-        fn_kwargs={"size": embed.image_size, "data": data,
-                   "transforms": {k: dict(v) for k, v in tcac.transforms.items()}, "seed": seed},
+        fn_kwargs=_prepare_kwargs(data, embed, tcac, seed),
         num_cpus=embed.decode_cpus,
         batch_size=batch,
         batch_format="numpy",
     )
-    return rows.on_actors(prepared, TcacScore, {
-        "probe": probe, "pool": pool, "transforms": list(tcac.transforms), "top": tcac.top,
-        "forward_rows": tcac.forward_rows, "margin": tcac.margin, "precision": embed.precision,
-    }, plan, batch_size=batch)
+    return rows.on_actors(prepared, TcacScore, _score_kwargs(probe, pool, embed, tcac), plan, batch_size=batch)
+
+
+def _prepare_kwargs(data: DataConfig, embed: EmbedConfig, tcac: TcacSection, seed: int) -> dict[str, Any]:
+    """``prepare``'s arguments besides the batch, in either executor."""
+    return {"size": embed.image_size, "data": data, "transforms": {k: dict(v) for k, v in tcac.transforms.items()},
+            "seed": seed}
+
+
+def _score_kwargs(probe: str, pool: ShardPool, embed: EmbedConfig, tcac: TcacSection) -> dict[str, Any]:
+    """``TcacScore``'s arguments, in either executor (an actor sets its own threads)."""
+    return {"probe": probe, "pool": pool, "transforms": list(tcac.transforms), "top": tcac.top,
+            "forward_rows": tcac.forward_rows, "margin": tcac.margin, "precision": embed.precision}
